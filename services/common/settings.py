@@ -1,0 +1,134 @@
+"""Typed settings, read from ``QSENS_*`` environment variables lazily (never at import time).
+
+Each concern has its own class and prefix; ``get(cls)`` builds it once per process and caches
+it. Tests call ``reset()`` after changing the environment.
+
+=============================  ======================================================
+variable                        meaning
+=============================  ======================================================
+QSENS_HOME                      local state folder (stack data, logs)        .qsens
+QSENS_CACHE_DIR                 converted model folders                      ~/.cache/qsens
+QSENS_LOG_LEVEL / _LOG_FORMAT   logging level; ``text`` or ``json``
+QSENS_NATS_URL                  NATS server URL
+QSENS_S3_ENDPOINT/_BUCKET/...   S3 endpoint (host:port), bucket, credentials, TLS
+QSENS_LOADER_*                  loader limits and ports (see LoaderSettings)
+QSENS_JUDGE_*                   judge backend and limits (see JudgeSettings)
+=============================  ======================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "CommonSettings",
+    "JudgeSettings",
+    "LoaderSettings",
+    "NatsSettings",
+    "S3Settings",
+    "get",
+    "reset",
+]
+
+
+class CommonSettings(BaseSettings):
+    """Settings every process reads."""
+
+    model_config = SettingsConfigDict(env_prefix="QSENS_", extra="ignore")
+
+    home: Path = Field(Path(".qsens"), description="Local state folder: stack data, logs, pids.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "qsens", description="Converted model folders (GGUF -> safetensors)."
+    )
+    log_level: str = Field("INFO", description="Logging level name.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 disables.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics server binds.")
+
+
+class NatsSettings(BaseSettings):
+    """The job plane's NATS connection."""
+
+    model_config = SettingsConfigDict(env_prefix="QSENS_NATS_", extra="ignore")
+
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated.")
+    user: str | None = Field(None, description="NATS user, if the server requires one.")
+    password: SecretStr | None = Field(None, description="NATS password.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Connection timeout in seconds.")
+
+
+class S3Settings(BaseSettings):
+    """The artefact store (any S3-compatible server)."""
+
+    model_config = SettingsConfigDict(env_prefix="QSENS_S3_", extra="ignore")
+
+    endpoint: str = Field("127.0.0.1:8333", description="host:port of the S3 endpoint.")
+    bucket: str = Field("qsens", description="The one bucket holding all runs.")
+    access_key: SecretStr | None = Field(None, description="Access key id.")
+    secret_key: SecretStr | None = Field(None, description="Secret access key.")
+    secure: bool = Field(False, description="Use TLS.")
+    region: str | None = Field(None, description="Region name, if the server needs one.")
+
+
+class LoaderSettings(BaseSettings):
+    """Limits and ports of a loader process."""
+
+    model_config = SettingsConfigDict(env_prefix="QSENS_LOADER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers bind.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int = Field(0, ge=0, le=65535, description="OpenAI-compatible HTTP port; 0 disables.")
+    max_batch_items: int = Field(4096, ge=1, description="Most items in one request.")
+    max_tokens_per_item: int = Field(4096, ge=8, description="Longest item in tokens.")
+    max_new_tokens: int = Field(1024, ge=1, description="Most new tokens per generation.")
+    max_batch_tokens: int = Field(
+        262144, ge=64, description="Padded tokens per forward pass before a batch is split."
+    )
+    max_batch_size: int = Field(512, ge=1, description="Most rows per forward pass.")
+    grace_period_s: float = Field(30.0, ge=0, description="SIGTERM drain time for in-flight calls.")
+    max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="gRPC message limit.")
+    fault_oom_above_batch: int = Field(
+        0, ge=0, description="Fault injection for tests: raise OOM for passes with more rows."
+    )
+    fault_delay_s: float = Field(
+        0.0, ge=0, description="Fault injection for tests: sleep this long inside each RPC."
+    )
+
+
+class JudgeSettings(BaseSettings):
+    """The judge's upstream and limits."""
+
+    model_config = SettingsConfigDict(env_prefix="QSENS_JUDGE_", extra="ignore")
+
+    backend: Literal["openai", "embedding"] = Field("embedding", description="Scoring backend.")
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL (None: OpenAI).")
+    model: str = Field("gpt-4.1-mini", description="Judge model name.")
+    api_key: SecretStr | None = Field(None, description="API key (else OPENAI_API_KEY).")
+    concurrency: int = Field(32, ge=1, description="Upstream requests in flight at most.")
+    rate_per_s: float = Field(50.0, gt=0, description="Token-bucket rate of upstream requests.")
+    burst: int = Field(50, ge=1, description="Token-bucket burst.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
+    max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts.")
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+_cache: dict[type[BaseSettings], BaseSettings] = {}
+
+
+def get(cls: type[_S]) -> _S:
+    """The process-wide instance of ``cls``, read from the environment on first use."""
+    found = _cache.get(cls)
+    if found is None:
+        found = cls()
+        _cache[cls] = found
+    assert isinstance(found, cls)
+    return found
+
+
+def reset() -> None:
+    """Forget cached settings (tests, and after changing the environment)."""
+    _cache.clear()
