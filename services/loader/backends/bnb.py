@@ -1,0 +1,58 @@
+"""bitsandbytes backend: NF4, FP4 (4-bit, bf16 compute) and LLM.int8(), on CUDA or CPU."""
+
+from __future__ import annotations
+
+import logging
+
+from services.common.variants import Precision
+from services.loader.backends.base import Backend, LoadedModel
+from services.loader.backends.hf import load_tokenizer, resolve_device
+from services.loader.model_source import ResolvedSource
+
+__all__ = ["BitsAndBytesBackend"]
+
+
+class _DropCastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in str(record.msg)
+
+
+class BitsAndBytesBackend(Backend):
+    """Quantize at load time with ``BitsAndBytesConfig`` (the standard QLoRA / int8 settings)."""
+
+    name = "bnb"
+    precisions = frozenset({Precision.NF4, Precision.FP4, Precision.INT8})
+
+    def load(self, source: ResolvedSource, precision: Precision, device: str) -> LoadedModel:
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        # LLM.int8() casts its inputs to fp16 and logs it on every matmul.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
+        dev = resolve_device(device)
+        compute = torch.bfloat16
+        if precision is Precision.INT8:
+            config = BitsAndBytesConfig(load_in_8bit=True)
+            # Non-quantized modules (embeddings, norms, head) stay fp16 on GPU as in the
+            # LLM.int8() paper; CPU kernels cast internally, bf16 keeps them fast there.
+            dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+            compute = dtype
+        else:
+            config = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4" if precision is Precision.NF4 else "fp4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=False,
+            )
+            dtype = torch.bfloat16
+        device_map = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.folder), quantization_config=config, dtype=dtype, device_map=device_map
+        )
+        model.eval()
+        qconfig = config.to_dict()
+        qconfig = {
+            k: (str(v) if not isinstance(v, (int, float, bool, str, type(None), list, dict)) else v)
+            for k, v in qconfig.items()
+        }
+        return LoadedModel(model, load_tokenizer(source), dev, compute, qconfig, list(source.notes))

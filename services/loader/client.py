@@ -1,0 +1,531 @@
+"""The Python client workers use to talk to a loader (async gRPC, numpy in and out).
+
+Requests larger than the server's item limit are split transparently; every call can pin the
+variant it expects (``expect_variant``) so a worker never reads from the wrong model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QsensError,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.common.tensor_codec import decode_numpy, encode
+from services.loader.pb import loader_pb2 as pb
+from services.loader.pb import loader_pb2_grpc as pb_grpc
+from services.loader.seeds import row_seed
+
+__all__ = [
+    "CaptureOutput",
+    "Chat",
+    "ContinuationScore",
+    "Generation",
+    "LoaderClient",
+    "LoaderInfo",
+    "NextToken",
+    "PromptItem",
+    "ScoreItem",
+    "Steer",
+]
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Chat:
+    """Chat messages; ``continue_final`` leaves a final assistant message open."""
+
+    messages: Sequence[tuple[str, str]]
+    continue_final: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        messages: Sequence[Mapping[str, str]] | Sequence[tuple[str, str]],
+        continue_final: bool = False,
+    ) -> Chat:
+        pairs = [
+            (m["role"], m["content"]) if isinstance(m, Mapping) else (m[0], m[1]) for m in messages
+        ]
+        return cls(tuple(pairs), continue_final)
+
+
+@dataclass(frozen=True)
+class Steer:
+    """One steering spec: a vector (or an index into the request's vector table) at layers."""
+
+    layers: Sequence[int]
+    coefficient: float
+    vector: np.ndarray | None = None
+    vector_ref: int | None = None
+    mode: Literal["add", "ablate"] = "add"
+    positions: Literal["prompt", "response", "all"] = "all"
+
+    def to_proto(self) -> pb.SteeringSpec:
+        spec = pb.SteeringSpec(
+            layers=list(self.layers),
+            coefficient=float(self.coefficient),
+            mode=pb.STEERING_MODE_ADD if self.mode == "add" else pb.STEERING_MODE_ABLATE,
+            positions={
+                "prompt": pb.STEERING_POSITIONS_PROMPT,
+                "response": pb.STEERING_POSITIONS_RESPONSE,
+                "all": pb.STEERING_POSITIONS_ALL,
+            }[self.positions],
+        )
+        if self.vector is not None:
+            spec.vector.CopyFrom(_tensor(self.vector))
+        elif self.vector_ref is not None:
+            spec.vector_ref = int(self.vector_ref)
+        return spec
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt (chat or raw text), an optional response to replay, row steering and seed."""
+
+    prompt: Chat | str
+    response: str | None = None
+    steering: Sequence[Steer] = ()
+    seed: int | None = None
+
+    def to_proto(self) -> pb.Item:
+        item = pb.Item()
+        if isinstance(self.prompt, Chat):
+            item.chat.CopyFrom(_conversation(self.prompt))
+        else:
+            item.text = self.prompt
+        if self.response is not None:
+            item.response = self.response
+        item.steering.extend(s.to_proto() for s in self.steering)
+        if self.seed is not None:
+            item.seed = int(self.seed) & 0xFFFFFFFFFFFFFFFF
+        return item
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """A context and the continuations to score after it."""
+
+    context: Chat | str
+    continuations: Sequence[str]
+    steering: Sequence[Steer] = ()
+
+    def to_proto(self) -> pb.ScoreItem:
+        item = pb.ScoreItem(continuations=list(self.continuations))
+        if isinstance(self.context, Chat):
+            item.chat.CopyFrom(_conversation(self.context))
+        else:
+            item.text = self.context
+        item.steering.extend(s.to_proto() for s in self.steering)
+        return item
+
+
+@dataclass
+class LoaderInfo:
+    model: str
+    precision: str
+    backend: str
+    variant: str
+    num_layers: int
+    hidden_size: int
+    dtype: str
+    device: str
+    parameter_bytes: int
+    supports_chat_template: bool
+    supports_system_role: bool
+    quantization_config: dict[str, Any]
+    vocab_size: int
+    max_tokens_per_item: int
+    max_batch_items: int
+    source: str
+    notes: list[str]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class CaptureOutput:
+    """Captured activations: ``activations[i]`` is [L, H] (mean/last) or [L, T_i, H] (none)."""
+
+    layers: list[int]
+    activations: list[np.ndarray]
+    num_positions: list[int]
+    prompt_tokens: list[int]
+    response_tokens: list[int]
+
+    def stacked(self) -> np.ndarray:
+        """[N, L, H] for mean/last reductions."""
+        return np.stack(self.activations)
+
+
+@dataclass
+class ContinuationScore:
+    logprob: float
+    num_tokens: int
+    num_chars: int
+    is_greedy: bool
+    token_logprobs: list[float]
+
+
+@dataclass
+class NextToken:
+    top: list[tuple[int, str, float]]
+    stats: dict[str, float]
+    requested_ids: list[int]
+    requested_logits: list[float]
+    requested_logprobs: list[float]
+
+
+def _tensor(value: np.ndarray) -> pb.Tensor:
+    wire = encode(np.asarray(value, dtype=np.float32))
+    return pb.Tensor(dtype=wire.dtype, shape=list(wire.shape), data=wire.data)
+
+
+def _conversation(chat: Chat) -> pb.Conversation:
+    return pb.Conversation(
+        messages=[pb.Message(role=r, content=c) for r, c in chat.messages],
+        continue_final_message=chat.continue_final,
+    )
+
+
+def _raise(exc: grpc.aio.AioRpcError) -> None:
+    code = exc.code()
+    message = exc.details() or str(code)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, rest = message.partition(": ")
+        raise InvalidArgument(field, rest or message) from exc
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        raise FailedPrecondition(message) from exc
+    if code == grpc.StatusCode.NOT_FOUND:
+        raise NotFound(message) from exc
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        raise ResourceExhausted(message) from exc
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    ):
+        raise Unavailable(f"loader: {message}") from exc
+    raise QsensError(f"loader error {code.name}: {message}") from exc
+
+
+class LoaderClient:
+    """Async client for one loader address (``host:port``)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 3600.0,
+        expect_variant: str | None = None,
+        max_message_bytes: int = 512 * 1024 * 1024,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.expect_variant = expect_variant
+        self._channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = pb_grpc.LoaderServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._info: LoaderInfo | None = None
+
+    async def __aenter__(self) -> LoaderClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Poll standard gRPC health until SERVING."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                reply = await self._health.Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=2.0
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"loader at {self.address} not ready after {timeout_s:.0f}s")
+            await asyncio.sleep(0.2)
+
+    def _options(self, padding_side: str | None, max_batch_size: int) -> pb.RunOptions:
+        return pb.RunOptions(
+            padding_side=pb.PADDING_SIDE_RIGHT if padding_side == "right" else pb.PADDING_SIDE_LEFT,
+            max_batch_size=max_batch_size,
+            expect_variant=self.expect_variant or "",
+        )
+
+    async def info(self) -> LoaderInfo:
+        try:
+            r = await self._stub.Info(pb.InfoRequest(), timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            _raise(exc)
+            raise
+        import json
+
+        self._info = LoaderInfo(
+            model=r.model,
+            precision=r.precision,
+            backend=r.backend,
+            variant=r.variant,
+            num_layers=r.num_layers,
+            hidden_size=r.hidden_size,
+            dtype=r.dtype,
+            device=r.device,
+            parameter_bytes=r.parameter_bytes,
+            supports_chat_template=r.supports_chat_template,
+            supports_system_role=r.supports_system_role,
+            quantization_config=json.loads(r.quantization_config_json or "{}"),
+            vocab_size=r.vocab_size,
+            max_tokens_per_item=r.max_tokens_per_item,
+            max_batch_items=r.max_batch_items,
+            source=r.source,
+            notes=list(r.notes),
+        )
+        return self._info
+
+    async def _chunk_size(self) -> int:
+        if self._info is None:
+            await self.info()
+        assert self._info is not None
+        return max(1, self._info.max_batch_items)
+
+    async def generate(
+        self,
+        items: Sequence[PromptItem],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        steering: Sequence[Steer] = (),
+        vectors: Sequence[np.ndarray] = (),
+        max_batch_size: int = 0,
+    ) -> list[Generation]:
+        size = await self._chunk_size()
+        out: list[Generation] = []
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            request = pb.GenerateRequest(
+                items=[
+                    # Row seeds follow the global index so chunking never changes samples.
+                    it.to_proto()
+                    if it.seed is not None
+                    else PromptItem(
+                        it.prompt, it.response, it.steering, _seed(seed, start + k)
+                    ).to_proto()
+                    for k, it in enumerate(chunk)
+                ],
+                params=pb.GenerationParams(
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    top_k=top_k,
+                    seed=seed,
+                    stop=list(stop),
+                    logprobs=logprobs,
+                    top_logprobs=top_logprobs,
+                ),
+                steering=[s.to_proto() for s in steering],
+                vectors=[_tensor(v) for v in vectors],
+                options=self._options("left", max_batch_size),
+            )
+            try:
+                reply = await self._stub.Generate(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                _raise(exc)
+                raise
+            for g in reply.generations:
+                out.append(
+                    Generation(
+                        text=g.text,
+                        token_ids=list(g.token_ids),
+                        finish_reason=g.finish_reason,
+                        prompt_tokens=g.prompt_tokens,
+                        logprobs=[
+                            {
+                                "token_id": s.chosen.token_id,
+                                "token": s.chosen.token,
+                                "logprob": s.chosen.logprob,
+                                "top": [(t.token_id, t.token, t.logprob) for t in s.top],
+                            }
+                            for s in g.logprobs
+                        ],
+                    )
+                )
+        return out
+
+    async def capture(
+        self,
+        items: Sequence[PromptItem],
+        *,
+        position: str,
+        layers: Sequence[int] | None = None,
+        reduction: Literal["mean", "last", "none"] = "mean",
+        dtype: str = "float32",
+        steering: Sequence[Steer] = (),
+        vectors: Sequence[np.ndarray] = (),
+        padding_side: Literal["left", "right"] = "left",
+        max_batch_size: int = 0,
+        chunk_items: int = 0,
+    ) -> CaptureOutput:
+        """Capture activations; ``layers=None`` means every layer."""
+        size = await self._chunk_size()
+        result = CaptureOutput([], [], [], [], [])
+        for start in range(0, len(items), size):
+            chunk = items[start : start + size]
+            request = pb.CaptureRequest(
+                items=[it.to_proto() for it in chunk],
+                layers=list(layers or []),
+                all_layers=layers is None,
+                position=position,
+                reduction={
+                    "mean": pb.REDUCTION_MEAN,
+                    "last": pb.REDUCTION_LAST,
+                    "none": pb.REDUCTION_NONE,
+                }[reduction],
+                dtype=dtype,
+                steering=[s.to_proto() for s in steering],
+                vectors=[_tensor(v) for v in vectors],
+                options=self._options(padding_side, max_batch_size),
+                chunk_items=chunk_items,
+            )
+            try:
+                async for reply in self._stub.Capture(request, timeout=self.timeout_s):
+                    result.layers = list(reply.layers)
+                    for item in reply.items:
+                        t = item.activations
+                        result.activations.append(decode_numpy(t.dtype, list(t.shape), t.data))
+                        result.num_positions.append(item.num_positions)
+                        result.prompt_tokens.append(item.prompt_tokens)
+                        result.response_tokens.append(item.response_tokens)
+            except grpc.aio.AioRpcError as exc:
+                _raise(exc)
+                raise
+        return result
+
+    async def score(
+        self,
+        items: Sequence[ScoreItem],
+        *,
+        steering: Sequence[Steer] = (),
+        vectors: Sequence[np.ndarray] = (),
+        token_logprobs: bool = False,
+        max_batch_size: int = 0,
+    ) -> list[list[ContinuationScore]]:
+        size = await self._chunk_size()
+        out: list[list[ContinuationScore]] = []
+        for start in range(0, len(items), size):
+            request = pb.ScoreRequest(
+                items=[it.to_proto() for it in items[start : start + size]],
+                steering=[s.to_proto() for s in steering],
+                vectors=[_tensor(v) for v in vectors],
+                options=self._options("left", max_batch_size),
+                token_logprobs=token_logprobs,
+            )
+            try:
+                reply = await self._stub.Score(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                _raise(exc)
+                raise
+            for r in reply.results:
+                out.append(
+                    [
+                        ContinuationScore(
+                            c.logprob,
+                            c.num_tokens,
+                            c.num_chars,
+                            c.is_greedy,
+                            list(c.token_logprobs),
+                        )
+                        for c in r.continuations
+                    ]
+                )
+        return out
+
+    async def next_token(
+        self,
+        items: Sequence[PromptItem],
+        *,
+        top_k: int = 10,
+        token_ids: Sequence[int] = (),
+        token_strings: Sequence[str] = (),
+        steering: Sequence[Steer] = (),
+        vectors: Sequence[np.ndarray] = (),
+        padding_side: Literal["left", "right"] = "left",
+        max_batch_size: int = 0,
+    ) -> list[NextToken]:
+        size = await self._chunk_size()
+        out: list[NextToken] = []
+        for start in range(0, len(items), size):
+            request = pb.NextTokenRequest(
+                items=[it.to_proto() for it in items[start : start + size]],
+                top_k=top_k,
+                token_ids=list(token_ids),
+                token_strings=list(token_strings),
+                steering=[s.to_proto() for s in steering],
+                vectors=[_tensor(v) for v in vectors],
+                options=self._options(padding_side, max_batch_size),
+            )
+            try:
+                reply = await self._stub.NextToken(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                _raise(exc)
+                raise
+            for r in reply.results:
+                out.append(
+                    NextToken(
+                        top=[(t.token_id, t.token, t.logprob) for t in r.top],
+                        stats={
+                            "entropy": r.stats.entropy,
+                            "logit_max": r.stats.logit_max,
+                            "logit_min": r.stats.logit_min,
+                            "logit_mean": r.stats.logit_mean,
+                            "logit_std": r.stats.logit_std,
+                            "gini": r.stats.gini,
+                        },
+                        requested_ids=list(r.requested_ids),
+                        requested_logits=list(r.requested_logits),
+                        requested_logprobs=list(r.requested_logprobs),
+                    )
+                )
+        return out
+
+
+def _seed(request_seed: int, index: int) -> int:
+    return row_seed(request_seed, index)

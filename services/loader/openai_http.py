@@ -1,0 +1,199 @@
+"""An OpenAI-compatible ``POST /v1/chat/completions`` over the hosted model.
+
+It lets any loader act as a judge: temperature, top_p, n, seed, stop, ``logprobs`` and
+``top_logprobs`` follow the OpenAI schema, and errors use OpenAI's error envelope (HTTP 400
+with ``param`` naming the field). It runs uvicorn in its own thread and hands model work to the
+loader's model thread, so gRPC and HTTP calls queue on the same device in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    QsensError,
+    ResourceExhausted,
+)
+from services.common.logging import get_logger
+from services.loader.engine import GenParams, GenResult
+
+__all__ = ["build_app", "start_http"]
+
+log = get_logger(__name__)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=64)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stream: bool = False
+
+
+def _error(
+    status: int, message: str, param: str | None, kind: str = "invalid_request_error"
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": kind, "param": param, "code": None}},
+    )
+
+
+def _logprobs_payload(result: GenResult, runtime: Any) -> dict[str, Any]:
+    content = []
+    for step in result.logprobs or []:
+        tid, token, lp = step.chosen
+        content.append(
+            {
+                "token": token,
+                "logprob": lp,
+                "bytes": list(token.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+                    for _i, t, v in step.top
+                ],
+            }
+        )
+    return {"content": content}
+
+
+def build_app(runtime: Any) -> FastAPI:
+    """The FastAPI app for ``runtime`` (a LoaderRuntime)."""
+    app = FastAPI(title="qsens loader", docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    async def health_check() -> dict[str, str]:
+        return {"status": "draining" if runtime.draining else "ok", "variant": runtime.variant}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": runtime.variant, "object": "model", "created": 0, "owned_by": "qsens"}],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse:
+        try:
+            body = await request.json()
+        except Exception:
+            return _error(400, "the body is not valid JSON", None)
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"])
+            return _error(400, f"{param}: {first['msg']}", param)
+        if req.stream:
+            return _error(400, "stream: streaming is not supported", "stream")
+        if runtime.draining:
+            return _error(503, "the loader is shutting down", None, "server_error")
+        max_new = req.max_completion_tokens or req.max_tokens or 256
+        if max_new > runtime.settings.max_new_tokens:
+            return _error(
+                400, f"max_tokens: at most {runtime.settings.max_new_tokens}", "max_tokens"
+            )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        params = GenParams(
+            max_new_tokens=max_new,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            stop=tuple(s for s in stops if s),
+            logprobs=req.logprobs,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
+        )
+        messages = [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
+        seed = req.seed if req.seed is not None else 0
+        future = runtime.submit(lambda: runtime.generate_chat(messages, params, seed, req.n))
+        try:
+            results: list[GenResult] = await asyncio.wrap_future(future)
+        except InvalidArgument as exc:
+            param = "messages" if exc.field.startswith("messages") else exc.field
+            return _error(400, str(exc), param)
+        except (FailedPrecondition, ResourceExhausted) as exc:
+            return _error(400 if isinstance(exc, FailedPrecondition) else 503, str(exc), None)
+        except QsensError as exc:
+            return _error(500, str(exc), None, "server_error")
+        choices = []
+        completion_tokens = 0
+        for i, result in enumerate(results):
+            completion_tokens += len(result.token_ids)
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                    "logprobs": _logprobs_payload(result, runtime) if req.logprobs else None,
+                }
+            )
+        prompt_tokens = results[0].prompt_tokens if results else 0
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": runtime.variant,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    return app
+
+
+def start_http(runtime: Any, host: str, port: int) -> tuple[Any, threading.Thread, int]:
+    """Serve the app on ``host:port`` (0 picks a free port) in a daemon thread."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = int(sock.getsockname()[1])
+    config = uvicorn.Config(
+        build_app(runtime), log_level="warning", access_log=False, lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="openai-http", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, thread, bound

@@ -1,0 +1,627 @@
+"""The loader process: gRPC service, health, metrics, OpenAI-compatible HTTP, graceful drain.
+
+All model work runs on one dedicated thread (the GPU is used by one pass at a time); the
+asyncio server only parses, queues and streams. One interceptor maps qsens errors to gRPC
+status codes, frees accelerator memory after an OOM, counts requests and times them.
+SIGTERM flips health to NOT_SERVING, refuses new calls and lets in-flight ones finish within
+the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+import services
+from services.common import settings as settings_mod
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QsensError,
+    ResourceExhausted,
+    Unavailable,
+)
+from services.common.logging import get_logger
+from services.common.metrics import (
+    LATENCY_BUCKETS,
+    SIZE_BUCKETS,
+    process_memory_bytes,
+    start_metrics_server,
+)
+from services.common.settings import LoaderSettings
+from services.common.variants import Precision, parse_precision
+from services.loader import convert
+from services.loader.backends.base import get_backend
+from services.loader.engine import Engine, GenParams, GenResult
+from services.loader.model_source import resolve_source
+from services.loader.pb import loader_pb2 as pb
+from services.loader.pb import loader_pb2_grpc as pb_grpc
+from services.loader.positions import parse_position
+
+__all__ = ["LoaderRuntime", "build_runtime", "serve", "start_server"]
+
+log = get_logger(__name__)
+T = TypeVar("T")
+SERVICE_NAME = "qsens.loader.v1.LoaderService"
+
+_REDUCTIONS = {
+    pb.REDUCTION_UNSPECIFIED: "mean",
+    pb.REDUCTION_MEAN: "mean",
+    pb.REDUCTION_LAST: "last",
+    pb.REDUCTION_NONE: "none",
+}
+_OUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class _Metrics:
+    requests: Counter
+    errors: Counter
+    latency: Histogram
+    items: Histogram
+    tokens: Counter
+    tokens_per_s: Gauge
+    inflight: Gauge
+    oom: Counter
+    memory: Gauge
+
+
+_metrics: _Metrics | None = None
+
+
+def metrics() -> _Metrics:
+    """Loader metrics, registered on first use."""
+    global _metrics
+    if _metrics is None:
+        memory = Gauge("qsens_loader_memory_bytes", "Memory in use.", ["kind"])
+        memory.labels("rss").set_function(lambda: float(process_memory_bytes()))
+        memory.labels("accelerator").set_function(
+            lambda: float(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0.0
+        )
+        _metrics = _Metrics(
+            requests=Counter("qsens_loader_requests_total", "RPCs handled.", ["rpc", "code"]),
+            errors=Counter("qsens_loader_errors_total", "RPCs that failed.", ["rpc", "code"]),
+            latency=Histogram(
+                "qsens_loader_request_seconds", "RPC latency.", ["rpc"], buckets=LATENCY_BUCKETS
+            ),
+            items=Histogram(
+                "qsens_loader_batch_items", "Items per request.", ["rpc"], buckets=SIZE_BUCKETS
+            ),
+            tokens=Counter("qsens_loader_tokens_total", "Tokens run through the model.", ["rpc"]),
+            tokens_per_s=Gauge(
+                "qsens_loader_tokens_per_second", "Throughput of the last request.", ["rpc"]
+            ),
+            inflight=Gauge("qsens_loader_inflight_requests", "RPCs in progress."),
+            oom=Counter("qsens_loader_oom_retries_total", "Batches halved after out-of-memory."),
+            memory=memory,
+        )
+    return _metrics
+
+
+class LoaderRuntime:
+    """The engine plus what the RPCs share: its thread, identity and limits."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model_name: str,
+        precision: Precision,
+        backend: str,
+        source: str,
+        settings: LoaderSettings,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.precision = precision
+        self.backend = backend
+        self.source = source
+        self.settings = settings
+        self.variant = f"{model_name}@{precision.value}"
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="model"
+        )
+        self.draining = False
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the model thread."""
+        loop = asyncio.get_running_loop()
+        delay = self.settings.fault_delay_s
+
+        def call() -> T:
+            if delay:
+                time.sleep(delay)
+            with torch.inference_mode():
+                return fn()
+
+        return await loop.run_in_executor(self.executor, call)
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn`` on the model thread from another thread (the HTTP server)."""
+        return self.executor.submit(fn)
+
+    def info(self) -> pb.InfoResponse:
+        d = self.engine.describe()
+        return pb.InfoResponse(
+            model=self.model_name,
+            precision=self.precision.value,
+            backend=self.backend,
+            variant=self.variant,
+            num_layers=d["num_layers"],
+            hidden_size=d["hidden_size"],
+            dtype=d["dtype"],
+            device=d["device"],
+            parameter_bytes=d["parameter_bytes"],
+            supports_chat_template=d["supports_chat_template"],
+            supports_system_role=d["supports_system_role"],
+            quantization_config_json=json.dumps(
+                d["quantization_config"], sort_keys=True, default=str
+            ),
+            vocab_size=d["vocab_size"],
+            max_tokens_per_item=self.settings.max_tokens_per_item,
+            max_batch_items=self.settings.max_batch_items,
+            source=self.source,
+            notes=d["notes"],
+            server_version=services.__version__,
+        )
+
+    def generate(self, request: pb.GenerateRequest) -> tuple[list[GenResult], int]:
+        """Validate and generate (on the model thread); returns results and tokens processed."""
+        ctx = convert.RequestContext(
+            self.engine, self.settings, self.variant, request.options, request.vectors
+        )
+        params = convert.gen_params(request.params, self.settings)
+        items = convert.engine_items(
+            ctx,
+            request.items,
+            request.steering,
+            seed=request.params.seed,
+            extra_tokens=params.max_new_tokens,
+            use_response=False,
+        )
+        before = self.engine.tokens_processed
+        results = self.engine.generate(items, params, max_rows=ctx.max_rows)
+        return results, self.engine.tokens_processed - before
+
+    def generate_chat(
+        self, messages: list[tuple[str, str]], params: GenParams, seed: int, n: int
+    ) -> list[GenResult]:
+        """The OpenAI endpoint's path: one chat, ``n`` samples."""
+        from services.loader.engine import ChatPrompt, EngineItem
+        from services.loader.seeds import row_seed
+
+        prompt_ids = self.engine.encode_prompt(ChatPrompt(tuple(messages)), "messages")
+        if len(prompt_ids) + params.max_new_tokens > self.settings.max_tokens_per_item:
+            raise InvalidArgument(
+                "max_tokens", "prompt plus max_tokens exceed the loader's token limit"
+            )
+        items = [EngineItem(prompt_ids, [], [], row_seed(seed, i)) for i in range(n)]
+        return self.engine.generate(items, params)
+
+
+class LoaderServicer(pb_grpc.LoaderServiceServicer):
+    """The five RPCs; validation and compute run on the model thread."""
+
+    def __init__(self, runtime: LoaderRuntime) -> None:
+        self.rt = runtime
+
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InfoResponse:  # type: ignore[override]
+        return await self.rt.run(self.rt.info)
+
+    async def Generate(  # type: ignore[override]
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        started = time.perf_counter()
+        results, tokens = await self.rt.run(lambda: self.rt.generate(request))
+        _throughput("Generate", tokens, started)
+        return pb.GenerateResponse(generations=[convert.generation(r) for r in results])
+
+    async def Capture(  # type: ignore[override]
+        self, request: pb.CaptureRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CaptureResponse]:
+        started = time.perf_counter()
+        engine = self.rt.engine
+        before = engine.tokens_processed
+
+        def prepare() -> tuple[Iterator[Any], list[int], str]:
+            ctx = convert.RequestContext(
+                engine, self.rt.settings, self.rt.variant, request.options, request.vectors
+            )
+            layers = convert.capture_layers(ctx, request.layers, request.all_layers)
+            if not request.position:
+                raise InvalidArgument("position", "required (e.g. prompt[-1] or response[:])")
+            position = parse_position(request.position)
+            reduction = _REDUCTIONS.get(request.reduction)
+            if reduction is None:
+                raise InvalidArgument("reduction", f"unknown value {request.reduction}")
+            dtype = request.dtype or "float32"
+            if dtype not in _OUT_DTYPES:
+                raise InvalidArgument(
+                    "dtype", f"unsupported output dtype {dtype!r} ({', '.join(_OUT_DTYPES)})"
+                )
+            if request.chunk_items < 0:
+                raise InvalidArgument("chunk_items", "must be >= 0")
+            items = convert.engine_items(ctx, request.items, request.steering)
+            chunk = request.chunk_items or _default_chunk(
+                len(layers), engine.hidden_size, reduction
+            )
+            gen = engine.capture(
+                items,
+                layers,
+                position,
+                reduction,  # type: ignore[arg-type]
+                padding_side=ctx.padding_side,
+                max_rows=ctx.max_rows,
+                chunk_items=chunk,
+            )
+            # Pull the first chunk here so that item validation errors come before any data.
+            first = next(gen, None)
+            return _prepend(first, gen), layers, dtype
+
+        chunks, layers, dtype = await self.rt.run(prepare)
+        while True:
+            results = await self.rt.run(lambda: next(chunks, None))
+            if results is None:
+                break
+            yield convert.capture_chunk(results, layers, dtype)
+        _throughput("Capture", engine.tokens_processed - before, started)
+
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:  # type: ignore[override]
+        started = time.perf_counter()
+        engine = self.rt.engine
+
+        def work() -> tuple[pb.ScoreResponse, int]:
+            before = engine.tokens_processed
+            ctx = convert.RequestContext(
+                engine, self.rt.settings, self.rt.variant, request.options, request.vectors
+            )
+            inputs = convert.score_inputs(ctx, request)
+            scores = engine.score(
+                inputs,
+                token_logprobs=request.token_logprobs,
+                padding_side=ctx.padding_side,
+                max_rows=ctx.max_rows,
+            )
+            return (
+                pb.ScoreResponse(results=[convert.score_result(s) for s in scores]),
+                engine.tokens_processed - before,
+            )
+
+        response, tokens = await self.rt.run(work)
+        _throughput("Score", tokens, started)
+        return response
+
+    async def NextToken(  # type: ignore[override]
+        self, request: pb.NextTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NextTokenResponse:
+        started = time.perf_counter()
+        engine = self.rt.engine
+
+        def work() -> tuple[pb.NextTokenResponse, int]:
+            before = engine.tokens_processed
+            ctx = convert.RequestContext(
+                engine, self.rt.settings, self.rt.variant, request.options, request.vectors
+            )
+            top_k, ids = convert.next_token_ids(ctx, request)
+            items = convert.engine_items(ctx, request.items, request.steering)
+            results = engine.next_token(
+                items,
+                top_k=top_k,
+                token_ids=ids,
+                padding_side=ctx.padding_side,
+                max_rows=ctx.max_rows,
+            )
+            return (
+                pb.NextTokenResponse(results=[convert.next_token_result(r) for r in results]),
+                engine.tokens_processed - before,
+            )
+
+        response, tokens = await self.rt.run(work)
+        _throughput("NextToken", tokens, started)
+        return response
+
+
+def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def _default_chunk(layers: int, hidden: int, reduction: str) -> int:
+    # Keep streamed messages near 16 MB: large captures never build one giant reply.
+    per_item = layers * hidden * 4 * (64 if reduction == "none" else 1)
+    return max(1, min(256, (16 * 1024 * 1024) // max(1, per_item)))
+
+
+def _throughput(rpc: str, tokens: int, started: float) -> None:
+    elapsed = max(1e-9, time.perf_counter() - started)
+    m = metrics()
+    m.tokens.labels(rpc).inc(tokens)
+    m.tokens_per_s.labels(rpc).set(tokens / elapsed)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, ResourceExhausted) or isinstance(exc, torch.OutOfMemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, QsensError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to status codes, refuses calls while draining, records metrics."""
+
+    def __init__(self, runtime: LoaderRuntime) -> None:
+        self.rt = runtime
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = str(handler_call_details.method)
+        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        rt = self.rt
+        m = metrics()
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            code, message = _status_for(exc)
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("rpc failed", extra={"rpc": rpc})
+            m.requests.labels(rpc, code.name).inc()
+            m.errors.labels(rpc, code.name).inc()
+            await context.abort(code, message)
+
+        def check_draining() -> None:
+            if rt.draining:
+                raise Unavailable("the loader is shutting down")
+
+        def count_items(request: Any) -> None:
+            items = getattr(request, "items", None)
+            if items is not None:
+                m.items.labels(rpc).observe(len(items))
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                m.inflight.inc()
+                try:
+                    check_draining()
+                    count_items(request)
+                    response = await inner(request, context)
+                    m.requests.labels(rpc, "OK").inc()
+                    return response
+                except asyncio.CancelledError:
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+                    await fail(context, exc)
+                finally:
+                    m.inflight.dec()
+                    m.latency.labels(rpc).observe(time.perf_counter() - started)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                m.inflight.inc()
+                try:
+                    check_draining()
+                    count_items(request)
+                    async for response in inner_stream(request, context):
+                        yield response
+                    m.requests.labels(rpc, "OK").inc()
+                except asyncio.CancelledError:
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except BaseException as exc:  # noqa: BLE001
+                    await fail(context, exc)
+                finally:
+                    m.inflight.dec()
+                    m.latency.labels(rpc).observe(time.perf_counter() - started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def build_runtime(
+    model: str,
+    precision: str,
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    name: str | None = None,
+    settings: LoaderSettings | None = None,
+) -> LoaderRuntime:
+    """Resolve the source, load through the backend and wrap it in a runtime."""
+    prec = parse_precision(precision, "precision")
+    chosen = get_backend(backend, prec)
+    common = settings_mod.get(settings_mod.CommonSettings)
+    source = resolve_source(model, common.cache_dir, name)
+    started = time.perf_counter()
+    loaded = chosen.load(source, prec, device)
+    limits = settings or settings_mod.get(LoaderSettings)
+    engine = Engine(loaded, limits)
+    log.info(
+        "model loaded",
+        extra={
+            "variant": f"{source.name}@{prec.value}",
+            "backend": chosen.name,
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    )
+    return LoaderRuntime(
+        engine,
+        model_name=source.name,
+        precision=prec,
+        backend=chosen.name,
+        source=source.source,
+        settings=limits,
+    )
+
+
+@dataclass
+class RunningServer:
+    """Handles of a started loader (gRPC + health + optional HTTP)."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    http_port: int
+    runtime: LoaderRuntime
+    http_thread: threading.Thread | None = None
+    http_server: Any = None
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls and wait up to ``grace`` seconds for in-flight ones."""
+        self.runtime.draining = True
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+        if self.http_thread is not None:
+            self.http_thread.join(timeout=5)
+        self.runtime.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def start_server(
+    runtime: LoaderRuntime, *, host: str, port: int, http_port: int = 0
+) -> RunningServer:
+    """Start gRPC (and HTTP when ``http_port`` is set) for ``runtime``."""
+    limit = runtime.settings.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(runtime)],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_LoaderServiceServicer_to_server(LoaderServicer(runtime), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise Unavailable(f"cannot bind gRPC on {host}:{port} (in use?)")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningServer(server, health_servicer, bound, 0, runtime)
+    if http_port:  # 0 disables; -1 picks a free port
+        from services.loader.openai_http import start_http
+
+        running.http_server, running.http_thread, running.http_port = start_http(
+            runtime, host, max(http_port, 0)
+        )
+    log.info(
+        "loader serving",
+        extra={"variant": runtime.variant, "port": bound, "http_port": running.http_port},
+    )
+    return running
+
+
+async def serve(
+    model: str,
+    precision: str,
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    name: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    http_port: int | None = None,
+    metrics_port: int | None = None,
+    ready_file: str | None = None,
+    announce: bool = False,
+) -> None:
+    """Run a loader until SIGTERM/SIGINT, then drain."""
+    limits = settings_mod.get(LoaderSettings)
+    common = settings_mod.get(settings_mod.CommonSettings)
+    runtime = build_runtime(
+        model, precision, backend=backend, device=device, name=name, settings=limits
+    )
+    mport = common.metrics_port if metrics_port is None else metrics_port
+    bound_metrics = start_metrics_server(mport, common.metrics_host) if mport else 0
+    running = await start_server(
+        runtime,
+        host=host or limits.host,
+        port=limits.port if port is None else port,
+        http_port=limits.http_port if http_port is None else http_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    announcer: asyncio.Task[None] | None = None
+    if announce:
+        from services.loader.announce import announce_forever
+
+        address = f"{host or limits.host}:{running.port}"
+        announcer = asyncio.create_task(
+            announce_forever(runtime.variant, address, running.http_port)
+        )
+    if ready_file:
+        with open(ready_file, "w") as fh:
+            json.dump(
+                {
+                    "port": running.port,
+                    "http_port": running.http_port,
+                    "metrics_port": bound_metrics,
+                    "variant": runtime.variant,
+                },
+                fh,
+            )
+    await stop.wait()
+    log.info("draining", extra={"grace_s": limits.grace_period_s})
+    if announcer is not None:
+        announcer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await announcer
+    await running.drain(limits.grace_period_s)
+    log.info("stopped")

@@ -1,0 +1,185 @@
+"""Steering specs: validation, and the per-row tensors a forward pass applies.
+
+A row may carry any number of specs (request-level ones plus its own). For one micro-batch
+they are folded, per layer, into at most two additive offsets (prompt tokens, response tokens)
+and a list of ablation slots, so the hook costs a couple of fused tensor ops whatever the
+number of distinct settings in the batch. Specs with coefficient 0 are dropped: 0 is exactly
+a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from services.common.errors import InvalidArgument
+
+__all__ = [
+    "LayerPlan",
+    "SteerSpec",
+    "SteeringPlan",
+    "build_plan",
+    "resolve_layer",
+    "select_rows",
+    "validate_vector",
+]
+
+Mode = Literal["add", "ablate"]
+Where = Literal["prompt", "response", "all"]
+
+
+@dataclass(frozen=True)
+class SteerSpec:
+    """A validated steering spec with resolved (non-negative) layer indices."""
+
+    layers: tuple[int, ...]
+    vector: torch.Tensor  # float32 [hidden], finite
+    coefficient: float
+    mode: Mode = "add"
+    positions: Where = "all"
+
+
+def resolve_layer(layer: int, num_layers: int, field: str) -> int:
+    """Map a possibly negative index to ``[0, num_layers)``; InvalidArgument when out of range."""
+    if -num_layers <= layer < num_layers:
+        return layer % num_layers
+    raise InvalidArgument(
+        field, f"unknown layer {layer}: the model has {num_layers} layers (0..{num_layers - 1})"
+    )
+
+
+def validate_vector(vector: torch.Tensor, hidden_size: int, field: str) -> torch.Tensor:
+    """A float32 copy of ``vector``; InvalidArgument for a wrong size or non-finite values."""
+    if vector.dim() != 1 or vector.numel() != hidden_size:
+        raise InvalidArgument(
+            field, f"expected a vector of {hidden_size} values, got shape {list(vector.shape)}"
+        )
+    out = vector.to(torch.float32)
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        raise InvalidArgument(field, f"vector contains {bad} NaN/Inf values")
+    return out
+
+
+@dataclass
+class LayerPlan:
+    """What one decoder layer's hook applies to a micro-batch of B rows."""
+
+    add_prompt: torch.Tensor | None = None  # [B, H]
+    add_response: torch.Tensor | None = None  # [B, H]
+    # Each slot: unit directions [B, H] and coefficients on prompt / response tokens [B].
+    ablations: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.add_prompt is None and self.add_response is None and not self.ablations
+
+
+@dataclass
+class SteeringPlan:
+    """Per-layer plans for one micro-batch."""
+
+    layers: dict[int, LayerPlan]
+
+    @property
+    def empty(self) -> bool:
+        return all(p.empty for p in self.layers.values())
+
+
+def build_plan(
+    rows: Sequence[Sequence[SteerSpec]],
+    *,
+    hidden_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> SteeringPlan:
+    """Fold each row's specs into per-layer tensors on ``device``."""
+    batch = len(rows)
+    adds: dict[int, tuple[torch.Tensor, torch.Tensor, list[bool]]] = {}
+    slots: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    slot_fill: dict[tuple[int, int], int] = {}
+    for b, specs in enumerate(rows):
+        per_layer_ablation_count: dict[int, int] = {}
+        for spec in specs:
+            if spec.coefficient == 0.0:
+                continue
+            on_prompt = spec.positions in ("prompt", "all")
+            on_response = spec.positions in ("response", "all")
+            if spec.mode == "add":
+                delta = spec.vector * float(spec.coefficient)
+                for layer in spec.layers:
+                    if layer not in adds:
+                        adds[layer] = (
+                            torch.zeros(batch, hidden_size),
+                            torch.zeros(batch, hidden_size),
+                            [False, False],
+                        )
+                    p, r, used = adds[layer]
+                    if on_prompt:
+                        p[b] += delta
+                        used[0] = True
+                    if on_response:
+                        r[b] += delta
+                        used[1] = True
+            else:
+                norm = float(spec.vector.norm())
+                if norm == 0.0 or not math.isfinite(norm):
+                    continue  # ablating the zero direction changes nothing
+                unit = spec.vector / norm
+                for layer in spec.layers:
+                    index = per_layer_ablation_count.get(layer, 0)
+                    per_layer_ablation_count[layer] = index + 1
+                    layer_slots = slots.setdefault(layer, [])
+                    while len(layer_slots) <= index:
+                        layer_slots.append(
+                            (
+                                torch.zeros(batch, hidden_size),
+                                torch.zeros(batch),
+                                torch.zeros(batch),
+                            )
+                        )
+                    dirs, c_prompt, c_response = layer_slots[index]
+                    dirs[b] = unit
+                    if on_prompt:
+                        c_prompt[b] = float(spec.coefficient)
+                    if on_response:
+                        c_response[b] = float(spec.coefficient)
+                    slot_fill[(layer, index)] = 1
+    plans: dict[int, LayerPlan] = {}
+    for layer, (p, r, used) in adds.items():
+        plan = plans.setdefault(layer, LayerPlan())
+        if used[0]:
+            plan.add_prompt = p.to(device=device, dtype=dtype)
+        if used[1]:
+            plan.add_response = r.to(device=device, dtype=dtype)
+    for layer, layer_slots in slots.items():
+        plan = plans.setdefault(layer, LayerPlan())
+        for dirs, c_prompt, c_response in layer_slots:
+            # Projection math in float32: bf16 dot products lose the direction's tail.
+            plan.ablations.append(
+                (
+                    dirs.to(device=device, dtype=torch.float32),
+                    c_prompt.to(device=device, dtype=torch.float32),
+                    c_response.to(device=device, dtype=torch.float32),
+                )
+            )
+    return SteeringPlan({k: v for k, v in plans.items() if not v.empty})
+
+
+def select_rows(plan: SteeringPlan, rows: torch.Tensor) -> SteeringPlan:
+    """The plan restricted to (or repeated over) ``rows``, an index tensor into the batch."""
+    out: dict[int, LayerPlan] = {}
+    for layer, lp in plan.layers.items():
+        out[layer] = LayerPlan(
+            add_prompt=None if lp.add_prompt is None else lp.add_prompt.index_select(0, rows),
+            add_response=None if lp.add_response is None else lp.add_response.index_select(0, rows),
+            ablations=[
+                (d.index_select(0, rows), cp.index_select(0, rows), cr.index_select(0, rows))
+                for d, cp, cr in lp.ablations
+            ],
+        )
+    return SteeringPlan(out)

@@ -1,0 +1,137 @@
+"""Tiny random models for tests: real transformers code paths at millisecond speed.
+
+``tiny:llama?layers=4&hidden=64&seed=0`` builds a seeded random Llama with a byte-level
+tokenizer (256 byte tokens + ChatML specials) and saves it as an ordinary model folder, so the
+hf and bnb backends load it through ``from_pretrained`` exactly like a real checkpoint.
+``system_role=0`` gives a chat template that rejects system messages (for methodology checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from services.common.errors import InvalidArgument
+from services.common.hashing import stable_hash
+
+__all__ = ["TINY_DEFAULTS", "build_tiny", "parse_tiny"]
+
+TINY_DEFAULTS: dict[str, int] = {
+    "layers": 4,
+    "hidden": 64,
+    "heads": 4,
+    "kv_heads": 2,
+    "intermediate": 128,
+    "seed": 0,
+    "system_role": 1,
+    "max_positions": 2048,
+}
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_NO_SYSTEM = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def parse_tiny(source: str) -> tuple[str, dict[str, int]]:
+    """``tiny:<arch>?k=v&...`` -> (arch, params); InvalidArgument naming the bad key."""
+    spec = source.removeprefix("tiny:")
+    arch, _, query = spec.partition("?")
+    if arch not in ("llama",):
+        raise InvalidArgument("model", f"unknown tiny architecture {arch!r} (known: llama)")
+    params = dict(TINY_DEFAULTS)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in TINY_DEFAULTS:
+            raise InvalidArgument(
+                f"model.{key}", f"unknown tiny option (known: {', '.join(TINY_DEFAULTS)})"
+            )
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise InvalidArgument(f"model.{key}", f"expected an integer, got {value!r}") from None
+    if params["hidden"] % params["heads"] or params["heads"] % params["kv_heads"]:
+        raise InvalidArgument("model.heads", "hidden must divide by heads and heads by kv_heads")
+    return arch, params
+
+
+def _byte_tokenizer(system_role: bool) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for j, special in enumerate(SPECIALS):
+        vocab[special] = len(alphabet) + j
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHATML if system_role else CHATML_NO_SYSTEM
+    return tok
+
+
+def build_tiny(source: str, cache_dir: Path) -> Path:
+    """Materialise the tiny model folder for ``source`` (cached by its parameters)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    arch, params = parse_tiny(source)
+    folder = cache_dir / "tiny" / f"{arch}-{stable_hash(params, 12)}"
+    if (folder / "config.json").exists() and (folder / "qsens-tiny.json").exists():
+        return folder
+    tok = _byte_tokenizer(bool(params["system_role"]))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=params["hidden"],
+        intermediate_size=params["intermediate"],
+        num_hidden_layers=params["layers"],
+        num_attention_heads=params["heads"],
+        num_key_value_heads=params["kv_heads"],
+        max_position_embeddings=params["max_positions"],
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(params["seed"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init at std 0.02 gives near-uniform outputs; a larger scale makes tokens differ
+    # so that steering and padding tests see real signal.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3 if "embed" in name else 0.15)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "qsens-tiny.json").write_text(json.dumps({"arch": arch, **params}))
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        # Another process won the race; its folder is identical.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
