@@ -15,6 +15,7 @@ import torch
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import LoaderSettings
 from services.common.tensor_codec import WIRE_DTYPES, decode_torch
+from services.common.variants import Variant
 from services.loader.engine import (
     CaptureResult,
     ChatPrompt,
@@ -75,10 +76,12 @@ class RequestContext:
     ) -> None:
         self.engine = engine
         self.settings = settings
-        if options.expect_variant and options.expect_variant != variant:
-            raise FailedPrecondition(
-                f"options.expect_variant: this loader serves {variant}, not {options.expect_variant}"
-            )
+        if options.expect_variant:
+            expected = Variant.parse(options.expect_variant, "options.expect_variant")
+            if str(expected) != variant:
+                raise FailedPrecondition(
+                    f"options.expect_variant: this loader serves {variant}, not {expected}"
+                )
         if options.max_batch_size < 0:
             raise InvalidArgument("options.max_batch_size", "must be >= 0")
         self.max_rows = options.max_batch_size

@@ -145,8 +145,13 @@ class LoaderRuntime:
         def call() -> T:
             if delay:
                 time.sleep(delay)
-            with torch.inference_mode():
-                return fn()
+            before = self.engine.oom_retries
+            try:
+                with torch.inference_mode():
+                    return fn()
+            finally:
+                if self.engine.oom_retries > before:
+                    metrics().oom.inc(self.engine.oom_retries - before)
 
         return await loop.run_in_executor(self.executor, call)
 

@@ -14,3 +14,10 @@ def tiny_loader() -> Iterator[LoaderProc]:
     proc = start_loader("tiny:llama", "fp32")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16() -> Iterator[LoaderProc]:
+    proc = start_loader("smollm2-135m", "bf16", timeout=600)
+    yield proc
+    proc.stop()
