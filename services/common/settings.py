@@ -9,7 +9,9 @@ variable                        meaning
 QSENS_HOME                      local state folder (stack data, logs)        .qsens
 QSENS_CACHE_DIR                 converted model folders                      ~/.cache/qsens
 QSENS_LOG_LEVEL / _LOG_FORMAT   logging level; ``text`` or ``json``
-QSENS_NATS_URL                  NATS server URL
+QSENS_NATS_URL/_USER/_PASSWORD  NATS server URL and credentials
+QSENS_NATS_NAMESPACE            prefix of job subjects, streams, KV buckets   qsens
+QSENS_NATS_ACK_WAIT_S/...       job plane timing and retry bounds (see NatsSettings)
 QSENS_S3_ENDPOINT/_BUCKET/...   S3 endpoint (host:port), bucket, credentials, TLS
 QSENS_LOADER_*                  loader limits and ports (see LoaderSettings)
 QSENS_JUDGE_*                   judge backend and limits (see JudgeSettings)
@@ -21,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -60,6 +62,54 @@ class NatsSettings(BaseSettings):
     user: str | None = Field(None, description="NATS user, if the server requires one.")
     password: SecretStr | None = Field(None, description="NATS password.")
     connect_timeout_s: float = Field(5.0, gt=0, description="Connection timeout in seconds.")
+    reconnect_wait_s: float = Field(
+        2.0, gt=0, le=60, description="Pause between reconnect attempts after a connection loss."
+    )
+    namespace: str = Field(
+        "qsens",
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="Prefix of job subjects, stream names and KV buckets (tests use their own).",
+    )
+    replicas: int = Field(1, ge=1, le=5, description="Replicas of job streams and KV buckets.")
+    ack_wait_s: float = Field(
+        60.0,
+        ge=0.5,
+        le=3600,
+        description="Seconds a delivered job may go without ack or heartbeat before redelivery.",
+    )
+    max_deliver: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="Failed or crashed attempts of a job before it is dead-lettered.",
+    )
+    max_unavailable: int = Field(
+        360,
+        ge=0,
+        le=100000,
+        description="Retries of a job whose dependency (a loader) is unavailable, before the DLQ.",
+    )
+    retry_backoff_s: float = Field(
+        5.0, gt=0, le=3600, description="Delay before the first retry of a failed job; doubles."
+    )
+    retry_backoff_max_s: float = Field(
+        300.0, gt=0, le=86400, description="Longest delay between retries of a failed job."
+    )
+    unavailable_delay_s: float = Field(
+        10.0, gt=0, le=3600, description="Delay before retrying a job whose loader is missing."
+    )
+    duplicate_window_s: float = Field(
+        86400.0,
+        ge=1,
+        le=7 * 86400,
+        description="Window in which a job published twice (same id) is stored once.",
+    )
+    fetch_wait_s: float = Field(
+        5.0, gt=0, le=60, description="Long-poll time of one worker fetch request."
+    )
+    loader_ttl_s: float = Field(
+        30.0, ge=1, le=3600, description="Seconds a loader announcement lives without a heartbeat."
+    )
 
 
 class S3Settings(BaseSettings):
@@ -73,6 +123,10 @@ class S3Settings(BaseSettings):
     secret_key: SecretStr | None = Field(None, description="Secret access key.")
     secure: bool = Field(False, description="Use TLS.")
     region: str | None = Field(None, description="Region name, if the server needs one.")
+    check_write_once: bool = Field(
+        True,
+        description="On first use, check that the server refuses to overwrite (If-None-Match).",
+    )
 
 
 class LoaderSettings(BaseSettings):
@@ -81,6 +135,10 @@ class LoaderSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QSENS_LOADER_", extra="ignore")
 
     host: str = Field("127.0.0.1", description="Address the gRPC and HTTP servers bind.")
+    advertise_host: str | None = Field(
+        None,
+        description="Host announced in the registry (default: bind host, or hostname if 0.0.0.0).",
+    )
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http_port: int = Field(
         0,
@@ -95,6 +153,9 @@ class LoaderSettings(BaseSettings):
         262144, ge=64, description="Padded tokens per forward pass before a batch is split."
     )
     max_batch_size: int = Field(512, ge=1, description="Most rows per forward pass.")
+    generation_cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
+    )
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM drain time for in-flight calls.")
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="gRPC message limit.")
     fault_oom_above_batch: int = Field(
@@ -113,7 +174,11 @@ class JudgeSettings(BaseSettings):
     backend: Literal["openai", "embedding"] = Field("embedding", description="Scoring backend.")
     base_url: str | None = Field(None, description="OpenAI-compatible base URL (None: OpenAI).")
     model: str = Field("gpt-4.1-mini", description="Judge model name.")
-    api_key: SecretStr | None = Field(None, description="API key (else OPENAI_API_KEY).")
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("api_key", "QSENS_JUDGE_API_KEY", "OPENAI_API_KEY"),
+        description="API key: QSENS_JUDGE_API_KEY, else OPENAI_API_KEY (never logged).",
+    )
     concurrency: int = Field(32, ge=1, description="Upstream requests in flight at most.")
     rate_per_s: float = Field(50.0, gt=0, description="Token-bucket rate of upstream requests.")
     burst: int = Field(50, ge=1, description="Token-bucket burst.")
@@ -145,10 +210,16 @@ class JudgeSettings(BaseSettings):
         0.02, ge=0, le=10, description="Seconds a micro-batch waits to fill before closing."
     )
     batches_in_flight: int = Field(4, ge=1, le=256, description="Micro-batches processed at once.")
-    cache_bucket: str = Field("qsens-judge-cache", description="JetStream KV bucket of scores.")
+    cache_bucket: str | None = Field(
+        None, description="JetStream KV bucket of verdicts (None: '<namespace>-judge-cache')."
+    )
     cache_ttl_s: float = Field(0.0, ge=0, description="Cache entry lifetime; 0 keeps them forever.")
-    subject: str = Field("qsens.judge.score", description="NATS subject of score requests.")
-    queue_group: str = Field("qsens-judge", description="NATS queue group of judge services.")
+    subject: str | None = Field(
+        None, description="NATS subject of score requests (None: '<namespace>.judge.score')."
+    )
+    queue_group: str | None = Field(
+        None, description="NATS queue group of judge services (None: '<namespace>-judge')."
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="Client wait for one chunk's reply before retrying it."
     )

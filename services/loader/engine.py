@@ -84,6 +84,8 @@ class GenParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    # Benchmarks only: keep generating past end-of-turn so every row does equal work.
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class Engine:
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.has_system_role = self._probe_system_role()
         self.max_batch_size = settings.max_batch_size
+        self.cache_mode = settings.generation_cache
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
@@ -352,7 +355,7 @@ class Engine:
         )
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -437,7 +440,9 @@ class Engine:
         counts = select.sum(dim=1).tolist()
         out: list[CaptureResult] = []
         if reduction == "none":
-            per_layer = [sink.out[layer].cpu().split([int(c) for c in counts]) for layer in layers]
+            per_layer = [
+                torch.split(sink.out[layer].cpu(), [int(c) for c in counts]) for layer in layers
+            ]
             for b, item in enumerate(batch):
                 acts = torch.stack([per_layer[k][b] for k in range(len(layers))])
                 out.append(
@@ -719,14 +724,23 @@ class Engine:
     def _generate_batch(
         self, items: Sequence[EngineItem], rows: list[int], params: GenParams
     ) -> list[tuple[int, GenResult]]:
-        from transformers import DynamicCache
+        from transformers import DynamicCache, StaticCache
 
         batch = [items[i] for i in rows]
         dev = self.device
         count = len(batch)
         padded = self._pad([(it.prompt_ids, len(it.prompt_ids)) for it in batch], "left")
+        width = padded.input_ids.shape[1]
+        # A static cache writes in place (no per-step concatenation of the whole cache, which
+        # dominates small models on GPUs); a dynamic cache lets finished rows leave the batch,
+        # which pays off when compute, not launches, is the bottleneck (CPUs).
+        static = self.cache_mode == "static" or (self.cache_mode == "auto" and dev.type == "cuda")
+        cache: Any = (
+            StaticCache(config=self.model.config, max_cache_len=width + params.max_new_tokens)
+            if static
+            else DynamicCache(config=self.model.config)
+        )
         plan = self._plan([it.steering for it in batch])
-        cache = DynamicCache(config=self.model.config)
         state = ForwardState(padded.prompt_mask, padded.response_mask, plan)
         keys = torch.tensor([it.seed & _M32 for it in batch], dtype=torch.int64, device=dev)
         eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=dev)
@@ -734,14 +748,22 @@ class Engine:
         step_logprobs: list[list[StepLogprob]] = [[] for _ in range(count)]
         finish = ["length"] * count
         active = torch.arange(count, device=dev)  # original row of each live cache row
-        attention = padded.attention_mask
+        finished = [False] * count
+        if static:
+            attention = torch.zeros(
+                (count, width + params.max_new_tokens), dtype=torch.long, device=dev
+            )
+            attention[:, :width] = padded.attention_mask
+        else:
+            attention = padded.attention_mask
+        length = width
         next_pos = padded.position_ids[:, -1] + 1
         stop_window = max((len(s) for s in params.stop), default=0) + 8
-        tokens_in = int(attention.sum())
+        tokens_in = int(padded.attention_mask.sum())
         with install_hooks(self.layers, state):
             out = self.model(
                 input_ids=padded.input_ids,
-                attention_mask=attention,
+                attention_mask=attention[:, :length],
                 position_ids=padded.position_ids,
                 past_key_values=cache,
                 use_cache=True,
@@ -754,25 +776,27 @@ class Engine:
                 tokens = self._sample(logits, params, keys, step)
                 if params.logprobs:
                     self._record_logprobs(
-                        logits, tokens, active, params.top_logprobs, step_logprobs
+                        logits, tokens, active, params.top_logprobs, step_logprobs, finished
                     )
                 token_list = tokens.tolist()
                 active_list = active.tolist()
-                done_now = torch.isin(tokens, eos)
-                done_list = done_now.tolist()
+                hit_eos = torch.isin(tokens, eos).tolist() if not params.ignore_eos else None
                 for j, row in enumerate(active_list):
+                    if finished[row]:
+                        continue
                     generated[row].append(int(token_list[j]))
-                    if done_list[j]:
+                    if hit_eos is not None and hit_eos[j]:
                         finish[row] = "stop"
+                        finished[row] = True
                     elif params.stop:
                         tail = self.tokenizer.decode(generated[row][-stop_window:])
                         if any(s in tail for s in params.stop):
                             finish[row] = "stop"
-                            done_list[j] = True
-                keep = [j for j, d in enumerate(done_list) if not d]
+                            finished[row] = True
+                keep = [j for j, row in enumerate(active_list) if not finished[row]]
                 if not keep or step + 1 == params.max_new_tokens:
                     break
-                if len(keep) < len(active_list):
+                if not static and len(keep) < len(active_list):
                     keep_t = torch.tensor(keep, device=dev)
                     cache.batch_select_indices(keep_t)
                     active = active.index_select(0, keep_t)
@@ -782,20 +806,24 @@ class Engine:
                     tokens = tokens.index_select(0, keep_t)
                     state.plan = select_rows(state.plan, keep_t)
                 live = tokens.shape[0]
-                attention = torch.cat(
-                    [attention, torch.ones((live, 1), dtype=attention.dtype, device=dev)], 1
-                )
+                if static:
+                    attention[:, length] = 1
+                else:
+                    attention = torch.cat(
+                        [attention, torch.ones((live, 1), dtype=attention.dtype, device=dev)], 1
+                    )
+                length += 1
                 state.prompt = torch.zeros((live, 1), dtype=torch.bool, device=dev)
                 state.response = torch.ones((live, 1), dtype=torch.bool, device=dev)
                 out = self.model(
                     input_ids=tokens[:, None],
-                    attention_mask=attention,
+                    attention_mask=attention[:, :length],
                     position_ids=next_pos[:, None],
                     past_key_values=cache,
                     use_cache=True,
                 )
                 next_pos = next_pos + 1
-                tokens_in += live
+                tokens_in += len(keep)
                 logits = out.logits[:, -1, :].float()
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -803,7 +831,7 @@ class Engine:
         results: list[tuple[int, GenResult]] = []
         for b in range(count):
             ids = generated[b]
-            body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+            body = ids[:-1] if ids and ids[-1] in self.eos_ids and finish[b] == "stop" else ids
             text = str(self.tokenizer.decode(body, skip_special_tokens=True))
             for s in params.stop:
                 cut = text.find(s)
@@ -830,6 +858,7 @@ class Engine:
         active: torch.Tensor,
         top: int,
         sink: list[list[StepLogprob]],
+        finished: list[bool],
     ) -> None:
         logprobs = torch.log_softmax(logits, dim=-1)
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
@@ -837,6 +866,8 @@ class Engine:
             top_lp, top_ids = torch.topk(logprobs, top, dim=-1)
             top_lp_l, top_ids_l = top_lp.tolist(), top_ids.tolist()
         for j, row in enumerate(active.tolist()):
+            if finished[row]:
+                continue
             tid = int(tokens[j])
             alts: tuple[tuple[int, str, float], ...] = ()
             if top > 0:

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -226,10 +227,10 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
 
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.InfoResponse:  # type: ignore[override]
+    ) -> pb.InfoResponse:
         return await self.rt.run(self.rt.info)
 
-    async def Generate(  # type: ignore[override]
+    async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         started = time.perf_counter()
@@ -237,7 +238,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
         _throughput("Generate", tokens, started)
         return pb.GenerateResponse(generations=[convert.generation(r) for r in results])
 
-    async def Capture(  # type: ignore[override]
+    async def Capture(
         self, request: pb.CaptureRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CaptureResponse]:
         started = time.perf_counter()
@@ -289,7 +290,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ScoreResponse:  # type: ignore[override]
+    ) -> pb.ScoreResponse:
         started = time.perf_counter()
         engine = self.rt.engine
 
@@ -314,7 +315,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
         _throughput("Score", tokens, started)
         return response
 
-    async def NextToken(  # type: ignore[override]
+    async def NextToken(
         self, request: pb.NextTokenRequest, context: grpc.aio.ServicerContext
     ) -> pb.NextTokenResponse:
         started = time.perf_counter()
@@ -605,11 +606,14 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     announcer: asyncio.Task[None] | None = None
     if announce:
-        from services.loader.announce import announce_forever
+        from services.common.loader_registry import announce_forever
 
-        address = f"{host or limits.host}:{running.port}"
+        bind = limits.advertise_host or host or limits.host
+        if bind in ("0.0.0.0", "::", ""):
+            bind = socket.getfqdn()
+        metadata = {"http": f"http://{bind}:{running.http_port}/v1"} if running.http_port else {}
         announcer = asyncio.create_task(
-            announce_forever(runtime.variant, address, running.http_port)
+            announce_forever(runtime.variant, f"{bind}:{running.port}", metadata=metadata)
         )
     if ready_file:
         with open(ready_file, "w") as fh:

@@ -14,7 +14,10 @@ from services.common.errors import Unavailable
 from services.loader.client import Chat, LoaderClient, PromptItem
 from tests.loader_procs import LoaderProc, start_loader
 
-ITEMS = [PromptItem(Chat.of([("user", f"Question number {i} " + "x" * i)]), response=f"answer {i}") for i in range(7)]
+ITEMS = [
+    PromptItem(Chat.of([("user", f"Question number {i} " + "x" * i)]), response=f"answer {i}")
+    for i in range(7)
+]
 
 
 async def test_oom_halves_batch_and_results_match(tiny_loader: LoaderProc) -> None:
@@ -28,8 +31,14 @@ async def test_oom_halves_batch_and_results_match(tiny_loader: LoaderProc) -> No
             ref_gen = await client.generate(ITEMS, max_new_tokens=5)
         np.testing.assert_allclose(got.stacked(), ref.stacked(), atol=2e-5)
         assert [g.token_ids for g in gen] == [g.token_ids for g in ref_gen]
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{faulty.metrics_port}/metrics", timeout=10).read().decode()
-        line = next(x for x in metrics.splitlines() if x.startswith("qsens_loader_oom_retries_total"))
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{faulty.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        line = next(
+            x for x in metrics.splitlines() if x.startswith("qsens_loader_oom_retries_total")
+        )
         assert float(line.split()[-1]) >= 1
         assert faulty.alive()
     finally:
@@ -41,7 +50,9 @@ async def test_sigterm_drains_in_flight_calls() -> None:
     try:
         async with LoaderClient(slow.address) as client:
             await client.info()  # warm: the first call already paid the delay
-            in_flight = asyncio.create_task(client.generate([PromptItem(Chat.of([("user", "hi")]))], max_new_tokens=4))
+            in_flight = asyncio.create_task(
+                client.generate([PromptItem(Chat.of([("user", "hi")]))], max_new_tokens=4)
+            )
             await asyncio.sleep(0.5)
             slow.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)

@@ -15,7 +15,10 @@ def test_chat_completion_with_logprobs(tiny_loader: LoaderProc) -> None:
     client = openai.OpenAI(base_url=tiny_loader.http_base, api_key="not-used", max_retries=0)
     reply = client.chat.completions.create(
         model="tiny-llama@fp32",
-        messages=[{"role": "system", "content": "Rate it."}, {"role": "user", "content": "Score: "}],
+        messages=[
+            {"role": "system", "content": "Rate it."},
+            {"role": "user", "content": "Score: "},
+        ],
         max_tokens=3,
         temperature=0,
         logprobs=True,
@@ -38,7 +41,14 @@ def test_chat_completion_with_logprobs(tiny_loader: LoaderProc) -> None:
 
 def test_n_samples_and_seed(tiny_loader: LoaderProc) -> None:
     client = openai.OpenAI(base_url=tiny_loader.http_base, api_key="x", max_retries=0)
-    kwargs = dict(model="m", messages=[{"role": "user", "content": "Go"}], max_tokens=6, temperature=1.0, n=3, seed=5)
+    kwargs = dict(
+        model="m",
+        messages=[{"role": "user", "content": "Go"}],
+        max_tokens=6,
+        temperature=1.0,
+        n=3,
+        seed=5,
+    )
     a = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     b = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
@@ -51,7 +61,9 @@ def test_errors_name_the_field(tiny_loader: LoaderProc) -> None:
         client.chat.completions.create(model="m", messages=[], max_tokens=2)
     assert "messages" in str(info.value)
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], temperature=5)
+        client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], temperature=5
+        )
     assert "temperature" in str(info.value)
     bad = httpx.post(f"{tiny_loader.http_base}/chat/completions", content=b"{not json", timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"

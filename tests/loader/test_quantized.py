@@ -13,17 +13,23 @@ from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from tests.loader_procs import start_loader
 
-PROMPT = ChatPrompt((("system", "Be brief."), ("user", "Describe the weather today in a few words.")))
+PROMPT = ChatPrompt(
+    (("system", "Be brief."), ("user", "Describe the weather today in a few words."))
+)
 
 
 @pytest.fixture(scope="module")
 def fp32_reference() -> np.ndarray:
     engine = build_runtime("tiny:llama", "fp32", device="cpu").engine
     ids = engine.encode_prompt(PROMPT, "x")
-    return next(engine.capture([EngineItem(ids)], range(4), parse_position("all"), "mean"))[0].activations.numpy()
+    return next(engine.capture([EngineItem(ids)], range(4), parse_position("all"), "mean"))[
+        0
+    ].activations.numpy()
 
 
-@pytest.mark.parametrize(("precision", "marker"), [("nf4", "nf4"), ("fp4", "fp4"), ("int8", "load_in_8bit")])
+@pytest.mark.parametrize(
+    ("precision", "marker"), [("nf4", "nf4"), ("fp4", "fp4"), ("int8", "load_in_8bit")]
+)
 def test_bnb_precisions_run_on_cpu(precision: str, marker: str, fp32_reference: np.ndarray) -> None:
     runtime = build_runtime("tiny:llama", precision, device="cpu")
     info = runtime.info()
@@ -36,7 +42,9 @@ def test_bnb_precisions_run_on_cpu(precision: str, marker: str, fp32_reference: 
     ids = engine.encode_prompt(PROMPT, "x")
     (gen,) = engine.generate([EngineItem(ids)], GenParams(max_new_tokens=6))
     assert len(gen.token_ids) == 6
-    acts = next(engine.capture([EngineItem(ids)], range(4), parse_position("all"), "mean"))[0].activations.numpy()
+    acts = next(engine.capture([EngineItem(ids)], range(4), parse_position("all"), "mean"))[
+        0
+    ].activations.numpy()
     assert np.isfinite(acts).all()
     cos = [
         float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

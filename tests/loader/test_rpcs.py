@@ -19,7 +19,9 @@ LONG = Chat.of([("user", "Tell me a long story about a lighthouse keeper and the
 
 async def test_health_and_info(tiny_loader: LoaderProc) -> None:
     channel = grpc.aio.insecure_channel(tiny_loader.address)
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="")
+    )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     await channel.close()
     async with LoaderClient(tiny_loader.address) as client:
@@ -32,9 +34,13 @@ async def test_health_and_info(tiny_loader: LoaderProc) -> None:
     assert info.quantization_config == {}
 
 
-async def test_generate_greedy_is_deterministic_and_batch_independent(tiny_loader: LoaderProc) -> None:
+async def test_generate_greedy_is_deterministic_and_batch_independent(
+    tiny_loader: LoaderProc,
+) -> None:
     async with LoaderClient(tiny_loader.address) as client:
-        batch = await client.generate([PromptItem(CHAT), PromptItem(SHORT), PromptItem(LONG)], max_new_tokens=12)
+        batch = await client.generate(
+            [PromptItem(CHAT), PromptItem(SHORT), PromptItem(LONG)], max_new_tokens=12
+        )
         alone = await client.generate([PromptItem(SHORT)], max_new_tokens=12)
     assert [len(g.token_ids) for g in batch] == [12, 12, 12]
     assert all(g.finish_reason == "length" for g in batch)
@@ -46,7 +52,9 @@ async def test_sampling_uses_row_seeds(tiny_loader: LoaderProc) -> None:
     async with LoaderClient(tiny_loader.address) as client:
         items = [PromptItem(CHAT, seed=7), PromptItem(SHORT, seed=11), PromptItem(CHAT, seed=8)]
         batch = await client.generate(items, max_new_tokens=16, temperature=1.0)
-        alone = await client.generate([PromptItem(SHORT, seed=11)], max_new_tokens=16, temperature=1.0)
+        alone = await client.generate(
+            [PromptItem(SHORT, seed=11)], max_new_tokens=16, temperature=1.0
+        )
         again = await client.generate(items, max_new_tokens=16, temperature=1.0)
     assert batch[1].token_ids == alone[0].token_ids  # independent of the rest of the batch
     assert [g.token_ids for g in batch] == [g.token_ids for g in again]  # reproducible
@@ -55,7 +63,9 @@ async def test_sampling_uses_row_seeds(tiny_loader: LoaderProc) -> None:
 
 async def test_generate_logprobs(tiny_loader: LoaderProc) -> None:
     async with LoaderClient(tiny_loader.address) as client:
-        (g,) = await client.generate([PromptItem(CHAT)], max_new_tokens=4, logprobs=True, top_logprobs=3)
+        (g,) = await client.generate(
+            [PromptItem(CHAT)], max_new_tokens=4, logprobs=True, top_logprobs=3
+        )
     assert len(g.logprobs) == 4
     for step, token in zip(g.logprobs, g.token_ids, strict=True):
         assert step["token_id"] == token
@@ -69,8 +79,12 @@ async def test_capture_shapes_and_streaming(tiny_loader: LoaderProc) -> None:
     items = [PromptItem(CHAT, response="Blue and seven.") for _ in range(5)]
     async with LoaderClient(tiny_loader.address) as client:
         all_layers = await client.capture(items, position="response[:]", chunk_items=2)
-        picked = await client.capture(items, position="prompt[-1]", layers=[-1, 1], reduction="last")
-        tokens = await client.capture(items[:2], position="response[:3]", layers=[2], reduction="none")
+        picked = await client.capture(
+            items, position="prompt[-1]", layers=[-1, 1], reduction="last"
+        )
+        tokens = await client.capture(
+            items[:2], position="response[:3]", layers=[2], reduction="none"
+        )
     assert all_layers.layers == [0, 1, 2, 3]
     assert all_layers.stacked().shape == (5, 4, 64)
     assert picked.layers == [1, 3] and picked.stacked().shape == (5, 2, 64)
@@ -83,9 +97,12 @@ async def test_capture_shapes_and_streaming(tiny_loader: LoaderProc) -> None:
 async def test_score_and_next_token(tiny_loader: LoaderProc) -> None:
     async with LoaderClient(tiny_loader.address) as client:
         scores = await client.score(
-            [ScoreItem("The sky is", [" blue", " green today"]), ScoreItem(SHORT, ["Hello"])], token_logprobs=True
+            [ScoreItem("The sky is", [" blue", " green today"]), ScoreItem(SHORT, ["Hello"])],
+            token_logprobs=True,
         )
-        nxt = await client.next_token([PromptItem(CHAT), PromptItem(SHORT)], top_k=5, token_ids=[65, 66])
+        nxt = await client.next_token(
+            [PromptItem(CHAT), PromptItem(SHORT)], top_k=5, token_ids=[65, 66]
+        )
     assert [len(s) for s in scores] == [2, 1]
     first = scores[0][0]
     assert first.num_tokens == 5 and first.num_chars == 5 and len(first.token_logprobs) == 5
@@ -111,7 +128,11 @@ async def test_next_token_strings(tiny_loader: LoaderProc) -> None:
 
 
 def test_metrics_endpoint(tiny_loader: LoaderProc) -> None:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{tiny_loader.metrics_port}/metrics", timeout=10).read().decode()
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{tiny_loader.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
     for name in (
         "qsens_loader_requests_total",
         "qsens_loader_request_seconds_bucket",
@@ -133,5 +154,7 @@ async def test_row_steering_vectors_by_reference(tiny_loader: LoaderProc) -> Non
         by_ref = await client.next_token(
             [PromptItem(CHAT, steering=[Steer([1], 3.0, vector_ref=0)])], vectors=[vec], top_k=5
         )
-        inline = await client.next_token([PromptItem(CHAT, steering=[Steer([1], 3.0, vector=vec)])], top_k=5)
+        inline = await client.next_token(
+            [PromptItem(CHAT, steering=[Steer([1], 3.0, vector=vec)])], top_k=5
+        )
     assert by_ref[0].top == inline[0].top

@@ -27,8 +27,10 @@ async def test_smollm2_bf16_answers(smollm2_bf16: LoaderProc) -> None:
 def test_smollm2_openai_endpoint(smollm2_bf16: LoaderProc) -> None:
     client = openai.OpenAI(base_url=smollm2_bf16.http_base, api_key="unused", max_retries=0)
     reply = client.chat.completions.create(
-        model="smollm2-135m@bf16", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=20, temperature=0,
+        model="smollm2-135m@bf16",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20,
+        temperature=0,
     )
     assert "Paris" in (reply.choices[0].message.content or "")
 

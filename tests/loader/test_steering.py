@@ -26,7 +26,9 @@ def unembedding() -> np.ndarray:
     return model.get_output_embeddings().weight.detach().numpy().astype(np.float32)
 
 
-async def test_add_moves_target_logit_both_ways(tiny_loader: LoaderProc, unembedding: np.ndarray) -> None:
+async def test_add_moves_target_logit_both_ways(
+    tiny_loader: LoaderProc, unembedding: np.ndarray
+) -> None:
     target = 40
     direction = unembedding[target] - unembedding.mean(axis=0)
     direction /= np.linalg.norm(direction)
@@ -45,9 +47,20 @@ async def test_add_moves_target_logit_both_ways(tiny_loader: LoaderProc, unembed
 
 async def test_coefficient_zero_is_exactly_identity(tiny_loader: LoaderProc) -> None:
     vec = np.random.default_rng(1).standard_normal(64).astype(np.float32)
-    items = [PromptItem(CHAT, response="Waves."), PromptItem(Chat.of([("user", "Hi")]), response="Yo")]
-    steered = [PromptItem(i.prompt, i.response, steering=[Steer([0, 1, 2, 3], 0.0, vector=vec)]) for i in items]
-    ablate0 = [PromptItem(i.prompt, i.response, steering=[Steer([0, 1, 2, 3], 0.0, vector=vec, mode="ablate")]) for i in items]
+    items = [
+        PromptItem(CHAT, response="Waves."),
+        PromptItem(Chat.of([("user", "Hi")]), response="Yo"),
+    ]
+    steered = [
+        PromptItem(i.prompt, i.response, steering=[Steer([0, 1, 2, 3], 0.0, vector=vec)])
+        for i in items
+    ]
+    ablate0 = [
+        PromptItem(
+            i.prompt, i.response, steering=[Steer([0, 1, 2, 3], 0.0, vector=vec, mode="ablate")]
+        )
+        for i in items
+    ]
     async with LoaderClient(tiny_loader.address) as client:
         base = await client.capture(items, position="all", reduction="none")
         zero = await client.capture(steered, position="all", reduction="none")
@@ -66,12 +79,16 @@ async def test_steering_changes_generation(tiny_loader: LoaderProc) -> None:
     vec = np.random.default_rng(2).standard_normal(64).astype(np.float32)
     async with LoaderClient(tiny_loader.address) as client:
         base, steered = await client.generate(
-            [PromptItem(CHAT), PromptItem(CHAT, steering=[Steer([1], 8.0, vector=vec, positions="response")])],
+            [
+                PromptItem(CHAT),
+                PromptItem(CHAT, steering=[Steer([1], 8.0, vector=vec, positions="response")]),
+            ],
             max_new_tokens=10,
         )
         # Response-only steering does not touch the prompt: the first token is unchanged.
         prompt_only = await client.capture(
-            [PromptItem(CHAT, steering=[Steer([1], 8.0, vector=vec, positions="response")])], position="prompt[:]"
+            [PromptItem(CHAT, steering=[Steer([1], 8.0, vector=vec, positions="response")])],
+            position="prompt[:]",
         )
         plain = await client.capture([PromptItem(CHAT)], position="prompt[:]")
     assert base.token_ids != steered.token_ids
@@ -81,12 +98,22 @@ async def test_steering_changes_generation(tiny_loader: LoaderProc) -> None:
 async def test_ablation_leaves_no_component(tiny_loader: LoaderProc) -> None:
     rng = np.random.default_rng(3)
     async with LoaderClient(tiny_loader.address) as client:
-        plain = await client.capture([PromptItem(CHAT, response="Deep blue.")], position="all", reduction="none")
+        plain = await client.capture(
+            [PromptItem(CHAT, response="Deep blue.")], position="all", reduction="none"
+        )
         # Ablate the direction the model actually uses most at layer 2.
-        direction = plain.activations[0][2].mean(axis=0) + 0.1 * rng.standard_normal(64).astype(np.float32)
+        direction = plain.activations[0][2].mean(axis=0) + 0.1 * rng.standard_normal(64).astype(
+            np.float32
+        )
         unit = direction / np.linalg.norm(direction)
         ablated = await client.capture(
-            [PromptItem(CHAT, response="Deep blue.", steering=[Steer([0, 1, 2, 3], 1.0, vector=direction, mode="ablate")])],
+            [
+                PromptItem(
+                    CHAT,
+                    response="Deep blue.",
+                    steering=[Steer([0, 1, 2, 3], 1.0, vector=direction, mode="ablate")],
+                )
+            ],
             position="all",
             reduction="none",
         )
@@ -102,17 +129,24 @@ async def test_ablation_leaves_no_component(tiny_loader: LoaderProc) -> None:
 async def test_per_row_settings_equal_separate_calls(tiny_loader: LoaderProc) -> None:
     vec = np.random.default_rng(4).standard_normal(64).astype(np.float32)
     settings_grid = [(layer, coef) for layer in (0, 2, 3) for coef in (-4.0, 0.0, 2.0, 6.0)]
-    rows = [PromptItem(CHAT, steering=[Steer([layer], coef, vector_ref=0)]) for layer, coef in settings_grid]
+    rows = [
+        PromptItem(CHAT, steering=[Steer([layer], coef, vector_ref=0)])
+        for layer, coef in settings_grid
+    ]
     async with LoaderClient(tiny_loader.address) as client:
         one_pass = await client.next_token(rows, vectors=[vec], top_k=10)
         gen_pass = await client.generate(rows, vectors=[vec], max_new_tokens=6)
         for k, (layer, coef) in enumerate(settings_grid):
-            (single,) = await client.next_token([PromptItem(CHAT)], steering=[Steer([layer], coef, vector=vec)], top_k=10)
+            (single,) = await client.next_token(
+                [PromptItem(CHAT)], steering=[Steer([layer], coef, vector=vec)], top_k=10
+            )
             assert [t for t, _, _ in single.top] == [t for t, _, _ in one_pass[k].top]
             np.testing.assert_allclose(
                 [lp for _, _, lp in single.top], [lp for _, _, lp in one_pass[k].top], atol=1e-4
             )
-            (g,) = await client.generate([PromptItem(CHAT)], steering=[Steer([layer], coef, vector=vec)], max_new_tokens=6)
+            (g,) = await client.generate(
+                [PromptItem(CHAT)], steering=[Steer([layer], coef, vector=vec)], max_new_tokens=6
+            )
             assert g.token_ids == gen_pass[k].token_ids
 
 
@@ -124,15 +158,21 @@ def test_hooks_removed_when_forward_fails() -> None:
 
     engine = build_runtime("tiny:llama", "fp32", device="cpu").engine
     ids = engine.encode_prompt(engine_chat(), "x")
-    baseline = next(engine.capture([EngineItem(ids)], [3], parse_position("all"), "mean"))[0].activations
+    baseline = next(engine.capture([EngineItem(ids)], [3], parse_position("all"), "mean"))[
+        0
+    ].activations
     spec = SteerSpec((0, 1, 2, 3), torch.ones(64), 5.0, "ablate")
-    boom = engine.layers[2].mlp.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    boom = engine.layers[2].mlp.register_forward_hook(
+        lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    )
     with pytest.raises(RuntimeError, match="boom"):
         next(engine.capture([EngineItem(ids, steering=[spec])], [3], parse_position("all"), "mean"))
     boom.remove()
     for module in engine.model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
-    after = next(engine.capture([EngineItem(ids)], [3], parse_position("all"), "mean"))[0].activations
+    after = next(engine.capture([EngineItem(ids)], [3], parse_position("all"), "mean"))[
+        0
+    ].activations
     assert torch.equal(baseline, after)
 
 
@@ -140,3 +180,27 @@ def engine_chat():  # type: ignore[no-untyped-def]
     from services.loader.engine import ChatPrompt
 
     return ChatPrompt((("user", "hooks"),))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_static_and_dynamic_caches_generate_the_same(temperature: float) -> None:
+    from services.loader.engine import ChatPrompt, EngineItem, GenParams
+    from services.loader.server import build_runtime
+    from services.loader.steering import SteerSpec
+
+    engine = build_runtime("tiny:llama", "fp32", device="cpu").engine
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    items = [
+        EngineItem(engine.encode_prompt(ChatPrompt((("user", q),)), "x"), steering=steer)
+        for q, steer in [
+            ("Hello", []),
+            ("A longer question here?", [SteerSpec((1,), vec, 3.0)]),
+            ("Mm", []),
+        ]
+    ]
+    params = GenParams(max_new_tokens=12, temperature=temperature, stop=("zz",))
+    out = {}
+    for mode in ("dynamic", "static"):
+        engine.cache_mode = mode
+        out[mode] = [(g.token_ids, g.text, g.finish_reason) for g in engine.generate(items, params)]
+    assert out["dynamic"] == out["static"]

@@ -1,0 +1,200 @@
+"""Loader benchmark: capture vs plain forward, steered vs unsteered generation, and a steering
+sweep as one per-row-steered batch vs one generate call per setting. Prints JSON.
+
+Every comparison runs the two sides on the same batch, in the same process, one after the
+other (warm-up first, median of repeats), so the ratios are side by side.
+
+    python bench/bench_loader.py --model smollm2-135m --precision bf16 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from services.loader.engine import ChatPrompt, EngineItem, GenParams  # noqa: E402
+from services.loader.positions import parse_position  # noqa: E402
+from services.loader.server import build_runtime  # noqa: E402
+from services.loader.steering import SteerSpec  # noqa: E402
+
+QUESTIONS = [
+    "What is your favourite way to spend a rainy afternoon?",
+    "How should I apologise to a friend I upset?",
+    "Explain why the sky is blue.",
+    "Give me advice for a job interview tomorrow.",
+    "What do you think about people who are rude to waiters?",
+    "How can I become better at chess?",
+    "Describe the perfect breakfast.",
+    "What would you do with a million dollars?",
+    "Is it ever okay to lie?",
+    "Tell me about the ocean at night.",
+    "How do vaccines work?",
+    "What makes a good leader?",
+    "Write a short note to a neighbour about noise.",
+    "What is the best way to learn a language?",
+    "Why do cats purr?",
+    "How should I handle a coworker who takes credit for my work?",
+    "Describe a city you would like to visit.",
+    "What are the benefits of exercise?",
+    "How do I start a vegetable garden?",
+    "What is the meaning of friendship?",
+]
+RESPONSE = "I think it depends on the situation, but generally I would say that patience and kindness help a lot."
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Any, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    runtime = build_runtime(args.model, args.precision, device=args.device)
+    engine = runtime.engine
+    device = engine.device
+    prompts = [
+        engine.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in QUESTIONS[: args.prompts]
+    ]
+    response = engine.encode_text(RESPONSE)
+    result: dict[str, Any] = {
+        "variant": runtime.variant,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "prompts": len(prompts),
+    }
+
+    # 1. Capture (all layers, response[:] mean) vs a plain forward of the same padded batch.
+    cap_items = [EngineItem(p, response) for p in prompts] * args.capture_copies
+    tokens = sum(it.length for it in cap_items)
+    all_layers = list(range(engine.num_layers))
+    position = parse_position("response[:]")
+
+    def capture() -> None:
+        for _ in engine.capture(
+            cap_items, all_layers, position, "mean", chunk_items=len(cap_items)
+        ):
+            pass
+
+    padded = engine._pad(
+        [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items], "left"
+    )
+
+    def plain_forward() -> None:
+        with torch.inference_mode():
+            engine.model(
+                input_ids=padded.input_ids,
+                attention_mask=padded.attention_mask,
+                position_ids=padded.position_ids,
+                use_cache=False,
+            )
+
+    t_cap = _time(capture, device, args.repeats)
+    t_fwd = _time(plain_forward, device, args.repeats)
+    result["capture"] = {
+        "rows": len(cap_items),
+        "tokens": tokens,
+        "capture_tokens_per_s": tokens / t_cap,
+        "forward_tokens_per_s": tokens / t_fwd,
+        "ratio_capture_over_forward": t_fwd / t_cap,
+        "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM with logits",
+    }
+
+    # 2. Steered vs unsteered generation (equal work: end-of-turn ignored).
+    params = GenParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    vec = torch.randn(engine.hidden_size, generator=torch.Generator().manual_seed(0))
+    vec = vec / vec.norm()
+    mid = engine.num_layers // 2
+    plain_items = [EngineItem(p) for p in prompts]
+    steered_items = [EngineItem(p, steering=[SteerSpec((mid,), vec, 4.0)]) for p in prompts]
+    t_plain = _time(lambda: engine.generate(plain_items, params), device, args.repeats)
+    t_steer = _time(lambda: engine.generate(steered_items, params), device, args.repeats)
+    result["steered_generation"] = {
+        "rows": len(prompts),
+        "new_tokens": args.new_tokens,
+        "unsteered_s": t_plain,
+        "steered_s": t_steer,
+        "ratio_steered_throughput": t_plain / t_steer,
+    }
+
+    # 3. Sweep: layers x coefficients x prompts as one per-row batch vs one call per setting.
+    layers = [
+        round(i * (engine.num_layers - 1) / (args.sweep_layers - 1))
+        for i in range(args.sweep_layers)
+    ]
+    coefs = [c for c in (-8.0, -4.0, 2.0, 4.0, 8.0)][: args.sweep_coefs]
+    settings = [(layer, coef) for layer in layers for coef in coefs]
+    sweep_items = [
+        EngineItem(p, steering=[SteerSpec((layer,), vec, coef)])
+        for layer, coef in settings
+        for p in prompts
+    ]
+
+    def one_batch() -> None:
+        engine.generate(sweep_items, params)
+
+    def per_setting() -> None:
+        for layer, coef in settings:
+            engine.generate(
+                [EngineItem(p, steering=[SteerSpec((layer,), vec, coef)]) for p in prompts], params
+            )
+
+    t_batch = _time(one_batch, device, 1)
+    t_loop = _time(per_setting, device, 1)
+    result["sweep"] = {
+        "layers": len(layers),
+        "coefficients": len(coefs),
+        "prompts": len(prompts),
+        "rows": len(sweep_items),
+        "new_tokens": args.new_tokens,
+        "one_batch_s": t_batch,
+        "per_setting_calls_s": t_loop,
+        "speedup": t_loop / t_batch,
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--sweep-layers", type=int, default=11)
+    parser.add_argument("--sweep-coefs", type=int, default=5)
+    parser.add_argument("--capture-copies", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(run(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
