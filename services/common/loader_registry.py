@@ -1,0 +1,170 @@
+"""Loader discovery: loaders announce ``variant -> address`` in a KV bucket that forgets them.
+
+The bucket ``<namespace>-loaders`` has a max age of ``loader_ttl_s``; an announcing loader
+re-puts its entry every third of that, so an entry outlives its loader by at most one TTL and
+a crashed loader disappears without anyone cleaning up. Keys are ``<variant token>.<instance>``
+(one entry per loader process, so replicas of a variant coexist) and ``find`` picks one of the
+live entries at random. A variant with no live loader is ``Unavailable``: workers nak the job
+and retry it later instead of failing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import socket
+import time
+import uuid
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
+
+from services.common import settings as settings_mod
+from services.common.errors import Unavailable
+from services.common.logging import get_logger
+from services.common.natsconn import PlaneNames, connection, ensure_kv, kv_values
+from services.common.settings import NatsSettings
+from services.common.variants import Variant
+
+__all__ = ["Announcement", "LoaderEntry", "LoaderRegistry", "announce_forever", "variant_token"]
+
+log = get_logger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def variant_token(variant: str | Variant) -> str:
+    """A single KV-key token for a variant: ``smollm2-135m@nf4`` -> ``smollm2-135m=40nf4``."""
+    canonical = str(variant if isinstance(variant, Variant) else Variant.parse(variant))
+    # '.' separates subject tokens and '@' is not a key character: escape both reversibly.
+    return _UNSAFE.sub(lambda m: f"={ord(m.group()):02x}", canonical)
+
+
+class LoaderEntry(BaseModel):
+    """One announced loader."""
+
+    variant: str = Field(description="Canonical variant, model@precision.")
+    address: str = Field(description="host:port of its gRPC server.")
+    instance: str = Field(description="Unique id of the loader process.")
+    host: str = Field(description="Hostname of the loader.")
+    pid: int = Field(description="Process id of the loader.")
+    announced_at: float = Field(description="Unix time of the latest heartbeat.")
+    metadata: dict[str, str] = Field(default_factory=dict, description="e.g. http address.")
+
+
+class Announcement:
+    """A live announcement; ``stop()`` ends the heartbeat and withdraws the entry."""
+
+    def __init__(self, kv: KeyValue, key: str, entry: LoaderEntry, every_s: float) -> None:
+        self.kv = kv
+        self.key = key
+        self.entry = entry
+        self._task = asyncio.create_task(self._beat(every_s), name=f"announce-{key}")
+
+    async def _beat(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            entry = self.entry.model_copy(update={"announced_at": time.time()})
+            try:
+                await self.kv.put(self.key, entry.model_dump_json().encode())
+            except Exception as err:  # NATS down: the next beat tries again
+                log.warning("loader heartbeat failed", extra={"key": self.key, "error": repr(err)})
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        with contextlib.suppress(Exception):
+            await self.kv.delete(self.key)
+
+
+class LoaderRegistry:
+    """Announce and find loaders in one namespace."""
+
+    def __init__(self, kv: KeyValue, settings: NatsSettings) -> None:
+        self.kv = kv
+        self.settings = settings
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, settings: NatsSettings | None = None
+    ) -> LoaderRegistry:
+        """Open (creating if needed) the loaders bucket with its TTL."""
+        cfg = settings or settings_mod.get(NatsSettings)
+        kv = await ensure_kv(
+            js,
+            PlaneNames(cfg.namespace).loaders_bucket,
+            ttl_s=cfg.loader_ttl_s,
+            replicas=cfg.replicas,
+            description="qsens loaders: variant -> address",
+        )
+        return cls(kv, cfg)
+
+    async def announce(
+        self,
+        variant: str | Variant,
+        address: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        instance: str | None = None,
+    ) -> Announcement:
+        """Publish ``variant -> address`` now and keep it alive until ``stop()``."""
+        token = variant_token(variant)
+        inst = instance or uuid.uuid4().hex[:12]
+        entry = LoaderEntry(
+            variant=str(variant if isinstance(variant, Variant) else Variant.parse(variant)),
+            address=address,
+            instance=inst,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            announced_at=time.time(),
+            metadata=dict(metadata or {}),
+        )
+        key = f"{token}.{inst}"
+        await self.kv.put(key, entry.model_dump_json().encode())
+        return Announcement(self.kv, key, entry, max(0.2, self.settings.loader_ttl_s / 3))
+
+    async def entries(self, variant: str | Variant) -> list[LoaderEntry]:
+        """Live loaders of ``variant``."""
+        found: list[LoaderEntry] = []
+        for value in await kv_values(self.kv, f"{variant_token(variant)}.*"):
+            with contextlib.suppress(ValueError):
+                found.append(LoaderEntry.model_validate_json(value))
+        return found
+
+    async def find(self, variant: str | Variant) -> str:
+        """Address of a live loader for ``variant``; Unavailable naming the variant if none."""
+        try:
+            live = await self.entries(variant)
+        except nats.js.errors.Error as err:
+            raise Unavailable(
+                f"loader registry unreachable while looking for {variant}: {err}"
+            ) from err
+        if not live:
+            raise Unavailable(
+                f"no loader for variant {variant} is announced "
+                f"(start one with `qsens serve loader ... --announce`)"
+            )
+        return random.choice(live).address
+
+
+async def announce_forever(
+    variant: str | Variant,
+    address: str,
+    *,
+    metadata: dict[str, str] | None = None,
+    settings: NatsSettings | None = None,
+) -> None:
+    """Connect, announce, and keep the announcement alive until cancelled (then withdraw it)."""
+    async with connection(settings, name=f"qsens-loader-{variant}") as nc:
+        registry = await LoaderRegistry.open(nc.jetstream(), settings)
+        announcement = await registry.announce(variant, address, metadata=metadata)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await announcement.stop()

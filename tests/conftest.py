@@ -1,0 +1,101 @@
+"""Shared fixtures: a real NATS (JetStream) and a real SeaweedFS S3 server for the session.
+
+Servers start on free loopback ports in temporary folders the first time a test asks for
+them (``nats_server``, ``s3_server``). Tests do not share job-plane state: ``nats_env`` gives
+each test its own namespace (subjects, streams and KV buckets), and run ids keep S3 keys
+apart in the one bucket. The env fixtures set ``QSENS_*`` variables (inherited by worker
+subprocesses) and reset the cached settings before and after the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from services.common import localstack
+from services.common import settings as settings_mod
+
+pytest_plugins = ["tests.fixtures_loader"]
+
+# Job-plane timings short enough for tests; each can be overridden with monkeypatch.setenv
+# followed by settings.reset().
+FAST_PLANE = {
+    "QSENS_NATS_ACK_WAIT_S": "2",
+    "QSENS_NATS_MAX_DELIVER": "3",
+    "QSENS_NATS_RETRY_BACKOFF_S": "0.1",
+    "QSENS_NATS_RETRY_BACKOFF_MAX_S": "0.5",
+    "QSENS_NATS_UNAVAILABLE_DELAY_S": "0.2",
+    "QSENS_NATS_FETCH_WAIT_S": "1",
+    "QSENS_NATS_LOADER_TTL_S": "2",
+}
+
+
+@dataclass
+class PlaneEnv:
+    """What a test got: its namespace and every variable that was set."""
+
+    namespace: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.NatsServer]:
+    """A nats-server with JetStream and a generated user; ``.url``, ``.user``, ``.password``."""
+    server = localstack.start_nats(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop(timeout_s=5)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.S3Server]:
+    """A SeaweedFS S3 server; ``.endpoint``, ``.access_key``, ``.secret_key``, ``.bucket``."""
+    server = localstack.start_seaweedfs(tmp_path_factory.mktemp("s3"), bucket="qsens-test")
+    yield server
+    # weed can take 15 s to exit on SIGINT; the data is thrown away, so do not wait for it.
+    server.stop(timeout_s=1)
+
+
+def _apply(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings_mod.reset()
+
+
+@pytest.fixture
+def nats_env(
+    nats_server: localstack.NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PlaneEnv]:
+    """QSENS_NATS_* for the session server, with a namespace of this test's own."""
+    namespace = "t" + uuid.uuid4().hex[:12]
+    env = {**nats_server.env(), "QSENS_NATS_NAMESPACE": namespace}
+    _apply(monkeypatch, env)
+    yield PlaneEnv(namespace, env)
+    settings_mod.reset()
+
+
+@pytest.fixture
+def s3_env(s3_server: localstack.S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[PlaneEnv]:
+    """QSENS_S3_* for the session server (one bucket; keep runs apart by run id)."""
+    env = s3_server.env()
+    _apply(monkeypatch, env)
+    yield PlaneEnv("", env)
+    settings_mod.reset()
+
+
+@pytest.fixture
+def plane_env(
+    nats_env: PlaneEnv, s3_env: PlaneEnv, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PlaneEnv]:
+    """NATS + S3 + short job-plane timings (``FAST_PLANE``): everything a worker needs."""
+    _apply(monkeypatch, FAST_PLANE)
+    yield PlaneEnv(nats_env.namespace, {**nats_env.env, **s3_env.env, **FAST_PLANE})
+    settings_mod.reset()
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A fresh run id (keeps S3 keys of different tests apart)."""
+    return "run-" + uuid.uuid4().hex[:12]
