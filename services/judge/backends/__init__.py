@@ -1,0 +1,1 @@
+"""Judge backends: ``openai`` (any OpenAI-compatible endpoint) and ``embedding`` (offline)."""
