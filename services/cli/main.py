@@ -13,9 +13,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from services.cli import serve
+    from services.cli import judge_cmd, serve, stack
 
     app.add_typer(serve.app, name="serve")
+    app.add_typer(stack.app)  # top level: qsens up / down / env / status-stack
+    app.add_typer(judge_cmd.app, name="judge")
 
 
 def main() -> None:

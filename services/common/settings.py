@@ -152,7 +152,11 @@ class LoaderSettings(BaseSettings):
     max_batch_tokens: int = Field(
         262144, ge=64, description="Padded tokens per forward pass before a batch is split."
     )
-    max_batch_size: int = Field(512, ge=1, description="Most rows per forward pass.")
+    max_batch_size: int = Field(
+        4096,
+        ge=1,
+        description="Most rows per forward pass; max_batch_tokens and OOM halving bound memory.",
+    )
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
     )

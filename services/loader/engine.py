@@ -414,11 +414,14 @@ class Engine:
         padded = self._pad(
             [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in batch], side
         )
-        select = torch.zeros_like(padded.prompt_mask)
+        # Built on the host and copied once: per-row slice assignments on a GPU tensor would
+        # each be a kernel launch.
+        select_host = torch.zeros(padded.prompt_mask.shape, dtype=torch.bool)
         for b, item in enumerate(batch):
             start, end = position.span(len(item.prompt_ids), len(item.response_ids))
             off = padded.offsets[b]
-            select[b, off + start : off + end] = True
+            select_host[b, off + start : off + end] = True
+        select = select_host.to(self.device)
         sink = CaptureSink(frozenset(layers), reduction, select, stop_after=layers[-1])
         state = ForwardState(
             padded.prompt_mask,
@@ -436,8 +439,8 @@ class Engine:
                 )
             except StopForward:
                 pass
-        self._count(len(batch), int(padded.attention_mask.sum()))
-        counts = select.sum(dim=1).tolist()
+        self._count(len(batch), sum(it.length for it in batch))
+        counts = select_host.sum(dim=1).tolist()
         out: list[CaptureResult] = []
         if reduction == "none":
             per_layer = [
@@ -512,7 +515,7 @@ class Engine:
                 position_ids=padded.position_ids,
                 use_cache=False,
             ).last_hidden_state
-        self._count(len(batch), int(padded.attention_mask.sum()))
+        self._count(len(batch), sum(it.length for it in batch))
         last = torch.tensor(
             [padded.offsets[b] + batch[b].length - 1 for b in range(len(batch))], device=self.device
         )
@@ -633,7 +636,10 @@ class Engine:
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state
-        self._count(len(batch), int(ctx.attention_mask.sum()) + int(cont_mask.sum()))
+        self._count(
+            len(batch),
+            sum(len(it.context_ids) for it in batch) + sum(len(c) for c in conts),
+        )
         # Position j of a continuation predicts its token j+1; token 0 comes from the context.
         sel_rows, sel_cols, targets = [], [], []
         for n, c in enumerate(conts):
@@ -759,7 +765,7 @@ class Engine:
         length = width
         next_pos = padded.position_ids[:, -1] + 1
         stop_window = max((len(s) for s in params.stop), default=0) + 8
-        tokens_in = int(padded.attention_mask.sum())
+        tokens_in = sum(len(it.prompt_ids) for it in batch)
         with install_hooks(self.layers, state):
             out = self.model(
                 input_ids=padded.input_ids,

@@ -92,15 +92,23 @@ class CaptureSink:
 
     def __post_init__(self) -> None:
         counts = self.select.sum(dim=1)
-        self._weights = (self.select.float() / counts.clamp(min=1).unsqueeze(1)).unsqueeze(-1)
+        # [B, 1, T] averaging weights: one batched matmul per layer reduces the span.
+        self._weights = (self.select.float() / counts.clamp(min=1).unsqueeze(1)).unsqueeze(1)
+        self._weights_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         positions = torch.arange(self.select.shape[1], device=self.select.device)
         self._last = torch.where(self.select, positions, -1).max(dim=1).values.clamp(min=0)
         self._rows = torch.arange(self.select.shape[0], device=self.select.device)
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
         if self.reduction == "mean":
-            # Accumulate in float32: bf16 sums over hundreds of tokens drift.
-            self.out[layer] = (hidden.float() * self._weights).sum(dim=1)
+            if hidden.dtype == torch.float32:
+                self.out[layer] = torch.bmm(self._weights, hidden).squeeze(1)
+            else:
+                # Half-precision matmuls accumulate in float32; only the result is rounded.
+                w = self._weights_by_dtype.get(hidden.dtype)
+                if w is None:
+                    w = self._weights_by_dtype.setdefault(hidden.dtype, self._weights.to(hidden.dtype))
+                self.out[layer] = torch.bmm(w, hidden).squeeze(1).float()
         elif self.reduction == "last":
             self.out[layer] = hidden[self._rows, self._last].float()
         else:
