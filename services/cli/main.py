@@ -13,11 +13,12 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from services.cli import judge_cmd, serve, stack
+    from services.cli import judge_cmd, serve, stack, worker
 
     app.add_typer(serve.app, name="serve")
     app.add_typer(stack.app)  # top level: qsens up / down / env / status-stack
     app.add_typer(judge_cmd.app, name="judge")
+    app.add_typer(worker.app, name="worker")
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+"""Where every artefact of a run lives in the bucket, and the shared summary schemas.
+
+Keys are ``runs/<run_id>/<variant>/<stage>/<methodology>/<trait>/...`` (see docs/ARTEFACTS.md);
+every key goes through ``run_key`` so a part can never climb out of its run. Producers and
+consumers (extractor, steerer, analyzer) build keys only through these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.store import run_key
+
+__all__ = [
+    "ExtractSummary",
+    "VettingSummary",
+    "analysis_key",
+    "baseline_key",
+    "benchmark_key",
+    "extract_key",
+    "logit_diff_key",
+    "probe_key",
+    "steer_key",
+    "trait_parts",
+]
+
+VectorMode = Literal["native", "replay"]
+
+
+def trait_parts(trait: str) -> tuple[str, str]:
+    """``pv/evil`` -> (``pv``, ``evil``)."""
+    methodology, sep, name = trait.partition("/")
+    if not sep or not methodology or not name or "/" in name:
+        raise ValueError(f"trait names look like <methodology>/<name>, got {trait!r}")
+    return methodology, name
+
+
+def extract_key(run_id: str, variant: str, trait: str, mode: VectorMode, *leaf: str) -> str:
+    """``.../<variant>/extract/<m>/<t>/<mode>/<leaf>``: responses.jsonl, vetting.json,
+    activations.safetensors, vectors/<method>.safetensors, summary.json."""
+    return run_key(run_id, variant, "extract", *trait_parts(trait), mode, *leaf)
+
+
+def baseline_key(run_id: str, variant: str, trait: str, *leaf: str) -> str:
+    """Unsteered answers of a variant to a trait's steering questions, with judge scores."""
+    return run_key(run_id, variant, "baseline", *trait_parts(trait), *leaf)
+
+
+def steer_key(
+    run_id: str,
+    target: str,
+    trait: str,
+    source: str,
+    method: str,
+    vector_mode: VectorMode,
+    mode: Literal["add", "ablate"],
+    direction: Literal["+", "-"],
+    *leaf: str,
+) -> str:
+    """``.../<target>/steer/<m>/<t>/<source>/<method>-<vector_mode>/<mode><direction>/<leaf>``."""
+    sign = "pos" if direction == "+" else "neg"
+    return run_key(
+        run_id,
+        target,
+        "steer",
+        *trait_parts(trait),
+        source,
+        f"{method}-{vector_mode}",
+        f"{mode}-{sign}",
+        *leaf,
+    )
+
+
+def logit_diff_key(
+    run_id: str,
+    variant: str,
+    trait: str,
+    source: str,
+    method: str,
+    vector_mode: VectorMode,
+    *leaf: str,
+) -> str:
+    return run_key(
+        run_id, variant, "logit_diff", *trait_parts(trait), source, f"{method}-{vector_mode}", *leaf
+    )
+
+
+def benchmark_key(run_id: str, variant: str, name: str, *leaf: str) -> str:
+    return run_key(run_id, variant, "benchmark", name, *leaf)
+
+
+def probe_key(run_id: str, variant: str, name: str, *leaf: str) -> str:
+    return run_key(run_id, variant, "probe", name, *leaf)
+
+
+def analysis_key(run_id: str, *leaf: str) -> str:
+    return run_key(run_id, "analysis", *leaf)
+
+
+class VettingSummary(BaseModel):
+    """What vetting kept and dropped (pv traits with a judge)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool
+    judge_backend: str = ""
+    judge_model: str = ""
+    rubric_hash: str = ""
+    positive_min: float = 50.0
+    negative_max: float = 50.0
+    kept_pos: int = 0
+    kept_neg: int = 0
+    dropped_pos: int = 0
+    dropped_neg: int = 0
+    unscorable: int = 0
+    refusal_rate_pos: float = 0.0
+    refusal_rate_neg: float = 0.0
+    mean_score_pos: float | None = None
+    mean_score_neg: float | None = None
+
+
+class ExtractSummary(BaseModel):
+    """``summary.json`` of one extraction (variant x trait x mode)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    variant: str
+    model: str
+    precision: str
+    trait: str
+    methodology: str
+    mode: VectorMode
+    replay_from: str | None = None
+    position: str
+    layers: list[int]
+    methods: list[str]
+    n_train_pos: int
+    n_train_neg: int
+    n_val_pos: int
+    n_val_neg: int
+    activation_norm: list[float] = Field(
+        description="Mean L2 norm of the captured activations per layer."
+    )
+    vector_keys: dict[str, str] = Field(description="method -> safetensors key")
+    activations_key: str | None = None
+    responses_key: str | None = None
+    vetting: VettingSummary
+    auroc: dict[str, list[float | None]] = Field(default_factory=dict)
+    norms: dict[str, list[float]] = Field(default_factory=dict)
+    loader: dict[str, Any] = Field(
+        default_factory=dict, description="Loader Info at extraction time."
+    )
+    generation: dict[str, Any] = Field(default_factory=dict)
+    dataset_fingerprint: str = ""
+    seconds: float = 0.0

@@ -1,0 +1,339 @@
+"""The experiment spec: one YAML file describing the whole study matrix.
+
+Validated by pydantic with unknown keys forbidden; ``load_spec`` turns any validation error into
+``InvalidArgument`` whose field is the dotted path of the offending key
+(``steering.search.steps``). The spec's hash keys the run; the planner turns it into jobs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.common.errors import InvalidArgument
+from services.common.hashing import stable_hash
+from services.common.variants import Precision
+
+__all__ = [
+    "BenchmarkSpec",
+    "ExperimentSpec",
+    "ExtractionSpec",
+    "JudgeSpec",
+    "LogitDiffSpec",
+    "ModelSpec",
+    "ProbeSpec",
+    "SearchSpec",
+    "SteeringSpec",
+    "TraitRef",
+    "load_spec",
+    "parse_spec",
+]
+
+METHODS = ("mean_diff", "probe", "pca")
+DEFAULT_POSITIONS = {"pv": "response[:]", "caa": "prompt[-1]", "arditi": "prompt[-1]"}
+_POSITION = re.compile(
+    r"^(all|prompt\[-1\]|prompt\[:\]|response\[:\]|response\[:\d+\]|response\[-1\])$"
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model of the study."""
+
+    name: str = Field(description="Short name used in variant ids, e.g. smollm2-135m.")
+    source: str = Field(description="Hub id, folder, .gguf file, smollm2-135m or tiny:llama.")
+    family: str = Field("", description="Model family for the robustness ranking (llama, qwen...).")
+    size_b: float = Field(0.0, ge=0, description="Parameters in billions (for the size ranking).")
+    backend: str | None = Field(None, description="Force a backend (default: the precision's).")
+    device: str = Field("auto", description="Device for its loaders.")
+    precisions: list[Precision] | None = Field(
+        None, description="Precisions for this model only (default: the spec's)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+
+class TraitRef(_Strict):
+    """A trait: a built-in name (``pv/evil``) or ``<methodology>:<path>`` with a name."""
+
+    ref: str = Field(description="Built-in name or methodology:path.")
+    name: str | None = Field(None, description="Override the trait name used in keys.")
+    position: str | None = Field(None, description="Override the methodology's default position.")
+
+    @field_validator("position")
+    @classmethod
+    def _position(cls, value: str | None) -> str | None:
+        if value is not None and not _POSITION.match(value.replace(" ", "")):
+            raise ValueError(
+                "bad position; expected prompt[-1], prompt[:], response[:], response[:k], response[-1] or all"
+            )
+        return value
+
+    @property
+    def methodology(self) -> str:
+        head = self.ref.split(":", 1)[0] if ":" in self.ref else self.ref.split("/", 1)[0]
+        return head
+
+
+class JudgeSpec(_Strict):
+    """Which judge scores trait expression and coherence."""
+
+    backend: Literal["embedding", "openai"] = Field("embedding", description="Judge backend.")
+    model: str = Field("gpt-4.1-mini", description="Judge model (openai backend).")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (None: OpenAI).")
+    coherence_threshold: float = Field(70.0, ge=0, le=100, description="Minimum mean coherence.")
+
+
+class VettingSpec(_Strict):
+    """Drop contrast responses that do not show the intended behaviour (pv)."""
+
+    enabled: bool = Field(True, description="Vet generated responses with the judge.")
+    positive_min: float = Field(
+        50.0, ge=0, le=100, description="Keep positives scoring at least this."
+    )
+    negative_max: float = Field(
+        50.0, ge=0, le=100, description="Keep negatives scoring at most this."
+    )
+    min_keep: int = Field(4, ge=1, description="Fail the job if fewer pairs survive per class.")
+
+
+class ExtractionSpec(_Strict):
+    """How contrast sets are built, generated, vetted and captured."""
+
+    n_train: int | None = Field(None, ge=1, description="Training items per class (None: all).")
+    n_val: int = Field(8, ge=0, description="Held-out items per class for AUROC.")
+    rollouts: int = Field(1, ge=1, le=20, description="Responses per pv question and instruction.")
+    max_new_tokens: int = Field(64, ge=1, le=2048, description="Tokens per generated response.")
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature for responses.")
+    seed: int = Field(0, description="Split and sampling seed.")
+    replay: Literal["off", "on", "both"] = Field(
+        "on",
+        description="Controlled extraction: non-reference variants replay the reference's responses "
+        "(on), generate their own (off), or both.",
+    )
+    vetting: VettingSpec = Field(default_factory=VettingSpec)
+    store_activations: bool = Field(
+        True, description="Keep captured activations (analysis needs them)."
+    )
+
+
+class SearchSpec(_Strict):
+    """Adaptive coefficient search per layer, then a fine sweep around the best."""
+
+    init_fraction: float = Field(
+        0.5, gt=0, description="First ||coef*v|| as a fraction of the typical activation norm."
+    )
+    steps: int = Field(4, ge=1, le=50, description="Coarse steps per layer.")
+    scale_up: float = Field(
+        1.6, gt=1, description="Multiply the coefficient while coherence holds."
+    )
+    scale_down: float = Field(0.6, gt=0, lt=1, description="Multiply when coherence breaks.")
+    fine_points: int = Field(6, ge=0, le=64, description="Coefficients in the fine sweep.")
+    fine_width: float = Field(0.3, ge=0, le=1, description="Fine sweep spans best*(1 +- width).")
+    budget: Literal["adaptive", "equal"] = Field(
+        "equal", description="equal: every cell spends exactly budget_runs settings."
+    )
+    budget_runs: int | None = Field(None, ge=1, description="Runs per cell in equal mode.")
+
+
+class SteeringSpec(_Strict):
+    """Steering evaluation."""
+
+    enabled: bool = Field(True, description="Run steering jobs.")
+    traits: list[str] | None = Field(None, description="Trait names to steer (default: all).")
+    methods: list[Literal["mean_diff", "probe", "pca"]] | None = Field(
+        None, description="Vector methods to steer with (default: the first method)."
+    )
+    layers: list[int] | None = Field(None, description="Candidate layers (default: evenly spaced).")
+    n_layers: int = Field(
+        6, ge=1, le=128, description="Evenly spaced candidate layers if none given."
+    )
+    layer_range: tuple[float, float] = Field((0.2, 0.8), description="Depth range for candidates.")
+    questions: int | None = Field(10, ge=1, description="Steering questions per trait (None: all).")
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="Tokens per steered answer.")
+    directions: list[Literal["+", "-"]] = Field(["+"], description="Steer towards (+) or away (-).")
+    cross_precision: bool = Field(
+        True, description="Also steer each variant with reference vectors."
+    )
+    ablation: bool = Field(
+        True, description="Directional ablation at all layers for refusal traits."
+    )
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    bootstrap: int = Field(1000, ge=100, le=100000, description="Bootstrap resamples for CIs.")
+    seed: int = Field(0, description="Sampling and bootstrap seed.")
+
+
+class LogitDiffSpec(_Strict):
+    """CAA A/B logit difference under steering."""
+
+    enabled: bool = Field(True, description="Run logit-difference jobs for caa traits.")
+    coefficients: list[float] = Field(
+        [-2.0, -1.0, 0.0, 1.0, 2.0], description="Multiples of the typical-norm unit coefficient."
+    )
+    layer_fraction: float = Field(0.5, ge=0, le=1, description="Layer (as depth) to steer at.")
+    limit: int | None = Field(50, ge=1, description="A/B items (None: all).")
+
+
+class BenchmarkSpec(_Strict):
+    """One capability benchmark."""
+
+    name: str = Field(description="Label in results (e.g. mmlu_ab).")
+    format: Literal["hellaswag", "mmlu", "truthfulqa_mc", "arc", "caa_ab"] = Field(
+        description="File format reader."
+    )
+    path: str = Field(description="Local path of the data file.")
+    limit: int | None = Field(None, ge=1, description="Deterministic subset size.")
+    seed: int = Field(0, description="Subset seed.")
+
+
+class ProbeSpec(_Strict):
+    """Safety probes on harmful prompts."""
+
+    enabled: bool = Field(True, description="Run safety probes.")
+    harmful: str = Field("arditi/refusal", description="Trait whose harmful prompts to use.")
+    limit: int = Field(32, ge=1, description="Harmful prompts.")
+    max_new_tokens: int = Field(32, ge=1, le=512, description="Tokens per generated answer.")
+
+
+class AnalysisSpec(_Strict):
+    """Analyzer settings."""
+
+    layer_range: tuple[float, float] = Field((0.2, 0.8), description="Depth range for mean cosine.")
+    refusal_depth: float = Field(0.65, ge=0, le=1, description="Depth of the refusal direction.")
+
+
+class ExperimentSpec(_Strict):
+    """The whole study."""
+
+    name: str = Field(description="Run name prefix.")
+    description: str = Field("", description="Free text for the report.")
+    models: list[ModelSpec] = Field(min_length=1, description="Models of the study.")
+    precisions: list[Precision] = Field(min_length=1, description="Precisions of every model.")
+    reference: Precision = Field(Precision.BF16, description="Reference precision for comparisons.")
+    traits: list[TraitRef] = Field(min_length=1, description="Traits to extract.")
+    methods: list[Literal["mean_diff", "probe", "pca"]] = Field(
+        ["mean_diff", "probe"], min_length=1, description="Extraction methods."
+    )
+    layers: list[int] | None = Field(None, description="Layers to capture (None: all).")
+    extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    steering: SteeringSpec = Field(default_factory=SteeringSpec)
+    logit_diff: LogitDiffSpec = Field(default_factory=LogitDiffSpec)
+    benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
+    probes: ProbeSpec = Field(default_factory=ProbeSpec)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+
+    @field_validator("traits", mode="before")
+    @classmethod
+    def _traits(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"ref": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSpec:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("models: model names must be unique")
+        for m in self.models:
+            if self.reference not in self.precisions_for(m):
+                raise ValueError(
+                    f"reference: {self.reference.value} is not among the precisions of {m.name}"
+                )
+        trait_names = [self.trait_name(t) for t in self.traits]
+        if len(set(trait_names)) != len(trait_names):
+            raise ValueError("traits: trait names must be unique")
+        if self.steering.traits:
+            for t in self.steering.traits:
+                if t not in trait_names:
+                    raise ValueError(
+                        f"steering.traits: unknown trait {t!r} (spec has {trait_names})"
+                    )
+        if self.steering.methods:
+            for method in self.steering.methods:
+                if method not in self.methods:
+                    raise ValueError(
+                        f"steering.methods: {method} is not extracted (methods: {self.methods})"
+                    )
+        return self
+
+    def precisions_for(self, model: ModelSpec) -> list[Precision]:
+        return list(model.precisions or self.precisions)
+
+    @staticmethod
+    def trait_name(trait: TraitRef) -> str:
+        if trait.name:
+            return trait.name
+        if ":" in trait.ref:
+            method, path = trait.ref.split(":", 1)
+            return f"{method}/{Path(path).stem if Path(path).suffix else Path(path).name}"
+        return trait.ref
+
+    def position_for(self, trait: TraitRef) -> str:
+        return (trait.position or DEFAULT_POSITIONS.get(trait.methodology, "prompt[-1]")).replace(
+            " ", ""
+        )
+
+    def fingerprint(self) -> str:
+        return stable_hash(self.model_dump(mode="json"), 12)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "spec"
+
+
+def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
+    """Validate a parsed spec; InvalidArgument names the first bad key."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(source, "the spec must be a mapping")
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = _loc(tuple(p for p in first["loc"] if p not in ("function-after",)))
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        if ": " in message and loc == "spec":
+            loc, message = message.split(": ", 1)
+        raise InvalidArgument(loc, message) from None
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a YAML spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise InvalidArgument("spec", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument("spec", f"{p} is not valid YAML: {exc}") from None
+    return parse_spec(data, str(p))
