@@ -2,7 +2,7 @@
 
 The commands are registered at the top level of ``qsens`` (``app.add_typer(stack.app)``).
 Which loaders and workers a spec needs is decided elsewhere: ``set_children_hook`` installs a
-``children_for_spec(spec_path) -> list[ChildSpec]``; without one, ``up`` starts the servers only.
+``children_for_spec(spec_path, home) -> list[ChildSpec]``; without one, ``up`` starts the servers only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from services.common.settings import CommonSettings, S3Settings
 
 __all__ = ["ChildrenHook", "app", "set_children_hook"]
 
-ChildrenHook = Callable[[Path], list[ChildSpec]]
+ChildrenHook = Callable[[Path, Path], list[ChildSpec]]
 
 app = typer.Typer(help="The local stack: NATS + S3 on loopback, plus loaders and workers.")
 
@@ -75,7 +75,7 @@ def up(
             typer.echo("note: no loaders/workers are wired for specs yet; starting servers only")
         else:
             try:
-                children = _children_hook(spec)
+                children = _children_hook(spec, folder.resolve())
             except QsensError as err:
                 raise _fail(err) from err
     try:

@@ -185,3 +185,23 @@ async def kv_values(kv: KeyValue, pattern: str) -> list[bytes]:
     finally:
         await watcher.stop()
     return values
+
+
+_shared: dict[str, Client] = {}
+_shared_lock: asyncio.Lock | None = None
+
+
+async def shared_connection(name: str = "qsens-worker") -> Client:
+    """One long-lived connection per process and name (workers' judge calls, registries).
+
+    Reconnects are handled by the client; a connection that was closed is replaced.
+    """
+    global _shared_lock
+    if _shared_lock is None:
+        _shared_lock = asyncio.Lock()
+    async with _shared_lock:
+        client = _shared.get(name)
+        if client is None or client.is_closed:
+            client = await connect(name=name)
+            _shared[name] = client
+        return client

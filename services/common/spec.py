@@ -211,6 +211,7 @@ class ProbeSpec(_Strict):
 class AnalysisSpec(_Strict):
     """Analyzer settings."""
 
+    enabled: bool = Field(True, description="Run the analyze job at the end of the run.")
     layer_range: tuple[float, float] = Field((0.2, 0.8), description="Depth range for mean cosine.")
     refusal_depth: float = Field(0.65, ge=0, le=1, description="Depth of the refusal direction.")
 

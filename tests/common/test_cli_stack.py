@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 def hook() -> Iterator[list[Path]]:
     seen: list[Path] = []
 
-    def children_for_spec(spec: Path) -> list[ChildSpec]:
+    def children_for_spec(spec: Path, home: Path) -> list[ChildSpec]:
         seen.append(spec)
         code = (
             "from services.common.queue import serve_worker; "

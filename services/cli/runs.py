@@ -1,0 +1,401 @@
+"""``qsens plan | run | status | results | cancel``, and the loaders/workers a spec needs.
+
+``run`` validates the spec, stores it with the plan, submits the DAG and shows progress bars
+until the run ends (or returns at once with ``--detach``). ``children_for_spec`` is the local
+stack's hook: one loader per variant (announced in the registry), the judge service, and one
+worker per service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.common.errors import QsensError
+from services.common.localstack import ChildSpec, free_ports
+from services.common.spec import ExperimentSpec, load_spec
+
+app = typer.Typer(help="Plan, run and inspect studies.")
+console = Console(stderr=True)
+
+__all__ = ["app", "children_for_spec"]
+
+
+def _fail(err: QsensError) -> typer.Exit:
+    console.print(f"[red]error:[/red] {err}")
+    return typer.Exit(2)
+
+
+SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", exists=False)]
+
+
+def _load(spec: Path) -> ExperimentSpec:
+    try:
+        return load_spec(spec)
+    except QsensError as err:
+        raise _fail(err) from err
+
+
+@app.command("plan")
+def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the job graph of SPEC without submitting anything."""
+    from services.common.planner import build_plan, new_run_id
+
+    parsed = _load(spec)
+    built = build_plan(parsed, new_run_id(parsed))
+    if as_json:
+        typer.echo(json.dumps(built.model_dump(mode="json"), indent=2))
+        return
+    names = {job.id: job.name or job.id for job in built.jobs}
+    table = Table(title=f"{len(built.jobs)} jobs (spec {built.spec_hash})")
+    for column in ("#", "kind", "job", "after"):
+        table.add_column(column)
+    for i, job in enumerate(built.topological_order()):
+        after = (
+            ", ".join(names[d] for d in job.deps) if len(job.deps) <= 2 else f"{len(job.deps)} jobs"
+        )
+        table.add_row(str(i), job.kind.value, job.name, after)
+    Console().print(table)
+    counts = Counter(job.kind.value for job in built.jobs)
+    typer.echo("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+async def _submit(parsed: ExperimentSpec, run_id: str | None) -> str:
+    from services.common.dag import submit
+    from services.common.planner import build_plan, new_run_id
+    from services.common.store import AsyncS3Store, run_key
+
+    rid = run_id or new_run_id(parsed)
+    built = build_plan(parsed, rid)
+    store = AsyncS3Store()
+    await store.ensure_bucket()
+    await store.put_json(run_key(rid, "spec.json"), parsed.model_dump(mode="json"))
+    await submit(built, store=store)
+    return rid
+
+
+async def _watch(run_id: str, detach: bool) -> str:
+    from services.common.natsconn import connection
+    from services.common.state import StateStore
+
+    async with connection(name="qsens-cli") as nc:
+        state = await StateStore.open(nc.jetstream())
+        if detach:
+            return (await state.summary(run_id)).status
+        with Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            tasks: dict[str, Any] = {}
+            while True:
+                records = await state.list_jobs(run_id)
+                by_kind: dict[str, list[Any]] = {}
+                for record in records:
+                    by_kind.setdefault(record.job.kind.value, []).append(record)
+                for kind, recs in sorted(by_kind.items()):
+                    done = sum(1 for r in recs if r.state.value == "done")
+                    running = sum(1 for r in recs if r.state.value == "running")
+                    dead = sum(1 for r in recs if r.state.value == "dead")
+                    note = f"running {running}" + (f"  [red]dead {dead}[/red]" if dead else "")
+                    if kind not in tasks:
+                        tasks[kind] = progress.add_task(kind, total=len(recs), note=note)
+                    progress.update(tasks[kind], completed=done, total=len(recs), note=note)
+                summary = await state.summary(run_id)
+                if summary.status != "running":
+                    return summary.status
+                await asyncio.sleep(1.0)
+
+
+@app.command("run")
+def run(
+    spec: SpecArg,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: name-time-hash).")] = None,
+    detach: Annotated[bool, typer.Option(help="Submit and return at once.")] = False,
+) -> None:
+    """Submit SPEC as a run and show progress until it ends."""
+    parsed = _load(spec)
+    try:
+        rid = asyncio.run(_submit(parsed, run_id))
+        console.print(f"run [bold]{rid}[/bold] submitted")
+        typer.echo(rid)
+        status = asyncio.run(_watch(rid, detach))
+    except QsensError as err:
+        raise _fail(err) from err
+    if detach:
+        return
+    console.print(f"run {rid}: {status}")
+    if status != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Progress of RUN: counts per state and every job."""
+
+    async def fetch() -> tuple[Any, list[Any]]:
+        from services.common.natsconn import connection
+        from services.common.state import StateStore
+
+        async with connection(name="qsens-cli") as nc:
+            state = await StateStore.open(nc.jetstream())
+            return await state.summary(run_id), await state.list_jobs(run_id)
+
+    try:
+        summary, records = asyncio.run(fetch())
+    except QsensError as err:
+        raise _fail(err) from err
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "summary": summary.model_dump(mode="json"),
+                    "jobs": [
+                        {
+                            "name": r.job.name,
+                            "kind": r.job.kind.value,
+                            "state": r.state.value,
+                            "attempts": r.attempts,
+                            "error": r.error,
+                        }
+                        for r in records
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"{run_id}: {summary.status}")
+    for column in ("job", "state", "attempts", "error"):
+        table.add_column(column)
+    for r in sorted(records, key=lambda r: (r.job.kind.value, r.job.name)):
+        table.add_row(r.job.name, r.state.value, str(r.attempts), (r.error or "")[:80])
+    Console().print(table)
+    typer.echo("  ".join(f"{k}: {v}" for k, v in summary.counts.items() if v))
+
+
+@app.command("cancel")
+def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
+    """Cancel RUN: queued jobs are skipped, running ones finish."""
+
+    async def go() -> None:
+        from services.common.dag import cancel_run
+        from services.common.natsconn import connection
+        from services.common.state import StateStore
+
+        async with connection(name="qsens-cli") as nc:
+            await cancel_run(run_id, state=await StateStore.open(nc.jetstream()))
+
+    try:
+        asyncio.run(go())
+    except QsensError as err:
+        raise _fail(err) from err
+    console.print(f"run {run_id} cancelled")
+
+
+def _cosine(a: Any, b: Any) -> float:
+    import numpy as np
+
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+async def collect_results(run_id: str) -> dict[str, Any]:
+    """Job outcomes, extraction summaries and per-layer cosine to the reference (from S3)."""
+    from services.common.natsconn import connection
+    from services.common.state import StateStore
+    from services.common.store import AsyncS3Store, run_key, run_prefix
+    from services.extractor.methods import VectorSet
+
+    store = AsyncS3Store()
+    async with connection(name="qsens-cli") as nc:
+        state = await StateStore.open(nc.jetstream())
+        summary = await state.summary(run_id)
+        records = await state.list_jobs(run_id)
+    spec = ExperimentSpec.model_validate(await store.get_json(run_key(run_id, "spec.json")))
+    extractions: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for key in await store.list_keys(run_prefix(run_id)):
+        if key.endswith("/summary.json") and "/extract/" in key:
+            doc = await store.get_json(key)
+            extractions[(doc["variant"], doc["trait"], doc["mode"])] = doc
+    cosines: list[dict[str, Any]] = []
+    for model in spec.models:
+        reference = f"{model.name}@{spec.reference.value}"
+        for (variant, trait, mode), doc in sorted(extractions.items()):
+            ref_doc = extractions.get((reference, trait, "native"))
+            if variant == reference or ref_doc is None:
+                continue
+            for method, vkey in doc["vector_keys"].items():
+                if method not in ref_doc["vector_keys"]:
+                    continue
+                mine = VectorSet.from_safetensors(await store.get_bytes(vkey))
+                ref = VectorSet.from_safetensors(
+                    await store.get_bytes(ref_doc["vector_keys"][method])
+                )
+                per_layer = [
+                    _cosine(mine.vector(layer), ref.vector(layer)) for layer in mine.layers
+                ]
+                cosines.append(
+                    {
+                        "variant": variant,
+                        "reference": reference,
+                        "trait": trait,
+                        "mode": mode,
+                        "method": method,
+                        "layers": list(mine.layers),
+                        "cosine": per_layer,
+                    }
+                )
+    return {
+        "run_id": run_id,
+        "summary": summary.model_dump(mode="json"),
+        "jobs": [
+            {
+                "name": r.job.name,
+                "kind": r.job.kind.value,
+                "state": r.state.value,
+                "result": r.result,
+                "error": r.error,
+            }
+            for r in records
+        ],
+        "extractions": [extractions[k] for k in sorted(extractions)],
+        "cosine_to_reference": cosines,
+    }
+
+
+def cosine_table(results: dict[str, Any], columns: int = 10) -> Table:
+    """Per-layer cosine to the reference, sampled at ``columns`` evenly spaced layers."""
+    rows = results["cosine_to_reference"]
+    table = Table(title="cosine similarity to the reference, per layer")
+    if not rows:
+        table.add_column("no vectors yet")
+        return table
+    layers = rows[0]["layers"]
+    picks = sorted(
+        {layers[round(i * (len(layers) - 1) / max(1, columns - 1))] for i in range(columns)}
+    )
+    for column in ("trait", "method", "variant", *[f"L{layer}" for layer in picks]):
+        table.add_column(column, justify="right" if column.startswith("L") else "left")
+    for row in rows:
+        values = dict(zip(row["layers"], row["cosine"], strict=True))
+        cells = [f"{values[layer]:.3f}" if layer in values else "" for layer in picks]
+        label = row["variant"] + (" (replay)" if row["mode"] == "replay" else "")
+        table.add_row(row["trait"], row["method"], label, *cells)
+    return table
+
+
+@app.command("results")
+def results(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Results of RUN: job outcomes, extraction summaries, cosine to the reference."""
+    try:
+        data = asyncio.run(collect_results(run_id))
+    except QsensError as err:
+        raise _fail(err) from err
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    Console().print(cosine_table(data))
+
+
+def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
+    """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
+    from services.common.planner import variants_of
+
+    spec = load_spec(spec_path)
+    variants = variants_of(spec)
+    ready = home / "ready"
+    ready.mkdir(parents=True, exist_ok=True)
+    for stale in ready.glob("*.json"):
+        stale.unlink()
+    python = [sys.executable, "-m", "services.cli.main"]
+    ports = free_ports(len(variants))
+    children: list[ChildSpec] = []
+    reference_port = None
+    for variant, port in zip(variants, ports, strict=True):
+        if variant.precision == spec.reference and reference_port is None:
+            reference_port = port
+        argv = [
+            *python,
+            "serve",
+            "loader",
+            "--model",
+            variant.model.source,
+            "--precision",
+            variant.precision.value,
+            "--name",
+            variant.model.name,
+            "--device",
+            variant.model.device,
+            "--port",
+            str(port),
+            "--http-port",
+            "0",
+            "--announce",
+            "--ready-file",
+            str(ready / f"loader-{variant.id}.json"),
+        ]
+        if variant.model.backend:
+            argv += ["--backend", variant.model.backend]
+        children.append(
+            ChildSpec(
+                name=f"loader-{variant.id}",
+                argv=argv,
+                ready_file=str(ready / f"loader-{variant.id}.json"),
+                ready_timeout_s=900.0,
+                stop_timeout_s=40.0,
+            )
+        )
+    judge = [
+        *python,
+        "judge",
+        "serve",
+        "--backend",
+        spec.judge.backend,
+        "--ready-file",
+        str(ready / "judge.json"),
+    ]
+    if spec.judge.backend == "openai":
+        judge += ["--model", spec.judge.model]
+        if spec.judge.base_url:
+            judge += ["--base-url", spec.judge.base_url]
+    elif reference_port is not None:
+        judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
+    children.append(
+        ChildSpec(
+            name="judge", argv=judge, ready_file=str(ready / "judge.json"), ready_timeout_s=300.0
+        )
+    )
+    for service in ("extractor", "steerer", "analyzer"):
+        children.append(
+            ChildSpec(name=f"worker-{service}", argv=[*python, "worker", "run", service])
+        )
+    return children
+
+
+def wait_ready(paths: list[Path], timeout_s: float = 900.0) -> None:
+    """Block until every path exists."""
+    deadline = time.monotonic() + timeout_s
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not ready: {[str(p) for p in paths if not p.exists()]}")
+        time.sleep(0.5)

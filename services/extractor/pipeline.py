@@ -1,0 +1,387 @@
+"""One extraction: contrast set -> responses (generated or replayed) -> vetting -> capture ->
+vectors for every layer and method -> artefacts in S3.
+
+The extractor never loads weights: generation and activations come from the variant's loader
+over gRPC, judgements from the judge service. ``summary.json`` is written last, so its presence
+means the extraction is complete; a redelivered job that finds it returns at once, and every
+other object is write-once, so a crash at any point loses and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.artefacts import ExtractSummary, VettingSummary, extract_key
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.hashing import stable_hash
+from services.common.logging import get_logger
+from services.common.store import AsyncS3Store
+from services.common.tensor_codec import save_safetensors
+from services.extractor.datasets import (
+    ContrastExample,
+    TraitDataset,
+    build_contrast_set,
+    check_methodology,
+    load_trait,
+)
+from services.extractor.methods import compute_vectors
+from services.loader.client import Chat, LoaderClient, PromptItem
+
+__all__ = ["ExtractParams", "JudgeLike", "run_extraction"]
+
+log = get_logger(__name__)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TraitParams(_Params):
+    ref: str
+    name: str
+    methodology: str
+
+
+class VettingParams(_Params):
+    enabled: bool = True
+    positive_min: float = 50.0
+    negative_max: float = 50.0
+    min_keep: int = 4
+
+
+class ExtractionParams(_Params):
+    n_train: int | None = None
+    n_val: int = 8
+    rollouts: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+    vetting: VettingParams = Field(default_factory=VettingParams)
+    store_activations: bool = True
+
+
+class ExtractParams(_Params):
+    """The params of an ``extract`` job (built by the planner)."""
+
+    variant: str
+    precision: str = ""
+    trait: TraitParams
+    mode: str = "native"
+    replay_from: str | None = None
+    position: str
+    layers: list[int] | None = None
+    methods: list[str] = Field(default_factory=lambda: ["mean_diff", "probe"])
+    extraction: ExtractionParams = Field(default_factory=ExtractionParams)
+    judge: dict[str, Any] = Field(default_factory=dict)
+
+
+# (pairs, eval_prompt, positive exemplars, negative exemplars, trait name) -> judge results
+JudgeLike = Callable[[Sequence[tuple[str, str]], TraitDataset, str], Awaitable[list[Any]]]
+
+
+@dataclass
+class _Row:
+    example: ContrastExample
+    split: str
+    response: str | None = None
+    score: float | None = None
+    status: str | None = None
+    reason: str | None = None
+    kept: bool = True
+
+    @property
+    def key(self) -> str:
+        ex = self.example
+        return f"{self.split}|{ex.pair_id}|{ex.label}|{stable_hash(ex.message_dicts(), 10)}"
+
+    def to_json(self) -> dict[str, Any]:
+        ex = self.example
+        return {
+            "key": self.key,
+            "split": self.split,
+            "pair_id": ex.pair_id,
+            "label": ex.label,
+            "question": ex.question,
+            "messages": ex.message_dicts(),
+            "continue_final_message": ex.continue_final_message,
+            "response": self.response,
+            "judge": None
+            if self.status is None
+            else {"score": self.score, "status": self.status, "reason": self.reason},
+            "kept": self.kept,
+        }
+
+
+def _prompt(example: ContrastExample) -> Chat:
+    return Chat.of(example.message_dicts(), continue_final=example.continue_final_message)
+
+
+def _row_seed(seed: int, key: str) -> int:
+    return int(stable_hash([seed, key], 15), 16)
+
+
+async def _generate(rows: list[_Row], loader: LoaderClient, p: ExtractionParams) -> None:
+    items = [PromptItem(_prompt(r.example), seed=_row_seed(p.seed, r.key)) for r in rows]
+    outputs = await loader.generate(
+        items, max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=p.seed
+    )
+    for row, out in zip(rows, outputs, strict=True):
+        row.response = out.text
+
+
+async def _replay(rows: list[_Row], store: AsyncS3Store, key: str) -> None:
+    """Take the reference's responses (and its vetting decisions) byte for byte."""
+    try:
+        reference = {r["key"]: r for r in await store.get_jsonl(key)}
+    except NotFound:
+        raise FailedPrecondition(f"replay: the reference responses {key} do not exist") from None
+    for row in rows:
+        ref = reference.get(row.key)
+        if ref is None:
+            raise FailedPrecondition(f"replay: {key} has no response for {row.key}")
+        row.response = ref["response"]
+        row.kept = bool(ref["kept"])
+        judge = ref.get("judge")
+        if judge:
+            row.score, row.status, row.reason = (
+                judge.get("score"),
+                judge.get("status"),
+                judge.get("reason"),
+            )
+
+
+async def _vet(
+    rows: list[_Row], dataset: TraitDataset, vetting: VettingParams, judge: JudgeLike
+) -> VettingSummary:
+    results = await judge(
+        [(r.example.question, r.response or "") for r in rows], dataset, dataset.name
+    )
+    summary = VettingSummary(
+        enabled=True, positive_min=vetting.positive_min, negative_max=vetting.negative_max
+    )
+    scores = {1: [], 0: []}  # type: dict[int, list[float]]
+    refusals = {1: 0, 0: 0}
+    for row, res in zip(rows, results, strict=True):
+        row.status = str(getattr(res.status, "value", res.status))
+        row.score = res.score
+        row.reason = None if res.reason is None else str(getattr(res.reason, "value", res.reason))
+        summary.judge_backend, summary.judge_model, summary.rubric_hash = (
+            res.backend,
+            res.model,
+            res.rubric_hash,
+        )
+        label = row.example.label
+        if row.status == "refusal":
+            refusals[label] += 1
+            row.kept = label == 0  # a refusal shows no trait: fine as a negative only
+        elif row.status == "scored" and row.score is not None:
+            scores[label].append(row.score)
+            row.kept = (
+                row.score >= vetting.positive_min
+                if label == 1
+                else row.score <= vetting.negative_max
+            )
+        else:
+            summary.unscorable += 1
+            row.kept = False
+        if label == 1:
+            summary.kept_pos += int(row.kept)
+            summary.dropped_pos += int(not row.kept)
+        else:
+            summary.kept_neg += int(row.kept)
+            summary.dropped_neg += int(not row.kept)
+    n_pos = sum(1 for r in rows if r.example.label == 1)
+    n_neg = len(rows) - n_pos
+    summary.refusal_rate_pos = refusals[1] / max(1, n_pos)
+    summary.refusal_rate_neg = refusals[0] / max(1, n_neg)
+    summary.mean_score_pos = float(np.mean(scores[1])) if scores[1] else None
+    summary.mean_score_neg = float(np.mean(scores[0])) if scores[0] else None
+    return summary
+
+
+async def run_extraction(
+    run_id: str,
+    params: ExtractParams,
+    *,
+    store: AsyncS3Store,
+    loader: LoaderClient,
+    judge: JudgeLike | None,
+) -> dict[str, Any]:
+    """Run one extraction job; returns a small summary for the job record."""
+    started = time.perf_counter()
+    trait = params.trait.name
+    mode = "replay" if params.mode == "replay" else "native"
+
+    def key(*leaf: str) -> str:
+        return extract_key(run_id, params.variant, trait, mode, *leaf)  # type: ignore[arg-type]
+
+    if await store.exists(key("summary.json")):
+        done = await store.get_json(key("summary.json"))
+        return {
+            "variant": params.variant,
+            "trait": trait,
+            "mode": mode,
+            "already_done": True,
+            "n_train_pos": done.get("n_train_pos"),
+        }
+    dataset = load_trait(params.trait.ref)
+    info = await loader.info()
+    if info.variant != params.variant:
+        raise FailedPrecondition(
+            f"loader at {loader.address} serves {info.variant}, not {params.variant}"
+        )
+    check_methodology(
+        dataset, info.supports_system_role, info.supports_chat_template, model=params.variant
+    )
+    p = params.extraction
+    splits = dataset.split(p.seed, p.n_train, p.n_val)
+    rows = [
+        _Row(ex, "train") for ex in build_contrast_set(dataset, splits.train, rollouts=p.rollouts)
+    ]
+    rows += [_Row(ex, "val") for ex in build_contrast_set(dataset, splits.val, rollouts=p.rollouts)]
+    needs_response = any(r.example.generate for r in rows) or params.position.startswith("response")
+    vetting = VettingSummary(enabled=False)
+    if needs_response:
+        if mode == "replay":
+            if not params.replay_from:
+                raise InvalidArgument("params.replay_from", "replay mode needs a reference variant")
+            await _replay(
+                rows,
+                store,
+                extract_key(run_id, params.replay_from, trait, "native", "responses.jsonl"),
+            )
+            vetting = VettingSummary.model_validate(
+                await store.get_json(
+                    extract_key(run_id, params.replay_from, trait, "native", "vetting.json")
+                )
+            )
+        else:
+            await _generate(rows, loader, p)
+            if p.vetting.enabled and judge is not None:
+                vetting = await _vet(rows, dataset, p.vetting, judge)
+                vetting.positive_min, vetting.negative_max = (
+                    p.vetting.positive_min,
+                    p.vetting.negative_max,
+                )
+    kept = [r for r in rows if r.kept]
+    for split in ("train", "val"):
+        for label in (1, 0):
+            have = sum(1 for r in kept if r.split == split and r.example.label == label)
+            need = p.vetting.min_keep if split == "train" else (1 if p.n_val else 0)
+            if have < need:
+                raise FailedPrecondition(
+                    f"{trait} on {params.variant}: only {have} {split} {'positive' if label else 'negative'} "
+                    f"examples survived vetting (need {need}); relax extraction.vetting or add rollouts"
+                )
+    await store.put_jsonl(key("responses.jsonl"), [r.to_json() for r in rows])
+    await store.put_json(key("vetting.json"), vetting.model_dump(mode="json"))
+    capture = await loader.capture(
+        [PromptItem(_prompt(r.example), response=r.response) for r in kept],
+        position=params.position,
+        layers=params.layers,
+        reduction="mean",
+    )
+    acts = capture.stacked().astype(np.float32)  # [N, L, H]
+    layers = list(capture.layers)
+    groups: dict[str, tuple[np.ndarray, list[str]]] = {}
+    for split in ("train", "val"):
+        for label, name in ((1, "pos"), (0, "neg")):
+            idx = [i for i, r in enumerate(kept) if r.split == split and r.example.label == label]
+            groups[f"{split}_{name}"] = (acts[idx], [kept[i].example.pair_id for i in idx])
+    activation_norm = np.linalg.norm(acts, axis=-1).mean(axis=0).astype(float).tolist()
+    meta = {"variant": params.variant, "trait": trait, "mode": mode, "position": params.position}
+    vectors = await asyncio.to_thread(
+        compute_vectors,
+        groups["train_pos"][0],
+        groups["train_neg"][0],
+        groups["val_pos"][0] if len(groups["val_pos"][0]) else None,
+        groups["val_neg"][0] if len(groups["val_neg"][0]) else None,
+        methods=params.methods,
+        pos_ids=groups["train_pos"][1],
+        neg_ids=groups["train_neg"][1],
+        seed=p.seed,
+        layers=layers,
+        meta=meta,
+    )
+    activations_key = None
+    if p.store_activations:
+        activations_key = key("activations.safetensors")
+        blob = save_safetensors(
+            {name: arr for name, (arr, _ids) in groups.items()},
+            {
+                "layers": layers,
+                "position": params.position,
+                "pair_ids": {n: ids for n, (_a, ids) in groups.items()},
+            },
+        )
+        await store.put_bytes(activations_key, blob, content_type="application/octet-stream")
+    vector_keys: dict[str, str] = {}
+    for method, vs in vectors.items():
+        vector_keys[method] = key("vectors", f"{method}.safetensors")
+        await store.put_bytes(
+            vector_keys[method], vs.to_safetensors(), content_type="application/octet-stream"
+        )
+    summary = ExtractSummary(
+        run_id=run_id,
+        variant=params.variant,
+        model=info.model,
+        precision=info.precision,
+        trait=trait,
+        methodology=dataset.methodology,
+        mode=mode,  # type: ignore[arg-type]
+        replay_from=params.replay_from if mode == "replay" else None,
+        position=params.position,
+        layers=layers,
+        methods=list(vectors),
+        n_train_pos=len(groups["train_pos"][1]),
+        n_train_neg=len(groups["train_neg"][1]),
+        n_val_pos=len(groups["val_pos"][1]),
+        n_val_neg=len(groups["val_neg"][1]),
+        activation_norm=activation_norm,
+        vector_keys=vector_keys,
+        activations_key=activations_key,
+        responses_key=key("responses.jsonl"),
+        vetting=vetting,
+        auroc={
+            m: [None if not np.isfinite(x) else float(x) for x in vs.auroc]
+            for m, vs in vectors.items()
+        },
+        norms={m: [float(x) for x in vs.norms] for m, vs in vectors.items()},
+        loader={
+            "variant": info.variant,
+            "backend": info.backend,
+            "dtype": info.dtype,
+            "device": info.device,
+            "parameter_bytes": info.parameter_bytes,
+            "quantization_config": info.quantization_config,
+            "source": info.source,
+            "notes": info.notes,
+        },
+        generation={
+            "max_new_tokens": p.max_new_tokens,
+            "temperature": p.temperature,
+            "seed": p.seed,
+            "rollouts": p.rollouts,
+        },
+        dataset_fingerprint=dataset.fingerprint(),
+        seconds=time.perf_counter() - started,
+    )
+    await store.put_json(key("summary.json"), json.loads(summary.model_dump_json()))
+    mid = len(layers) // 2
+    return {
+        "variant": params.variant,
+        "trait": trait,
+        "mode": mode,
+        "n_train_pos": summary.n_train_pos,
+        "n_train_neg": summary.n_train_neg,
+        "auroc_mid": {m: v[mid] for m, v in summary.auroc.items()},
+        "seconds": round(summary.seconds, 2),
+    }
