@@ -20,12 +20,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from services.loader.engine import ChatPrompt, EngineItem, GenParams  # noqa: E402
-from services.loader.positions import parse_position  # noqa: E402
-from services.loader.server import build_runtime  # noqa: E402
-from services.loader.steering import SteerSpec  # noqa: E402
+from services.loader.engine import ChatPrompt, EngineItem, GenParams
+from services.loader.positions import parse_position
+from services.loader.server import build_runtime
+from services.loader.steering import SteerSpec
 
 QUESTIONS = [
     "What is your favourite way to spend a rainy afternoon?",

@@ -205,7 +205,9 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
             )
     jobs.extend(downstream)
     if not spec.analysis.enabled:
-        return RunPlan(run_id=run_id, spec_hash=spec.fingerprint(), jobs=jobs, description=spec.description)
+        return RunPlan(
+            run_id=run_id, spec_hash=spec.fingerprint(), jobs=jobs, description=spec.description
+        )
     analyze = Job(
         kind=JobKind.ANALYZE,
         run_id=run_id,

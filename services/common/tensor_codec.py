@@ -117,7 +117,9 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, A
     """Serialise numpy arrays with metadata; non-string metadata values are JSON-encoded."""
     from safetensors.numpy import save
 
-    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta = {
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()
+    }
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     return bytes(save(arrays, metadata=meta))
 

@@ -34,7 +34,9 @@ def parse_precision(value: str, field: str = "precision") -> Precision:
         return Precision(value.strip().lower())
     except ValueError:
         allowed = " ".join(p.value for p in Precision)
-        raise InvalidArgument(field, f"unknown precision {value!r} (expected one of: {allowed})") from None
+        raise InvalidArgument(
+            field, f"unknown precision {value!r} (expected one of: {allowed})"
+        ) from None
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -336,7 +336,7 @@ async def run_extraction(
         precision=info.precision,
         trait=trait,
         methodology=dataset.methodology,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         replay_from=params.replay_from if mode == "replay" else None,
         position=params.position,
         layers=layers,

@@ -9,6 +9,7 @@ are computed from the attention mask, so left and right padding give the same nu
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -429,16 +430,13 @@ class Engine:
             self._plan([it.steering for it in batch]),
             sink,
         )
-        with install_hooks(self.layers, state):
-            try:
-                self.base(
-                    input_ids=padded.input_ids,
-                    attention_mask=padded.attention_mask,
-                    position_ids=padded.position_ids,
-                    use_cache=False,
-                )
-            except StopForward:
-                pass
+        with install_hooks(self.layers, state), contextlib.suppress(StopForward):
+            self.base(
+                input_ids=padded.input_ids,
+                attention_mask=padded.attention_mask,
+                position_ids=padded.position_ids,
+                use_cache=False,
+            )
         self._count(len(batch), sum(it.length for it in batch))
         counts = select_host.sum(dim=1).tolist()
         out: list[CaptureResult] = []

@@ -46,7 +46,7 @@ _LAYER_PATHS = (
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
-class StopForward(Exception):  # noqa: N818 - control flow, not an error
+class StopForward(Exception):
     """Raised by a capture hook after the last needed layer to skip the rest of the model."""
 
 
@@ -107,7 +107,9 @@ class CaptureSink:
                 # Half-precision matmuls accumulate in float32; only the result is rounded.
                 w = self._weights_by_dtype.get(hidden.dtype)
                 if w is None:
-                    w = self._weights_by_dtype.setdefault(hidden.dtype, self._weights.to(hidden.dtype))
+                    w = self._weights_by_dtype.setdefault(
+                        hidden.dtype, self._weights.to(hidden.dtype)
+                    )
                 self.out[layer] = torch.bmm(w, hidden).squeeze(1).float()
         elif self.reduction == "last":
             self.out[layer] = hidden[self._rows, self._last].float()

@@ -74,7 +74,7 @@ def _error(
 def _logprobs_payload(result: GenResult, runtime: Any) -> dict[str, Any]:
     content = []
     for step in result.logprobs or []:
-        tid, token, lp = step.chosen
+        _tid, token, lp = step.chosen
         content.append(
             {
                 "token": token,

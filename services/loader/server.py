@@ -373,7 +373,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, ResourceExhausted) or isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, ResourceExhausted | torch.OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, QsensError):
         return grpc.StatusCode.INTERNAL, str(exc)
@@ -434,7 +434,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except grpc.aio.AbortError:
                     raise
-                except BaseException as exc:  # noqa: BLE001 - every failure becomes a status
+                except BaseException as exc:
                     await fail(context, exc)
                 finally:
                     m.inflight.dec()
@@ -461,7 +461,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 except grpc.aio.AbortError:
                     raise
-                except BaseException as exc:  # noqa: BLE001
+                except BaseException as exc:
                     await fail(context, exc)
                 finally:
                     m.inflight.dec()
