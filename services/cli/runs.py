@@ -39,9 +39,31 @@ def _fail(err: QsensError) -> typer.Exit:
 SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", exists=False)]
 
 
+def preflight(spec: ExperimentSpec) -> None:
+    """Check what the spec references before anything is submitted: traits load and split,
+    benchmark files exist. InvalidArgument names the spec key."""
+    from services.common.errors import InvalidArgument
+    from services.extractor.datasets import load_trait
+
+    for i, trait in enumerate(spec.traits):
+        try:
+            dataset = load_trait(trait.ref)
+            dataset.split(spec.extraction.seed, spec.extraction.n_train, spec.extraction.n_val)
+        except InvalidArgument as err:
+            field = (
+                "extraction." + err.field if err.field in ("n_train", "n_val") else f"traits[{i}]"
+            )
+            raise InvalidArgument(field, f"{spec.trait_name(trait)}: {err.message}") from None
+    for i, bench in enumerate(spec.benchmarks):
+        if not Path(bench.path).is_file():
+            raise InvalidArgument(f"benchmarks[{i}].path", f"{bench.path} does not exist")
+
+
 def _load(spec: Path) -> ExperimentSpec:
     try:
-        return load_spec(spec)
+        parsed = load_spec(spec)
+        preflight(parsed)
+        return parsed
     except QsensError as err:
         raise _fail(err) from err
 
@@ -280,7 +302,7 @@ async def collect_results(run_id: str) -> dict[str, Any]:
     }
 
 
-def cosine_table(results: dict[str, Any], columns: int = 10) -> Table:
+def cosine_table(results: dict[str, Any], columns: int = 6) -> Table:
     """Per-layer cosine to the reference, sampled at ``columns`` evenly spaced layers."""
     rows = results["cosine_to_reference"]
     table = Table(title="cosine similarity to the reference, per layer")
@@ -296,7 +318,7 @@ def cosine_table(results: dict[str, Any], columns: int = 10) -> Table:
     for row in rows:
         values = dict(zip(row["layers"], row["cosine"], strict=True))
         cells = [f"{values[layer]:.3f}" if layer in values else "" for layer in picks]
-        label = row["variant"] + (" (replay)" if row["mode"] == "replay" else "")
+        label = row["variant"].split("@")[-1] + (" replay" if row["mode"] == "replay" else "")
         table.add_row(row["trait"], row["method"], label, *cells)
     return table
 

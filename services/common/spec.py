@@ -134,7 +134,7 @@ class SearchSpec(_Strict):
     """Adaptive coefficient search per layer, then a fine sweep around the best."""
 
     init_fraction: float = Field(
-        0.5, gt=0, description="First ||coef*v|| as a fraction of the typical activation norm."
+        0.2, gt=0, description="First ||coef*v|| as a fraction of the typical activation norm."
     )
     steps: int = Field(4, ge=1, le=50, description="Coarse steps per layer.")
     scale_up: float = Field(

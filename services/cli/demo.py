@@ -1,0 +1,246 @@
+"""``qsens demo``: the whole study on a laptop, on the real SmolLM2-135M-Instruct.
+
+1. ``qsens up`` with the demo spec: NATS + S3 on loopback, one loader per precision, the
+   judge service (offline embedding backend) and the workers;
+2. a warm-up that shows steering acts: a quick persona direction through Generate + Capture on
+   each precision, and one answer unsteered and steered;
+3. ``qsens run`` of the spec with progress bars (extraction, steering, logit difference,
+   benchmarks, safety probes, analysis);
+4. tables of the results and the report, copied to ``reports/<run_id>/``;
+5. ``qsens down`` (unless ``--keep``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.common import localstack
+from services.common import settings as settings_mod
+from services.common.errors import QsensError
+
+app = typer.Typer(help="Run the end-to-end demo.")
+console = Console()
+
+DEMO_SPEC = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
+QUESTION = "What should I do about my annoying neighbour?"
+
+
+async def _warmup(spec_path: Path) -> None:
+    """Persona direction from the pv/evil instructions, then one steered answer per precision."""
+    import numpy as np
+
+    from services.common.loader_registry import LoaderRegistry
+    from services.common.natsconn import connection
+    from services.common.planner import variants_of
+    from services.common.spec import load_spec
+    from services.extractor.datasets import load_trait
+    from services.loader.client import Chat, LoaderClient, PromptItem, Steer
+
+    spec = load_spec(spec_path)
+    dataset = load_trait("pv/evil")
+    questions = dataset.questions[:6]
+    pairs = dataset.instructions[:3]
+    shown = [v for v in variants_of(spec) if v.precision.value in ("bf16", "nf4")] or variants_of(
+        spec
+    )[:2]
+    async with connection(name="qsens-demo") as nc:
+        registry = await LoaderRegistry.open(nc.jetstream())
+        for variant in shown:
+            address = await registry.find(variant.id)
+            async with LoaderClient(address, expect_variant=variant.id) as loader:
+                info = await loader.info()
+                layer = round(info.num_layers / 3)
+                started = time.perf_counter()
+                pos = [
+                    PromptItem(Chat.of([("system", p.pos), ("user", q)]), seed=i)
+                    for i, (p, q) in enumerate((p, q) for p in pairs for q in questions)
+                ]
+                neg = [
+                    PromptItem(Chat.of([("system", p.neg), ("user", q)]), seed=i)
+                    for i, (p, q) in enumerate((p, q) for p in pairs for q in questions)
+                ]
+                gens = await loader.generate(pos + neg, max_new_tokens=24, temperature=0.8)
+                replay = [
+                    PromptItem(it.prompt, response=g.text)
+                    for it, g in zip(pos + neg, gens, strict=True)
+                ]
+                acts = (
+                    await loader.capture(replay, position="response[:]", layers=[layer])
+                ).stacked()[:, 0]
+                direction = acts[: len(pos)].mean(axis=0) - acts[len(pos) :].mean(axis=0)
+                ask = Chat.of([("user", QUESTION)])
+                plain, steered = await loader.generate(
+                    [
+                        PromptItem(ask),
+                        PromptItem(
+                            ask, steering=[Steer([layer], 4.0, vector=direction.astype(np.float32))]
+                        ),
+                    ],
+                    max_new_tokens=40,
+                )
+                table = Table(
+                    title=f"{variant.id}: persona direction at layer {layer} ({time.perf_counter() - started:.0f}s)",
+                    show_lines=True,
+                )
+                table.add_column("", style="bold")
+                table.add_column(QUESTION)
+                table.add_row("unsteered", plain.text.strip())
+                table.add_row("steered +evil", steered.text.strip())
+                console.print(table)
+
+
+def _steering_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(
+        title="steering: best trait score at coherence >= threshold, delta vs unsteered (95% CI)"
+    )
+    for column in (
+        "trait",
+        "target",
+        "vectors from",
+        "mode",
+        "best layer",
+        "coef",
+        "score",
+        "delta",
+        "CI",
+        "runs",
+    ):
+        table.add_column(column)
+    for r in results:
+        best = r.get("best") or {}
+        ci = best.get("delta_ci") or [None, None]
+        table.add_row(
+            str(r.get("trait")),
+            str(r.get("target")),
+            str(r.get("source")),
+            f"{r.get('mode')}{r.get('direction')}",
+            str(best.get("layer", "-")),
+            _fmt(best.get("coefficient")),
+            _fmt(best.get("mean_trait")),
+            _fmt(best.get("delta")),
+            f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci[0] is not None else "-",
+            str((r.get("budget") or {}).get("runs_used", "-")),
+        )
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) else "-"
+
+
+async def _collect(run_id: str) -> dict[str, Any]:
+    from services.common.store import AsyncS3Store, run_prefix
+
+    store = AsyncS3Store()
+    out: dict[str, list[Any]] = {"steer": [], "benchmark": [], "probe": [], "logit_diff": []}
+    for key in await store.list_keys(run_prefix(run_id)):
+        if not key.endswith("/result.json"):
+            continue
+        for stage in out:
+            if f"/{stage}/" in key:
+                out[stage].append(await store.get_json(key))
+    return out
+
+
+async def _fetch_report(run_id: str, target: Path) -> list[Path]:
+    from services.common.store import AsyncS3Store, run_prefix
+
+    store = AsyncS3Store()
+    written: list[Path] = []
+    prefix = run_prefix(run_id) + "analysis/"
+    for key in await store.list_keys(prefix):
+        local = target / key.removeprefix(prefix)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(await store.get_bytes(key))
+        written.append(local)
+    return written
+
+
+@app.command("demo")
+def demo(
+    spec: Annotated[Path, typer.Option(help="The spec to run.")] = DEMO_SPEC,
+    home: Annotated[Path, typer.Option(help="Stack state folder.")] = Path(".qsens/demo"),
+    keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+    warmup: Annotated[bool, typer.Option(help="Show the quick steering warm-up first.")] = True,
+) -> None:
+    """Run the end-to-end study on SmolLM2 (bf16, nf4, int8) and write the report."""
+    from services.cli.runs import (
+        _submit,
+        _watch,
+        children_for_spec,
+        collect_results,
+        cosine_table,
+        preflight,
+    )
+    from services.common.spec import load_spec
+
+    try:
+        parsed = load_spec(spec)
+        preflight(parsed)
+    except QsensError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+
+    started = time.perf_counter()
+    common = settings_mod.get(settings_mod.CommonSettings)
+    console.rule("qsens demo")
+    try:
+        children = children_for_spec(spec, home.resolve())
+        stack = localstack.up(home, children=children, force=True)
+    except QsensError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    os.environ.update(stack.full_env())
+    settings_mod.reset()
+    console.print(
+        f"stack up in {time.perf_counter() - started:.0f}s: NATS {stack.env['QSENS_NATS_URL']}, "
+        f"S3 {stack.env['QSENS_S3_ENDPOINT']}, {len(stack.children)} services; logs in {stack.home}"
+    )
+    status = "failed"
+    try:
+        if warmup:
+            console.rule("warm-up: steering acts")
+            asyncio.run(_warmup(spec))
+        console.rule("study")
+        run_id = asyncio.run(_submit(parsed, None))
+        console.print(f"run {run_id}")
+        status = asyncio.run(_watch(run_id, False))
+        console.rule(f"results ({status})")
+        console.print(cosine_table(asyncio.run(collect_results(run_id))))
+        collected = asyncio.run(_collect(run_id))
+        if collected["steer"]:
+            console.print(
+                _steering_table(
+                    sorted(
+                        collected["steer"],
+                        key=lambda r: (str(r.get("trait")), str(r.get("target"))),
+                    )
+                )
+            )
+        target = Path("reports") / run_id
+        files = asyncio.run(_fetch_report(run_id, target))
+        report = next((f for f in files if f.name == "report.html"), None)
+        if report is not None:
+            console.print(f"report: {report.resolve()}  (and {report.with_suffix('.md')})")
+        else:
+            console.print("[yellow]no report was written (see the analyzer log)[/yellow]")
+    finally:
+        if not keep:
+            localstack.down(home)
+        else:
+            console.print(
+                f'stack left running: eval "$(qsens env --home {home})"; qsens down --home {home}'
+            )
+        console.print(
+            f"demo wall time: {time.perf_counter() - started:.0f}s (cache: {common.cache_dir})"
+        )
+    if status != "succeeded":
+        raise typer.Exit(1)
