@@ -74,6 +74,7 @@ from services.common.errors import (
 from services.common.jobs import Job, JobKind, parse_job
 from services.common.loader_registry import LoaderRegistry
 from services.common.logging import configure_logging, get_logger
+from services.common.metrics import start_metrics_server
 from services.common.natsconn import PlaneNames, connection
 from services.common.settings import CommonSettings, NatsSettings
 from services.common.state import JobRecord, JobState, StateStore
@@ -741,6 +742,9 @@ def serve_worker(
     common = settings_mod.get(CommonSettings)
     configure_logging("worker", common.log_level, common.log_format)
     resolved = load_handler(handler) if isinstance(handler, str) else handler
+    if common.metrics_port:
+        bound = start_metrics_server(common.metrics_port, common.metrics_host)
+        log.info("worker metrics on %s:%d", common.metrics_host, bound)
 
     async def main() -> WorkerStats:
         stop = asyncio.Event()

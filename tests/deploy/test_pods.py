@@ -1,0 +1,192 @@
+"""Pod templates: resources, probes, the restricted security profile, GPUs, graceful shutdown,
+and ports that agree with the settings the processes read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.settings import LoaderSettings
+from tests.deploy.manifests import Pod, container_env, is_qsens, of_kind, pods
+
+GPU = "nvidia.com/gpu"
+
+
+def _all_pods(
+    renders: dict[str, list[dict[str, Any]]],
+) -> list[tuple[str, list[dict[str, Any]], Pod]]:
+    return [(name, docs, pod) for name, docs in renders.items() for pod in pods(docs)]
+
+
+def _loaders(docs: list[dict[str, Any]]) -> list[Pod]:
+    return [p for p in pods(docs) if p.labels.get("app.kubernetes.io/component") == "loader"]
+
+
+def test_every_container_has_requests_and_limits(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for name, _, pod in _all_pods(renders):
+        for c in pod.containers():
+            resources = c.get("resources", {})
+            for bound in ("requests", "limits"):
+                for what in ("cpu", "memory"):
+                    assert what in resources.get(bound, {}), (
+                        f"{name}: {pod.name}/{c['name']} {bound}.{what}"
+                    )
+
+
+def test_long_running_containers_have_probes(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for name, _, pod in _all_pods(renders):
+        if not pod.long_running:
+            continue
+        for c in pod.spec["containers"]:
+            assert "livenessProbe" in c and "readinessProbe" in c, f"{name}: {pod.name}/{c['name']}"
+            if is_qsens(c):
+                # Model loads and imports are slow: a startup probe keeps liveness from
+                # killing a process that is still starting.
+                assert "startupProbe" in c, f"{name}: {pod.name}/{c['name']}"
+
+
+def test_restricted_security_profile(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """What the namespace's Pod Security admission (restricted) demands, plus a read-only
+    root filesystem everywhere."""
+    for name, _, pod in _all_pods(renders):
+        ctx = pod.spec["securityContext"]
+        assert ctx["runAsNonRoot"] is True, f"{name}: {pod.name}"
+        assert ctx["runAsUser"] != 0 and ctx["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in pod.containers():
+            sc = c["securityContext"]
+            where = f"{name}: {pod.name}/{c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc.get("runAsNonRoot", True) and sc.get("runAsUser", 1) != 0, where
+            assert not sc.get("privileged", False), where
+        for volume in pod.spec.get("volumes", []):
+            assert "hostPath" not in volume, f"{name}: {pod.name}"
+
+
+def test_qsens_images_run_as_their_image_user(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """docker/Dockerfile.* create uid 10001; pods run as it and own their volumes."""
+    for name, _, pod in _all_pods(renders):
+        if any(is_qsens(c) for c in pod.containers()):
+            assert pod.spec["securityContext"]["runAsUser"] == 10001, f"{name}: {pod.name}"
+
+
+def test_writable_paths_are_volumes(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """With a read-only root, /tmp and the cache folder (QSENS_CACHE_DIR, HF_HOME) are mounts."""
+    for name, docs, pod in _all_pods(renders):
+        for c in pod.containers():
+            if not is_qsens(c) or not pod.long_running:
+                continue
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            env = container_env(docs, c)
+            assert "/tmp" in mounts, f"{name}: {pod.name}"
+            assert env["QSENS_CACHE_DIR"] in mounts, f"{name}: {pod.name}"
+            assert env["QSENS_HOME"].startswith("/tmp/"), f"{name}: {pod.name}"
+
+
+def test_loaders_request_one_gpu_on_gpu_nodes(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for name in ("example-study", "example-study-submit"):
+        loaders = _loaders(renders[name])
+        assert len(loaders) == 3
+        for pod in loaders:
+            (c,) = pod.spec["containers"]
+            assert c["resources"]["limits"][GPU] == 1 and c["resources"]["requests"][GPU] == 1
+            assert pod.spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+            assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in pod.spec[
+                "tolerations"
+            ]
+            # One GPU per variant: a rolling update would need a second one.
+            assert pod.owner["spec"]["strategy"]["type"] == "Recreate"
+            # PyTorch needs more shared memory than the container default.
+            shm = [
+                v for v in pod.spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"
+            ]
+            assert shm and any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+
+
+def test_only_loaders_use_gpus(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for name, _, pod in _all_pods(renders):
+        if pod.labels.get("app.kubernetes.io/component") == "loader" and name != "local-kind":
+            continue
+        for c in pod.containers():
+            assert GPU not in c["resources"].get("limits", {}), f"{name}: {pod.name}"
+        assert "nodeSelector" not in pod.spec, f"{name}: {pod.name}"
+
+
+def test_local_kind_loaders_run_on_cpu(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["local-kind"]
+    loaders = _loaders(docs)
+    assert len(loaders) == 2
+    for pod in loaders:
+        env = container_env(docs, pod.spec["containers"][0])
+        assert env["VARIANT_DEVICE"] == "cpu" and "tolerations" not in pod.spec
+
+
+def test_loader_grace_period_covers_its_drain(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """SIGTERM drains in-flight RPCs for QSENS_LOADER_GRACE_PERIOD_S; the kubelet must wait at
+    least that long, plus time to stop, before it kills the process."""
+    default = LoaderSettings.model_fields["grace_period_s"].default
+    for name, docs in renders.items():
+        for pod in _loaders(docs):
+            env = container_env(docs, pod.spec["containers"][0])
+            grace = float(env.get("QSENS_LOADER_GRACE_PERIOD_S", default))
+            assert pod.spec["terminationGracePeriodSeconds"] >= grace + 10, f"{name}: {pod.name}"
+            # Liveness must not kill a draining loader (health NOT_SERVING) before the drain ends.
+            probe = pod.spec["containers"][0]["livenessProbe"]
+            assert probe["periodSeconds"] * probe["failureThreshold"] >= grace
+
+
+def test_workers_wait_for_their_running_job(renders: dict[str, list[dict[str, Any]]]) -> None:
+    for pod in pods(renders["base"]):
+        component = pod.labels["app.kubernetes.io/component"]
+        if component in ("extractor", "steerer", "analyzer"):
+            assert pod.spec["terminationGracePeriodSeconds"] >= 120, pod.name
+        if component == "judge":
+            # The judge service answers requests in flight for 30 s after SIGTERM.
+            assert pod.spec["terminationGracePeriodSeconds"] > 30
+
+
+def test_loader_ports_match_its_settings(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """The ports the loader binds (from QSENS_* settings) are the ports declared, probed,
+    scraped and served."""
+    for name, docs in renders.items():
+        for pod in _loaders(docs):
+            (c,) = pod.spec["containers"]
+            env = container_env(docs, c)
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            assert ports["grpc"] == int(env["QSENS_LOADER_PORT"])
+            assert ports["http"] == int(env["QSENS_LOADER_HTTP_PORT"])
+            assert ports["metrics"] == int(env["QSENS_METRICS_PORT"])
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["grpc"]["port"] == ports["grpc"], (name, probe)
+            assert env["QSENS_LOADER_HOST"] == "0.0.0.0" and env["QSENS_METRICS_HOST"] == "0.0.0.0"
+            # Workers reach the loader at the address it announces: the pod IP.
+            advertise = next(e for e in c["env"] if e["name"] == "QSENS_LOADER_ADVERTISE_HOST")
+            assert advertise["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+
+def test_metrics_ports_are_scraped(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """prometheus.io/port names the port the process serves /metrics on."""
+    for name, docs, pod in _all_pods(renders):
+        if not pod.long_running:
+            continue
+        assert pod.annotations.get("prometheus.io/scrape") == "true", f"{name}: {pod.name}"
+        port = int(pod.annotations["prometheus.io/port"])
+        declared = {p["containerPort"] for c in pod.containers() for p in c.get("ports", [])}
+        assert port in declared, f"{name}: {pod.name}"
+        for c in pod.containers():
+            if is_qsens(c):
+                assert int(container_env(docs, c)["QSENS_METRICS_PORT"]) == port
+
+
+def test_loader_disruption_budgets(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """Each loader Deployment has a budget that selects its pods and no other variant's."""
+    for name, docs in renders.items():
+        loaders = _loaders(docs)
+        budgets = of_kind(docs, "PodDisruptionBudget")
+        assert len(budgets) == len(loaders), name
+        for pdb in budgets:
+            selector = pdb["spec"]["selector"]["matchLabels"]
+            selected = [p for p in loaders if selector.items() <= p.labels.items()]
+            assert len(selected) == 1, f"{name}: {pdb['metadata']['name']}"
+            assert pdb["spec"]["minAvailable"] == 1
+            assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"

@@ -1,0 +1,158 @@
+"""The processes the manifests start do what the probes, the Services and the workers expect,
+run with the manifests' own command lines and environment (NATS, S3, ports and bind address
+swapped for the test servers and loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.loader_registry import LoaderRegistry
+from services.common.localstack import free_ports
+from services.common.natsconn import connection
+from tests.deploy.manifests import REPO, container_env, expand_args, pods
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", *args],
+            cwd=REPO,
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.status, resp.read().decode(errors="replace")
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, float]:
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    return proc.returncode, time.monotonic() - start
+
+
+def _local(env: dict[str, str], tmp: Path, plane: dict[str, str]) -> dict[str, str]:
+    """The container's environment with the cluster's addresses swapped for the test's."""
+    swapped = {k: v for k, v in env.items() if not k.startswith(("QSENS_NATS_", "QSENS_S3_"))}
+    swapped.update(plane)
+    swapped.update(
+        QSENS_CACHE_DIR=str(tmp / "cache"),
+        QSENS_HOME=str(tmp / "home"),
+        QSENS_METRICS_HOST="127.0.0.1",
+        QSENS_LOG_FORMAT="text",
+    )
+    return swapped
+
+
+async def test_loader_serves_what_its_probes_check(
+    renders: dict[str, list[dict[str, Any]]], plane_env: Any, tmp_path: Path
+) -> None:
+    """The local-kind bf16 loader: gRPC health SERVING on QSENS_LOADER_PORT (the kubelet's
+    grpc probe), /metrics on QSENS_METRICS_PORT, the HTTP API on QSENS_LOADER_HTTP_PORT, its
+    variant announced at the advertised address, and a clean exit on SIGTERM well within
+    terminationGracePeriodSeconds."""
+    docs = renders["local-kind"]
+    pod = next(p for p in pods(docs) if p.labels.get("qsens.io/precision") == "bf16")
+    (c,) = pod.spec["containers"]
+    manifest_env = container_env(docs, c)
+    args = expand_args(c, manifest_env)
+    port, http_port, metrics_port = free_ports(3)
+    env = _local(manifest_env, tmp_path, plane_env.env)
+    env.update(
+        QSENS_LOADER_HOST="127.0.0.1",
+        QSENS_LOADER_ADVERTISE_HOST="127.0.0.1",
+        QSENS_LOADER_PORT=str(port),
+        QSENS_LOADER_HTTP_PORT=str(http_port),
+        QSENS_METRICS_PORT=str(metrics_port),
+    )
+    log = tmp_path / "loader.log"
+    proc = _launch(args, env, log)
+    try:
+        deadline = time.monotonic() + 240
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"loader exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no SERVING health in 240 s:\n{log.read_text()[-3000:]}")
+                await asyncio.sleep(0.5)
+        status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200 and "python_info" in body
+        status, _ = _get(f"http://127.0.0.1:{http_port}/health")
+        assert status == 200
+        variant = f"{manifest_env['VARIANT_MODEL_NAME']}@{manifest_env['VARIANT_PRECISION']}"
+        async with connection(name="deploy-test") as nc:
+            registry = await LoaderRegistry.open(nc.jetstream())
+            assert await registry.find(variant) == f"127.0.0.1:{port}"
+    finally:
+        code, took = _stop(proc, pod.spec["terminationGracePeriodSeconds"])
+    assert code == 0, log.read_text()[-3000:]
+    assert took < pod.spec["terminationGracePeriodSeconds"]
+
+
+def test_worker_serves_metrics_for_its_probes(
+    renders: dict[str, list[dict[str, Any]]], plane_env: Any, tmp_path: Path
+) -> None:
+    """The extractor Deployment's process, once consuming, answers GET /metrics on
+    QSENS_METRICS_PORT (its startup, liveness and readiness probes and the scrape)."""
+    docs = renders["base"]
+    pod = next(p for p in pods(docs) if p.labels["app.kubernetes.io/component"] == "extractor")
+    (c,) = pod.spec["containers"]
+    manifest_env = container_env(docs, c)
+    (metrics_port,) = free_ports(1)
+    env = _local(manifest_env, tmp_path, plane_env.env)
+    env["QSENS_METRICS_PORT"] = str(metrics_port)
+    log = tmp_path / "worker.log"
+    proc = _launch(expand_args(c, manifest_env), env, log)
+    serving = threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        while not serving.is_set():
+            if proc.poll() is not None:
+                pytest.fail(f"worker exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            if "worker serving" in log.read_text(errors="replace"):
+                serving.set()
+            elif time.monotonic() > deadline:
+                pytest.fail(f"worker not consuming after 120 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        try:
+            status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        except OSError as err:
+            raise AssertionError(
+                f"no /metrics on QSENS_METRICS_PORT={metrics_port}: {err}"
+            ) from err
+        assert status == 200 and "python_info" in body
+    finally:
+        code, _ = _stop(proc, pod.spec["terminationGracePeriodSeconds"])
+    assert code == 0, log.read_text()[-3000:]

@@ -1,0 +1,86 @@
+"""Each overlay's study spec is valid and served: one loader per variant it plans, loading the
+model source the spec names, and a judge configured as the spec expects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.common.jobs import validate_run_id
+from services.common.planner import variants_of
+from services.common.spec import load_spec
+from tests.deploy.manifests import K8S, container_env, expand_args, find, pods
+
+# overlay rendered -> the study spec it serves
+STUDIES = {
+    "example-study": K8S / "overlays" / "example-study-submit" / "study.yaml",
+    "local-kind": K8S / "overlays" / "local-kind" / "study.yaml",
+}
+
+
+def _loader_variants(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """variant id -> what its loader runs (from the expanded command line)."""
+    out: dict[str, dict[str, str]] = {}
+    for pod in pods(docs):
+        if pod.labels.get("app.kubernetes.io/component") != "loader":
+            continue
+        (c,) = pod.spec["containers"]
+        args = expand_args(c, container_env(docs, c))
+        opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+        variant = f"{opts['--name']}@{opts['--precision']}"
+        assert variant not in out, f"two loaders for {variant}"
+        # The labels Prometheus and the budgets use say the same.
+        assert pod.labels["qsens.io/model"] == opts["--name"]
+        assert pod.labels["qsens.io/precision"] == opts["--precision"]
+        assert pod.owner["spec"].get("replicas", 1) >= 1
+        out[variant] = opts
+    return out
+
+
+@pytest.mark.parametrize("target", sorted(STUDIES))
+def test_every_planned_variant_has_a_loader(
+    renders: dict[str, list[dict[str, Any]]], target: str
+) -> None:
+    spec = load_spec(STUDIES[target])
+    loaders = _loader_variants(renders[target])
+    planned = {v.id: v for v in variants_of(spec)}
+    assert set(loaders) == set(planned)
+    for variant_id, v in planned.items():
+        assert loaders[variant_id]["--model"] == v.model.source, variant_id
+        assert loaders[variant_id]["--device"] == v.model.device, variant_id
+
+
+@pytest.mark.parametrize("target", sorted(STUDIES))
+def test_judge_matches_the_spec(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
+    spec = load_spec(STUDIES[target])
+    docs = renders[target]
+    judge = find(docs, "Deployment", "qsens-judge")
+    env = container_env(docs, judge["spec"]["template"]["spec"]["containers"][0])
+    assert env["QSENS_JUDGE_BACKEND"] == spec.judge.backend
+    if spec.judge.backend == "openai":
+        assert env["QSENS_JUDGE_MODEL"] == spec.judge.model
+        assert "QSENS_JUDGE_API_KEY_FILE" in env
+
+
+def test_studies_read_no_local_files() -> None:
+    """Workers in the cluster cannot read files from the submitting machine."""
+    for path in STUDIES.values():
+        spec = load_spec(path)
+        assert not spec.benchmarks, path
+        assert all(":" not in t.ref for t in spec.traits), path
+
+
+def test_submit_job_submits_the_study(renders: dict[str, list[dict[str, Any]]]) -> None:
+    docs = renders["example-study-submit"]
+    job = next(p for p in pods(docs) if p.labels.get("app.kubernetes.io/component") == "submit")
+    (c,) = job.spec["containers"]
+    args = c["args"]
+    assert args[0] == "run" and "--detach" in args
+    validate_run_id(args[args.index("--run-id") + 1])
+    # The spec file it names is the generated ConfigMap's study.yaml, mounted there.
+    mount = next(m for m in c["volumeMounts"] if args[1].startswith(m["mountPath"] + "/"))
+    volume = next(v for v in job.spec["volumes"] if v["name"] == mount["name"])
+    spec_map = find(docs, "ConfigMap", volume["configMap"]["name"])
+    filename = args[1].rsplit("/", 1)[1]
+    assert spec_map["data"][filename] == STUDIES["example-study"].read_text()
