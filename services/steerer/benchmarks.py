@@ -1,0 +1,528 @@
+"""Capability benchmarks by log-likelihood: readers for the public file formats, and scoring.
+
+Every question becomes ONE ``ScoreItem`` whose continuations are all of its choices, so the
+loader computes the shared context once and scores every choice from its KV cache. The
+prediction is the choice with the highest length-normalised log-likelihood (``logprob /
+characters``, lm-evaluation-harness's ``acc_norm``); the raw argmax is reported too.
+
+Formats (``BenchmarkSpec.format``) and prompts (zero-shot, lm-evaluation-harness style):
+
+* ``hellaswag``: JSONL rows ``ctx`` (or ``ctx_a`` + ``ctx_b``), ``endings``, ``label``,
+  optional ``activity_label``. Context ``"<activity>: <ctx>"``, continuations ``" " + ending``.
+* ``mmlu``: the original CSV (``question,A,B,C,D,answer``, no header; the subject comes from
+  the file name) or HF-style JSON/JSONL (``question``, ``choices``, ``answer`` as index or
+  letter, optional ``subject``). Context lists the choices and ends in ``"Answer:"``;
+  continuations ``" A" .. " D"``.
+* ``truthfulqa_mc``: JSON/JSONL with ``question``, ``mc1_targets`` and ``mc2_targets``, each
+  ``{choice: label}`` (the original ``mc_task.json``) or ``{"choices": [...], "labels": [...]}``
+  (HF). Context ``"Q: <question>\\nA:"``; the union of both choice lists is scored once. MC1:
+  accuracy over ``mc1_targets``; MC2: normalised probability mass on the true ``mc2`` answers.
+* ``arc``: JSONL with ``question.stem``, ``question.choices[{text,label}]``, ``answerKey`` (or HF
+  ``question`` string + ``choices{text,label}``). Context ``"Question: <stem>\\nAnswer:"``.
+* ``caa_ab``: the CAA A/B capability files (``mmlu_ab.json``, ``truthfulqa_ab.json``): a JSON
+  list of ``prompt`` (or ``question``), ``correct``, ``incorrect`` like ``"(A)"``. The context is
+  the chat ``[user: prompt]`` with the generation prompt; continuations are the two answers
+  in letter order.
+
+``limit`` keeps a deterministic subset: items ordered by a hash of (seed, item text), the first
+``limit`` taken, kept in file order, so a subset never depends on library versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from services.common.artefacts import benchmark_key
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.spec import BenchmarkSpec
+from services.common.store import AsyncS3Store
+from services.loader.client import Chat, ContinuationScore, LoaderClient, ScoreItem
+from services.steerer.context import Heartbeat, loader_record, no_heartbeat
+from services.steerer.params import BenchmarkParams
+from services.steerer.results import BenchmarkItem, BenchmarkResult, CallCounts
+from services.steerer.stats import bootstrap_mean, wilson
+
+__all__ = [
+    "PROMPT_FORMATS",
+    "READERS",
+    "MCItem",
+    "benchmark_summary",
+    "deterministic_subset",
+    "read_arc",
+    "read_benchmark",
+    "read_caa_ab",
+    "read_hellaswag",
+    "read_mmlu",
+    "read_truthfulqa_mc",
+    "run_benchmark",
+    "score_items",
+]
+
+T = TypeVar("T")
+LETTERS = "ABCDEFGHIJ"
+# Items per Score request: big enough to fill a GPU, small enough to heartbeat between.
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One multiple-choice question, ready to score."""
+
+    id: str
+    context: str | Chat = ""
+    continuations: tuple[str, ...] = ()
+    gold: tuple[int, ...] = ()
+    candidates: tuple[int, ...] | None = None  # indices competing for the prediction
+    mc2_true: tuple[int, ...] = ()
+    mc2_false: tuple[int, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The item's content (for hashing)."""
+        ctx = self.context if isinstance(self.context, str) else json.dumps(self.context.messages)
+        return ctx + "\x00" + "\x00".join(self.continuations)
+
+
+def deterministic_subset(
+    items: Sequence[T], limit: int | None, seed: int, *, key: Callable[[T], str]
+) -> list[T]:
+    """The first ``limit`` items in hash order of (seed, key), returned in their file order."""
+    if limit is None or limit >= len(items):
+        return list(items)
+
+    def rank(i: int) -> tuple[str, int]:
+        digest = hashlib.sha256(f"{seed}\x00{key(items[i])}".encode()).hexdigest()
+        return digest, i
+
+    chosen = sorted(sorted(range(len(items)), key=rank)[:limit])
+    return [items[i] for i in chosen]
+
+
+# -- file reading -----------------------------------------------------------------------------
+
+
+def _rows(path: Path) -> list[Any]:
+    """JSON list, JSON object with a list under data/rows/items, or JSON Lines."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        data = json.loads(text)
+        return list(data)
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict):
+            for name in ("data", "rows", "items", "examples"):
+                if isinstance(data.get(name), list):
+                    return list(data[name])
+            return [data]
+    rows = []
+    for i, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"{path}:{i + 1}", f"bad JSON line: {exc.msg}") from None
+    return rows
+
+
+def _field(row: Any, name: str, where: str) -> Any:
+    if not isinstance(row, dict) or name not in row:
+        raise InvalidArgument(where, f"missing {name!r}")
+    return row[name]
+
+
+def _letter_index(value: Any, n: int, where: str) -> int:
+    if isinstance(value, bool):
+        raise InvalidArgument(where, f"bad answer {value!r}")
+    if isinstance(value, int):
+        index = value
+    else:
+        text = str(value).strip().strip("()").upper()
+        if text.isdigit():
+            # ARC uses "1".."4" where choices are labelled 1..4; HF MMLU uses 0-based ints.
+            index = int(text) - 1
+        elif len(text) == 1 and text in LETTERS:
+            index = LETTERS.index(text)
+        else:
+            raise InvalidArgument(where, f"cannot read an answer from {value!r}")
+    if not 0 <= index < n:
+        raise InvalidArgument(where, f"answer {value!r} is outside the {n} choices")
+    return index
+
+
+_BRACKETS = re.compile(r"\[.*?\]")
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = _BRACKETS.sub("", text)
+    return text.replace("  ", " ")
+
+
+def read_hellaswag(path: Path) -> list[MCItem]:
+    """HellaSwag JSONL (``ctx``/``ctx_a``+``ctx_b``, ``endings``, ``label``)."""
+    items = []
+    for i, row in enumerate(_rows(path)):
+        where = f"{path.name}[{i}]"
+        endings = _field(row, "endings", where)
+        if not isinstance(endings, list) or len(endings) < 2:
+            raise InvalidArgument(f"{where}.endings", "needs a list of at least two endings")
+        if "ctx_a" in row and "ctx_b" in row:
+            ctx = f"{row['ctx_a']} {str(row['ctx_b']).capitalize()}"
+        else:
+            ctx = str(_field(row, "ctx", where))
+        activity = row.get("activity_label")
+        query = _hellaswag_clean(f"{activity}: {ctx}" if activity else ctx)
+        label = _letter_index(int(_field(row, "label", where)), len(endings), f"{where}.label")
+        items.append(
+            MCItem(
+                id=str(row.get("ind", i)),
+                context=query,
+                continuations=tuple(" " + _hellaswag_clean(str(e)) for e in endings),
+                gold=(label,),
+            )
+        )
+    return items
+
+
+def _mmlu_prompt(subject: str, question: str, choices: Sequence[str]) -> str:
+    head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    lines = [question.strip()]
+    lines += [f"{LETTERS[j]}. {str(c).strip()}" for j, c in enumerate(choices)]
+    return head + "\n".join(lines) + "\nAnswer:"
+
+
+def _subject(path: Path) -> str:
+    stem = path.stem
+    for suffix in ("_test", "_val", "_dev", "_train"):
+        stem = stem.removesuffix(suffix)
+    return stem.replace("_", " ")
+
+
+def read_mmlu(path: Path) -> list[MCItem]:
+    """MMLU: the original CSV (question,A,B,C,D,answer) or HF-style JSON/JSONL."""
+    items = []
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if rows and [c.strip().lower() for c in rows[0][:2]] == ["question", "a"]:
+            rows = rows[1:]
+        subject = _subject(path)
+        for i, row in enumerate(rows):
+            where = f"{path.name}:{i + 1}"
+            if len(row) < 4:
+                raise InvalidArgument(where, f"expected question, choices and answer; got {row}")
+            question, choices, answer = row[0], row[1:-1], row[-1]
+            items.append(
+                MCItem(
+                    id=str(i),
+                    context=_mmlu_prompt(subject, question, choices),
+                    continuations=tuple(f" {LETTERS[j]}" for j in range(len(choices))),
+                    gold=(_letter_index(answer, len(choices), f"{where}.answer"),),
+                )
+            )
+        return items
+    for i, row in enumerate(_rows(path)):
+        where = f"{path.name}[{i}]"
+        question = str(_field(row, "question", where))
+        if "choices" in row:
+            choices = [str(c) for c in row["choices"]]
+        else:
+            choices = [str(row[k]) for k in LETTERS[:4] if k in row]
+        if len(choices) < 2:
+            raise InvalidArgument(f"{where}.choices", "needs at least two choices")
+        subject = str(row.get("subject") or _subject(path)).replace("_", " ")
+        items.append(
+            MCItem(
+                id=str(row.get("id", i)),
+                context=_mmlu_prompt(subject, question, choices),
+                continuations=tuple(f" {LETTERS[j]}" for j in range(len(choices))),
+                gold=(
+                    _letter_index(_field(row, "answer", where), len(choices), f"{where}.answer"),
+                ),
+            )
+        )
+    return items
+
+
+def _targets(value: Any, where: str) -> list[tuple[str, int]]:
+    if isinstance(value, dict) and "choices" in value and "labels" in value:
+        pairs = list(zip(value["choices"], value["labels"], strict=True))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise InvalidArgument(where, "expected {choice: label} or {choices, labels}")
+    if not pairs:
+        raise InvalidArgument(where, "no choices")
+    return [(str(c), int(label)) for c, label in pairs]
+
+
+def read_truthfulqa_mc(path: Path) -> list[MCItem]:
+    """TruthfulQA multiple choice (``mc1_targets``, ``mc2_targets``)."""
+    items = []
+    for i, row in enumerate(_rows(path)):
+        where = f"{path.name}[{i}]"
+        question = str(_field(row, "question", where)).strip()
+        mc1 = _targets(_field(row, "mc1_targets", where), f"{where}.mc1_targets")
+        mc2 = _targets(row.get("mc2_targets", row["mc1_targets"]), f"{where}.mc2_targets")
+        union: list[str] = []
+        for text, _ in [*mc1, *mc2]:
+            if text not in union:
+                union.append(text)
+        gold = [union.index(t) for t, label in mc1 if label == 1]
+        if len(gold) != 1:
+            raise InvalidArgument(f"{where}.mc1_targets", "needs exactly one true choice")
+        items.append(
+            MCItem(
+                id=str(row.get("id", i)),
+                context=f"Q: {question}\nA:",
+                continuations=tuple(" " + t for t in union),
+                gold=(gold[0],),
+                candidates=tuple(union.index(t) for t, _ in mc1),
+                mc2_true=tuple(union.index(t) for t, label in mc2 if label == 1),
+                mc2_false=tuple(union.index(t) for t, label in mc2 if label != 1),
+            )
+        )
+    return items
+
+
+def read_arc(path: Path) -> list[MCItem]:
+    """ARC (original JSONL with ``question.stem``, or HF style)."""
+    items = []
+    for i, row in enumerate(_rows(path)):
+        where = f"{path.name}[{i}]"
+        q = _field(row, "question", where)
+        if isinstance(q, dict):
+            stem = str(_field(q, "stem", f"{where}.question"))
+            raw = _field(q, "choices", f"{where}.question")
+            texts = [str(c["text"]) for c in raw]
+            labels = [str(c["label"]) for c in raw]
+        else:
+            stem = str(q)
+            ch = _field(row, "choices", where)
+            texts, labels = [str(t) for t in ch["text"]], [str(x) for x in ch["label"]]
+        key = str(_field(row, "answerKey", where)).strip()
+        if key not in labels:
+            raise InvalidArgument(f"{where}.answerKey", f"{key!r} is not among labels {labels}")
+        items.append(
+            MCItem(
+                id=str(row.get("id", i)),
+                context=f"Question: {stem.strip()}\nAnswer:",
+                continuations=tuple(" " + t.strip() for t in texts),
+                gold=(labels.index(key),),
+            )
+        )
+    return items
+
+
+def _caa_letter(answer: str, where: str) -> str:
+    match = re.match(r"^\s*\(?\s*([A-Za-z])\s*\)?", answer)
+    if not match:
+        raise InvalidArgument(where, f"cannot read an answer letter from {answer!r}")
+    return match.group(1).upper()
+
+
+def read_caa_ab(path: Path) -> list[MCItem]:
+    """CAA A/B capability items (``prompt``/``question``, ``correct``, ``incorrect``)."""
+    items = []
+    for i, row in enumerate(_rows(path)):
+        where = f"{path.name}[{i}]"
+        prompt = row.get("prompt", row.get("question")) if isinstance(row, dict) else None
+        if not prompt:
+            raise InvalidArgument(where, "missing 'prompt' (or 'question')")
+        correct = str(_field(row, "correct", where))
+        incorrect = str(_field(row, "incorrect", where))
+        pair = sorted(
+            [
+                (_caa_letter(correct, f"{where}.correct"), correct),
+                (_caa_letter(incorrect, f"{where}.incorrect"), incorrect),
+            ]
+        )
+        if pair[0][0] == pair[1][0]:
+            raise InvalidArgument(where, "correct and incorrect name the same letter")
+        answers = tuple(a for _, a in pair)
+        items.append(
+            MCItem(
+                id=str(row.get("id", i)),
+                context=Chat((("user", str(prompt)),)),
+                continuations=answers,
+                gold=(answers.index(correct),),
+            )
+        )
+    return items
+
+
+READERS: dict[str, Callable[[Path], list[MCItem]]] = {
+    "hellaswag": read_hellaswag,
+    "mmlu": read_mmlu,
+    "truthfulqa_mc": read_truthfulqa_mc,
+    "arc": read_arc,
+    "caa_ab": read_caa_ab,
+}
+
+PROMPT_FORMATS: dict[str, str] = {
+    "hellaswag": "text '<activity>: <ctx>'; continuations ' <ending>' (lm-eval style)",
+    "mmlu": "text 'The following are multiple choice questions (with answers) about <subject>."
+    "\\n\\n<question>\\nA. ..\\nAnswer:'; continuations ' A'..' D' (zero-shot)",
+    "truthfulqa_mc": "text 'Q: <question>\\nA:'; continuations ' <choice>' (zero-shot, no primer)",
+    "arc": "text 'Question: <stem>\\nAnswer:'; continuations ' <choice>'",
+    "caa_ab": "chat [user: <prompt>] with the generation prompt; continuations the answers "
+    "'(A)'/'(B)' in letter order",
+}
+
+
+def read_benchmark(spec: BenchmarkSpec) -> tuple[list[MCItem], str]:
+    """All items of ``spec``'s file and its sha256; InvalidArgument for a bad file."""
+    path = Path(spec.path).expanduser()
+    if not path.is_file():
+        raise InvalidArgument("params.benchmark.path", f"{path} is not a readable file")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        items = READERS[spec.format](path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(
+            "params.benchmark.path", f"{path}: not {spec.format} data: {exc}"
+        ) from None
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise InvalidArgument(
+            "params.benchmark.path", f"{path}: malformed {spec.format} data: {exc!r}"
+        ) from None
+    if not items:
+        raise InvalidArgument("params.benchmark.path", f"{path} has no items")
+    return items, digest
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+
+async def score_items(
+    loader: LoaderClient,
+    items: Sequence[MCItem],
+    *,
+    heartbeat: Heartbeat = no_heartbeat,
+    chunk: int = _CHUNK,
+) -> tuple[list[list[ContinuationScore]], int]:
+    """Every item's continuation scores (one ScoreItem per item) and the requests sent."""
+    out: list[list[ContinuationScore]] = []
+    calls = 0
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        out.extend(
+            await loader.score([ScoreItem(it.context, list(it.continuations)) for it in part])
+        )
+        calls += 1
+        await heartbeat()
+    return out, calls
+
+
+def _argmax(values: Sequence[float], among: Sequence[int]) -> int:
+    return max(among, key=lambda j: (values[j], -j))
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
+def _predict(item: MCItem, scores: Sequence[ContinuationScore]) -> BenchmarkItem:
+    lp = [s.logprob for s in scores]
+    chars = [max(1, s.num_chars) for s in scores]
+    among = item.candidates if item.candidates is not None else range(len(lp))
+    pred = _argmax([v / c for v, c in zip(lp, chars, strict=True)], list(among))
+    pred_raw = _argmax(lp, list(among))
+    mc2 = None
+    if item.mc2_true and item.mc2_false:
+        everything = _logsumexp([lp[j] for j in (*item.mc2_true, *item.mc2_false)])
+        mc2 = math.exp(_logsumexp([lp[j] for j in item.mc2_true]) - everything)
+    return BenchmarkItem(
+        id=item.id,
+        gold=list(item.gold),
+        candidates=list(item.candidates) if item.candidates is not None else None,
+        mc2_true=list(item.mc2_true),
+        logprobs=lp,
+        num_tokens=[s.num_tokens for s in scores],
+        num_chars=[s.num_chars for s in scores],
+        pred=pred,
+        pred_raw=pred_raw,
+        correct=pred in item.gold,
+        correct_raw=pred_raw in item.gold,
+        mc2=mc2,
+    )
+
+
+def benchmark_summary(result: BenchmarkResult, key: str) -> dict[str, Any]:
+    """The small job-record summary of a benchmark result."""
+    return {
+        "key": key,
+        "n": result.n,
+        "metric": result.metric,
+        "accuracy": result.accuracy.value,
+        "accuracy_ci": [result.accuracy.low, result.accuracy.high],
+        "mc2": result.mc2.value if result.mc2 else None,
+    }
+
+
+async def run_benchmark(
+    run_id: str,
+    params: BenchmarkParams,
+    *,
+    store: AsyncS3Store,
+    loader: LoaderClient,
+    heartbeat: Heartbeat = no_heartbeat,
+) -> dict[str, Any]:
+    """Run one benchmark job and write its result; returns the job-record summary."""
+    spec = params.benchmark
+    key = benchmark_key(run_id, params.variant, spec.name, "result.json")
+    if await store.exists(key):
+        return benchmark_summary(BenchmarkResult.model_validate(await store.get_json(key)), key)
+    started = time.monotonic()
+    items, digest = await asyncio.to_thread(read_benchmark, spec)
+    chosen = deterministic_subset(items, spec.limit, spec.seed, key=lambda it: it.text)
+    info = await loader.info()
+    if info.variant != params.variant:
+        raise FailedPrecondition(
+            f"loader at {loader.address} serves {info.variant}, the job is for {params.variant}"
+        )
+    scores, calls = await score_items(loader, chosen, heartbeat=heartbeat)
+    predictions = [_predict(it, s) for it, s in zip(chosen, scores, strict=True)]
+    n = len(predictions)
+    correct = [p.correct for p in predictions]
+    mc2_values: list[float | None] = [p.mc2 for p in predictions if p.mc2 is not None]
+    result = BenchmarkResult(
+        run_id=run_id,
+        variant=params.variant,
+        name=spec.name,
+        format=spec.format,
+        path=str(spec.path),
+        file_sha256=digest,
+        n_total=len(items),
+        n=n,
+        limit=spec.limit,
+        seed=spec.seed,
+        metric="mc1_acc_norm" if spec.format == "truthfulqa_mc" else "acc_norm",
+        accuracy=wilson(sum(correct), n),
+        accuracy_bootstrap=bootstrap_mean([float(c) for c in correct], seed=spec.seed),
+        accuracy_raw=wilson(sum(p.correct_raw for p in predictions), n),
+        mc2=bootstrap_mean(mc2_values, seed=spec.seed) if mc2_values else None,
+        prompt_format=PROMPT_FORMATS[spec.format],
+        items=predictions,
+        loader=loader_record(info),
+        calls=CallCounts(loader_calls=calls, loader_rows=n, judge_calls=0, judge_items=0),
+        seconds=round(time.monotonic() - started, 3),
+    )
+    if not await store.put_json(key, result.model_dump(mode="json")):
+        result = BenchmarkResult.model_validate(await store.get_json(key))
+    return benchmark_summary(result, key)

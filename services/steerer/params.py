@@ -1,0 +1,96 @@
+"""The params of the steerer's job kinds, as the planner builds them, validated on arrival.
+
+Nested settings reuse the experiment spec's own models (``SteeringSpec``, ``JudgeSpec``,
+``LogitDiffSpec``, ``BenchmarkSpec``, ``ProbeSpec``), so a job is checked by the same rules as
+the spec it came from. A malformed job raises ``InvalidArgument`` naming the offending field
+(``params.steering.search.steps``) and is dead-lettered, never retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.common.errors import InvalidArgument
+from services.common.spec import BenchmarkSpec, JudgeSpec, LogitDiffSpec, ProbeSpec, SteeringSpec
+
+__all__ = [
+    "BenchmarkParams",
+    "LogitDiffParams",
+    "ProbeParams",
+    "SteerParams",
+    "TraitParams",
+    "parse_params",
+]
+
+_P = TypeVar("_P", bound=BaseModel)
+
+
+class _Params(BaseModel):
+    # Unknown keys are ignored: the planner may add context (model params) a kind does not use.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TraitParams(_Params):
+    """The trait as the planner passes it."""
+
+    ref: str = Field(description="Built-in name or methodology:path for load_trait.")
+    name: str = Field(description="<methodology>/<name>, used in keys.")
+    methodology: Literal["pv", "caa", "arditi"]
+
+
+class SteerParams(_Params):
+    """``steer``: steer ``target`` with ``source``'s vectors and judge the answers."""
+
+    target: str
+    source: str
+    trait: TraitParams
+    method: str
+    vector_mode: Literal["native", "replay"]
+    mode: Literal["add", "ablate"] = "add"
+    direction: Literal["+", "-"] = "+"
+    steering: SteeringSpec = Field(default_factory=SteeringSpec)
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+
+
+class LogitDiffParams(_Params):
+    """``logit_diff``: CAA A/B logit difference of ``variant`` under ``source``'s vector."""
+
+    variant: str
+    source: str
+    trait: TraitParams
+    method: str
+    vector_mode: Literal["native", "replay"]
+    logit_diff: LogitDiffSpec = Field(default_factory=LogitDiffSpec)
+
+
+class BenchmarkParams(_Params):
+    """``benchmark``: one capability benchmark on ``variant``."""
+
+    variant: str
+    benchmark: BenchmarkSpec
+
+
+class ProbeParams(_Params):
+    """``probe``: safety probes of ``variant`` on harmful instructions."""
+
+    variant: str
+    probes: ProbeSpec = Field(default_factory=ProbeSpec)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = "params"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_params(model: type[_P], params: dict[str, Any]) -> _P:
+    """Validate job params; InvalidArgument names the first bad field."""
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidArgument(_loc(tuple(first["loc"])), message) from None

@@ -1,0 +1,604 @@
+"""The ``steer`` job: adaptive coefficient search (or directional ablation) with judged answers.
+
+Add mode, per job:
+
+1. load the source extraction's vectors and activation norms (``sources``), pick candidate
+   layers, and start each layer at ``c0 = init_fraction * activation_norm / ||v||``;
+2. the unsteered baseline of the target on the question set is read from
+   ``baseline/<m>/<t>/<set_id>/answers.jsonl`` when an earlier job wrote it, else generated in
+   the first search step's batch and written there (write-once: a concurrent job that loses
+   the race re-reads the winner's, so every job of a variant compares against one baseline);
+3. each search step (``search.CoefficientSearch``) is ONE loader batch (every layer's candidate
+   x every question, steered per row) and ONE judge batch (trait + coherence);
+4. the best run — highest mean trait score (lowest when steering away, direction ``-``) with
+   mean coherence >= the threshold — gets its paired delta vs the baseline with a bootstrap
+   interval over questions.
+
+Ablate mode (Arditi et al. 2024, refusal): the unit direction is projected out after every
+decoder layer (coefficient 1). With several candidate layers, the direction whose ablation
+best achieves the objective on the harmful *validation* instructions is chosen in one batch,
+then evaluated once on the harmful *test* instructions against the unsteered baseline there.
+
+``runs.jsonl`` (every run with its answers) is written before ``result.json``; the presence of
+``result.json`` means the job is complete, and a redelivered job returns it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from services.common.artefacts import baseline_key, steer_key
+from services.common.errors import FailedPrecondition
+from services.common.hashing import stable_hash
+from services.common.logging import get_logger
+from services.common.store import AsyncS3Store
+from services.extractor.datasets import TraitDataset, load_trait
+from services.judge.client import JudgeClient, trait_rubric
+from services.loader.client import LoaderClient
+from services.steerer.context import Heartbeat, add_calls, loader_record, no_heartbeat
+from services.steerer.evaluation import (
+    UNSTEERED,
+    Evaluation,
+    Setting,
+    SteeringEvaluator,
+    run_stats,
+)
+from services.steerer.params import SteerParams
+from services.steerer.results import (
+    BaselineRow,
+    BaselineSummary,
+    BestRun,
+    Budget,
+    QuestionSet,
+    SteerResult,
+    SteerRun,
+)
+from services.steerer.search import Candidate, CoefficientSearch, Outcome, best_outcome
+from services.steerer.sources import (
+    VectorSource,
+    candidate_layers,
+    load_vector_source,
+    start_coefficient,
+)
+from services.steerer.stats import bootstrap_mean, bootstrap_paired_delta
+
+__all__ = ["SearchOutput", "run_search", "run_steer", "steer_result_key", "steer_summary"]
+
+log = get_logger(__name__)
+
+QuestionKind = Literal["eval", "harmful_test", "harmful_val"]
+
+
+@dataclass
+class _Questions:
+    kind: QuestionKind
+    questions: list[str]
+
+
+def _limit(items: Sequence[str], n: int | None) -> list[str]:
+    return list(items if n is None else items[:n])
+
+
+def _questions(dataset: TraitDataset, params: SteerParams) -> tuple[_Questions, _Questions | None]:
+    """(evaluation set, selection set for ablation or None)."""
+    n = params.steering.questions
+    if params.mode == "add":
+        return _Questions("eval", _limit(dataset.eval_questions, n)), None
+    if dataset.methodology != "arditi":
+        raise FailedPrecondition(
+            f"directional ablation is evaluated on harmful instructions; {dataset.name} is a "
+            f"{dataset.methodology} trait without them (ablation applies to arditi traits)"
+        )
+    test = dataset.harmful_test or dataset.harmful_val
+    kind: QuestionKind = "harmful_test" if dataset.harmful_test else "harmful_val"
+    selection = None
+    if dataset.harmful_test and dataset.harmful_val:
+        selection = _Questions("harmful_val", _limit(dataset.harmful_val, n))
+    if not test:
+        raise FailedPrecondition(f"{dataset.name} has no harmful val/test instructions")
+    return _Questions(kind, _limit(test, n)), selection
+
+
+def _set_id(
+    kind: str, questions: Sequence[str], params: SteerParams, trait_hash: str, coherence_hash: str
+) -> str:
+    identity = {
+        "questions": list(questions),
+        "max_new_tokens": params.steering.max_new_tokens,
+        "seed": params.steering.seed,
+        "temperature": 0.0,
+        "judge": [
+            params.judge.backend,
+            params.judge.model if params.judge.backend == "openai" else "",
+        ],
+        "rubrics": [trait_hash, coherence_hash],
+    }
+    return f"{kind}-{stable_hash(identity, 12)}"
+
+
+def _run(
+    index: int,
+    evaluation: Evaluation,
+    *,
+    phase: Literal["coarse", "fine", "select", "ablate"],
+    step: int,
+    layer: int | None,
+    vector_layer: int,
+    source: VectorSource,
+    threshold: float,
+    question_set: str,
+) -> SteerRun:
+    s = evaluation.setting
+    added = None
+    relative = None
+    if s.mode == "add":
+        added = s.coefficient * source.norm(vector_layer)
+        act = source.activation_norm(vector_layer)
+        relative = added / act if act else None
+    coherent = (
+        evaluation.coherence_ok
+        and evaluation.stats.mean_coherence is not None
+        and evaluation.stats.mean_coherence >= threshold
+    )
+    return SteerRun(
+        **evaluation.stats.model_dump(),
+        run_index=index,
+        phase=phase,
+        step=step,
+        layer=layer,
+        layers=list(s.layers),
+        vector_layer=vector_layer,
+        coefficient=s.coefficient,
+        added_norm=added,
+        relative_norm=relative,
+        coherent=coherent,
+        eligible=evaluation.eligible,
+        question_set=question_set,
+        answers=evaluation.answers,
+    )
+
+
+def _best(run: SteerRun, baseline: Sequence[float | None], *, resamples: int, seed: int) -> BestRun:
+    values = [a.trait.used for a in run.answers]
+    assert run.mean_trait is not None and run.mean_coherence is not None
+    delta_ci = bootstrap_paired_delta(values, baseline, resamples=resamples, seed=seed)
+    return BestRun(
+        run_index=run.run_index,
+        phase=run.phase,
+        layer=run.layer,
+        layers=run.layers,
+        vector_layer=run.vector_layer,
+        coefficient=run.coefficient,
+        added_norm=run.added_norm,
+        relative_norm=run.relative_norm,
+        mean_trait=run.mean_trait,
+        mean_coherence=run.mean_coherence,
+        n=run.n,
+        trait_ci=bootstrap_mean(values, resamples=resamples, seed=seed),
+        delta=delta_ci.value,
+        delta_ci=delta_ci,
+    )
+
+
+@dataclass
+class SearchOutput:
+    """What a coefficient search produced (also used by the benchmark script)."""
+
+    runs: list[SteerRun]
+    search: CoefficientSearch
+    baseline: Evaluation | None
+
+
+async def run_search(
+    evaluator: SteeringEvaluator,
+    source: VectorSource,
+    layers: Sequence[int],
+    params: SteerParams,
+    *,
+    with_baseline: bool,
+    heartbeat: Heartbeat = no_heartbeat,
+) -> SearchOutput:
+    """The adaptive search over ``layers``; the unsteered baseline rides in the first batch."""
+    sign = -1.0 if params.direction == "-" else 1.0
+    vectors = [np.asarray(sign * source.vector(layer), dtype=np.float32) for layer in layers]
+    index = {layer: i for i, layer in enumerate(layers)}
+    spec = params.steering.search
+    starts = {}
+    for layer in layers:
+        act = source.activation_norm(layer)
+        assert act is not None
+        starts[layer] = start_coefficient(spec.init_fraction, act, source.norm(layer))
+    threshold = params.judge.coherence_threshold
+    search = CoefficientSearch(starts, spec, threshold=threshold, maximize=params.direction == "+")
+    runs: list[SteerRun] = []
+    baseline: Evaluation | None = None
+    pending_baseline = with_baseline
+    while True:
+        candidates: list[Candidate] = search.propose()
+        if not candidates:
+            break
+        settings = [Setting((c.layer,), c.coefficient, index[c.layer]) for c in candidates]
+        if pending_baseline:
+            settings.insert(0, UNSTEERED)
+        evaluations = await evaluator.evaluate(settings, vectors)
+        if pending_baseline:
+            baseline = evaluations.pop(0)
+            pending_baseline = False
+        outcomes = []
+        for c, e in zip(candidates, evaluations, strict=True):
+            outcomes.append(
+                Outcome(
+                    c,
+                    e.stats.mean_trait,
+                    e.stats.mean_coherence if e.coherence_ok else None,
+                    eligible=e.eligible,
+                )
+            )
+            runs.append(
+                _run(
+                    len(runs),
+                    e,
+                    phase=c.phase,
+                    step=c.step,
+                    layer=c.layer,
+                    vector_layer=c.layer,
+                    source=source,
+                    threshold=threshold,
+                    question_set=evaluator.question_set,
+                )
+            )
+        search.observe(outcomes)
+        log.info(
+            "search step",
+            extra={"step": search.step, "settings": len(candidates), "runs": len(runs)},
+        )
+        await heartbeat()
+    if pending_baseline:
+        baseline = (await evaluator.evaluate([UNSTEERED], vectors))[0]
+    return SearchOutput(runs, search, baseline)
+
+
+async def _read_baseline(store: AsyncS3Store, key: str) -> list[BaselineRow] | None:
+    if not await store.exists(key):
+        return None
+    return [BaselineRow.model_validate(row) for row in await store.get_jsonl(key)]
+
+
+def steer_summary(result: SteerResult, key: str) -> dict[str, Any]:
+    """The small job-record summary of a steer result."""
+    best = result.best
+    return {
+        "key": key,
+        "status": result.status,
+        "runs": len(result.runs),
+        "runs_per_cell": result.budget.runs_per_cell,
+        "baseline_trait": result.baseline.mean_trait,
+        "best": None
+        if best is None
+        else {
+            "layer": best.layer,
+            "coefficient": best.coefficient,
+            "mean_trait": best.mean_trait,
+            "mean_coherence": best.mean_coherence,
+            "delta": best.delta,
+            "delta_ci": [best.delta_ci.low, best.delta_ci.high],
+        },
+    }
+
+
+def _keys(run_id: str, params: SteerParams) -> tuple[Any, ...]:
+    return (
+        run_id,
+        params.target,
+        params.trait.name,
+        params.source,
+        params.method,
+        params.vector_mode,
+        params.mode,
+        params.direction,
+    )
+
+
+def steer_result_key(run_id: str, params: SteerParams) -> str:
+    """Where the job's ``result.json`` goes."""
+    return steer_key(*_keys(run_id, params), "result.json")
+
+
+async def run_steer(
+    run_id: str,
+    params: SteerParams,
+    *,
+    store: AsyncS3Store,
+    loader: LoaderClient,
+    judge: JudgeClient,
+    heartbeat: Heartbeat = no_heartbeat,
+) -> dict[str, Any]:
+    """Run one steer job and write its artefacts; returns the job-record summary."""
+    keys = _keys(run_id, params)
+    result_key = steer_result_key(run_id, params)
+    if await store.exists(result_key):
+        stored = SteerResult.model_validate(await store.get_json(result_key))
+        return steer_summary(stored, result_key)
+    started = time.monotonic()
+    dataset = await asyncio.to_thread(load_trait, params.trait.ref)
+    info = await loader.info()
+    if info.variant != params.target:
+        raise FailedPrecondition(
+            f"loader at {loader.address} serves {info.variant}, the job targets {params.target}"
+        )
+    source = await load_vector_source(
+        store, run_id, params.source, params.trait.name, params.method, params.vector_mode
+    )
+    if source.vectors.hidden_size != info.hidden_size:
+        raise FailedPrecondition(
+            f"{params.source}'s vectors have {source.vectors.hidden_size} dimensions; "
+            f"{params.target} has hidden size {info.hidden_size} (different models?)"
+        )
+    main_set, selection_set = _questions(dataset, params)
+    rubric = trait_rubric(dataset.eval_prompt, dataset.exemplars.pos, dataset.exemplars.neg)
+    steering = params.steering
+    threshold = params.judge.coherence_threshold
+    refusal_is_trait = dataset.methodology == "arditi"
+
+    def evaluator(qs: _Questions) -> SteeringEvaluator:
+        return SteeringEvaluator(
+            loader,
+            judge,
+            questions=qs.questions,
+            trait=params.trait.name,
+            rubric=rubric,
+            max_new_tokens=steering.max_new_tokens,
+            seed=steering.seed,
+            expected_backend=params.judge.backend,
+            expected_model=params.judge.model if params.judge.backend == "openai" else None,
+            refusal_is_trait=refusal_is_trait,
+            question_set=qs.kind,
+        )
+
+    main = evaluator(main_set)
+    set_id = _set_id(
+        main_set.kind,
+        main_set.questions,
+        params,
+        main.expected_trait_hash,
+        main.expected_coherence_hash,
+    )
+    base_key = baseline_key(run_id, params.target, params.trait.name, set_id, "answers.jsonl")
+    stored_baseline = await _read_baseline(store, base_key)
+
+    usable = [layer for layer in source.layers if source.usable(layer) is None]
+    wanted = candidate_layers(
+        info.num_layers,
+        usable,
+        layers=steering.layers,
+        n_layers=steering.n_layers,
+        layer_range=steering.layer_range,
+    )
+    skipped = {str(layer): why for layer in wanted if (why := source.usable(layer)) is not None}
+    layers = [layer for layer in wanted if str(layer) not in skipped]
+    if not layers:
+        raise FailedPrecondition(
+            f"no candidate layer of {params.source}'s {params.method} vectors is usable: {skipped}"
+        )
+
+    runs: list[SteerRun]
+    search: CoefficientSearch | None = None
+    baseline_eval: Evaluation | None = None
+    calls_from: list[SteeringEvaluator] = [main]
+    if params.mode == "add":
+        out = await run_search(
+            main, source, layers, params, with_baseline=stored_baseline is None, heartbeat=heartbeat
+        )
+        runs, search, baseline_eval = out.runs, out.search, out.baseline
+    else:
+        runs = []
+        all_layers = tuple(range(info.num_layers))
+        vectors = [source.vector(layer) for layer in layers]
+        chosen = layers[0]
+        if selection_set is not None and len(layers) > 1:
+            picker = evaluator(selection_set)
+            calls_from.append(picker)
+            settings = [Setting(all_layers, 1.0, i, "ablate") for i in range(len(layers))]
+            trials = await picker.evaluate(settings, vectors)
+            outcomes = []
+            for layer, e in zip(layers, trials, strict=True):
+                run = _run(
+                    len(runs),
+                    e,
+                    phase="select",
+                    step=1,
+                    layer=None,
+                    vector_layer=layer,
+                    source=source,
+                    threshold=threshold,
+                    question_set=selection_set.kind,
+                )
+                runs.append(run)
+                outcomes.append(
+                    Outcome(
+                        Candidate(layer, 1.0, "coarse", 1),
+                        e.stats.mean_trait,
+                        e.stats.mean_coherence if e.coherence_ok else None,
+                        eligible=e.eligible,
+                    )
+                )
+            maximize = params.direction == "+"
+            pick = best_outcome(outcomes, threshold, maximize=maximize) or best_outcome(
+                outcomes, -1.0, maximize=maximize
+            )
+            chosen = pick.layer if pick is not None else layers[len(layers) // 2]
+            await heartbeat()
+        settings = [Setting(all_layers, 1.0, layers.index(chosen), "ablate")]
+        if stored_baseline is None:
+            settings.insert(0, UNSTEERED)
+        evaluations = await main.evaluate(settings, vectors)
+        if stored_baseline is None:
+            baseline_eval = evaluations.pop(0)
+        runs.append(
+            _run(
+                len(runs),
+                evaluations[0],
+                phase="ablate",
+                step=2,
+                layer=None,
+                vector_layer=chosen,
+                source=source,
+                threshold=threshold,
+                question_set=main_set.kind,
+            )
+        )
+        await heartbeat()
+
+    # The baseline: ours if we generated it and won the write, else the stored one.
+    reused = stored_baseline is not None
+    if baseline_eval is not None:
+        rows = [
+            BaselineRow(
+                **a.model_dump(),
+                set_id=set_id,
+                judge_backend=main.provenance.backend if main.provenance else params.judge.backend,
+                judge_model=main.provenance.model if main.provenance else "",
+                trait_rubric_hash=main.expected_trait_hash,
+                coherence_rubric_hash=main.expected_coherence_hash,
+            )
+            for a in baseline_eval.answers
+        ]
+        if await store.put_jsonl(base_key, [r.model_dump(mode="json") for r in rows]):
+            stored_baseline = rows
+        else:
+            stored_baseline = await _read_baseline(store, base_key)
+            reused = True
+    assert stored_baseline is not None
+    base_stats = run_stats(stored_baseline)
+    base_values = [row.trait.used for row in stored_baseline]
+    resamples, seed = steering.bootstrap, steering.seed
+    baseline = BaselineSummary(
+        **base_stats.model_dump(),
+        key=base_key,
+        set_id=set_id,
+        reused=reused,
+        trait_ci=bootstrap_mean(base_values, resamples=resamples, seed=seed),
+    )
+
+    maximize = params.direction == "+"
+    final_runs = [r for r in runs if r.question_set == main_set.kind]
+    best_run = _pick(final_runs, threshold, maximize)
+    if params.mode == "ablate":
+        ablation = [r for r in final_runs if r.phase == "ablate"]
+        best_run = ablation[0] if ablation and ablation[0].eligible else None
+    best = (
+        _best(best_run, base_values, resamples=resamples, seed=seed)
+        if best_run is not None and best_run.mean_coherence is not None
+        else None
+    )
+    per_layer: dict[str, BestRun] = {}
+    if params.mode == "add":
+        for layer in layers:
+            r = _pick([x for x in final_runs if x.layer == layer], threshold, maximize)
+            if r is not None:
+                per_layer[str(layer)] = _best(r, base_values, resamples=resamples, seed=seed)
+    status: Literal["ok", "no_coherent_run"] = (
+        "ok" if best_run is not None and best_run.coherent else "no_coherent_run"
+    )
+
+    if search is not None:
+        budget = Budget(
+            mode=steering.search.budget,
+            budget_per_cell=search.budget_per_cell,
+            runs_per_cell={str(k): v for k, v in search.runs_per_cell().items()},
+            total_runs=len(runs),
+        )
+        brackets = {str(k): list(search.bracket(k)) for k in layers}
+    else:
+        budget = Budget(
+            mode="single",
+            budget_per_cell=None,
+            runs_per_cell={"all": sum(r.phase == "ablate" for r in runs)},
+            total_runs=len(runs),
+        )
+        brackets = {}
+
+    provenance = main.provenance
+    if provenance is None:
+        raise FailedPrecondition("the judge returned no verdicts to record provenance from")
+    calls = main.calls
+    for extra in calls_from[1:]:
+        calls = add_calls(calls, extra.calls)
+    result = SteerResult(
+        run_id=run_id,
+        target=params.target,
+        source=params.source,
+        cross_precision=params.source != params.target,
+        trait=params.trait.name,
+        methodology=dataset.methodology,
+        method=params.method,
+        vector_mode=params.vector_mode,
+        mode=params.mode,
+        direction=params.direction,
+        objective="max" if maximize else "min",
+        coherence_threshold=threshold,
+        questions=QuestionSet(
+            kind=main_set.kind,
+            set_id=set_id,
+            count=len(main_set.questions),
+            questions=main_set.questions,
+        ),
+        generation={
+            "max_new_tokens": steering.max_new_tokens,
+            "temperature": 0.0,
+            "seed": steering.seed,
+            "positions": "all",
+            "prompt": "the question as the only user message (chat template, no system prompt)",
+        },
+        search=steering.search.model_dump(mode="json"),
+        budget=budget,
+        layers=layers,
+        skipped_layers=skipped,
+        vector={
+            "summary_key": source.summary_key,
+            "vectors_key": source.vectors_key,
+            "sign": -1 if params.direction == "-" else 1,
+            "norms": {str(layer): source.norm(layer) for layer in layers},
+            "activation_norm": {str(layer): source.activation_norm(layer) for layer in layers},
+            "source_precision": source.summary.precision,
+        },
+        judge=provenance,
+        baseline=baseline,
+        runs=[r.model_copy(update={"answers": []}) for r in runs],
+        best=best,
+        best_per_layer=per_layer,
+        status=status,
+        brackets=brackets,
+        bootstrap={"resamples": resamples, "seed": seed, "level": 0.95, "unit": "question"},
+        loader=loader_record(info),
+        calls=calls,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    runs_key = steer_key(*keys, "runs.jsonl")
+    await store.put_jsonl(runs_key, [r.model_dump(mode="json") for r in runs])
+    if not await store.put_json(result_key, result.model_dump(mode="json")):
+        # A concurrent attempt finished first: its result is the one of record.
+        result = SteerResult.model_validate(await store.get_json(result_key))
+    return steer_summary(result, result_key)
+
+
+def _pick(runs: Sequence[SteerRun], threshold: float, maximize: bool) -> SteerRun | None:
+    outcomes = {
+        id(r): Outcome(
+            Candidate(r.layer if r.layer is not None else -1, r.coefficient, "coarse", r.step),
+            r.mean_trait,
+            r.mean_coherence if r.coherent else None,
+            eligible=r.eligible,
+        )
+        for r in runs
+    }
+    best = best_outcome(outcomes.values(), threshold, maximize=maximize)
+    if best is None:
+        return None
+    return next(r for r in runs if outcomes[id(r)] is best)
