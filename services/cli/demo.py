@@ -116,18 +116,20 @@ def _steering_table(results: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for r in results:
         best = r.get("best") or {}
-        ci = best.get("delta_ci") or [None, None]
+        ci = best.get("delta_ci") or {}
         table.add_row(
             str(r.get("trait")),
             str(r.get("target")),
             str(r.get("source")),
             f"{r.get('mode')}{r.get('direction')}",
-            str(best.get("layer", "-")),
+            str(best["layer"]) if best.get("layer") is not None else ("all" if best else "-"),
             _fmt(best.get("coefficient")),
             _fmt(best.get("mean_trait")),
             _fmt(best.get("delta")),
-            f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci[0] is not None else "-",
-            str((r.get("budget") or {}).get("runs_used", "-")),
+            f"[{_fmt(ci.get('low'))}, {_fmt(ci.get('high'))}]"
+            if ci.get("low") is not None
+            else "-",
+            str((r.get("budget") or {}).get("total_runs", "-")),
         )
     return table
 
@@ -151,17 +153,10 @@ async def _collect(run_id: str) -> dict[str, Any]:
 
 
 async def _fetch_report(run_id: str, target: Path) -> list[Path]:
-    from services.common.store import AsyncS3Store, run_prefix
+    from services.cli.report import download_folder
+    from services.common.store import run_prefix
 
-    store = AsyncS3Store()
-    written: list[Path] = []
-    prefix = run_prefix(run_id) + "analysis/"
-    for key in await store.list_keys(prefix):
-        local = target / key.removeprefix(prefix)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(await store.get_bytes(key))
-        written.append(local)
-    return written
+    return await download_folder(run_prefix(run_id) + "analysis/", target)
 
 
 @app.command("demo")

@@ -186,7 +186,13 @@ class JudgeSettings(BaseSettings):
     concurrency: int = Field(32, ge=1, description="Upstream requests in flight at most.")
     rate_per_s: float = Field(50.0, gt=0, description="Token-bucket rate of upstream requests.")
     burst: int = Field(50, ge=1, description="Token-bucket burst.")
-    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout (openai backend).")
+    loader_timeout_s: float = Field(
+        240.0,
+        gt=0,
+        description="Deadline of the embedding backend's loader calls (Info, Score): a loader "
+        "on CPU may be busy with a large steering batch first.",
+    )
     max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts.")
     api_key_file: Path | None = Field(
         None, description="File holding the API key (a mounted secret); used when api_key is unset."

@@ -126,8 +126,17 @@ class ForwardState:
     plan: SteeringPlan
     capture: CaptureSink | None = None
 
+    def __post_init__(self) -> None:
+        self._masks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+
     def masks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prompt.to(dtype), self.response.to(dtype)
+        """The masks in ``dtype``, converted once per forward pass and reused by every layer
+        (the engine swaps ``prompt``/``response`` between decode steps: the cache follows)."""
+        cached = self._masks.get(dtype)
+        if cached is None or cached[0] is not self.prompt or cached[1] is not self.response:
+            cached = (self.prompt, self.response, self.prompt.to(dtype), self.response.to(dtype))
+            self._masks[dtype] = cached
+        return cached[2], cached[3]
 
 
 def _apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> torch.Tensor:
@@ -139,6 +148,8 @@ def _apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> t
             coef = c_prompt[:, None] * pm32 + c_response[:, None] * rm32
             h32 = h32 - (coef * proj).unsqueeze(-1) * dirs[:, None, :]
         hidden = h32.to(hidden.dtype)
+    if plan.add_all is not None:
+        hidden = hidden + plan.add_all[:, None, :]
     if plan.add_prompt is not None or plan.add_response is not None:
         pm, rm = state.masks(hidden.dtype)
         if plan.add_prompt is not None:

@@ -71,12 +71,20 @@ class LayerPlan:
 
     add_prompt: torch.Tensor | None = None  # [B, H]
     add_response: torch.Tensor | None = None  # [B, H]
+    # Set instead of both when every row adds the same delta on prompt and response tokens
+    # (positions "all"): one broadcast add, no masks (padding is masked out of attention).
+    add_all: torch.Tensor | None = None  # [B, H]
     # Each slot: unit directions [B, H] and coefficients on prompt / response tokens [B].
     ablations: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return self.add_prompt is None and self.add_response is None and not self.ablations
+        return (
+            self.add_prompt is None
+            and self.add_response is None
+            and self.add_all is None
+            and not self.ablations
+        )
 
 
 @dataclass
@@ -152,6 +160,9 @@ def build_plan(
     plans: dict[int, LayerPlan] = {}
     for layer, (p, r, used) in adds.items():
         plan = plans.setdefault(layer, LayerPlan())
+        if used[0] and used[1] and torch.equal(p, r):
+            plan.add_all = p.to(device=device, dtype=dtype)
+            continue
         if used[0]:
             plan.add_prompt = p.to(device=device, dtype=dtype)
         if used[1]:
@@ -177,6 +188,7 @@ def select_rows(plan: SteeringPlan, rows: torch.Tensor) -> SteeringPlan:
         out[layer] = LayerPlan(
             add_prompt=None if lp.add_prompt is None else lp.add_prompt.index_select(0, rows),
             add_response=None if lp.add_response is None else lp.add_response.index_select(0, rows),
+            add_all=None if lp.add_all is None else lp.add_all.index_select(0, rows),
             ablations=[
                 (d.index_select(0, rows), cp.index_select(0, rows), cr.index_select(0, rows))
                 for d, cp, cr in lp.ablations

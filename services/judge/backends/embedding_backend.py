@@ -173,7 +173,7 @@ class EmbeddingBackend(JudgeBackend):
         )
         self._stub = loader_pb2_grpc.LoaderServiceStub(self._channel)
         try:
-            info = await self._stub.Info(loader_pb2.InfoRequest(), timeout=self.settings.timeout_s)
+            info = await self._stub.Info(loader_pb2.InfoRequest(), timeout=self.settings.loader_timeout_s)
         except grpc.aio.AioRpcError as exc:
             await self._channel.close()
             self._channel = self._stub = None
@@ -403,7 +403,7 @@ class EmbeddingBackend(JudgeBackend):
             return out
         self.stats.upstream_calls += 1
         reply = await self._stub.Score(
-            loader_pb2.ScoreRequest(items=score_items), timeout=self.settings.timeout_s
+            loader_pb2.ScoreRequest(items=score_items), timeout=self.settings.loader_timeout_s
         )
         for i, result in zip(index, reply.results, strict=True):
             cont = result.continuations[0]
