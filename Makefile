@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qsens-installed
 PB := services/loader/pb
 PROTO := proto/qsens/loader/v1/loader.proto
 
-.PHONY: install proto check test test-fast demo bench clean format
+.PHONY: install proto check test test-fast demo bench clean format tools
 
 install: $(STAMP) $(PB)/loader_pb2.py
 
@@ -40,7 +40,16 @@ check: install
 	$(VENV)/bin/ruff check services tests bench
 	$(VENV)/bin/mypy --strict services
 
-test: install
+# System tools the tests drive: headless Chromium (report rendering) and promtool (alert
+# rules). Installed from Debian when missing; kubectl (kustomize v5) comes with the machine image.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+tools:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+	@command -v promtool >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: install tools
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: install

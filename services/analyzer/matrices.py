@@ -394,6 +394,18 @@ def _degradation(
             "high": None,
             "reason": f"the reference's steering effect is {e_ref:.3g} (not positive)",
         }
+    if ref.delta_low is not None and ref.delta_high is not None:
+        lo, hi = sorted((_effect_sign(ref) * ref.delta_low, _effect_sign(ref) * ref.delta_high))
+        if lo <= 0.0:
+            # A reference effect indistinguishable from zero makes any % of it meaningless
+            # (a -1.8 point delta would turn a 13-point variant effect into "-740%").
+            return {
+                "value": None,
+                "low": None,
+                "high": None,
+                "reason": f"the reference's steering effect {e_ref:.3g} has a confidence "
+                f"interval [{lo:.3g}, {hi:.3g}] that includes 0",
+            }
     value = (e_ref - e_var) / e_ref * 100.0
     out: dict[str, Any] = {"value": value, "low": None, "high": None}
     qa, qb = _per_question_effect(ref), _per_question_effect(var)

@@ -103,8 +103,8 @@ def _steering_table(results: list[dict[str, Any]]) -> Table:
     )
     for column in (
         "trait",
-        "target",
-        "vectors from",
+        "steered",
+        "vectors",
         "mode",
         "best layer",
         "coef",
@@ -119,8 +119,8 @@ def _steering_table(results: list[dict[str, Any]]) -> Table:
         ci = best.get("delta_ci") or {}
         table.add_row(
             str(r.get("trait")),
-            str(r.get("target")),
-            str(r.get("source")),
+            str(r.get("target")).rsplit("@", 1)[-1],
+            str(r.get("source")).rsplit("@", 1)[-1],
             f"{r.get('mode')}{r.get('direction')}",
             str(best["layer"]) if best.get("layer") is not None else ("all" if best else "-"),
             _fmt(best.get("coefficient")),

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
 
 from services.common.errors import InvalidArgument, ResourceExhausted
@@ -149,6 +150,17 @@ class _Padded:
     prompt_mask: torch.Tensor
     response_mask: torch.Tensor
     offsets: list[int]
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Copy ``tensor`` to the host; from a GPU through pinned memory (the caching host
+    allocator reuses the buffer), about twice as fast as a pageable copy of a large result."""
+    if tensor.device.type != "cuda":
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -322,32 +334,35 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _pad(self, seqs: Sequence[tuple[list[int], int]], side: PaddingSide) -> _Padded:
-        """Pad (ids, prompt_len) rows; prompt/response masks exclude padding."""
-        width = max(len(ids) for ids, _ in seqs)
+        """Pad (ids, prompt_len) rows; prompt/response masks exclude padding.
+
+        Built with whole-array numpy operations (no per-row tensor ops: at hundreds of rows
+        those dominate a small model's forward on a GPU), then copied to the device once each.
+        """
         rows = len(seqs)
-        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((rows, width), dtype=torch.long)
-        positions = torch.zeros((rows, width), dtype=torch.long)
-        prompt = torch.zeros((rows, width), dtype=torch.bool)
-        response = torch.zeros((rows, width), dtype=torch.bool)
-        offsets: list[int] = []
-        for b, (ids, prompt_len) in enumerate(seqs):
-            n = len(ids)
-            start = width - n if side == "left" else 0
-            offsets.append(start)
-            input_ids[b, start : start + n] = torch.tensor(ids, dtype=torch.long)
-            attention[b, start : start + n] = 1
-            positions[b, start : start + n] = torch.arange(n)
-            prompt[b, start : start + prompt_len] = True
-            response[b, start + prompt_len : start + n] = True
+        lengths = np.fromiter((len(ids) for ids, _ in seqs), dtype=np.int64, count=rows)
+        prompt_lens = np.fromiter((p for _, p in seqs), dtype=np.int64, count=rows)
+        width = int(lengths.max())
+        starts = width - lengths if side == "left" else np.zeros(rows, dtype=np.int64)
+        col = np.arange(width, dtype=np.int64)[None, :]
+        rel = col - starts[:, None]  # position of each column within its row's tokens
+        attention = (rel >= 0) & (rel < lengths[:, None])
+        prompt = attention & (rel < prompt_lens[:, None])
+        response = attention & ~prompt
+        input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        # Row-major order of the True cells is each row's tokens in order.
+        input_ids[attention] = np.fromiter(
+            (t for ids, _ in seqs for t in ids), dtype=np.int64, count=int(lengths.sum())
+        )
+        positions = np.where(attention, rel, 0)
         dev = self.device
         return _Padded(
-            input_ids.to(dev),
-            attention.to(dev),
-            positions.to(dev),
-            prompt.to(dev),
-            response.to(dev),
-            offsets,
+            torch.from_numpy(input_ids).to(dev),
+            torch.from_numpy(attention.astype(np.int64)).to(dev),
+            torch.from_numpy(positions).to(dev),
+            torch.from_numpy(prompt).to(dev),
+            torch.from_numpy(response).to(dev),
+            [int(x) for x in starts],
         )
 
     def _plan(self, steering: Sequence[Sequence[SteerSpec]]) -> SteeringPlan:
@@ -417,11 +432,16 @@ class Engine:
         )
         # Built on the host and copied once: per-row slice assignments on a GPU tensor would
         # each be a kernel launch.
-        select_host = torch.zeros(padded.prompt_mask.shape, dtype=torch.bool)
-        for b, item in enumerate(batch):
-            start, end = position.span(len(item.prompt_ids), len(item.response_ids))
-            off = padded.offsets[b]
-            select_host[b, off + start : off + end] = True
+        spans = (
+            np.array(
+                [position.span(len(it.prompt_ids), len(it.response_ids)) for it in batch],
+                dtype=np.int64,
+            ).reshape(len(batch), 2)
+            + np.asarray(padded.offsets, dtype=np.int64)[:, None]
+        )
+        col = np.arange(padded.input_ids.shape[1], dtype=np.int64)[None, :]
+        select_np = (col >= spans[:, :1]) & (col < spans[:, 1:])
+        select_host = torch.from_numpy(select_np)
         select = select_host.to(self.device)
         sink = CaptureSink(frozenset(layers), reduction, select, stop_after=layers[-1])
         state = ForwardState(
@@ -456,7 +476,7 @@ class Engine:
                     )
                 )
         else:
-            stacked = torch.stack([sink.out[layer] for layer in layers], dim=1).cpu()  # [B, L, H]
+            stacked = _to_host(torch.stack([sink.out[layer] for layer in layers], dim=1))
             for b, item in enumerate(batch):
                 out.append(
                     CaptureResult(

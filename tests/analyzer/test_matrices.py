@@ -258,3 +258,19 @@ def test_matched_coherence_uses_the_added_norm_at_the_reference_best_layer() -> 
     assert (
         _matched_coherence(ref, _view(runs=[]))["reason"] == "the variant has no run at that layer"
     )
+
+
+def test_degradation_needs_a_reference_effect_distinguishable_from_zero() -> None:
+    from services.analyzer.matrices import _degradation
+
+    def view(delta: float, low: float, high: float) -> SteerView:
+        return _view(delta=delta, delta_low=low, delta_high=high, objective="min", mode="ablate",
+                     direction="-", best_per_question=None, baseline_per_question=None)  # fmt: skip
+
+    var = view(13.0, 5.0, 20.0)
+    # Ablation (objective min): a reference delta of -1.8 with CI [-11, 8] is no effect.
+    out = _degradation(view(-1.8, -11.0, 8.0), var, resamples=200, seed=0)
+    assert out["value"] is None and "includes 0" in out["reason"]
+    # A clear reference effect gives a percentage: effects 20 vs -13 -> 165% degradation.
+    out = _degradation(view(-20.0, -30.0, -10.0), var, resamples=200, seed=0)
+    assert out["value"] == pytest.approx((20.0 - (-13.0)) / 20.0 * 100.0)

@@ -20,6 +20,8 @@ from services.extractor.methods import VectorSet
 from tests.conftest import PlaneEnv
 from tests.loader_procs import REPO, LoaderProc, start_loader
 
+DATA = REPO.parent / "shared" / "data"
+
 SPEC = """
 name: e2e
 models:
@@ -80,7 +82,10 @@ def services_up(plane_env: PlaneEnv, tmp_path: Path) -> Iterator[dict[str, Loade
         str(ready),
         log=tmp_path / "judge.log",
     )
-    worker = _spawn("worker", "run", "extractor", log=tmp_path / "worker.log")
+    workers = [
+        _spawn("worker", "run", service, log=tmp_path / f"worker-{service}.log")
+        for service in ("extractor", "steerer", "analyzer")
+    ]
     import time
 
     deadline = time.monotonic() + 120
@@ -89,7 +94,7 @@ def services_up(plane_env: PlaneEnv, tmp_path: Path) -> Iterator[dict[str, Loade
         assert time.monotonic() < deadline, "judge service not ready"
         time.sleep(0.2)
     yield loaders
-    for proc in (worker, judge):
+    for proc in (*workers, judge):
         proc.terminate()
         proc.wait(30)
     for loader in loaders.values():
@@ -166,3 +171,65 @@ def test_extraction_end_to_end(services_up: dict[str, LoaderProc], tmp_path: Pat
     assert all(-1.0 <= c <= 1.0 for values in cos.values() for c in values)
     status = _cli("status", run_id, "--json")
     assert json.loads(status.stdout)["summary"]["counts"]["done"] == 6
+
+
+FULL_SPEC = f"""
+name: e2e-full
+models:
+  - {{name: tiny, source: "tiny:llama", family: tiny, size_b: 0.0001, device: cpu}}
+precisions: [fp32, nf4]
+reference: fp32
+traits: [pv/evil, caa/sycophancy, arditi/refusal]
+methods: [mean_diff, probe]
+extraction:
+  n_train: 4
+  n_val: 2
+  max_new_tokens: 8
+  vetting: {{positive_min: 0, negative_max: 100, min_keep: 2}}
+steering:
+  traits: [pv/evil, arditi/refusal]
+  n_layers: 2
+  questions: 3
+  max_new_tokens: 8
+  cross_precision: true
+  search: {{steps: 2, fine_points: 1, budget: equal, budget_runs: 3}}
+logit_diff: {{limit: 6}}
+benchmarks:
+  - {{name: mmlu_ab, format: caa_ab, path: {DATA / "caa" / "mmlu_ab.json"}, limit: 6}}
+probes: {{limit: 4, max_new_tokens: 8}}
+"""
+
+
+def test_whole_study_end_to_end(services_up: dict[str, LoaderProc], tmp_path: Path) -> None:
+    """Every job kind of a study on the tiny model, through ``qsens run``, then the report."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(FULL_SPEC)
+    planned = json.loads(_cli("plan", str(spec), "--json").stdout)
+    kinds = {j["kind"] for j in planned["jobs"]}
+    assert kinds == {"extract", "steer", "logit_diff", "benchmark", "probe", "analyze"}
+    run_id = "e2e-full-run"
+    done = _cli("run", str(spec), "--run-id", run_id, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = json.loads(_cli("status", run_id, "--json").stdout)
+    assert status["summary"]["counts"]["done"] == len(planned["jobs"])
+
+    settings.reset()
+    store = S3Store()
+    keys = store.list_keys(f"runs/{run_id}/")
+    steer_results = [k for k in keys if "/steer/" in k and k.endswith("/result.json")]
+    assert len(steer_results) == sum(j["kind"] == "steer" for j in planned["jobs"])
+    cross = [json.loads(store.get_bytes(k)) for k in steer_results]
+    assert any(r["cross_precision"] for r in cross)  # nf4 steered with the fp32 vectors
+    assert any(r["mode"] == "ablate" for r in cross)  # directional ablation for refusal
+    for r in cross:
+        assert r["budget"]["total_runs"] == len(r["runs"])
+    for name in ("vector_comparison.json", "steering_comparison.json", "report.html"):
+        assert f"runs/{run_id}/analysis/{name}" in keys, name
+
+    # `qsens report` reuses the run's own analysis (same inputs) and downloads it.
+    out = tmp_path / "report"
+    report = _cli("report", run_id, "--out", str(out))
+    assert report.returncode == 0, report.stderr
+    html = (out / "report.html").read_text()
+    assert "<img" in html and (out / "report.md").read_text().startswith("#")
+    assert not any("/analysis/report-" in k for k in store.list_keys(f"runs/{run_id}/analysis/"))

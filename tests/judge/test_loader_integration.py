@@ -48,7 +48,9 @@ async def test_coherence_perplexity_through_loader_score(
 
 async def test_unreachable_loader_is_reported(embedding_model: Any) -> None:
     backend = EmbeddingBackend(
-        JudgeSettings(backend="embedding", loader_address="127.0.0.1:1", timeout_s=1, loader_timeout_s=1),
+        JudgeSettings(
+            backend="embedding", loader_address="127.0.0.1:1", timeout_s=1, loader_timeout_s=1
+        ),
         model=embedding_model,
     )
     with pytest.raises(FailedPrecondition, match="unreachable"):

@@ -173,7 +173,9 @@ class EmbeddingBackend(JudgeBackend):
         )
         self._stub = loader_pb2_grpc.LoaderServiceStub(self._channel)
         try:
-            info = await self._stub.Info(loader_pb2.InfoRequest(), timeout=self.settings.loader_timeout_s)
+            info = await self._stub.Info(
+                loader_pb2.InfoRequest(), timeout=self.settings.loader_timeout_s
+            )
         except grpc.aio.AioRpcError as exc:
             await self._channel.close()
             self._channel = self._stub = None
