@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from services.common.localstack import free_ports  # noqa: E402
 from services.common.spec import JudgeSpec, SearchSpec, SteeringSpec  # noqa: E402
 from services.extractor.datasets import load_trait  # noqa: E402
 from services.judge.backends.text_stats import text_stats  # noqa: E402
@@ -52,7 +52,7 @@ from services.judge.client import COHERENCE, trait_rubric  # noqa: E402
 from services.judge.models import JudgeResult, JudgeStatus, Rubric  # noqa: E402
 from services.judge.rubrics import coherence_rubric, rubric_hash  # noqa: E402
 from services.loader.client import Chat, LoaderClient, PromptItem  # noqa: E402
-from services.steerer.evaluation import SteeringEvaluator  # noqa: E402
+from services.steerer.evaluation import Setting, SteeringEvaluator  # noqa: E402
 from services.steerer.params import SteerParams, TraitParams  # noqa: E402
 from services.steerer.steer import run_search  # noqa: E402
 
@@ -121,16 +121,10 @@ class Source:
         return self._a[layer]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_loader(model: str, precision: str, device: str) -> tuple[subprocess.Popen[bytes], str]:
     work = Path(tempfile.mkdtemp(prefix="qsens-bench-"))
     ready, log = work / "ready.json", work / "loader.log"
-    port = _free_port()
+    (port,) = free_ports(1)
     args = [sys.executable, "-m", "services.cli.main", "serve", "loader", "--model", model,
             "--precision", precision, "--device", device, "--port", str(port),
             "--http-port", "0", "--metrics-port", "0", "--ready-file", str(ready)]  # fmt: skip
@@ -203,7 +197,7 @@ async def search(
     return {
         "wall_s": round(wall, 3),
         "settings": len(out.runs) + 1,
-        "runs_per_layer": out.search.runs_per_cell() if hasattr(out.search, "runs_per_cell") else None,
+        "runs_per_layer": out.search.runs_per_cell(),
         "loader_calls": evaluator.calls.loader_calls,
         "loader_rows": evaluator.calls.loader_rows,
         "judge_calls": judge.calls,
@@ -243,8 +237,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             # Warm-up: one small steered batch so neither side pays first-call costs.
             warm = SteeringEvaluator(loader, SurfaceJudge(), questions=questions[:4], trait="pv/evil",  # type: ignore[arg-type]
                                      rubric=rubric, max_new_tokens=8, seed=0, expected_backend=BACKEND)  # fmt: skip
-            from services.steerer.evaluation import Setting
-
             await warm.evaluate([Setting((layers[0],), 1.0, 0)], [source.vector(layers[0])])
             batched = await search(loader, source, layers, params, questions, rubric, False)
             single = await search(loader, source, layers, params, questions, rubric, True)

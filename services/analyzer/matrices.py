@@ -1403,31 +1403,26 @@ def robustness_ranking(
         if d is not None:
             cond = (e["model"], e["trait"], e["target"], e["steering"], e["mode"], e["direction"])
             deg_cond[cond][e["method"]] = d
+
+    def compare(
+        conditions: Mapping[tuple[Any, ...], Mapping[str, float]], tag: str, higher: bool
+    ) -> dict[str, Any]:
+        return {
+            "higher_is_better": higher,
+            "by_method": {
+                m: stats.bootstrap(
+                    [v[m] for v in conditions.values() if m in v],
+                    resamples=resamples,
+                    seed=_seed(base_seed, tag, m),
+                ).to_json()
+                for m in methods
+            },
+            "pairs": _method_pairs(conditions, methods, resamples, base_seed, higher),
+        }
+
     method_comparison = {
-        "vector_cosine": {
-            "higher_is_better": True,
-            "by_method": {
-                m: stats.bootstrap(
-                    [v[m] for v in cos_cond.values() if m in v],
-                    resamples=resamples,
-                    seed=_seed(base_seed, "cos", m),
-                ).to_json()
-                for m in methods
-            },
-            "pairs": _method_pairs(cos_cond, methods, resamples, base_seed, True),
-        },
-        "steering_degradation_pct": {
-            "higher_is_better": False,
-            "by_method": {
-                m: stats.bootstrap(
-                    [v[m] for v in deg_cond.values() if m in v],
-                    resamples=resamples,
-                    seed=_seed(base_seed, "deg", m),
-                ).to_json()
-                for m in methods
-            },
-            "pairs": _method_pairs(deg_cond, methods, resamples, base_seed, False),
-        },
+        "vector_cosine": compare(cos_cond, "cos", True),
+        "steering_degradation_pct": compare(deg_cond, "deg", False),
     }
 
     def collect(
