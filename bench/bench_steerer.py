@@ -1,26 +1,29 @@
 """Steerer benchmark: one trait's full coefficient search with per-row batching vs one generate
 call per setting. Prints JSON.
 
-The workload is the issue's: 11 candidate layers x 10 coarse steps x 20 questions (equal
+The workload is the issue's: 11 candidate layers x 10 coarse settings x 20 questions (equal
 budget: every layer spends exactly 10 settings, 110 steered settings plus the unsteered
-baseline). Both sides run the steerer's own ``run_search`` against the same real loader
+baseline). Every side runs the steerer's own ``run_search`` against the same real loader
 (``qsens serve loader`` over gRPC on loopback), one after the other in one process:
 
-* batched: every step's settings (one per layer) go to the loader as ONE per-row-steered
-  Generate and to the judge as ONE batch (the steerer's normal path);
-* per setting: ``SteeringEvaluator(per_setting=True)``: one Generate and one judge call per
-  setting, the established protocol.
+* batched, ``probes = k`` (the headline, first of ``--probes``): every step's settings (k per
+  layer) go to the loader as ONE per-row-steered Generate and to the judge as ONE batch, so
+  the 10 settings per layer take ``ceil(10 / k)`` loader/judge rounds;
+* batched at the other ``--probes`` values (``1`` is one setting per layer per step, 10 rounds);
+* per setting: ``SteeringEvaluator(per_setting=True)`` on the headline search: one Generate and
+  one judge call per setting, the established protocol. Same settings, same answers; only the
+  batching differs.
 
 The direction is a quick pv/evil persona contrast (mean difference of Capture at prompt[-1]
 with the evil vs the helpful system prompts), the activation norms come from the same capture.
 
 Judge: the bench needs no NATS server or judge model (the GPU machine has neither), so a
 deterministic in-process *surface judge* stands in: coherence = min(repetition, structure)
-from the embedding judge's own ``text_stats``, trait = a lexical score. It is identical for both
-sides, so the ratio measures the loader/steerer path; the judge call counts are the real
+from the embedding judge's own ``text_stats``, trait = a lexical score. It is identical for every
+side, so the ratio measures the loader/steerer path; the judge call counts are the real
 counts the steerer makes.
 
-    python bench/bench_steerer.py --model smollm2-135m --precision bf16 --device cuda
+    python bench/bench_steerer.py --model smollm2-135m --precision bf16 --device cuda --probes 5,1
 """
 
 from __future__ import annotations
@@ -220,26 +223,33 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             layers = sorted({round(x) for x in np.linspace(lo, hi, args.layers)})
             source = await persona_direction(loader, layers, questions)
             rubric = trait_rubric(dataset.eval_prompt, dataset.exemplars.pos, dataset.exemplars.neg)
-            params = SteerParams(
-                target="bench",
-                source="bench",
-                trait=TraitParams(ref="pv/evil", name="pv/evil", methodology="pv"),
-                method="mean_diff",
-                vector_mode="native",
-                steering=SteeringSpec(
-                    max_new_tokens=args.max_new_tokens,
-                    search=SearchSpec(
-                        steps=args.steps, fine_points=0, budget="equal", budget_runs=args.steps
-                    ),
-                ),
-                judge=JudgeSpec(),
-            )
+
+            def params(probes: int) -> SteerParams:
+                search = SearchSpec(steps=args.steps, probes=probes, fine_points=0,
+                                    budget="equal", budget_runs=args.steps)  # fmt: skip
+                return SteerParams(
+                    target="bench",
+                    source="bench",
+                    trait=TraitParams(ref="pv/evil", name="pv/evil", methodology="pv"),
+                    method="mean_diff",
+                    vector_mode="native",
+                    steering=SteeringSpec(max_new_tokens=args.max_new_tokens, search=search),
+                    judge=JudgeSpec(),
+                )
+
             # Warm-up: one small steered batch so neither side pays first-call costs.
             warm = SteeringEvaluator(loader, SurfaceJudge(), questions=questions[:4], trait="pv/evil",  # type: ignore[arg-type]
                                      rubric=rubric, max_new_tokens=8, seed=0, expected_backend=BACKEND)  # fmt: skip
             await warm.evaluate([Setting((layers[0],), 1.0, 0)], [source.vector(layers[0])])
-            batched = await search(loader, source, layers, params, questions, rubric, False)
-            single = await search(loader, source, layers, params, questions, rubric, True)
+            headline, *others = args.probes
+            batched = await search(
+                loader, source, layers, params(headline), questions, rubric, False
+            )
+            alternatives = {
+                k: await search(loader, source, layers, params(k), questions, rubric, False)
+                for k in others
+            }
+            single = await search(loader, source, layers, params(headline), questions, rubric, True)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -250,7 +260,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if same_path
         else None
     )
-    for side in (batched, single):
+    for side in (batched, single, *alternatives.values()):
         side.pop("answers")
         side.pop("coefficients")
     return {
@@ -261,15 +271,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "layers": layers,
         "steps": args.steps,
+        "probes": headline,
         "questions": len(questions),
         "max_new_tokens": args.max_new_tokens,
-        "judge": BACKEND + " (in-process, deterministic; identical for both sides)",
+        "judge": BACKEND + " (in-process, deterministic; identical for every side)",
         "batched": batched,
         "per_setting": single,
         "speedup": round(single["wall_s"] / batched["wall_s"], 2),
         "judge_call_ratio": round(single["judge_calls"] / max(1, batched["judge_calls"]), 2),
         "same_search_path": same_path,
         "identical_answer_share": identical,
+        "batched_other_probes": {
+            str(k): {**side, "speedup_vs_per_setting": round(single["wall_s"] / side["wall_s"], 2)}
+            for k, side in alternatives.items()
+        },
     }
 
 
@@ -279,7 +294,13 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=11)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="coarse settings per layer")
+    parser.add_argument(
+        "--probes",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=[5, 1],
+        help="settings per layer per step; the first is compared with one call per setting",
+    )
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=None)

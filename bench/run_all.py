@@ -38,7 +38,18 @@ def main() -> int:
         ]
     steerer = ["--device", args.device]
     if small:
-        steerer += ["--layers", "4", "--steps", "3", "--questions", "6", "--max-new-tokens", "12"]
+        steerer += [
+            "--layers",
+            "4",
+            "--steps",
+            "3",
+            "--questions",
+            "6",
+            "--max-new-tokens",
+            "12",
+            "--probes",
+            "3,1",
+        ]
     runs = {
         "queue": [str(HERE / "bench_queue.py")] + (["--chain", "100", "--jobs", "200"] if small else []),
         "judge": [str(HERE / "bench_judge.py")],

@@ -846,7 +846,8 @@ def _methods(run: RunArtefacts, docs: Mapping[str, Mapping[str, Any]]) -> list[B
         blocks.append(
             Paragraph(
                 f"Search: {spec.steering.search.budget} budget, {spec.steering.search.steps} "
-                f"coarse steps, {spec.steering.search.fine_points} fine points (width "
+                f"coarse settings ({spec.steering.search.probes} per step), "
+                f"{spec.steering.search.fine_points} fine points (width "
                 f"{spec.steering.search.fine_width:g}), candidate layers "
                 f"{spec.steering.layers or f'{spec.steering.n_layers} evenly spaced in depths {spec.steering.layer_range[0]:g}–{spec.steering.layer_range[1]:g}'}. "
                 "The best setting is the maximum over the searched settings, so best scores "

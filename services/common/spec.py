@@ -136,7 +136,17 @@ class SearchSpec(_Strict):
     init_fraction: float = Field(
         0.2, gt=0, description="First ||coef*v|| as a fraction of the typical activation norm."
     )
-    steps: int = Field(4, ge=1, le=50, description="Coarse steps per layer.")
+    steps: int = Field(4, ge=1, le=50, description="Coarse settings per layer.")
+    probes: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Coarse coefficients per layer per step, all in one loader/judge batch: 1 is the "
+            "classic sequential walk; k > 1 searches k points at once ((k+1)-ary bisection), "
+            "so the same settings take ceil(steps / k) sequential rounds."
+        ),
+    )
     scale_up: float = Field(
         1.6, gt=1, description="Multiply the coefficient while coherence holds."
     )

@@ -1,14 +1,22 @@
 """The coefficient search as a pure state machine: given each step's results it proposes the next.
 
 A *cell* is one candidate layer. Coefficients are positive magnitudes (the direction's sign is
-carried by the vector). Every step proposes at most one coefficient per cell, so a step is one
-batch of ``cells x questions`` rows for the loader and one batch for the judge.
+carried by the vector). A *step* proposes up to ``probes`` coefficients per cell, so a step is
+one batch of ``cells x probes x questions`` rows for the loader and one batch for the judge.
 
-Coarse phase, per cell, for ``steps`` steps: start at the given coefficient; while the mean
+Coarse phase, per cell, for ``steps`` settings: start at the given coefficient; while the mean
 coherence holds (``>= threshold``) multiply by ``scale_up``, when it breaks multiply by
 ``scale_down``; once one coherent and one incoherent coefficient bracket the collapse, propose
-their geometric mean instead (bisection in log space), so the cell converges on the largest
+points inside the bracket (bisection in log space), so the cell converges on the largest
 coherent coefficient rather than oscillating between two multiples.
+
+``probes = 1`` is the classic sequential walk: one coefficient per cell per step. With ``probes
+= k`` a step tries ``k`` coefficients of a cell at once: ``k`` successive multiples while the
+cell is unbracketed (exactly the settings the walk would try next while the outcome keeps
+pointing the same way) and the ``k`` log-evenly spaced interior points of the bracket once it
+has one (a ``(k+1)``-ary search). The same ``steps`` settings then take ``ceil(steps / k)``
+sequential loader/judge rounds instead of ``steps``; the price is a slightly wider final
+bracket per setting spent (``(k+1)`` per ``k`` settings instead of ``2`` per setting).
 
 Fine phase: coefficients ``centre * (1 + width * k / m)`` for ``k = +-1 .. +-m`` (nearest
 first, below before above), ``m = ceil(fine_points / 2)``, around the best coherent run.
@@ -16,7 +24,7 @@ first, below before above), ``m = ceil(fine_points / 2)``, around the best coher
 Budgets (``SearchSpec.budget``):
 
 * ``equal``: every cell spends exactly ``budget_runs`` settings (default ``steps +
-  fine_points``): ``min(steps, budget)`` coarse steps, the rest as a fine sweep around the
+  fine_points``): ``min(steps, budget)`` coarse settings, the rest as a fine sweep around the
   cell's own best (or below its lowest coefficient when none was coherent). No early stop, so
   best-of-N compares like with like across cells, variants and precisions.
 * ``adaptive``: a cell stops once its bracket is narrower than ``convergence``; then one fine
@@ -124,6 +132,7 @@ class _Cell:
     next: float
     coarse_left: int
     fine_left: int
+    threshold: float = 0.0
     lo: float | None = None  # largest coherent coefficient seen
     hi: float | None = None  # smallest incoherent coefficient seen
     stopped: bool = False
@@ -132,22 +141,28 @@ class _Cell:
     def tried(self, coefficient: float) -> bool:
         return any(_same(o.coefficient, coefficient) for o in self.outcomes)
 
-    def advance(self, spec: SearchSpec, last_coherent: bool) -> float:
-        """The next coarse coefficient after the latest outcome."""
-        if self.lo is not None and self.hi is not None and self.lo < self.hi:
-            return math.sqrt(self.lo * self.hi)
-        if self.hi is None and self.lo is not None:
-            return self.lo * spec.scale_up
-        if self.lo is None and self.hi is not None:
-            return self.hi * spec.scale_down
+    def proposals(self, spec: SearchSpec, n: int) -> list[float]:
+        """The next ``n`` coarse coefficients given every outcome so far (see module docstring)."""
+        if not self.outcomes:
+            return [self.next * spec.scale_up**i for i in range(n)]
+        lo, hi = self.lo, self.hi
+        if lo is not None and hi is not None and lo < hi:
+            ratio = hi / lo
+            return [lo * ratio ** (i / (n + 1)) for i in range(1, n + 1)]
+        if hi is None and lo is not None:
+            return [lo * spec.scale_up**i for i in range(1, n + 1)]
+        if lo is None and hi is not None:
+            return [hi * spec.scale_down**i for i in range(1, n + 1)]
         # Coherence was not monotone in the coefficient (a coherent run above an incoherent
         # one): keep moving from the latest run in the direction its outcome asks for.
-        value = self.outcomes[-1].coefficient
-        factor = spec.scale_up if last_coherent else spec.scale_down
-        value *= factor
-        while self.tried(value):
+        latest = self.outcomes[-1]
+        factor = spec.scale_up if is_coherent(latest, self.threshold) else spec.scale_down
+        value, out = latest.coefficient, list[float]()
+        while len(out) < n:
             value *= factor
-        return value
+            if not self.tried(value) and not any(_same(value, v) for v in out):
+                out.append(value)
+        return out
 
 
 class CoefficientSearch:
@@ -186,7 +201,13 @@ class CoefficientSearch:
             coarse, fine = spec.steps, 0
             self.budget_per_cell = None
         self.cells: dict[int, _Cell] = {
-            layer: _Cell(layer=layer, next=float(start), coarse_left=coarse, fine_left=fine)
+            layer: _Cell(
+                layer=layer,
+                next=float(start),
+                coarse_left=coarse,
+                fine_left=fine,
+                threshold=self.threshold,
+            )
             for layer, start in sorted(starts.items())
         }
         self.step = 0
@@ -213,9 +234,10 @@ class CoefficientSearch:
 
     def _peek(self) -> list[Candidate]:
         coarse = [
-            Candidate(cell.layer, cell.next, "coarse", 0)
+            Candidate(cell.layer, value, "coarse", 0)
             for cell in self.cells.values()
             if cell.coarse_left > 0 and not cell.stopped
+            for value in cell.proposals(self.spec, min(self.spec.probes, cell.coarse_left))
         ]
         if coarse:
             return coarse
@@ -273,12 +295,11 @@ class CoefficientSearch:
                     self._adaptive_fine_done = True
                 continue
             cell.coarse_left -= 1
-            coherent = is_coherent(o, self.threshold)
-            if coherent:
+            if is_coherent(o, self.threshold):
                 cell.lo = o.coefficient if cell.lo is None else max(cell.lo, o.coefficient)
             else:
                 cell.hi = o.coefficient if cell.hi is None else min(cell.hi, o.coefficient)
-            cell.next = cell.advance(self.spec, coherent)
+        for cell in self.cells.values():
             if (
                 not self.equal
                 and cell.lo is not None

@@ -147,6 +147,28 @@ async def test_search_converges_on_the_collapse_with_equal_budgets(
     assert other.best is not None and other.best.delta == 0
 
 
+async def test_multi_probe_search_spends_the_budget_in_fewer_batches(
+    plane: Plane, toy_loader: LoaderProc, run_id: str
+) -> None:
+    """probes=3: the same 9 coarse settings per layer go out as 3 batches, not 9."""
+    await plane.announce(toy_loader)
+    write_extraction(plane.store, run_id, "toy@fp32", "pv/evil", toy_vectors())
+    job = steer_job(run_id, search=search_spec(steps=9, fine_points=3, probes=3, budget="equal"))
+    [record] = await plane.run(run_id, [job])
+    assert record.state == JobState.DONE, record.error
+    result, runs = read_result(plane, run_id, job)
+    assert result.budget.runs_per_cell == {"1": 12, "2": 12}
+    assert result.calls.loader_calls == 4 and result.calls.judge_calls == 4
+    assert Counter(r.step for r in runs) == {1: 6, 2: 6, 3: 6, 4: 6}
+    for layer in ("1", "2"):
+        lo, hi = result.brackets[layer]
+        assert lo is not None and hi is not None and lo < C_STAR <= hi and hi / lo < 1.2
+    for r in runs:
+        assert r.coherent is not (r.coefficient * VNORM > COLLAPSE_X), r.coefficient
+    best = result.best
+    assert best is not None and best.mean_trait == 80 and 1.5 < best.coefficient < C_STAR
+
+
 async def test_adaptive_budget_records_unequal_runs(
     plane: Plane, toy_loader: LoaderProc, run_id: str
 ) -> None:
