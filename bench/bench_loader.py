@@ -57,8 +57,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Any, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
+def _time(fn: Any, device: torch.device, repeats: int, warm: Any = None) -> float:
+    (warm or fn)()  # warm-up (a cheaper call of the same shapes where given)
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -68,6 +68,19 @@ def _time(fn: Any, device: torch.device, repeats: int) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _paired(a: Any, b: Any, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of ``a`` and ``b`` timed alternately (a, b, a, b, ...), and the median of
+    the per-pair ratios ``t_b / t_a``: drift of clocks or of a shared machine hits both sides."""
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_time(a, device, 1, warm=lambda: None))
+        tb.append(_time(b, device, 1, warm=lambda: None))
+    ratios = [y / x for x, y in zip(ta, tb, strict=True)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,14 +126,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 use_cache=False,
             )
 
-    t_cap = _time(capture, device, args.repeats)
-    t_fwd = _time(plain_forward, device, args.repeats)
+    t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
     result["capture"] = {
         "rows": len(cap_items),
         "tokens": tokens,
         "capture_tokens_per_s": tokens / t_cap,
         "forward_tokens_per_s": tokens / t_fwd,
-        "ratio_capture_over_forward": t_fwd / t_cap,
+        "ratio_capture_over_forward": ratio,
+        "repeats": args.repeats,
         "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM with logits",
     }
 
@@ -131,14 +144,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mid = engine.num_layers // 2
     plain_items = [EngineItem(p) for p in prompts]
     steered_items = [EngineItem(p, steering=[SteerSpec((mid,), vec, 4.0)]) for p in prompts]
-    t_plain = _time(lambda: engine.generate(plain_items, params), device, args.repeats)
-    t_steer = _time(lambda: engine.generate(steered_items, params), device, args.repeats)
+    t_steer, t_plain, ratio = _paired(
+        lambda: engine.generate(steered_items, params),
+        lambda: engine.generate(plain_items, params),
+        device,
+        args.repeats,
+    )
     result["steered_generation"] = {
         "rows": len(prompts),
         "new_tokens": args.new_tokens,
         "unsteered_s": t_plain,
         "steered_s": t_steer,
-        "ratio_steered_throughput": t_plain / t_steer,
+        "ratio_steered_throughput": ratio,
+        "repeats": args.repeats,
     }
 
     # 3. Sweep: layers x coefficients x prompts as one per-row batch vs one call per setting.
@@ -163,8 +181,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 [EngineItem(p, steering=[SteerSpec((layer,), vec, coef)]) for p in prompts], params
             )
 
+    def first_setting() -> None:
+        layer, coef = settings[0]
+        engine.generate(
+            [EngineItem(p, steering=[SteerSpec((layer,), vec, coef)]) for p in prompts], params
+        )
+
     t_batch = _time(one_batch, device, 1)
-    t_loop = _time(per_setting, device, 1)
+    t_loop = _time(per_setting, device, 1, warm=first_setting)
     result["sweep"] = {
         "layers": len(layers),
         "coefficients": len(coefs),
@@ -188,7 +212,7 @@ def main() -> None:
     parser.add_argument("--sweep-layers", type=int, default=11)
     parser.add_argument("--sweep-coefs", type=int, default=5)
     parser.add_argument("--capture-copies", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:

@@ -10,6 +10,7 @@ are computed from the attention mask, so left and right padding give the same nu
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -279,8 +280,15 @@ class Engine:
 
     # ------------------------------------------------------------------ batching
     def _micro_batches(self, lengths: Sequence[int], extra: int, max_rows: int) -> list[list[int]]:
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        """Rows sorted longest first, split greedily by rows and padded tokens."""
+        sizes = np.asarray(lengths, dtype=np.int64)
         limit_rows = max(1, min(max_rows or self.max_batch_size, self.max_batch_size))
+        # Stable: equal lengths keep request order (results must not depend on ties).
+        order = np.argsort(-sizes, kind="stable").tolist()
+        if len(order) <= limit_rows and (
+            not order or (int(sizes.max()) + extra) * len(order) <= self.settings.max_batch_tokens
+        ):
+            return [order] if order else []
         batches: list[list[int]] = []
         current: list[int] = []
         longest = 0
@@ -341,7 +349,9 @@ class Engine:
         input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
         # Row-major order of the True cells is each row's tokens in order.
         input_ids[attention] = np.fromiter(
-            (t for ids, _ in seqs for t in ids), dtype=np.int64, count=int(lengths.sum())
+            itertools.chain.from_iterable(ids for ids, _ in seqs),
+            dtype=np.int64,
+            count=int(lengths.sum()),
         )
         positions = np.where(attention, rel, 0)
         dev = self.device
@@ -449,12 +459,12 @@ class Engine:
         self._count(len(batch), sum(it.length for it in batch))
         counts = select_host.sum(dim=1).tolist()
         out: list[CaptureResult] = []
+        # One stack, one float32 conversion and one device-to-host copy for all layers.
+        stacked = self._to_host(torch.stack([sink.out[layer] for layer in layers], dim=1))
         if reduction == "none":
-            per_layer = [
-                torch.split(sink.out[layer].cpu(), [int(c) for c in counts]) for layer in layers
-            ]
+            per_row = torch.split(stacked, [int(c) for c in counts])  # [N, L, H] -> rows
             for b, item in enumerate(batch):
-                acts = torch.stack([per_layer[k][b] for k in range(len(layers))])
+                acts = per_row[b].transpose(0, 1)  # [L, n_b, H]
                 out.append(
                     CaptureResult(
                         indices[b],
@@ -464,8 +474,7 @@ class Engine:
                         len(item.response_ids),
                     )
                 )
-        else:
-            stacked = torch.stack([sink.out[layer] for layer in layers], dim=1).cpu()  # [B, L, H]
+        else:  # stacked: [B, L, H]
             for b, item in enumerate(batch):
                 out.append(
                     CaptureResult(
@@ -477,6 +486,17 @@ class Engine:
                     )
                 )
         return out
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as float32 on the CPU. From a GPU the copy lands in page-locked memory (from
+        torch's caching host allocator): a direct DMA instead of a staged pageable copy."""
+        t = t.float()
+        if t.device.type != "cuda":
+            return t.cpu()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return host
 
     # ------------------------------------------------------------------ next token
     def next_token(

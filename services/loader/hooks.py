@@ -100,21 +100,18 @@ class CaptureSink:
         self._rows = torch.arange(self.select.shape[0], device=self.select.device)
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
+        """Reduce ``hidden`` [B, T, H] to this layer's result, in the model's dtype (half-
+        precision matmuls accumulate in float32; only the result is rounded). The engine
+        stacks the layers and converts to float32 once: one kernel instead of one per layer."""
         if self.reduction == "mean":
-            if hidden.dtype == torch.float32:
-                self.out[layer] = torch.bmm(self._weights, hidden).squeeze(1)
-            else:
-                # Half-precision matmuls accumulate in float32; only the result is rounded.
-                w = self._weights_by_dtype.get(hidden.dtype)
-                if w is None:
-                    w = self._weights_by_dtype.setdefault(
-                        hidden.dtype, self._weights.to(hidden.dtype)
-                    )
-                self.out[layer] = torch.bmm(w, hidden).squeeze(1).float()
+            w = self._weights_by_dtype.get(hidden.dtype)
+            if w is None:
+                w = self._weights_by_dtype.setdefault(hidden.dtype, self._weights.to(hidden.dtype))
+            self.out[layer] = torch.bmm(w, hidden).squeeze(1)
         elif self.reduction == "last":
-            self.out[layer] = hidden[self._rows, self._last].float()
+            self.out[layer] = hidden[self._rows, self._last]
         else:
-            self.out[layer] = hidden[self.select].float()
+            self.out[layer] = hidden[self.select]
 
 
 @dataclass
