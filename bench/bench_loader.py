@@ -126,15 +126,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 use_cache=False,
             )
 
+    def forward_from_ids() -> None:
+        # The same forward starting where capture starts: token-id lists, padded per call.
+        p = engine._pad(
+            [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items], "left"
+        )
+        with torch.inference_mode():
+            engine.model(
+                input_ids=p.input_ids,
+                attention_mask=p.attention_mask,
+                position_ids=p.position_ids,
+                use_cache=False,
+            )
+
     t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
+    _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
     result["capture"] = {
         "rows": len(cap_items),
         "tokens": tokens,
         "capture_tokens_per_s": tokens / t_cap,
         "forward_tokens_per_s": tokens / t_fwd,
         "ratio_capture_over_forward": ratio,
+        "forward_from_ids_tokens_per_s": tokens / t_ids,
+        "ratio_capture_over_forward_from_ids": ratio_ids,
         "repeats": args.repeats,
-        "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM with logits",
+        "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM "
+        "with logits on pre-padded device tensors; forward_from_ids: the same, padding the "
+        "token-id lists per call as capture does",
     }
 
     # 2. Steered vs unsteered generation (equal work: end-of-turn ignored).

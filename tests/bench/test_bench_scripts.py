@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end on a tiny model and report what they claim to measure.
+
+Timings are not asserted (they live in bench/RESULTS.md); the call counts and the shape of the
+comparison are, so a change that silently breaks a bench (or makes both sides do different
+work) fails here rather than on a lent GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "tiny:llama?layers=6&hidden=32&heads=2&kv_heads=1&intermediate=64"
+
+
+def run_bench(script: str, *args: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = proc.stdout.index("{")
+    result: dict[str, object] = json.loads(proc.stdout[start:])
+    return result
+
+
+def test_steerer_bench_compares_the_same_search_batched_and_per_setting() -> None:
+    steps, layers, questions = 4, 3, 3
+    out = run_bench(
+        "bench_steerer.py", "--model", TINY, "--precision", "fp32",
+        "--layers", str(layers), "--steps", str(steps), "--questions", str(questions),
+        "--max-new-tokens", "4", "--probes", "2,1",
+    )  # fmt: skip
+    batched, single = out["batched"], out["per_setting"]
+    assert isinstance(batched, dict) and isinstance(single, dict)
+    n_layers = len(out["layers"])  # type: ignore[arg-type]
+    settings = n_layers * steps + 1  # + the unsteered baseline
+    # probes=2: 4 settings per layer in 2 rounds, the baseline riding in the first.
+    assert batched["loader_calls"] == math.ceil(steps / 2) == batched["judge_calls"]
+    assert single["loader_calls"] == settings == single["judge_calls"]
+    assert batched["loader_rows"] == single["loader_rows"] == settings * questions
+    assert out["same_search_path"] is True
+    other = out["batched_other_probes"]["1"]  # type: ignore[index]
+    assert other["loader_calls"] == steps and other["runs_per_layer"] == batched["runs_per_layer"]
+    assert out["speedup"] == round(single["wall_s"] / batched["wall_s"], 2)
+
+
+def test_loader_bench_reports_every_comparison() -> None:
+    out = run_bench(
+        "bench_loader.py", "--model", TINY, "--precision", "fp32", "--device", "cpu",
+        "--prompts", "3", "--new-tokens", "3", "--sweep-layers", "2", "--sweep-coefs", "2",
+        "--capture-copies", "2", "--repeats", "2",
+    )  # fmt: skip
+    capture, gen, sweep = out["capture"], out["steered_generation"], out["sweep"]
+    assert isinstance(capture, dict) and isinstance(gen, dict) and isinstance(sweep, dict)
+    assert capture["rows"] == 6 and capture["ratio_capture_over_forward"] > 0
+    assert capture["ratio_capture_over_forward_from_ids"] > 0
+    assert gen["rows"] == 3 and gen["ratio_steered_throughput"] > 0
+    assert sweep["rows"] == 2 * 2 * 3 and sweep["speedup"] > 0
