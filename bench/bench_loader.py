@@ -113,24 +113,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ):
             pass
 
-    padded = engine._pad(
-        [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items], "left"
-    )
+    def pad() -> Any:
+        seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items]
+        return engine._pad(seqs, "left")
 
-    def plain_forward() -> None:
-        with torch.inference_mode():
-            engine.model(
-                input_ids=padded.input_ids,
-                attention_mask=padded.attention_mask,
-                position_ids=padded.position_ids,
-                use_cache=False,
-            )
-
-    def forward_from_ids() -> None:
-        # The same forward starting where capture starts: token-id lists, padded per call.
-        p = engine._pad(
-            [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items], "left"
-        )
+    def forward(p: Any) -> None:
         with torch.inference_mode():
             engine.model(
                 input_ids=p.input_ids,
@@ -138,6 +125,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 position_ids=p.position_ids,
                 use_cache=False,
             )
+
+    padded = pad()
+
+    def plain_forward() -> None:
+        forward(padded)
+
+    def forward_from_ids() -> None:
+        # The same forward starting where capture starts: token-id lists, padded per call.
+        forward(pad())
 
     t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
     _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
