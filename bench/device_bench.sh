@@ -2,8 +2,11 @@
 # of issues 2 and 5 in one command. Results go to a work folder and, after every step, into ONE
 # archive under $OUT ($OUT/results.tgz): the device returns at most 8 files from a command and
 # a command cut short by its time limit still returns what finished.
-#   . bench/device_setup.sh && bash bench/device_bench.sh
+#   . bench/device_setup.sh && bash bench/device_bench.sh [STEP ...]
+# STEPs (default: all, in this order): steerer gpu_check bf16 nf4 int8.
 set -u
+STEPS=${*:-steerer gpu_check bf16 nf4 int8}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 WORK=/tmp/qsens-bench
 mkdir -p "$OUT" "$WORK"
 run() {  # name, seconds, command...
@@ -15,8 +18,9 @@ run() {  # name, seconds, command...
   tar czf "$OUT/results.tgz" -C "$WORK" .
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
-run steerer_bf16 300 python bench/bench_steerer.py --precision bf16 --device cuda --probes 5,4,1
-run gpu_check 120 python bench/gpu_check.py
-run loader_bf16 120 python bench/bench_loader.py --precision bf16 --device cuda
-run loader_nf4 150 python bench/bench_loader.py --precision nf4 --device cuda
-run loader_int8 400 python bench/bench_loader.py --precision int8 --device cuda --repeats 3
+want steerer && run steerer_bf16 300 python bench/bench_steerer.py --precision bf16 --device cuda --probes 5,4,1
+want gpu_check && run gpu_check 120 python bench/gpu_check.py
+want bf16 && run loader_bf16 120 python bench/bench_loader.py --precision bf16 --device cuda
+want nf4 && run loader_nf4 150 python bench/bench_loader.py --precision nf4 --device cuda
+want int8 && run loader_int8 540 python bench/bench_loader.py --precision int8 --device cuda --repeats 3
+true
