@@ -101,119 +101,139 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prompts": len(prompts),
     }
 
-    # 1. Capture (all layers, response[:] mean) vs a plain forward of the same padded batch.
-    cap_items = [EngineItem(p, response) for p in prompts] * args.capture_copies
-    tokens = sum(it.length for it in cap_items)
-    all_layers = list(range(engine.num_layers))
-    position = parse_position("response[:]")
-
-    def capture() -> None:
-        for _ in engine.capture(
-            cap_items, all_layers, position, "mean", chunk_items=len(cap_items)
-        ):
-            pass
-
-    def pad() -> Any:
-        seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items]
-        return engine._pad(seqs, "left")
-
-    def forward(p: Any) -> None:
-        with torch.inference_mode():
-            engine.model(
-                input_ids=p.input_ids,
-                attention_mask=p.attention_mask,
-                position_ids=p.position_ids,
-                use_cache=False,
-            )
-
-    padded = pad()
-
-    def plain_forward() -> None:
-        forward(padded)
-
-    def forward_from_ids() -> None:
-        # The same forward starting where capture starts: token-id lists, padded per call.
-        forward(pad())
-
-    t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
-    _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
-    result["capture"] = {
-        "rows": len(cap_items),
-        "tokens": tokens,
-        "capture_tokens_per_s": tokens / t_cap,
-        "forward_tokens_per_s": tokens / t_fwd,
-        "ratio_capture_over_forward": ratio,
-        "forward_from_ids_tokens_per_s": tokens / t_ids,
-        "ratio_capture_over_forward_from_ids": ratio_ids,
-        "repeats": args.repeats,
-        "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM "
-        "with logits on pre-padded device tensors; forward_from_ids: the same, padding the "
-        "token-id lists per call as capture does",
-    }
-
-    # 2. Steered vs unsteered generation (equal work: end-of-turn ignored).
     params = GenParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     vec = torch.randn(engine.hidden_size, generator=torch.Generator().manual_seed(0))
     vec = vec / vec.norm()
-    mid = engine.num_layers // 2
-    plain_items = [EngineItem(p) for p in prompts]
-    steered_items = [EngineItem(p, steering=[SteerSpec((mid,), vec, 4.0)]) for p in prompts]
-    t_steer, t_plain, ratio = _paired(
-        lambda: engine.generate(steered_items, params),
-        lambda: engine.generate(plain_items, params),
-        device,
-        args.repeats,
-    )
-    result["steered_generation"] = {
-        "rows": len(prompts),
-        "new_tokens": args.new_tokens,
-        "unsteered_s": t_plain,
-        "steered_s": t_steer,
-        "ratio_steered_throughput": ratio,
-        "repeats": args.repeats,
-    }
 
-    # 3. Sweep: layers x coefficients x prompts as one per-row batch vs one call per setting.
-    layers = [
-        round(i * (engine.num_layers - 1) / (args.sweep_layers - 1))
-        for i in range(args.sweep_layers)
-    ]
-    coefs = [c for c in (-8.0, -4.0, 2.0, 4.0, 8.0)][: args.sweep_coefs]
-    settings = [(layer, coef) for layer in layers for coef in coefs]
-    sweep_items = [
-        EngineItem(p, steering=[SteerSpec((layer,), vec, coef)])
-        for layer, coef in settings
-        for p in prompts
-    ]
+    def capture_part() -> None:
+        # 1. Capture (all layers, response[:] mean) vs a plain forward of the same padded batch.
+        cap_items = [EngineItem(p, response) for p in prompts] * args.capture_copies
+        tokens = sum(it.length for it in cap_items)
+        all_layers = list(range(engine.num_layers))
+        position = parse_position("response[:]")
 
-    def one_batch() -> None:
-        engine.generate(sweep_items, params)
+        def capture() -> None:
+            for _ in engine.capture(
+                cap_items, all_layers, position, "mean", chunk_items=len(cap_items)
+            ):
+                pass
 
-    def per_setting() -> None:
-        for layer, coef in settings:
+        def pad() -> Any:
+            seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items]
+            return engine._pad(seqs, "left")
+
+        def forward(p: Any) -> None:
+            with torch.inference_mode():
+                engine.model(
+                    input_ids=p.input_ids,
+                    attention_mask=p.attention_mask,
+                    position_ids=p.position_ids,
+                    use_cache=False,
+                )
+
+        padded = pad()
+
+        def plain_forward() -> None:
+            forward(padded)
+
+        def forward_from_ids() -> None:
+            # The same forward starting where capture starts: token-id lists, padded per call.
+            forward(pad())
+
+        t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
+        _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
+        result["capture"] = {
+            "rows": len(cap_items),
+            "tokens": tokens,
+            "capture_tokens_per_s": tokens / t_cap,
+            "forward_tokens_per_s": tokens / t_fwd,
+            "ratio_capture_over_forward": ratio,
+            "forward_from_ids_tokens_per_s": tokens / t_ids,
+            "ratio_capture_over_forward_from_ids": ratio_ids,
+            "repeats": args.repeats,
+            "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM "
+            "with logits on pre-padded device tensors; forward_from_ids: the same, padding the "
+            "token-id lists per call as capture does",
+        }
+
+    def generation_part() -> None:
+        # 2. Steered vs unsteered generation (equal work: end-of-turn ignored).
+        mid = engine.num_layers // 2
+        plain_items = [EngineItem(p) for p in prompts]
+        steered_items = [EngineItem(p, steering=[SteerSpec((mid,), vec, 4.0)]) for p in prompts]
+        t_steer, t_plain, ratio = _paired(
+            lambda: engine.generate(steered_items, params),
+            lambda: engine.generate(plain_items, params),
+            device,
+            args.repeats,
+        )
+        result["steered_generation"] = {
+            "rows": len(prompts),
+            "new_tokens": args.new_tokens,
+            "unsteered_s": t_plain,
+            "steered_s": t_steer,
+            "ratio_steered_throughput": ratio,
+            "repeats": args.repeats,
+        }
+
+    def sweep_part() -> None:
+        # 3. Sweep: layers x coefficients x prompts as one per-row batch vs one call per setting.
+        layers = [
+            round(i * (engine.num_layers - 1) / (args.sweep_layers - 1))
+            for i in range(args.sweep_layers)
+        ]
+        coefs = [c for c in (-8.0, -4.0, 2.0, 4.0, 8.0)][: args.sweep_coefs]
+        settings = [(layer, coef) for layer in layers for coef in coefs]
+        sweep_items = [
+            EngineItem(p, steering=[SteerSpec((layer,), vec, coef)])
+            for layer, coef in settings
+            for p in prompts
+        ]
+
+        def one_batch() -> None:
+            engine.generate(sweep_items, params)
+
+        def per_setting() -> None:
+            for layer, coef in settings:
+                engine.generate(
+                    [EngineItem(p, steering=[SteerSpec((layer,), vec, coef)]) for p in prompts],
+                    params,
+                )
+
+        def first_setting() -> None:
+            layer, coef = settings[0]
             engine.generate(
                 [EngineItem(p, steering=[SteerSpec((layer,), vec, coef)]) for p in prompts], params
             )
 
-    def first_setting() -> None:
-        layer, coef = settings[0]
-        engine.generate(
-            [EngineItem(p, steering=[SteerSpec((layer,), vec, coef)]) for p in prompts], params
-        )
+        t_batch = _time(one_batch, device, 1)
+        t_loop = _time(per_setting, device, 1, warm=first_setting)
+        result["sweep"] = {
+            "layers": len(layers),
+            "coefficients": len(coefs),
+            "prompts": len(prompts),
+            "rows": len(sweep_items),
+            "new_tokens": args.new_tokens,
+            "one_batch_s": t_batch,
+            "per_setting_calls_s": t_loop,
+            "speedup": t_loop / t_batch,
+        }
 
-    t_batch = _time(one_batch, device, 1)
-    t_loop = _time(per_setting, device, 1, warm=first_setting)
-    result["sweep"] = {
-        "layers": len(layers),
-        "coefficients": len(coefs),
-        "prompts": len(prompts),
-        "rows": len(sweep_items),
-        "new_tokens": args.new_tokens,
-        "one_batch_s": t_batch,
-        "per_setting_calls_s": t_loop,
-        "speedup": t_loop / t_batch,
-    }
+    parts = {"capture": capture_part, "generation": generation_part, "sweep": sweep_part}
+    for name in args.parts:
+        parts[name]()
     return result
+
+
+PARTS = ("capture", "generation", "sweep")
+
+
+def _parts(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in PARTS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--parts: {bad or text!r} not in {', '.join(PARTS)}")
+    return names
 
 
 def main() -> None:
@@ -228,6 +248,12 @@ def main() -> None:
     parser.add_argument("--capture-copies", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--parts",
+        type=_parts,
+        default=list(PARTS),
+        help="comma-separated subset of capture,generation,sweep",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -64,3 +64,19 @@ def test_loader_bench_reports_every_comparison() -> None:
     assert capture["ratio_capture_over_forward_from_ids"] > 0
     assert gen["rows"] == 3 and gen["ratio_steered_throughput"] > 0
     assert sweep["rows"] == 2 * 2 * 3 and sweep["speedup"] > 0
+
+
+def test_loader_bench_runs_only_the_parts_asked_for_and_names_a_bad_one() -> None:
+    out = run_bench(
+        "bench_loader.py", "--model", TINY, "--precision", "fp32", "--device", "cpu",
+        "--prompts", "2", "--capture-copies", "1", "--repeats", "1", "--parts", "capture",
+    )  # fmt: skip
+    assert "capture" in out and "steered_generation" not in out and "sweep" not in out
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_loader.py"), "--parts", "capture,warp"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--parts" in proc.stderr and "warp" in proc.stderr
