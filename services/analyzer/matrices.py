@@ -27,7 +27,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -116,6 +116,29 @@ def _model_of(variant: str) -> str:
 
 def _precision_of(variant: str) -> str:
     return variant.partition("@")[2]
+
+
+class _OfVariant(Protocol):
+    @property
+    def variant(self) -> str: ...
+
+
+_V = TypeVar("_V", bound=_OfVariant)
+
+
+def _against_reference(
+    run: RunArtefacts, views: Iterable[_V], cell: Callable[[_V], tuple[str, ...]]
+) -> Iterable[tuple[tuple[str, ...], str, _V | None, _V]]:
+    """Views grouped into cells ``(model, *cell(view))`` in sorted order, variants sorted in
+    each: ``(cell, reference variant id, the cell's reference view or None, view)``."""
+    by_cell: dict[tuple[str, ...], list[_V]] = defaultdict(list)
+    for v in views:
+        by_cell[(_model_of(v.variant), *cell(v))].append(v)
+    for key, group in sorted(by_cell.items()):
+        ref_id = run.reference_of(key[0])
+        ref = next((v for v in group if v.variant == ref_id), None)
+        for v in sorted(group, key=lambda x: x.variant):
+            yield key, ref_id, ref, v
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -792,42 +815,37 @@ def logit_diff_comparison(run: RunArtefacts) -> dict[str, Any]:
     """``logit_diff_comparison.json``: per-question logit differences vs the reference."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
-    by_cell: dict[tuple[str, str, str], list[LogitDiffView]] = defaultdict(list)
-    for v in run.logit_diff:
-        by_cell[(_model_of(v.variant), v.trait, v.method)].append(v)
     entries: list[dict[str, Any]] = []
-    for (model, trait, method), views in sorted(by_cell.items()):
-        ref_id = run.reference_of(model)
-        ref = next((v for v in views if v.variant == ref_id), None)
-        for v in sorted(views, key=lambda x: x.variant):
-            entry: dict[str, Any] = {
-                "model": model,
-                "trait": trait,
-                "method": method,
-                "variant": v.variant,
-                "precision": _precision_of(v.variant),
-                "vector_mode": v.vector_mode,
-                "layer": v.layer,
-                "multiples": v.multiples,
-                "coefficients": v.coefficients,
-                "mean": v.mean,
-                "unsteered": v.unsteered,
-                "slope": {"value": v.slope, "low": v.slope_low, "high": v.slope_high},
-                "n_questions": len(v.per_question),
-                "is_reference": v.variant == ref_id,
-                "sources": {"result": v.key, "reference": ref.key if ref else None},
-            }
-            if ref is None:
-                entry["classification"] = classify_logit_correlation(None).to_json()
-                entry["reason"] = "no reference logit-difference result"
-            elif v.variant != ref_id:
-                cmp = _compare_logit_diff(ref, v, resamples, _seed(base_seed, v.key))
-                entry["comparison"] = cmp
-                c = cmp["correlation"]
-                entry["classification"] = classify_logit_correlation(
-                    c["value"], c["low"], c["high"]
-                ).to_json()
-            entries.append(entry)
+    cells = _against_reference(run, run.logit_diff, lambda v: (v.trait, v.method))
+    for (model, trait, method), ref_id, ref, v in cells:
+        entry: dict[str, Any] = {
+            "model": model,
+            "trait": trait,
+            "method": method,
+            "variant": v.variant,
+            "precision": _precision_of(v.variant),
+            "vector_mode": v.vector_mode,
+            "layer": v.layer,
+            "multiples": v.multiples,
+            "coefficients": v.coefficients,
+            "mean": v.mean,
+            "unsteered": v.unsteered,
+            "slope": {"value": v.slope, "low": v.slope_low, "high": v.slope_high},
+            "n_questions": len(v.per_question),
+            "is_reference": v.variant == ref_id,
+            "sources": {"result": v.key, "reference": ref.key if ref else None},
+        }
+        if ref is None:
+            entry["classification"] = classify_logit_correlation(None).to_json()
+            entry["reason"] = "no reference logit-difference result"
+        elif v.variant != ref_id:
+            cmp = _compare_logit_diff(ref, v, resamples, _seed(base_seed, v.key))
+            entry["comparison"] = cmp
+            c = cmp["correlation"]
+            entry["classification"] = classify_logit_correlation(
+                c["value"], c["low"], c["high"]
+            ).to_json()
+        entries.append(entry)
     return {
         "schema": SCHEMA,
         "kind": "logit_diff_comparison",
@@ -879,62 +897,58 @@ def benchmark_comparison(run: RunArtefacts) -> dict[str, Any]:
     """``benchmark_comparison.json``: accuracy and Δpp vs the reference, with intervals."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
-    by_cell: dict[tuple[str, str], list[BenchmarkView]] = defaultdict(list)
-    for v in run.benchmarks:
-        by_cell[(_model_of(v.variant), v.name)].append(v)
     entries: list[dict[str, Any]] = []
-    for (model, name), views in sorted(by_cell.items()):
-        ref_id = run.reference_of(model)
-        ref = next((v for v in views if v.variant == ref_id), None)
-        for v in sorted(views, key=lambda x: x.variant):
-            entry: dict[str, Any] = {
-                "model": model,
-                "benchmark": name,
-                "variant": v.variant,
-                "precision": _precision_of(v.variant),
-                "accuracy": _accuracy(v),
-                "is_reference": v.variant == ref_id,
-                "sources": {"result": v.key, "reference": ref.key if ref else None},
-            }
-            if ref is None or v.variant == ref_id:
-                if ref is None:
-                    entry["classification"] = classify_benchmark_drop(None).to_json()
-                entries.append(entry)
-                continue
-            delta: dict[str, Any] = {"value": None, "low": None, "high": None}
-            if ref.accuracy is not None and v.accuracy is not None:
-                delta["value"] = (v.accuracy - ref.accuracy) * 100.0
-            common = sorted(set(ref.items or {}) & set(v.items or {}))
-            if ref.items and v.items and common:
-                a = [float(v.items[q]) for q in common]
-                b = [float(ref.items[q]) for q in common]
-                est = stats.bootstrap_diff(
-                    a, b, paired=True, resamples=resamples, seed=_seed(base_seed, v.key)
-                )
-                delta.update(
-                    {
-                        "value": None if est.value is None else est.value * 100.0,
-                        "low": None if est.low is None else est.low * 100.0,
-                        "high": None if est.high is None else est.high * 100.0,
-                        "n": len(common),
-                        "method": "paired percentile-bootstrap over shared items",
-                    }
-                )
-                entry["mcnemar"] = stats.mcnemar(
-                    [v.items[q] for q in common], [ref.items[q] for q in common]
-                ).to_json()
-            elif v.accuracy is not None and ref.accuracy is not None and v.n and ref.n:
-                lo, hi = _newcombe(round(v.accuracy * v.n), v.n, round(ref.accuracy * ref.n), ref.n)
-                delta.update(
-                    {"low": lo * 100.0, "high": hi * 100.0, "method": "newcombe (independent)"}
-                )
-            entry["delta_pp"] = delta
-            drop = None if delta["value"] is None else -delta["value"]
-            low = None if delta["high"] is None else -delta["high"]
-            high = None if delta["low"] is None else -delta["low"]
-            entry["drop_pp"] = drop
-            entry["classification"] = classify_benchmark_drop(drop, low, high).to_json()
+    for (model, name), ref_id, ref, v in _against_reference(
+        run, run.benchmarks, lambda v: (v.name,)
+    ):
+        entry: dict[str, Any] = {
+            "model": model,
+            "benchmark": name,
+            "variant": v.variant,
+            "precision": _precision_of(v.variant),
+            "accuracy": _accuracy(v),
+            "is_reference": v.variant == ref_id,
+            "sources": {"result": v.key, "reference": ref.key if ref else None},
+        }
+        if ref is None or v.variant == ref_id:
+            if ref is None:
+                entry["classification"] = classify_benchmark_drop(None).to_json()
             entries.append(entry)
+            continue
+        delta: dict[str, Any] = {"value": None, "low": None, "high": None}
+        if ref.accuracy is not None and v.accuracy is not None:
+            delta["value"] = (v.accuracy - ref.accuracy) * 100.0
+        common = sorted(set(ref.items or {}) & set(v.items or {}))
+        if ref.items and v.items and common:
+            a = [float(v.items[q]) for q in common]
+            b = [float(ref.items[q]) for q in common]
+            est = stats.bootstrap_diff(
+                a, b, paired=True, resamples=resamples, seed=_seed(base_seed, v.key)
+            )
+            delta.update(
+                {
+                    "value": None if est.value is None else est.value * 100.0,
+                    "low": None if est.low is None else est.low * 100.0,
+                    "high": None if est.high is None else est.high * 100.0,
+                    "n": len(common),
+                    "method": "paired percentile-bootstrap over shared items",
+                }
+            )
+            entry["mcnemar"] = stats.mcnemar(
+                [v.items[q] for q in common], [ref.items[q] for q in common]
+            ).to_json()
+        elif v.accuracy is not None and ref.accuracy is not None and v.n and ref.n:
+            lo, hi = _newcombe(round(v.accuracy * v.n), v.n, round(ref.accuracy * ref.n), ref.n)
+            delta.update(
+                {"low": lo * 100.0, "high": hi * 100.0, "method": "newcombe (independent)"}
+            )
+        entry["delta_pp"] = delta
+        drop = None if delta["value"] is None else -delta["value"]
+        low = None if delta["high"] is None else -delta["high"]
+        high = None if delta["low"] is None else -delta["low"]
+        entry["drop_pp"] = drop
+        entry["classification"] = classify_benchmark_drop(drop, low, high).to_json()
+        entries.append(entry)
     return {
         "schema": SCHEMA,
         "kind": "benchmark_comparison",
@@ -1168,33 +1182,27 @@ def probe_statistics(run: RunArtefacts) -> dict[str, Any]:
     resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
     # -- safety probes ---------------------------------------------------------------------
     probes: list[dict[str, Any]] = []
-    by_cell: dict[tuple[str, str], list[ProbeView]] = defaultdict(list)
-    for p in run.probes:
-        by_cell[(_model_of(p.variant), p.name)].append(p)
-    for (model, name), views in sorted(by_cell.items()):
-        ref_id = run.reference_of(model)
-        ref = next((v for v in views if v.variant == ref_id), None)
-        for v in sorted(views, key=lambda x: x.variant):
-            entry: dict[str, Any] = {
-                "model": model,
-                "probe": name,
-                "variant": v.variant,
-                "precision": _precision_of(v.variant),
-                "n": v.n,
-                "aggregate": v.aggregate,
-                "refusal_rate": {
-                    "value": v.refusal_rate,
-                    "low": v.refusal_low,
-                    "high": v.refusal_high,
-                },
-                "calibration": v.calibration,
-                "prefix_diversity": v.prefix_diversity,
-                "is_reference": v.variant == ref_id,
-                "sources": {"result": v.key, "reference": ref.key if ref else None},
-            }
-            if ref is not None and v.variant != ref_id:
-                entry["comparison"] = _probe_compare(ref, v, resamples, _seed(base_seed, v.key))
-            probes.append(entry)
+    for (model, name), ref_id, ref, v in _against_reference(run, run.probes, lambda v: (v.name,)):
+        entry: dict[str, Any] = {
+            "model": model,
+            "probe": name,
+            "variant": v.variant,
+            "precision": _precision_of(v.variant),
+            "n": v.n,
+            "aggregate": v.aggregate,
+            "refusal_rate": {
+                "value": v.refusal_rate,
+                "low": v.refusal_low,
+                "high": v.refusal_high,
+            },
+            "calibration": v.calibration,
+            "prefix_diversity": v.prefix_diversity,
+            "is_reference": v.variant == ref_id,
+            "sources": {"result": v.key, "reference": ref.key if ref else None},
+        }
+        if ref is not None and v.variant != ref_id:
+            entry["comparison"] = _probe_compare(ref, v, resamples, _seed(base_seed, v.key))
+        probes.append(entry)
     # -- refusal direction and safety neurons --------------------------------------------------
     refusal: list[dict[str, Any]] = []
     neurons: list[dict[str, Any]] = []
