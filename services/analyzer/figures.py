@@ -82,6 +82,28 @@ def _color(precision: str) -> str:
     return _COLORS[k % len(_COLORS)]
 
 
+def _bar_group(
+    ax: Any,
+    x: Any,
+    k: int,
+    n: int,
+    heights: Sequence[float],
+    errors: tuple[Sequence[float], Sequence[float]],
+    precision: str,
+) -> None:
+    """Bar ``k`` of ``n`` in every group at ``x``, with asymmetric error bars."""
+    width = 0.8 / n
+    ax.bar(
+        x + (k - (n - 1) / 2) * width,
+        heights,
+        width,
+        yerr=list(errors),
+        capsize=2,
+        label=precision,
+        color=_color(precision),
+    )
+
+
 def steering_bars(steering: Mapping[str, Any], model: str) -> FigureImage | None:
     """Grouped bars: best steering score per trait (groups) and precision (bars), self-steered.
 
@@ -104,7 +126,6 @@ def steering_bars(steering: Mapping[str, Any], model: str) -> FigureImage | None
     precisions = _precision_order([p for c in cells.values() for p in c])
     fig = _new(max(5.0, 1.3 * len(traits) * max(1, len(precisions)) / 3 + 3), 3.8)
     ax = fig.add_subplot()
-    width = 0.8 / len(precisions)
     x = np.arange(len(traits))
     for k, precision in enumerate(precisions):
         heights, lows, highs = [], [], []
@@ -116,15 +137,7 @@ def steering_bars(steering: Mapping[str, Any], model: str) -> FigureImage | None
             high = best.get("high") if best else None
             lows.append(0.0 if low is None or score is None else score - low)
             highs.append(0.0 if high is None or score is None else high - score)
-        ax.bar(
-            x + (k - (len(precisions) - 1) / 2) * width,
-            heights,
-            width,
-            yerr=[lows, highs],
-            capsize=2,
-            label=precision,
-            color=_color(precision),
-        )
+        _bar_group(ax, x, k, len(precisions), heights, (lows, highs), precision)
     ax.set_xticks(x, [f"{t}\n({method_of[t]})" for t in traits], fontsize=8)
     ax.set_ylabel("best trait score (0–100)")
     ax.set_ylim(0, 118)
@@ -274,7 +287,6 @@ def benchmark_bars(benchmarks: Mapping[str, Any]) -> FigureImage | None:
     precisions = _precision_order([e["precision"] for e in rows])
     fig = _new(max(4.5, 1.2 * len(groups) * max(1, len(precisions)) / 3 + 3), 3.4)
     ax = fig.add_subplot()
-    width = 0.8 / len(precisions)
     x = np.arange(len(groups))
     for k, precision in enumerate(precisions):
         heights, lows, highs = [], [], []
@@ -296,15 +308,7 @@ def benchmark_bars(benchmarks: Mapping[str, Any]) -> FigureImage | None:
             highs.append(
                 0.0 if v is None or acc is None or acc["high"] is None else 100 * (acc["high"] - v)
             )
-        ax.bar(
-            x + (k - (len(precisions) - 1) / 2) * width,
-            heights,
-            width,
-            yerr=[lows, highs],
-            capsize=2,
-            label=precision,
-            color=_color(precision),
-        )
+        _bar_group(ax, x, k, len(precisions), heights, (lows, highs), precision)
     ax.set_xticks(x, [f"{b}\n{m}" for m, b in groups], fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 118)
