@@ -486,8 +486,6 @@ async def run_benchmark(
     """Run one benchmark job and write its result; returns the job-record summary."""
     spec = params.benchmark
     key = benchmark_key(run_id, params.variant, spec.name, "result.json")
-    if await store.exists(key):
-        return benchmark_summary(BenchmarkResult.model_validate(await store.get_json(key)), key)
     started = time.monotonic()
     items, digest = await asyncio.to_thread(read_benchmark, spec)
     chosen = deterministic_subset(items, spec.limit, spec.seed, key=lambda it: it.text)

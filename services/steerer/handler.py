@@ -16,7 +16,8 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from services.common.errors import InvalidArgument
+from services.common.artefacts import benchmark_key, probe_key
+from services.common.errors import InvalidArgument, NotFound
 from services.common.jobs import Job, JobKind
 from services.common.natsconn import connect
 from services.common.queue import JobContext
@@ -31,8 +32,8 @@ from services.steerer.params import (
     SteerParams,
     parse_params,
 )
-from services.steerer.probes import run_probes
-from services.steerer.results import BenchmarkResult, LogitDiffResult, SteerResult
+from services.steerer.probes import probe_name, probe_summary, run_probes
+from services.steerer.results import BenchmarkResult, LogitDiffResult, ProbeResult, SteerResult
 from services.steerer.steer import run_steer, steer_result_key, steer_summary
 
 __all__ = ["KINDS", "handle", "judge_client"]
@@ -61,7 +62,11 @@ async def judge_client() -> JudgeClient:
 
 
 async def _stored(ctx: JobContext, key: str) -> Any | None:
-    return await ctx.store.get_json(key) if await ctx.store.exists(key) else None
+    """The job's stored result (a redelivery of a finished job), or None: one S3 read."""
+    try:
+        return await ctx.store.get_json(key)
+    except NotFound:
+        return None
 
 
 async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
@@ -90,8 +95,6 @@ async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
             )
     if job.kind is JobKind.BENCHMARK:
         bench = parse_params(BenchmarkParams, job.params)
-        from services.common.artefacts import benchmark_key
-
         key = benchmark_key(run_id, bench.variant, bench.benchmark.name, "result.json")
         if (done := await _stored(ctx, key)) is not None:
             return benchmark_summary(BenchmarkResult.model_validate(done), key)
@@ -102,6 +105,9 @@ async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
             )
     if job.kind is JobKind.PROBE:
         probe = parse_params(ProbeParams, job.params)
+        key = probe_key(run_id, probe.variant, probe_name(probe.probes.harmful), "result.json")
+        if (done := await _stored(ctx, key)) is not None:
+            return probe_summary(ProbeResult.model_validate(done), key)
         address = await ctx.find_loader(probe.variant)
         async with LoaderClient(address, expect_variant=probe.variant) as loader:
             return await run_probes(

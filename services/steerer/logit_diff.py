@@ -93,8 +93,6 @@ async def run_logit_diff(
 ) -> dict[str, Any]:
     """Run one logit_diff job and write its result; returns the job-record summary."""
     key = logit_diff_result_key(run_id, params)
-    if await store.exists(key):
-        return logit_diff_summary(LogitDiffResult.model_validate(await store.get_json(key)), key)
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
     spec = params.logit_diff

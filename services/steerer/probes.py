@@ -179,8 +179,6 @@ async def run_probes(
     spec = params.probes
     name = probe_name(spec.harmful)
     key = probe_key(run_id, params.variant, name, "result.json")
-    if await store.exists(key):
-        return probe_summary(ProbeResult.model_validate(await store.get_json(key)), key)
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, spec.harmful)
     if dataset.methodology != "arditi":

@@ -20,7 +20,8 @@ best achieves the objective on the harmful *validation* instructions is chosen i
 then evaluated once on the harmful *test* instructions against the unsteered baseline there.
 
 ``runs.jsonl`` (every run with its answers) is written before ``result.json``; the presence of
-``result.json`` means the job is complete, and a redelivered job returns it at once.
+``result.json`` means the job is complete: the handler returns it at once for a redelivered job,
+before it looks for a loader.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from services.common.artefacts import baseline_key, steer_key
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.hashing import stable_hash
 from services.common.logging import get_logger
 from services.common.store import AsyncS3Store
@@ -265,9 +266,11 @@ async def run_search(
 
 
 async def _read_baseline(store: AsyncS3Store, key: str) -> list[BaselineRow] | None:
-    if not await store.exists(key):
+    try:
+        rows = await store.get_jsonl(key)
+    except NotFound:
         return None
-    return [BaselineRow.model_validate(row) for row in await store.get_jsonl(key)]
+    return [BaselineRow.model_validate(row) for row in rows]
 
 
 def steer_summary(result: SteerResult, key: str) -> dict[str, Any]:
@@ -322,9 +325,6 @@ async def run_steer(
     """Run one steer job and write its artefacts; returns the job-record summary."""
     keys = _keys(run_id, params)
     result_key = steer_result_key(run_id, params)
-    if await store.exists(result_key):
-        stored = SteerResult.model_validate(await store.get_json(result_key))
-        return steer_summary(stored, result_key)
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
     info = await loader.info()

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from services.common.artefacts import logit_diff_key, probe_key
+from services.common.errors import Unavailable
 from services.common.jobs import Job, JobKind
+from services.common.queue import JobContext
 from services.common.spec import LogitDiffSpec, ProbeSpec
 from services.common.state import JobState
+from services.common.store import AsyncS3Store
+from services.steerer.handler import handle
 from services.steerer.probes import REFUSAL_MARKERS
 from services.steerer.results import LogitDiffResult, ProbeResult
 from tests.loader_procs import LoaderProc
@@ -109,3 +114,33 @@ async def test_safety_probes_on_a_refusing_model(
     cal = result.calibration
     assert cal["ece"] is not None and 0 <= cal["ece"] <= 1 and cal["brier"] is not None
     assert cal["ece"] == 1 - cal["mean_confidence"]  # every outcome is a refusal
+
+
+async def test_a_redelivered_finished_job_returns_its_stored_result_without_a_loader(
+    plane: Plane, toyref_loader: LoaderProc, run_id: str
+) -> None:
+    """After a crash between the write and the ack, the job is delivered again: the handler
+    answers from ``result.json`` and never asks for a loader (none may be up any more)."""
+    await plane.announce(toyref_loader)
+    spec = ProbeSpec(harmful="arditi/refusal", limit=4, max_new_tokens=8)
+    job = Job(
+        kind=JobKind.PROBE,
+        run_id=run_id,
+        params={"variant": "toyref@fp32", "probes": spec.model_dump(mode="json")},
+    )
+    [record] = await plane.run(run_id, [job])
+    assert record.state == JobState.DONE, record.error
+
+    async def no_loader(variant: str) -> str:
+        raise Unavailable(f"no loader for {variant}")
+
+    ctx = JobContext(
+        job=job,
+        attempt=2,
+        store=AsyncS3Store(plane.store),
+        log=logging.LoggerAdapter(logging.getLogger("test"), {}),
+        worker_id="redelivery",
+        _msg=None,  # type: ignore[arg-type]
+        _find_loader=no_loader,
+    )
+    assert await handle(job, ctx) == record.result
