@@ -32,10 +32,7 @@ from numpy.typing import NDArray
 
 from services.common.artefacts import (
     ExtractSummary,
-    benchmark_key,
     extract_key,
-    logit_diff_key,
-    steer_key,
 )
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jobs import JobKind
@@ -44,6 +41,15 @@ from services.common.spec import ExperimentSpec
 from services.common.store import AsyncS3Store, run_key, run_prefix
 from services.common.tensor_codec import load_safetensors
 from services.extractor.methods import VectorSet
+from services.steerer.params import (
+    BenchmarkParams,
+    LogitDiffParams,
+    SteerParams,
+    benchmark_result_key,
+    logit_diff_result_key,
+    parse_params,
+    steer_result_key,
+)
 
 __all__ = [
     "KNOWN_SCHEMAS",
@@ -643,35 +649,13 @@ def _expected(spec: ExperimentSpec, run_id: str) -> dict[str, list[str]]:
                 extract_key(run_id, p["variant"], p["trait"]["name"], p["mode"], "summary.json")
             )
         elif job.kind is JobKind.STEER:
-            out["steer"].append(
-                steer_key(
-                    run_id,
-                    p["target"],
-                    p["trait"]["name"],
-                    p["source"],
-                    p["method"],
-                    p["vector_mode"],
-                    p["mode"],
-                    p["direction"],
-                    "result.json",
-                )
-            )
+            out["steer"].append(steer_result_key(run_id, parse_params(SteerParams, p)))
         elif job.kind is JobKind.LOGIT_DIFF:
             out["logit_diff"].append(
-                logit_diff_key(
-                    run_id,
-                    p["variant"],
-                    p["trait"]["name"],
-                    p["source"],
-                    p["method"],
-                    p["vector_mode"],
-                    "result.json",
-                )
+                logit_diff_result_key(run_id, parse_params(LogitDiffParams, p))
             )
         elif job.kind is JobKind.BENCHMARK:
-            out["benchmark"].append(
-                benchmark_key(run_id, p["variant"], p["benchmark"]["name"], "result.json")
-            )
+            out["benchmark"].append(benchmark_result_key(run_id, parse_params(BenchmarkParams, p)))
         elif job.kind is JobKind.PROBE:
             out["probe"].append(run_key(run_id, p["variant"], "probe") + "/")
     return out

@@ -42,13 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from services.common.artefacts import benchmark_key
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.spec import BenchmarkSpec
 from services.common.store import AsyncS3Store
 from services.loader.client import Chat, ContinuationScore, LoaderClient, ScoreItem
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
-from services.steerer.params import BenchmarkParams
+from services.steerer.params import BenchmarkParams, benchmark_result_key
 from services.steerer.results import BenchmarkItem, BenchmarkResult, CallCounts
 from services.steerer.stats import bootstrap_mean, wilson
 
@@ -485,7 +484,7 @@ async def run_benchmark(
 ) -> dict[str, Any]:
     """Run one benchmark job and write its result; returns the job-record summary."""
     spec = params.benchmark
-    key = benchmark_key(run_id, params.variant, spec.name, "result.json")
+    key = benchmark_result_key(run_id, params)
     started = time.monotonic()
     items, digest = await asyncio.to_thread(read_benchmark, spec)
     chosen = deterministic_subset(items, spec.limit, spec.seed, key=lambda it: it.text)

@@ -16,7 +16,7 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from services.common.artefacts import benchmark_key, probe_key
+from services.common.artefacts import probe_key
 from services.common.errors import InvalidArgument, NotFound
 from services.common.jobs import Job, JobKind
 from services.common.natsconn import connect
@@ -24,17 +24,20 @@ from services.common.queue import JobContext
 from services.judge.client import JudgeClient
 from services.loader.client import LoaderClient
 from services.steerer.benchmarks import benchmark_summary, run_benchmark
-from services.steerer.logit_diff import logit_diff_result_key, logit_diff_summary, run_logit_diff
+from services.steerer.logit_diff import logit_diff_summary, run_logit_diff
 from services.steerer.params import (
     BenchmarkParams,
     LogitDiffParams,
     ProbeParams,
     SteerParams,
+    benchmark_result_key,
+    logit_diff_result_key,
     parse_params,
+    steer_result_key,
 )
 from services.steerer.probes import probe_name, probe_summary, run_probes
 from services.steerer.results import BenchmarkResult, LogitDiffResult, ProbeResult, SteerResult
-from services.steerer.steer import run_steer, steer_result_key, steer_summary
+from services.steerer.steer import run_steer, steer_summary
 
 __all__ = ["KINDS", "handle", "judge_client"]
 
@@ -95,7 +98,7 @@ async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
             )
     if job.kind is JobKind.BENCHMARK:
         bench = parse_params(BenchmarkParams, job.params)
-        key = benchmark_key(run_id, bench.variant, bench.benchmark.name, "result.json")
+        key = benchmark_result_key(run_id, bench)
         if (done := await _stored(ctx, key)) is not None:
             return benchmark_summary(BenchmarkResult.model_validate(done), key)
         address = await ctx.find_loader(bench.variant)

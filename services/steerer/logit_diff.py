@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from services.common.artefacts import logit_diff_key
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import LogitDiffItem, TraitDataset, load_trait, logit_diff_items
 from services.loader.client import Chat, LoaderClient, PromptItem, Steer
 from services.steerer.benchmarks import deterministic_subset
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
-from services.steerer.params import LogitDiffParams
+from services.steerer.params import LogitDiffParams, logit_diff_result_key
 from services.steerer.results import (
     CallCounts,
     LogitDiffCoefficient,
@@ -39,7 +38,7 @@ from services.steerer.results import (
 from services.steerer.sources import layer_at_depth, load_vector_source
 from services.steerer.stats import bootstrap_mean, bootstrap_slope
 
-__all__ = ["logit_diff_result_key", "logit_diff_summary", "run_logit_diff"]
+__all__ = ["logit_diff_summary", "run_logit_diff"]
 
 PROMPT_SUFFIX = "("
 
@@ -56,19 +55,6 @@ def _ols_slope(x: list[float], y: list[float]) -> float | None:
     if sxx == 0:
         return None
     return float(((np.asarray(y) - np.mean(y)) * dx).sum() / sxx)
-
-
-def logit_diff_result_key(run_id: str, params: LogitDiffParams) -> str:
-    """Where the job's ``result.json`` goes."""
-    return logit_diff_key(
-        run_id,
-        params.variant,
-        params.trait.name,
-        params.source,
-        params.method,
-        params.vector_mode,
-        "result.json",
-    )
 
 
 def logit_diff_summary(result: LogitDiffResult, key: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.common.artefacts import benchmark_key, logit_diff_key, steer_key
 from services.common.errors import InvalidArgument
 from services.common.spec import BenchmarkSpec, JudgeSpec, LogitDiffSpec, ProbeSpec, SteeringSpec
 
@@ -21,7 +22,11 @@ __all__ = [
     "ProbeParams",
     "SteerParams",
     "TraitParams",
+    "benchmark_result_key",
+    "logit_diff_result_key",
     "parse_params",
+    "steer_parts",
+    "steer_result_key",
 ]
 
 _P = TypeVar("_P", bound=BaseModel)
@@ -94,3 +99,43 @@ def parse_params(model: type[_P], params: dict[str, Any]) -> _P:
         first = exc.errors()[0]
         message = str(first["msg"]).removeprefix("Value error, ")
         raise InvalidArgument(_loc(tuple(first["loc"])), message) from None
+
+
+# -- where each job writes its result (the handler, and the analyzer's expectations) -------------
+
+
+def steer_parts(run_id: str, params: SteerParams) -> tuple[Any, ...]:
+    """The key parts of a steer job's folder (``steer_key(*parts, name)``)."""
+    return (
+        run_id,
+        params.target,
+        params.trait.name,
+        params.source,
+        params.method,
+        params.vector_mode,
+        params.mode,
+        params.direction,
+    )
+
+
+def steer_result_key(run_id: str, params: SteerParams) -> str:
+    """Where a steer job's ``result.json`` goes."""
+    return steer_key(*steer_parts(run_id, params), "result.json")
+
+
+def logit_diff_result_key(run_id: str, params: LogitDiffParams) -> str:
+    """Where a logit_diff job's ``result.json`` goes."""
+    return logit_diff_key(
+        run_id,
+        params.variant,
+        params.trait.name,
+        params.source,
+        params.method,
+        params.vector_mode,
+        "result.json",
+    )
+
+
+def benchmark_result_key(run_id: str, params: BenchmarkParams) -> str:
+    """Where a benchmark job's ``result.json`` goes."""
+    return benchmark_key(run_id, params.variant, params.benchmark.name, "result.json")

@@ -50,7 +50,7 @@ from services.steerer.evaluation import (
     SteeringEvaluator,
     run_stats,
 )
-from services.steerer.params import SteerParams
+from services.steerer.params import SteerParams, steer_parts, steer_result_key
 from services.steerer.results import (
     BaselineRow,
     BaselineSummary,
@@ -69,7 +69,7 @@ from services.steerer.sources import (
 )
 from services.steerer.stats import bootstrap_mean, bootstrap_paired_delta
 
-__all__ = ["SearchOutput", "run_search", "run_steer", "steer_result_key", "steer_summary"]
+__all__ = ["SearchOutput", "run_search", "run_steer", "steer_summary"]
 
 log = get_logger(__name__)
 
@@ -295,24 +295,6 @@ def steer_summary(result: SteerResult, key: str) -> dict[str, Any]:
     }
 
 
-def _keys(run_id: str, params: SteerParams) -> tuple[Any, ...]:
-    return (
-        run_id,
-        params.target,
-        params.trait.name,
-        params.source,
-        params.method,
-        params.vector_mode,
-        params.mode,
-        params.direction,
-    )
-
-
-def steer_result_key(run_id: str, params: SteerParams) -> str:
-    """Where the job's ``result.json`` goes."""
-    return steer_key(*_keys(run_id, params), "result.json")
-
-
 async def run_steer(
     run_id: str,
     params: SteerParams,
@@ -323,7 +305,7 @@ async def run_steer(
     heartbeat: Heartbeat = no_heartbeat,
 ) -> dict[str, Any]:
     """Run one steer job and write its artefacts; returns the job-record summary."""
-    keys = _keys(run_id, params)
+    keys = steer_parts(run_id, params)
     result_key = steer_result_key(run_id, params)
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
