@@ -234,10 +234,6 @@ async def run_extraction(
         }
     dataset = load_trait(params.trait.ref)
     info = await loader.info()
-    if info.variant != params.variant:
-        raise FailedPrecondition(
-            f"loader at {loader.address} serves {info.variant}, not {params.variant}"
-        )
     check_methodology(
         dataset, info.supports_system_role, info.supports_chat_template, model=params.variant
     )

@@ -7,6 +7,7 @@ variant it expects (``expect_variant``) so a worker never reads from the wrong m
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -292,8 +293,11 @@ class LoaderClient:
         except grpc.aio.AioRpcError as exc:
             _raise(exc)
             raise
-        import json
-
+        if self.expect_variant and r.variant != self.expect_variant:
+            # Every other call is checked by the server (RunOptions.expect_variant); Info here.
+            raise FailedPrecondition(
+                f"loader at {self.address} serves {r.variant}, expected {self.expect_variant}"
+            )
         self._info = LoaderInfo(
             model=r.model,
             precision=r.precision,

@@ -84,10 +84,6 @@ async def run_logit_diff(
     spec = params.logit_diff
     items = _items(dataset, spec.limit)
     info = await loader.info()
-    if info.variant != params.variant:
-        raise FailedPrecondition(
-            f"loader at {loader.address} serves {info.variant}, the job is for {params.variant}"
-        )
     source = await load_vector_source(
         store, run_id, params.source, params.trait.name, params.method, params.vector_mode
     )

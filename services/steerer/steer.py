@@ -310,10 +310,6 @@ async def run_steer(
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
     info = await loader.info()
-    if info.variant != params.target:
-        raise FailedPrecondition(
-            f"loader at {loader.address} serves {info.variant}, the job targets {params.target}"
-        )
     source = await load_vector_source(
         store, run_id, params.source, params.trait.name, params.method, params.vector_mode
     )

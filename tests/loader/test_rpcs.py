@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.errors import FailedPrecondition
 from services.loader.client import Chat, LoaderClient, PromptItem, ScoreItem, Steer
 from tests.loader_procs import LoaderProc
 
@@ -32,6 +33,17 @@ async def test_health_and_info(tiny_loader: LoaderProc) -> None:
     assert info.supports_chat_template and info.supports_system_role
     assert info.parameter_bytes > 0 and info.vocab_size == 259
     assert info.quantization_config == {}
+
+
+async def test_info_checks_the_pinned_variant(tiny_loader: LoaderProc) -> None:
+    """A client pinned to another variant fails on Info too (the server checks the rest)."""
+    async with LoaderClient(tiny_loader.address, expect_variant="tiny-llama@nf4") as client:
+        with pytest.raises(
+            FailedPrecondition, match="serves tiny-llama@fp32, expected tiny-llama@nf4"
+        ):
+            await client.info()
+    async with LoaderClient(tiny_loader.address, expect_variant="tiny-llama@fp32") as client:
+        assert (await client.info()).variant == "tiny-llama@fp32"
 
 
 async def test_generate_greedy_is_deterministic_and_batch_independent(
