@@ -132,7 +132,6 @@ class _Cell:
     next: float
     coarse_left: int
     fine_left: int
-    threshold: float = 0.0
     lo: float | None = None  # largest coherent coefficient seen
     hi: float | None = None  # smallest incoherent coefficient seen
     stopped: bool = False
@@ -141,7 +140,7 @@ class _Cell:
     def tried(self, coefficient: float) -> bool:
         return any(_same(o.coefficient, coefficient) for o in self.outcomes)
 
-    def proposals(self, spec: SearchSpec, n: int) -> list[float]:
+    def proposals(self, spec: SearchSpec, n: int, threshold: float) -> list[float]:
         """The next ``n`` coarse coefficients given every outcome so far (see module docstring)."""
         if not self.outcomes:
             return [self.next * spec.scale_up**i for i in range(n)]
@@ -156,7 +155,7 @@ class _Cell:
         # Coherence was not monotone in the coefficient (a coherent run above an incoherent
         # one): keep moving from the latest run in the direction its outcome asks for.
         latest = self.outcomes[-1]
-        factor = spec.scale_up if is_coherent(latest, self.threshold) else spec.scale_down
+        factor = spec.scale_up if is_coherent(latest, threshold) else spec.scale_down
         value, out = latest.coefficient, list[float]()
         while len(out) < n:
             value *= factor
@@ -201,13 +200,7 @@ class CoefficientSearch:
             coarse, fine = spec.steps, 0
             self.budget_per_cell = None
         self.cells: dict[int, _Cell] = {
-            layer: _Cell(
-                layer=layer,
-                next=float(start),
-                coarse_left=coarse,
-                fine_left=fine,
-                threshold=self.threshold,
-            )
+            layer: _Cell(layer=layer, next=float(start), coarse_left=coarse, fine_left=fine)
             for layer, start in sorted(starts.items())
         }
         self.step = 0
@@ -237,7 +230,9 @@ class CoefficientSearch:
             Candidate(cell.layer, value, "coarse", 0)
             for cell in self.cells.values()
             if cell.coarse_left > 0 and not cell.stopped
-            for value in cell.proposals(self.spec, min(self.spec.probes, cell.coarse_left))
+            for value in cell.proposals(
+                self.spec, min(self.spec.probes, cell.coarse_left), self.threshold
+            )
         ]
         if coarse:
             return coarse
