@@ -460,7 +460,7 @@ class Engine:
         counts = select_host.sum(dim=1).tolist()
         out: list[CaptureResult] = []
         # One stack, one float32 conversion and one device-to-host copy for all layers.
-        stacked = self._to_host(torch.stack([sink.out[layer] for layer in layers], dim=1))
+        stacked = torch.stack([sink.out[layer] for layer in layers], dim=1).float().cpu()
         if reduction == "none":
             per_row = torch.split(stacked, [int(c) for c in counts])  # [N, L, H] -> rows
             for b, item in enumerate(batch):
@@ -486,17 +486,6 @@ class Engine:
                     )
                 )
         return out
-
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` as float32 on the CPU. From a GPU the copy lands in page-locked memory (from
-        torch's caching host allocator): a direct DMA instead of a staged pageable copy."""
-        t = t.float()
-        if t.device.type != "cuda":
-            return t.cpu()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        torch.cuda.current_stream(t.device).synchronize()
-        return host
 
     # ------------------------------------------------------------------ next token
     def next_token(
