@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client
@@ -170,21 +169,32 @@ async def ensure_kv(
 async def kv_values(kv: KeyValue, pattern: str) -> list[bytes]:
     """Current values of the keys matching ``pattern`` (``*``/``>`` wildcards), deletes skipped.
 
-    The filter is applied by the server, so reading one run's jobs does not scan the bucket.
+    A snapshot, not a watch: the server lists the bucket's subjects matching the pattern
+    (stream info with a subject filter, so reading one run's jobs does not scan the bucket) and
+    the latest value of each is read with a direct get, all requests in flight at once. Values
+    come back in the order they were written. A key whose entry expires or is deleted between
+    the two steps is left out.
+
+    (nats-py's ``kv.watch`` is not used for this: it signals "no initial values" when the
+    server has already pushed the values but the client has not yet processed them, so a
+    snapshot read right after a put could come back empty.)
     """
-    watcher: Any = await kv.watch(pattern)
-    values: list[bytes] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # end of the initial values
-                break
-            if entry.value and entry.operation is None:
-                values.append(bytes(entry.value))
-            if entry.delta == 0:
-                break
-    finally:
-        await watcher.stop()
-    return values
+    # KeyValue keeps its stream, subject prefix and JetStream context private; nats-py has
+    # no public accessor for any of them.
+    js: JetStreamContext = kv._js
+    prefix: str = kv._pre
+    info = await js.stream_info(kv._stream, subjects_filter=f"{prefix}{pattern}")
+    keys = sorted(subject[len(prefix) :] for subject in (info.state.subjects or {}))
+
+    async def latest(key: str) -> KeyValue.Entry | None:
+        try:
+            return await kv.get(key, validate_keys=False)
+        except nats.js.errors.KeyNotFoundError:  # deleted, purged or expired meanwhile
+            return None
+
+    entries = [entry for entry in await asyncio.gather(*map(latest, keys)) if entry is not None]
+    entries.sort(key=lambda entry: entry.revision or 0)
+    return [bytes(entry.value) for entry in entries if entry.value]
 
 
 _shared: dict[str, Client] = {}
