@@ -19,7 +19,7 @@ def _register() -> None:
     app.add_typer(stack.app)  # top level: qsens up / down / env / status-stack
     app.add_typer(judge_cmd.app, name="judge")
     app.add_typer(worker.app, name="worker")
-    app.add_typer(runs.app)  # top level: qsens plan / run / status / results / cancel
+    app.add_typer(runs.app)  # top level: qsens plan / run / status / runs / results / cancel
     app.add_typer(demo.app)  # top level: qsens demo
     app.add_typer(report.app)  # top level: qsens report
     stack.set_children_hook(runs.children_for_spec)

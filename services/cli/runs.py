@@ -1,4 +1,4 @@
-"""``qsens plan | run | status | results | cancel``, and the loaders/workers a spec needs.
+"""``qsens plan | run | status | runs | results | cancel``, and the loaders/workers a spec needs.
 
 ``run`` validates the spec, stores it with the plan, submits the DAG and shows progress bars
 until the run ends (or returns at once with ``--detach``). ``children_for_spec`` is the local
@@ -210,6 +210,51 @@ def status(
         table.add_row(r.job.name, r.state.value, str(r.attempts), (r.error or "")[:80])
     Console().print(table)
     typer.echo("  ".join(f"{k}: {v}" for k, v in summary.counts.items() if v))
+
+
+@app.command("runs")
+def runs(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every run of the namespace, oldest first, with its status and job counts."""
+
+    async def fetch() -> list[Any]:
+        from services.common.natsconn import connection
+        from services.common.state import StateStore
+
+        async with connection(name="qsens-cli") as nc:
+            state = await StateStore.open(nc.jetstream())
+            records = await state.list_runs()
+            return [(r, await state.summary(r.run_id)) for r in records]
+
+    try:
+        listed = asyncio.run(fetch())
+    except QsensError as err:
+        raise _fail(err) from err
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "description": r.description,
+                        "created_at": r.created_at,
+                        "status": s.status,
+                        "jobs": r.job_count,
+                        "counts": {k: v for k, v in s.counts.items() if v},
+                    }
+                    for r, s in listed
+                ],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title="runs")
+    for column in ("run", "created", "status", "jobs", "states"):
+        table.add_column(column)
+    for r, s in listed:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at))
+        states = "  ".join(f"{k}: {v}" for k, v in s.counts.items() if v)
+        table.add_row(r.run_id, created, s.status, str(r.job_count), states)
+    Console().print(table)
 
 
 @app.command("cancel")

@@ -193,11 +193,7 @@ class StateStore:
 
     async def list_runs(self) -> list[RunRecord]:
         """Every run record of the namespace, oldest first."""
-        try:
-            keys = await self.runs.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        records = [await self.get_run(k) for k in keys]
+        records = [RunRecord.model_validate_json(v) for v in await kv_values(self.runs, ">")]
         return sorted(records, key=lambda r: r.created_at)
 
     # -- jobs -----------------------------------------------------------------------------

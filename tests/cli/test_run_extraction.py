@@ -171,6 +171,11 @@ def test_extraction_end_to_end(services_up: dict[str, LoaderProc], tmp_path: Pat
     assert all(-1.0 <= c <= 1.0 for values in cos.values() for c in values)
     status = _cli("status", run_id, "--json")
     assert json.loads(status.stdout)["summary"]["counts"]["done"] == 6
+    listed = json.loads(_cli("runs", "--json").stdout)
+    assert [(r["run_id"], r["status"], r["jobs"], r["counts"]) for r in listed] == [
+        (run_id, "succeeded", 6, {"done": 6})
+    ]
+    assert run_id in _cli("runs").stdout
 
 
 FULL_SPEC = f"""

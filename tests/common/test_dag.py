@@ -148,3 +148,14 @@ async def test_release_refuses_a_job_that_is_not_done(plane_env: PlaneEnv, run_i
         queued = await plane.state.get_job(run_id, roots[0].id)
         with pytest.raises(FailedPrecondition, match="not done"):
             await release_dependents(queued, state=plane.state, queue=plane.queue)
+
+
+async def test_list_runs_returns_every_run_oldest_first(plane_env: PlaneEnv) -> None:
+    async with open_plane() as plane:
+        assert await plane.state.list_runs() == []
+        for i in range(3):
+            plan, _, _ = fan_in(f"listed-{i}", 1)
+            await submit_with(plan, js=plane.js)
+        runs = await plane.state.list_runs()
+        assert [r.run_id for r in runs] == ["listed-0", "listed-1", "listed-2"]
+        assert [r.job_count for r in runs] == [2, 2, 2]
