@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -120,7 +121,10 @@ async def test_missing_loader_is_retried_until_one_is_announced(
         registry = await LoaderRegistry.open(plane.js)
         await submit(RunPlan(run_id=run_id, spec_hash="loader", jobs=[job]))
         async with worker(behave):
-            await asyncio.sleep(1.0)
+            deadline = time.monotonic() + 20  # QSENS_NATS_UNAVAILABLE_DELAY_S=0.2 in tests
+            while (await plane.state.get_job(run_id, job.id)).unavailable < 2:
+                assert time.monotonic() < deadline, "the job was not retried"
+                await asyncio.sleep(0.1)
             waiting = await plane.state.get_job(run_id, job.id)
             assert waiting.state == JobState.FAILED
             assert waiting.unavailable >= 2
