@@ -71,6 +71,7 @@ __all__ = [
     "status",
     "stop_process",
     "up",
+    "write_ready_file",
 ]
 
 log = get_logger(__name__)
@@ -744,6 +745,15 @@ def up(
             for info in reversed(started):
                 stop_process(info, timeout_s=5.0)
         raise
+
+
+def write_ready_file(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
+    """Write a service's ready file atomically (temporary file, then rename): whoever polls for
+    the file never reads it half-written."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(doc)))
+    os.replace(tmp, target)
 
 
 def _file_probe(path: str) -> Callable[[], str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import InvalidArgument
+from services.common.localstack import write_ready_file
 from services.common.logging import get_logger
 from services.common.metrics import start_metrics_server
 from services.common.natsconn import connect
@@ -198,9 +198,7 @@ async def run_judge_service(
                 "metrics_port": port,
                 "pid": os.getpid(),
             }
-            tmp = ready_file.with_suffix(ready_file.suffix + ".tmp")
-            tmp.write_text(json.dumps(ready))
-            tmp.replace(ready_file)
+            write_ready_file(ready_file, ready)
         await stop.wait()
         log.info("judge draining")
     finally:

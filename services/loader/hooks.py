@@ -91,13 +91,16 @@ class CaptureSink:
     out: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        counts = self.select.sum(dim=1)
-        # [B, 1, T] averaging weights: one batched matmul per layer reduces the span.
-        self._weights = (self.select.float() / counts.clamp(min=1).unsqueeze(1)).unsqueeze(1)
+        # Only what the reduction needs: on a GPU each of these is a kernel launch per call.
         self._weights_by_dtype: dict[torch.dtype, torch.Tensor] = {}
-        positions = torch.arange(self.select.shape[1], device=self.select.device)
-        self._last = torch.where(self.select, positions, -1).max(dim=1).values.clamp(min=0)
-        self._rows = torch.arange(self.select.shape[0], device=self.select.device)
+        if self.reduction == "mean":
+            counts = self.select.sum(dim=1)
+            # [B, 1, T] averaging weights: one batched matmul per layer reduces the span.
+            self._weights = (self.select.float() / counts.clamp(min=1).unsqueeze(1)).unsqueeze(1)
+        elif self.reduction == "last":
+            positions = torch.arange(self.select.shape[1], device=self.select.device)
+            self._last = torch.where(self.select, positions, -1).max(dim=1).values.clamp(min=0)
+            self._rows = torch.arange(self.select.shape[0], device=self.select.device)
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
         """Reduce ``hidden`` [B, T, H] to this layer's result, in the model's dtype (half-

@@ -36,6 +36,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.localstack import write_ready_file
 from services.common.logging import get_logger
 from services.common.metrics import (
     LATENCY_BUCKETS,
@@ -616,16 +617,15 @@ async def serve(
             announce_forever(runtime.variant, f"{bind}:{running.port}", metadata=metadata)
         )
     if ready_file:
-        with open(ready_file, "w") as fh:
-            json.dump(
-                {
-                    "port": running.port,
-                    "http_port": running.http_port,
-                    "metrics_port": bound_metrics,
-                    "variant": runtime.variant,
-                },
-                fh,
-            )
+        write_ready_file(
+            ready_file,
+            {
+                "port": running.port,
+                "http_port": running.http_port,
+                "metrics_port": bound_metrics,
+                "variant": runtime.variant,
+            },
+        )
     await stop.wait()
     log.info("draining", extra={"grace_s": limits.grace_period_s})
     if announcer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -126,3 +127,12 @@ def test_children_stop_gracefully_or_get_killed(tmp_path: Path) -> None:
 def test_a_recycled_pid_is_not_taken_for_our_process() -> None:
     me = localstack.ProcessInfo(name="me", pid=os.getpid(), start_ticks=1, argv=[], log="")
     assert not localstack.process_alive(me)
+
+
+def test_ready_file_is_written_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    localstack.write_ready_file(ready, {"port": 1234, "variant": "tiny@fp32"})
+    assert json.loads(ready.read_text()) == {"port": 1234, "variant": "tiny@fp32"}
+    localstack.write_ready_file(ready, {"port": 5678})  # replaced, never truncated in place
+    assert json.loads(ready.read_text()) == {"port": 5678}
+    assert [p.name for p in tmp_path.iterdir()] == ["ready.json"]

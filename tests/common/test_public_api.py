@@ -84,6 +84,7 @@ EXPECTED = {
         "status",
         "stop_process",
         "up",
+        "write_ready_file",
     },
     "services.cli.stack": {"ChildrenHook", "app", "set_children_hook"},
 }
