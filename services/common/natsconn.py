@@ -19,7 +19,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from services.common import settings as settings_mod
-from services.common.errors import Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.jobs import JobKind
 from services.common.logging import get_logger
 from services.common.settings import NatsSettings
@@ -166,6 +166,10 @@ async def ensure_kv(
         return await js.key_value(bucket)
 
 
+# nats-server's JSMaxSubjectDetails: stream info lists at most this many subjects per page.
+_MAX_SUBJECT_DETAILS = 100_000
+
+
 async def kv_values(kv: KeyValue, pattern: str) -> list[bytes]:
     """Current values of the keys matching ``pattern`` (``*``/``>`` wildcards), deletes skipped.
 
@@ -184,7 +188,13 @@ async def kv_values(kv: KeyValue, pattern: str) -> list[bytes]:
     js: JetStreamContext = kv._js
     prefix: str = kv._pre
     info = await js.stream_info(kv._stream, subjects_filter=f"{prefix}{pattern}")
-    keys = sorted(subject[len(prefix) :] for subject in (info.state.subjects or {}))
+    subjects = info.state.subjects or {}
+    if len(subjects) >= _MAX_SUBJECT_DETAILS:  # the server pages beyond this; never truncate
+        raise FailedPrecondition(
+            f"{pattern!r} matches {len(subjects)}+ keys of bucket {kv._name!r}; listings are "
+            f"limited to {_MAX_SUBJECT_DETAILS - 1}"
+        )
+    keys = sorted(subject[len(prefix) :] for subject in subjects)
 
     async def latest(key: str) -> KeyValue.Entry | None:
         try:
