@@ -157,6 +157,12 @@ class LoaderSettings(BaseSettings):
         ge=1,
         description="Most rows per forward pass; max_batch_tokens and OOM halving bound memory.",
     )
+    capture_fuse_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=0,
+        description="Layer outputs a capture holds to reduce them together (fewer kernel "
+        "launches); 0 reduces each layer as it comes.",
+    )
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
     )

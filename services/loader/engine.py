@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import torch
 
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.logging import get_logger
 from services.common.settings import LoaderSettings
 from services.loader.backends.base import LoadedModel
@@ -441,8 +441,14 @@ class Engine:
         col = np.arange(padded.input_ids.shape[1], dtype=np.int64)[None, :]
         select_np = (col >= spans[:, :1]) & (col < spans[:, 1:])
         select_host = torch.from_numpy(select_np)
-        select = select_host.to(self.device)
-        sink = CaptureSink(frozenset(layers), reduction, select, stop_after=layers[-1])
+        sink = CaptureSink(
+            frozenset(layers),
+            reduction,
+            select_host,
+            self.device,
+            stop_after=layers[-1],
+            fuse_bytes=self.settings.capture_fuse_bytes,
+        )
         state = ForwardState(
             padded.prompt_mask,
             padded.response_mask,
@@ -459,8 +465,10 @@ class Engine:
         self._count(len(batch), sum(it.length for it in batch))
         counts = select_host.sum(dim=1).tolist()
         out: list[CaptureResult] = []
-        # One stack, one float32 conversion and one device-to-host copy for all layers.
-        stacked = torch.stack([sink.out[layer] for layer in layers], dim=1).float().cpu()
+        if sink.recorded != layers:
+            raise FailedPrecondition(f"capture recorded layers {sink.recorded}, wanted {layers}")
+        # One float32 conversion and one device-to-host copy for all layers.
+        stacked = sink.result().float().cpu()
         if reduction == "none":
             per_row = torch.split(stacked, [int(c) for c in counts])  # [N, L, H] -> rows
             for b, item in enumerate(batch):

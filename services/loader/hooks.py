@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -82,39 +82,81 @@ def find_attention(layer: nn.Module) -> nn.Module | None:
 
 @dataclass
 class CaptureSink:
-    """Collects reduced activations of the current micro-batch, per layer."""
+    """Collects the reduced activations of the current micro-batch, for every captured layer.
+
+    A hook only *holds* the layer's output; the held outputs are reduced together (one stack
+    and one reduction for up to ``fuse_bytes`` of them) instead of one reduction per layer: on a
+    GPU a forward of a small model is bound by kernel launches, and a per-layer reduction adds
+    two of them to each layer. HF decoder layers never modify their input in place, so a held
+    output still holds the residual stream after its layer when it is reduced.
+    """
 
     layers: frozenset[int]
     reduction: Literal["mean", "last", "none"]
-    select: torch.Tensor  # [B, T] bool: positions to read
+    select: torch.Tensor  # [B, T] bool, on the host: positions to read
+    device: torch.device
     stop_after: int | None = None
-    out: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Bytes of layer outputs held for one fused reduction (0: each layer as it comes). Held
+    # outputs stay alive past the next layer: this bounds a capture's extra memory.
+    fuse_bytes: int = 0
 
     def __post_init__(self) -> None:
-        # Only what the reduction needs: on a GPU each of these is a kernel launch per call.
+        self._pending: list[torch.Tensor] = []
+        self._pending_bytes = 0
+        self._groups: list[torch.Tensor] = []  # [B or N, layers of the group, H], layer order
+        self.recorded: list[int] = []
+        # What the reduction needs is computed on the host and copied once: on a GPU every
+        # device-side op is a kernel launch.
+        select = self.select.cpu()
         self._weights_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         if self.reduction == "mean":
-            counts = self.select.sum(dim=1)
-            # [B, 1, T] averaging weights: one batched matmul per layer reduces the span.
-            self._weights = (self.select.float() / counts.clamp(min=1).unsqueeze(1)).unsqueeze(1)
+            counts = select.sum(dim=1, keepdim=True).clamp(min=1)
+            # [B, 1, T] averaging weights: one batched matmul reduces the span of every layer.
+            self._weights = (select.float() / counts).unsqueeze(1).to(self.device)
         elif self.reduction == "last":
-            positions = torch.arange(self.select.shape[1], device=self.select.device)
-            self._last = torch.where(self.select, positions, -1).max(dim=1).values.clamp(min=0)
-            self._rows = torch.arange(self.select.shape[0], device=self.select.device)
+            positions = torch.arange(select.shape[1])
+            last = torch.where(select, positions, -1).max(dim=1).values.clamp(min=0)
+            rows_last = torch.stack([torch.arange(select.shape[0]), last]).to(self.device)
+            self._rows, self._last = rows_last[0], rows_last[1]
+        else:
+            self._select = select.to(self.device)
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
-        """Reduce ``hidden`` [B, T, H] to this layer's result, in the model's dtype (half-
-        precision matmuls accumulate in float32; only the result is rounded). The engine
-        stacks the layers and converts to float32 once: one kernel instead of one per layer."""
+        """Hold ``hidden`` [B, T, H], the output of ``layer`` (layers arrive in order)."""
+        self.recorded.append(layer)
+        self._pending.append(hidden)
+        self._pending_bytes += hidden.numel() * hidden.element_size()
+        if self._pending_bytes >= self.fuse_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Reduce the held outputs, in the model's dtype (half-precision matmuls accumulate in
+        float32; only the result is rounded)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        # [B, T, g, H]: contiguous, so the g layers of a token are one row of g*H values.
+        held = pending[0].unsqueeze(2) if len(pending) == 1 else torch.stack(pending, dim=2)
+        batch, tokens, group, hidden = held.shape
         if self.reduction == "mean":
-            w = self._weights_by_dtype.get(hidden.dtype)
+            w = self._weights_by_dtype.get(held.dtype)
             if w is None:
-                w = self._weights_by_dtype.setdefault(hidden.dtype, self._weights.to(hidden.dtype))
-            self.out[layer] = torch.bmm(w, hidden).squeeze(1)
+                w = self._weights_by_dtype.setdefault(held.dtype, self._weights.to(held.dtype))
+            flat = held.reshape(batch, tokens, group * hidden)
+            reduced = torch.bmm(w, flat).view(batch, group, hidden)
         elif self.reduction == "last":
-            self.out[layer] = hidden[self._rows, self._last]
+            reduced = held[self._rows, self._last]  # [B, g, H]
         else:
-            self.out[layer] = hidden[self.select]
+            reduced = held[self._select]  # [N, g, H]
+        self._groups.append(reduced)
+
+    def result(self) -> torch.Tensor:
+        """Every recorded layer, in recording order: [B, L, H] (mean, last) or [N, L, H] (none,
+        N the selected tokens of all rows, row by row)."""
+        self._flush()
+        if not self._groups:
+            raise FailedPrecondition("capture recorded no layer")
+        return self._groups[0] if len(self._groups) == 1 else torch.cat(self._groups, dim=1)
 
 
 @dataclass

@@ -76,3 +76,63 @@ async def test_positions_select_the_right_tokens(tiny_loader: LoaderProc) -> Non
     np.testing.assert_allclose(
         prompt_last.activations[0], all_tokens.activations[0][:, n_prompt - 1], atol=1e-6
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "last", "none"])
+def test_fused_reduction_equals_per_layer(reduction: str) -> None:
+    """Holding layer outputs and reducing them together (in groups bounded by
+    ``capture_fuse_bytes``) gives what reducing each layer as it comes gives, with per-row
+    steering (add and ablate) acting inside the captured layers."""
+    import torch
+
+    from services.loader.engine import ChatPrompt, EngineItem
+    from services.loader.positions import parse_position
+    from services.loader.server import build_runtime
+    from services.loader.steering import SteerSpec
+
+    engine = build_runtime("tiny:llama?layers=6", "fp32", device="cpu").engine
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    steer = [[], [SteerSpec((2,), vec, 4.0)], [SteerSpec((1, 3), vec, 1.0, "ablate")]]
+    items = [
+        EngineItem(
+            engine.encode_prompt(ChatPrompt((("user", q),)), "x"),
+            engine.encode_text(r),
+            steering=s,
+        )
+        for (q, r), s in zip(
+            [("Hi", "Hello, friend."), ("What now?", "Tea."), ("Tell a long tale", "Once, a fox")],
+            steer,
+            strict=True,
+        )
+    ]
+    layers = [0, 2, 3, 5]
+
+    def capture(fuse_bytes: int, position: str) -> list[torch.Tensor]:
+        engine.settings = engine.settings.model_copy(update={"capture_fuse_bytes": fuse_bytes})
+        out = next(
+            engine.capture(items, layers, parse_position(position), reduction, chunk_items=8)
+        )  # type: ignore[arg-type]
+        return [r.activations for r in out]
+
+    for position in ("response[:]", "all", "prompt[-1]"):
+        per_layer = capture(0, position)
+        assert per_layer[0].shape[0] == len(layers)
+        one_layer_bytes = 3 * 40 * 64 * 4  # at most 40 tokens: groups of 1 to 4 layers
+        for fuse_bytes in (one_layer_bytes, 2 * one_layer_bytes, 1 << 30):
+            fused = capture(fuse_bytes, position)
+            for a, b in zip(fused, per_layer, strict=True):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # Steering acted on the captured stream: the steered row differs from its unsteered self.
+    plain = next(
+        engine.capture(
+            [EngineItem(items[1].prompt_ids, items[1].response_ids)],
+            layers,
+            parse_position("all"),
+            reduction,  # type: ignore[arg-type]
+        )
+    )[0].activations
+    steered = capture(1 << 30, "all")[1]
+    # Layer 0 is before the steered layer 2 (alone vs in a batch: float noise only).
+    torch.testing.assert_close(plain[0], steered[0], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(plain[2], steered[2], atol=1e-3)
