@@ -157,11 +157,13 @@ class LoaderSettings(BaseSettings):
         ge=1,
         description="Most rows per forward pass; max_batch_tokens and OOM halving bound memory.",
     )
-    capture_fuse_bytes: int = Field(
-        512 * 1024 * 1024,
+    capture_fuse_bytes: int | None = Field(
+        None,
         ge=0,
-        description="Layer outputs a capture holds to reduce them together (fewer kernel "
-        "launches); 0 reduces each layer as it comes.",
+        description="Layer outputs a capture holds to reduce them together: fewer kernel "
+        "launches, one stack copy (a layer output this large or larger is reduced alone, "
+        "without a copy); 0 reduces each layer as it comes. Default: 64 MiB on a GPU, 0 on "
+        "a CPU (not bound by launches, where the copy would only cost).",
     )
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."

@@ -22,6 +22,7 @@ from torch import nn
 
 from services.common.errors import FailedPrecondition
 from services.loader.steering import LayerPlan, SteeringPlan
+from services.loader.transfer import to_device
 
 __all__ = [
     "CaptureSink",
@@ -112,14 +113,14 @@ class CaptureSink:
         if self.reduction == "mean":
             counts = select.sum(dim=1, keepdim=True).clamp(min=1)
             # [B, 1, T] averaging weights: one batched matmul reduces the span of every layer.
-            self._weights = (select.float() / counts).unsqueeze(1).to(self.device)
+            self._weights = to_device((select.float() / counts).unsqueeze(1), self.device)
         elif self.reduction == "last":
             positions = torch.arange(select.shape[1])
             last = torch.where(select, positions, -1).max(dim=1).values.clamp(min=0)
-            rows_last = torch.stack([torch.arange(select.shape[0]), last]).to(self.device)
+            rows_last = to_device(torch.stack([torch.arange(select.shape[0]), last]), self.device)
             self._rows, self._last = rows_last[0], rows_last[1]
         else:
-            self._select = select.to(self.device)
+            self._select = to_device(select, self.device)
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
         """Hold ``hidden`` [B, T, H], the output of ``layer`` (layers arrive in order)."""

@@ -1,0 +1,131 @@
+"""Where a large capture spends its time on a GPU (diagnostic for issue 2's capture target).
+
+Times, side by side on the same padded batch (median of paired repeats): the full CausalLM
+forward, the base model alone, and capture with fused vs per-layer reduction and pinned vs
+pageable result copies; plus the bare device-to-host copy of a capture-sized result. Prints
+JSON.  python bench/capture_profile.py --device cuda --copies 4,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.bench_loader import QUESTIONS, RESPONSE
+from services.loader.engine import ChatPrompt, EngineItem
+from services.loader.positions import parse_position
+from services.loader.server import build_runtime
+
+
+def _timed(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Median seconds of each function, the functions timed round-robin (drift hits all)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--copies", default="4,16,64")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    engine = build_runtime(args.model, args.precision, device=args.device).engine
+    device = engine.device
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in QUESTIONS]
+    response = engine.encode_text(RESPONSE)
+    layers = list(range(engine.num_layers))
+    position = parse_position("response[:]")
+    default_fuse = engine._capture_fuse_bytes()
+    out: list[dict[str, Any]] = []
+
+    def profile(copies: int) -> dict[str, Any]:
+        items = [EngineItem(p, response) for p in prompts] * copies
+        padded = engine._pad(
+            [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in items], "left"
+        )
+
+        def forward(module: Any, padded: Any = padded) -> None:
+            with torch.inference_mode():
+                module(
+                    input_ids=padded.input_ids,
+                    attention_mask=padded.attention_mask,
+                    position_ids=padded.position_ids,
+                    use_cache=False,
+                )
+
+        def capture(fuse: int | None, pinned: bool, items: list[EngineItem] = items) -> None:
+            engine.settings = engine.settings.model_copy(update={"capture_fuse_bytes": fuse})
+            engine.pinned_results = pinned
+            for _ in engine.capture(items, layers, position, "mean", chunk_items=len(items)):
+                pass
+
+        shape = (len(items), len(layers), engine.hidden_size)
+        result = torch.randn(shape, device=device, dtype=engine.dtype)
+        pinned_f32 = torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+        pinned_half = torch.empty(shape, dtype=engine.dtype, pin_memory=device.type == "cuda")
+
+        def copy_pinned() -> None:
+            pinned_f32.copy_(result.float(), non_blocking=True)
+
+        def copy_half_then_float() -> None:
+            pinned_half.copy_(result, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            pinned_half.float()
+
+        fns: dict[str, Callable[[], Any]] = {
+            "forward_causal_lm": lambda: forward(engine.model),
+            "forward_base": lambda: forward(engine.base),
+            "capture_fused_pinned": lambda: capture(default_fuse, True),
+            "capture_fused_pageable": lambda: capture(default_fuse, False),
+            "capture_fused_512mib_pinned": lambda: capture(512 << 20, True),
+            "capture_per_layer_pinned": lambda: capture(0, True),
+            "copy_f32_pageable": lambda: result.float().cpu(),
+            "copy_f32_pinned": copy_pinned,
+            "copy_half_pinned_then_float": copy_half_then_float,
+        }
+        times = _timed(fns, device, args.repeats)
+        tokens = sum(it.length for it in items)
+        return {
+            "rows": len(items),
+            "tokens": tokens,
+            "padded_shape": list(padded.input_ids.shape),
+            "result_mb_f32": pinned_f32.numel() * 4 / 1e6,
+            "ms": {k: round(v * 1e3, 2) for k, v in times.items()},
+            "ratio_capture_fused_pinned_over_forward": times["forward_causal_lm"]
+            / times["capture_fused_pinned"],
+        }
+
+    for copies in (int(c) for c in args.copies.split(",")):
+        out.append(profile(copies))
+        print(json.dumps(out[-1]), file=sys.stderr)
+    print(json.dumps({"device": str(device), "model": args.model, "sizes": out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
