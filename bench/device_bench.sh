@@ -3,9 +3,9 @@
 # archive under $OUT ($OUT/results.tgz): the device returns at most 8 files from a command and
 # a command cut short by its time limit still returns what finished.
 #   . bench/device_setup.sh && bash bench/device_bench.sh [STEP ...]
-# STEPs (default: all, in this order): steerer gpu_check bf16 nf4 capture_sizes int8.
+# STEPs (default: all, in this order): steerer gpu_check bf16 nf4 capture_sizes profile int8.
 set -u
-STEPS=${*:-steerer gpu_check bf16 nf4 capture_sizes int8}
+STEPS=${*:-steerer gpu_check bf16 nf4 capture_sizes profile int8}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 WORK=/tmp/qsens-bench
 mkdir -p "$OUT" "$WORK"
@@ -26,5 +26,6 @@ for copies in 16 64; do  # capture at 320 and 1 280 rows: launch-bound vs comput
   want capture_sizes && run "capture_bf16_x$copies" 90 python bench/bench_loader.py \
     --precision bf16 --device cuda --parts capture --capture-copies "$copies"
 done
+want profile && run capture_profile 150 python bench/capture_profile.py --device cuda --copies 4,16,64
 want int8 && run loader_int8 540 python bench/bench_loader.py --precision int8 --device cuda --repeats 3
 true

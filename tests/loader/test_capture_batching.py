@@ -136,3 +136,18 @@ def test_fused_reduction_equals_per_layer(reduction: str) -> None:
     # Layer 0 is before the steered layer 2 (alone vs in a batch: float noise only).
     torch.testing.assert_close(plain[0], steered[0], atol=2e-5, rtol=1e-4)
     assert not torch.allclose(plain[2], steered[2], atol=1e-3)
+
+
+def test_transfer_helpers_keep_values_and_dtype() -> None:
+    """to_host returns float32 on the host whatever the model dtype; to_device keeps values
+    (on a GPU both go through page-locked memory: bench/capture_profile.py measures that)."""
+    import torch
+
+    from services.loader.transfer import to_device, to_host
+
+    x = torch.randn(3, 4, 5).to(torch.bfloat16)
+    host = to_host(x)
+    assert host.dtype == torch.float32 and host.device.type == "cpu"
+    assert torch.equal(host, x.float())
+    mask = torch.tensor([[True, False], [False, True]])
+    assert torch.equal(to_device(mask, torch.device("cpu")), mask)
