@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.bench_loader import QUESTIONS, RESPONSE
+from bench.bench_loader import QUESTIONS, RESPONSE, _sync
 from services.loader.engine import ChatPrompt, EngineItem
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
@@ -36,12 +36,10 @@ def _timed(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             start = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -94,8 +92,7 @@ def main() -> None:
 
         def copy_half_then_float() -> None:
             pinned_half.copy_(result, non_blocking=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(device)
             pinned_half.float()
 
         fns: dict[str, Callable[[], Any]] = {

@@ -109,7 +109,6 @@ class CaptureSink:
         # What the reduction needs is computed on the host and copied once: on a GPU every
         # device-side op is a kernel launch.
         select = self.select.cpu()
-        self._weights_by_dtype: dict[torch.dtype, torch.Tensor] = {}
         if self.reduction == "mean":
             counts = select.sum(dim=1, keepdim=True).clamp(min=1)
             # [B, 1, T] averaging weights: one batched matmul reduces the span of every layer.
@@ -140,11 +139,10 @@ class CaptureSink:
         held = pending[0].unsqueeze(2) if len(pending) == 1 else torch.stack(pending, dim=2)
         batch, tokens, group, hidden = held.shape
         if self.reduction == "mean":
-            w = self._weights_by_dtype.get(held.dtype)
-            if w is None:
-                w = self._weights_by_dtype.setdefault(held.dtype, self._weights.to(held.dtype))
+            if self._weights.dtype != held.dtype:  # once: every layer has the model's dtype
+                self._weights = self._weights.to(held.dtype)
             flat = held.reshape(batch, tokens, group * hidden)
-            reduced = torch.bmm(w, flat).view(batch, group, hidden)
+            reduced = torch.bmm(self._weights, flat).view(batch, group, hidden)
         elif self.reduction == "last":
             reduced = held[self._rows, self._last]  # [B, g, H]
         else:
