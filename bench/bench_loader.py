@@ -112,11 +112,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         all_layers = list(range(engine.num_layers))
         position = parse_position("response[:]")
 
-        def capture() -> None:
+        graphs = engine.graphs.max_graphs
+
+        def capture(use_graphs: bool = True) -> None:
+            engine.graphs.max_graphs = graphs if use_graphs else 0
             for _ in engine.capture(
                 cap_items, all_layers, position, "mean", chunk_items=len(cap_items)
             ):
                 pass
+            engine.graphs.max_graphs = graphs
+
+        def capture_eager() -> None:
+            capture(False)
 
         def pad() -> Any:
             seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items]
@@ -140,8 +147,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # The same forward starting where capture starts: token-id lists, padded per call.
             forward(pad())
 
+        # A CUDA graph is recorded the second time a bucket is seen: time those first calls.
+        engine.graphs.clear()
+        first_calls = []
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            capture()
+            _sync(device)
+            first_calls.append(time.perf_counter() - start)
         t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
         _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
+        t_eager, _, ratio_eager = _paired(capture_eager, plain_forward, device, args.repeats)
+        _, _, ratio_graph_eager = _paired(capture, capture_eager, device, args.repeats)
         result["capture"] = {
             "rows": len(cap_items),
             "tokens": tokens,
@@ -150,8 +168,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_capture_over_forward": ratio,
             "forward_from_ids_tokens_per_s": tokens / t_ids,
             "ratio_capture_over_forward_from_ids": ratio_ids,
+            "graphs": {
+                "max_graphs": graphs,
+                "recorded": engine.graphs.recorded,
+                "replays": engine.graphs.replays,
+                "disabled": engine.graphs.disabled,
+                "first_call_s": first_calls[0],
+                "recording_call_s": first_calls[1],
+            },
+            "capture_eager_tokens_per_s": tokens / t_eager,
+            "ratio_capture_eager_over_forward": ratio_eager,
+            "ratio_capture_graph_over_eager": ratio_graph_eager,
             "repeats": args.repeats,
-            "note": "capture: every layer, response[:] mean, no lm_head; forward: full CausalLM "
+            "note": "capture: every layer, response[:] mean, no lm_head (replayed from a CUDA "
+            "graph where one applies; capture_eager: graphs off); forward: full CausalLM "
             "with logits on pre-padded device tensors; forward_from_ids: the same, padding the "
             "token-id lists per call as capture does",
         }

@@ -44,6 +44,35 @@ def _timed(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _kernels(fn: Callable[[], Any], top: int, calls: int = 3) -> dict[str, Any]:
+    """GPU time per call of ``fn`` by kernel (torch.profiler), the ``top`` largest."""
+    try:
+        return _kernel_table(fn, top, calls)
+    except Exception as exc:  # a diagnostic: report, do not lose the timings
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _kernel_table(fn: Callable[[], Any], top: int, calls: int) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = [
+        (e.key, getattr(e, "self_device_time_total", 0.0) / calls / 1e3, e.count / calls)
+        for e in prof.key_averages()
+        if getattr(e, "self_device_time_total", 0.0) > 0
+    ]
+    rows.sort(key=lambda r: -r[1])
+    return {
+        "gpu_ms_per_call": round(sum(r[1] for r in rows), 3),
+        "top": [{"kernel": k[:90], "ms": round(ms, 3), "per_call": n} for k, ms, n in rows[:top]],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
@@ -51,6 +80,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--copies", default="4,16,64")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--graph-tokens", type=int, default=0, help="override capture_graph_tokens (0: keep)"
+    )
+    parser.add_argument(
+        "--kernels", type=int, default=0, help="list the top N GPU kernels of forward and capture"
+    )
     args = parser.parse_args()
     engine = build_runtime(args.model, args.precision, device=args.device).engine
     device = engine.device
@@ -59,6 +94,9 @@ def main() -> None:
     layers = list(range(engine.num_layers))
     position = parse_position("response[:]")
     default_fuse = engine._capture_fuse_bytes()
+    graphs = engine.graphs.max_graphs
+    if args.graph_tokens:
+        engine.graphs.max_tokens = args.graph_tokens
     out: list[dict[str, Any]] = []
 
     def profile(copies: int) -> dict[str, Any]:
@@ -76,9 +114,12 @@ def main() -> None:
                     use_cache=False,
                 )
 
-        def capture(fuse: int | None, pinned: bool, items: list[EngineItem] = items) -> None:
+        def capture(
+            fuse: int | None, pinned: bool, graphs: int = 0, items: list[EngineItem] = items
+        ) -> None:
             engine.settings = engine.settings.model_copy(update={"capture_fuse_bytes": fuse})
             engine.pinned_results = pinned
+            engine.graphs.max_graphs = graphs
             for _ in engine.capture(items, layers, position, "mean", chunk_items=len(items)):
                 pass
 
@@ -98,6 +139,7 @@ def main() -> None:
         fns: dict[str, Callable[[], Any]] = {
             "forward_causal_lm": lambda: forward(engine.model),
             "forward_base": lambda: forward(engine.base),
+            "capture_graph": lambda: capture(default_fuse, True, graphs),
             "capture_fused_pinned": lambda: capture(default_fuse, True),
             "capture_fused_pageable": lambda: capture(default_fuse, False),
             "capture_fused_512mib_pinned": lambda: capture(512 << 20, True),
@@ -107,6 +149,14 @@ def main() -> None:
             "copy_half_pinned_then_float": copy_half_then_float,
         }
         times = _timed(fns, device, args.repeats)
+        kernels = (
+            {
+                name: _kernels(fns[name], args.kernels)
+                for name in ("forward_base", "capture_fused_pinned", "capture_graph")
+            }
+            if args.kernels and device.type == "cuda"
+            else {}
+        )
         tokens = sum(it.length for it in items)
         return {
             "rows": len(items),
@@ -116,6 +166,8 @@ def main() -> None:
             "ms": {k: round(v * 1e3, 2) for k, v in times.items()},
             "ratio_capture_fused_pinned_over_forward": times["forward_causal_lm"]
             / times["capture_fused_pinned"],
+            "ratio_capture_graph_over_forward": times["forward_causal_lm"] / times["capture_graph"],
+            "kernels": kernels,
         }
 
     for copies in (int(c) for c in args.copies.split(",")):

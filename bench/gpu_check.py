@@ -1,6 +1,8 @@
 """Correctness checks of the loader engine on an accelerator (run before trusting GPU numbers).
 
-Prints JSON: batched vs unbatched capture (both padding sides), coefficient-0 identity,
+Prints JSON: batched vs unbatched capture (both padding sides), capture replayed from CUDA
+graphs vs the same static-shape forward run eagerly and vs the eager path (other content and
+positions in a recorded bucket: a replay must read the new inputs), coefficient-0 identity,
 ablation residue, static vs dynamic cache generation, and an answer to a chat prompt.
 """
 
@@ -52,6 +54,7 @@ def check(model: str, precision: str, device: str) -> dict[str, Any]:
                 key = f"{side}:{pos}"
                 worst[key] = max(worst.get(key, 0.0), rel)
     out["capture_batch_vs_single_rel_err"] = worst
+    out["capture_graphs"] = graphs_check(e, items)
     vec = torch.randn(e.hidden_size, generator=torch.Generator().manual_seed(0))
     zero = [
         EngineItem(it.prompt_ids, it.response_ids, [SteerSpec(tuple(layers), vec, 0.0)])
@@ -85,6 +88,58 @@ def check(model: str, precision: str, device: str) -> dict[str, Any]:
     q = EngineItem(e.encode_prompt(ChatPrompt((("user", "What is the capital of France?"),)), "x"))
     out["answer"] = e.generate([q], params)[0].text
     return out
+
+
+def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
+    """Graph replays against the static forward run eagerly (the same shapes and kernels) and
+    against the eager path (other padding: dtype noise only)."""
+    g = e.graphs
+    layers = list(range(e.num_layers))
+    # The same bucket (3 rows, the same longest item) with other content and order.
+    other = items[1:] + items[:1]
+    cases = [
+        (its, pos, red)
+        for red in ("mean", "last")
+        for pos in ("response[:]", "all", "prompt[-1]")
+        for its in (items, other)
+    ]
+
+    def run(its: list[EngineItem], pos: str, red: str) -> torch.Tensor:
+        res = next(e.capture(its, layers, parse_position(pos), red))
+        return torch.stack([r.activations for r in res])
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    if g.disabled or g.max_graphs == 0:
+        return {"disabled": g.disabled or "max_graphs=0"}
+    g.clear()
+    g.record_after = 1
+    recorded_before = g.recorded
+    for case in cases:
+        run(*case)
+    recorded, replays = g.recorded - recorded_before, g.replays
+    graphed = [run(*case) for case in cases]
+    replayed = g.replays - replays
+    saved = g.max_graphs
+    g.max_graphs = 0
+    eager = [run(*case) for case in cases]
+    g.max_graphs = saved
+    g.clear()
+    g.use_graphs = False
+    static = [run(*case) for case in cases]
+    g.use_graphs = True
+    g.clear()
+    g.record_after = 2
+    return {
+        "graphs_recorded": recorded,
+        "replays_in_check": replayed,
+        "cases": len(cases),
+        "disabled": g.disabled,
+        "graph_vs_static_eager_max_rel_err": max(map(rel, graphed, static)),
+        "graph_vs_eager_path_max_rel_err": max(map(rel, graphed, eager)),
+        "static_eager_vs_eager_path_max_rel_err": max(map(rel, static, eager)),
+    }
 
 
 def main() -> None:

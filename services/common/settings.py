@@ -165,6 +165,20 @@ class LoaderSettings(BaseSettings):
         "without a copy); 0 reduces each layer as it comes. Default: 64 MiB on a GPU, 0 on "
         "a CPU (not bound by launches, where the copy would only cost).",
     )
+    capture_graphs: int | None = Field(
+        None,
+        ge=0,
+        description="CUDA graphs kept for unsteered mean/last captures (one per bucket of rows "
+        "x padded width; a bucket is recorded when seen twice): a small model's forward on a "
+        "GPU is bound by kernel launches. 0 switches them off. Default: 8 on a GPU, 0 on a CPU "
+        "(where a positive value runs the same bucketed path without graphs).",
+    )
+    capture_graph_tokens: int = Field(
+        32768,
+        ge=1,
+        description="Largest capture batch (rows x padded width) replayed as a CUDA graph; "
+        "larger ones are bound by arithmetic, not launches.",
+    )
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
     )

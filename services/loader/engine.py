@@ -10,7 +10,6 @@ are computed from the attention mask, so left and right padding give the same nu
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,12 +22,14 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Resource
 from services.common.logging import get_logger
 from services.common.settings import LoaderSettings
 from services.loader.backends.base import LoadedModel
+from services.loader.capture_graphs import CaptureGraphs, pad_arrays
 from services.loader.hooks import (
     CaptureSink,
     ForwardState,
     StopForward,
     find_decoder_layers,
     install_hooks,
+    reduction_inputs,
 )
 from services.loader.positions import Position
 from services.loader.seeds import row_seed
@@ -198,6 +199,25 @@ class Engine:
         self.max_batch_size = settings.max_batch_size
         self.cache_mode = settings.generation_cache
         self.pinned_results = True
+        on_gpu = self.device.type == "cuda"
+        max_graphs = settings.capture_graphs
+        if max_graphs is None:
+            max_graphs = 8 if on_gpu else 0
+        self.graphs = CaptureGraphs(
+            self.base,
+            self.layers,
+            device=self.device,
+            dtype=self.dtype,
+            pad_id=self.pad_id,
+            attn_implementation=str(getattr(config, "_attn_implementation", None)),
+            max_graphs=max_graphs,
+            max_tokens=settings.capture_graph_tokens,
+            fuse_bytes=self._capture_fuse_bytes(),
+            use_graphs=on_gpu,
+        )
+        if loaded.quantization_config.get("load_in_8bit"):
+            # LLM.int8()'s outlier decomposition depends on the data: never frozen in a graph.
+            self.graphs.disabled = "LLM.int8() (data-dependent outlier columns)"
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
@@ -329,33 +349,15 @@ class Engine:
             return self._adaptive(rows[:half], fn) + self._adaptive(rows[half:], fn)
 
     def _free_memory(self) -> None:
+        self.graphs.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def _pad(self, seqs: Sequence[tuple[list[int], int]], side: PaddingSide) -> _Padded:
-        """Pad (ids, prompt_len) rows; prompt/response masks exclude padding.
-
-        Built with whole-array numpy operations (no per-row tensor ops: at hundreds of rows
-        those dominate a small model's forward on a GPU), then copied to the device once each.
-        """
-        rows = len(seqs)
-        lengths = np.fromiter((len(ids) for ids, _ in seqs), dtype=np.int64, count=rows)
-        prompt_lens = np.fromiter((p for _, p in seqs), dtype=np.int64, count=rows)
-        width = int(lengths.max())
-        starts = width - lengths if side == "left" else np.zeros(rows, dtype=np.int64)
-        col = np.arange(width, dtype=np.int64)[None, :]
-        rel = col - starts[:, None]  # position of each column within its row's tokens
-        attention = (rel >= 0) & (rel < lengths[:, None])
-        prompt = attention & (rel < prompt_lens[:, None])
-        response = attention & ~prompt
-        input_ids = np.full((rows, width), self.pad_id, dtype=np.int64)
-        # Row-major order of the True cells is each row's tokens in order.
-        input_ids[attention] = np.fromiter(
-            itertools.chain.from_iterable(ids for ids, _ in seqs),
-            dtype=np.int64,
-            count=int(lengths.sum()),
+        """Pad (ids, prompt_len) rows; prompt/response masks exclude padding (``pad_arrays``)."""
+        input_ids, positions, starts, attention, prompt, response = pad_arrays(
+            seqs, side, self.pad_id
         )
-        positions = np.where(attention, rel, 0)
         # Two host-to-device copies instead of five (each is a host-side wait on a GPU).
         ints = to_device(torch.from_numpy(np.stack([input_ids, attention, positions])), self.device)
         masks = to_device(torch.from_numpy(np.stack([prompt, response])), self.device)
@@ -423,48 +425,30 @@ class Engine:
         reduction: Literal["mean", "last", "none"],
         side: PaddingSide,
     ) -> list[CaptureResult]:
-        padded = self._pad(
-            [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in batch], side
+        seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in batch]
+        # Spans relative to each row's first token; built on the host and copied once:
+        # per-row slice assignments on a GPU tensor would each be a kernel launch.
+        spans = np.array(
+            [position.span(len(it.prompt_ids), len(it.response_ids)) for it in batch],
+            dtype=np.int64,
+        ).reshape(len(batch), 2)
+        lengths = np.fromiter((len(ids) for ids, _ in seqs), dtype=np.int64, count=len(seqs))
+        counts = spans[:, 1] - spans[:, 0]  # spans lie within their item
+        plan = self._plan([it.steering for it in batch])
+        graph_key = (
+            self.graphs.key(len(batch), int(lengths.max()), layers, reduction)
+            if not plan.layers
+            else None
         )
-        # Built on the host and copied once: per-row slice assignments on a GPU tensor would
-        # each be a kernel launch.
-        spans = (
-            np.array(
-                [position.span(len(it.prompt_ids), len(it.response_ids)) for it in batch],
-                dtype=np.int64,
-            ).reshape(len(batch), 2)
-            + np.asarray(padded.offsets, dtype=np.int64)[:, None]
-        )
-        col = np.arange(padded.input_ids.shape[1], dtype=np.int64)[None, :]
-        select_np = (col >= spans[:, :1]) & (col < spans[:, 1:])
-        select_host = torch.from_numpy(select_np)
-        sink = CaptureSink(
-            frozenset(layers),
-            reduction,
-            select_host,
-            self.device,
-            stop_after=layers[-1],
-            fuse_bytes=self._capture_fuse_bytes(),
-        )
-        state = ForwardState(
-            padded.prompt_mask,
-            padded.response_mask,
-            self._plan([it.steering for it in batch]),
-            sink,
-        )
-        with install_hooks(self.layers, state), contextlib.suppress(StopForward):
-            self.base(
-                input_ids=padded.input_ids,
-                attention_mask=padded.attention_mask,
-                position_ids=padded.position_ids,
-                use_cache=False,
-            )
+        result: torch.Tensor | None = None
+        if graph_key is not None:
+            self.graphs.fuse_bytes = self._capture_fuse_bytes()
+            result = self.graphs.run(graph_key, seqs, spans, side)
+        if result is None:
+            result = self._capture_eager(seqs, spans, plan, layers, reduction, side)
         self._count(len(batch), sum(it.length for it in batch))
-        counts = select_host.sum(dim=1).tolist()
         out: list[CaptureResult] = []
-        if sink.recorded != layers:
-            raise FailedPrecondition(f"capture recorded layers {sink.recorded}, wanted {layers}")
-        stacked = to_host(sink.result(), pinned=self.pinned_results)
+        stacked = to_host(result, pinned=self.pinned_results)
         if reduction == "none":
             per_row = torch.split(stacked, [int(c) for c in counts])  # [N, L, H] -> rows
             for b, item in enumerate(batch):
@@ -490,6 +474,39 @@ class Engine:
                     )
                 )
         return out
+
+    def _capture_eager(
+        self,
+        seqs: list[tuple[list[int], int]],
+        spans: np.ndarray,
+        plan: SteeringPlan,
+        layers: list[int],
+        reduction: Literal["mean", "last", "none"],
+        side: PaddingSide,
+    ) -> torch.Tensor:
+        """The hooked forward of one micro-batch: [B, L, H] (mean, last) or [N, L, H] (none)."""
+        padded = self._pad(seqs, side)
+        spans = spans + np.asarray(padded.offsets, dtype=np.int64)[:, None]
+        col = np.arange(padded.input_ids.shape[1], dtype=np.int64)[None, :]
+        select = torch.from_numpy((col >= spans[:, :1]) & (col < spans[:, 1:]))
+        sink = CaptureSink(
+            frozenset(layers),
+            reduction,
+            reduction_inputs(select, reduction).to(self.device),
+            stop_after=layers[-1],
+            fuse_bytes=self._capture_fuse_bytes(),
+        )
+        state = ForwardState(padded.prompt_mask, padded.response_mask, plan, sink)
+        with install_hooks(self.layers, state), contextlib.suppress(StopForward):
+            self.base(
+                input_ids=padded.input_ids,
+                attention_mask=padded.attention_mask,
+                position_ids=padded.position_ids,
+                use_cache=False,
+            )
+        if sink.recorded != layers:
+            raise FailedPrecondition(f"capture recorded layers {sink.recorded}, wanted {layers}")
+        return sink.result()
 
     def _capture_fuse_bytes(self) -> int:
         configured = self.settings.capture_fuse_bytes

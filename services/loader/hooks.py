@@ -27,10 +27,12 @@ from services.loader.transfer import to_device
 __all__ = [
     "CaptureSink",
     "ForwardState",
+    "ReductionInputs",
     "StopForward",
     "find_attention",
     "find_decoder_layers",
     "install_hooks",
+    "reduction_inputs",
 ]
 
 _LAYER_PATHS = (
@@ -82,6 +84,45 @@ def find_attention(layer: nn.Module) -> nn.Module | None:
 
 
 @dataclass
+class ReductionInputs:
+    """What a capture's reduction reads besides the layer outputs: ``weights`` [B, 1, T]
+    (mean: each selected position's share), ``rows``/``last`` [B] (last: the last selected
+    column) or ``select`` [B, T] bool (none)."""
+
+    weights: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    select: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> ReductionInputs:
+        """On ``device``, one copy per tensor (rows and last share one)."""
+        if self.rows is not None and self.last is not None:
+            rows_last = to_device(torch.stack([self.rows, self.last]), device)
+            return ReductionInputs(rows=rows_last[0], last=rows_last[1])
+        return ReductionInputs(
+            weights=None if self.weights is None else to_device(self.weights, device),
+            select=None if self.select is None else to_device(self.select, device),
+        )
+
+
+def reduction_inputs(
+    select: torch.Tensor, reduction: Literal["mean", "last", "none"]
+) -> ReductionInputs:
+    """The reduction's inputs from ``select`` [B, T] bool, computed where ``select`` lives (the
+    engine builds them on the host and copies them once; a capture graph computes them inside
+    the graph from its static buffer)."""
+    if reduction == "mean":
+        counts = select.sum(dim=1, keepdim=True).clamp(min=1)
+        # [B, 1, T] averaging weights: one batched matmul reduces the span of every layer.
+        return ReductionInputs(weights=(select.float() / counts).unsqueeze(1))
+    if reduction == "last":
+        positions = torch.arange(select.shape[1], device=select.device)
+        last = torch.where(select, positions, -1).max(dim=1).values.clamp(min=0)
+        return ReductionInputs(rows=torch.arange(select.shape[0], device=select.device), last=last)
+    return ReductionInputs(select=select)
+
+
+@dataclass
 class CaptureSink:
     """Collects the reduced activations of the current micro-batch, for every captured layer.
 
@@ -94,8 +135,7 @@ class CaptureSink:
 
     layers: frozenset[int]
     reduction: Literal["mean", "last", "none"]
-    select: torch.Tensor  # [B, T] bool, on the host: positions to read
-    device: torch.device
+    inputs: ReductionInputs  # on the layer outputs' device
     stop_after: int | None = None
     # Bytes of layer outputs held for one fused reduction (0: each layer as it comes). Held
     # outputs stay alive past the next layer: this bounds a capture's extra memory.
@@ -106,20 +146,7 @@ class CaptureSink:
         self._pending_bytes = 0
         self._groups: list[torch.Tensor] = []  # [B or N, layers of the group, H], layer order
         self.recorded: list[int] = []
-        # What the reduction needs is computed on the host and copied once: on a GPU every
-        # device-side op is a kernel launch.
-        select = self.select.cpu()
-        if self.reduction == "mean":
-            counts = select.sum(dim=1, keepdim=True).clamp(min=1)
-            # [B, 1, T] averaging weights: one batched matmul reduces the span of every layer.
-            self._weights = to_device((select.float() / counts).unsqueeze(1), self.device)
-        elif self.reduction == "last":
-            positions = torch.arange(select.shape[1])
-            last = torch.where(select, positions, -1).max(dim=1).values.clamp(min=0)
-            rows_last = to_device(torch.stack([torch.arange(select.shape[0]), last]), self.device)
-            self._rows, self._last = rows_last[0], rows_last[1]
-        else:
-            self._select = to_device(select, self.device)
+        self._weights = self.inputs.weights
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
         """Hold ``hidden`` [B, T, H], the output of ``layer`` (layers arrive in order)."""
@@ -139,14 +166,15 @@ class CaptureSink:
         held = pending[0].unsqueeze(2) if len(pending) == 1 else torch.stack(pending, dim=2)
         batch, tokens, group, hidden = held.shape
         if self.reduction == "mean":
+            assert self._weights is not None
             if self._weights.dtype != held.dtype:  # once: every layer has the model's dtype
                 self._weights = self._weights.to(held.dtype)
             flat = held.reshape(batch, tokens, group * hidden)
             reduced = torch.bmm(self._weights, flat).view(batch, group, hidden)
         elif self.reduction == "last":
-            reduced = held[self._rows, self._last]  # [B, g, H]
+            reduced = held[self.inputs.rows, self.inputs.last]  # [B, g, H]
         else:
-            reduced = held[self._select]  # [N, g, H]
+            reduced = held[self.inputs.select]  # [N, g, H]
         self._groups.append(reduced)
 
     def result(self) -> torch.Tensor:
