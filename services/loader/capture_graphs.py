@@ -147,8 +147,8 @@ class CaptureGraphs:
             self.disabled = f"attention implementation {attn_implementation!r}"
         self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
         self._seen: collections.Counter[GraphKey] = collections.Counter()
-        self.recorded = 0
-        self.replays = 0
+        self.recorded = 0  # buckets recorded
+        self.replays = 0  # calls served by a recorded bucket (a graph replay on a GPU)
 
     def clear(self) -> None:
         """Drop every graph and its memory pool (out of memory, or shutting down)."""
@@ -188,9 +188,9 @@ class CaptureGraphs:
             entry.static.copy_(host, non_blocking=True)
             if entry.graph is not None:
                 entry.graph.replay()
-                self.replays += 1
             else:
                 entry.output = self._body(entry.static, key)
+            self.replays += 1
         else:
             entry = self._record(key, host)
             if entry is None:

@@ -946,5 +946,10 @@ class Engine:
             "supports_system_role": self.has_system_role,
             "vocab_size": self.vocab_size,
             "quantization_config": self.loaded.quantization_config,
-            "notes": list(self.loaded.notes),
+            "notes": list(self.loaded.notes)
+            + (
+                [f"capture CUDA graphs off: {self.graphs.disabled}"]
+                if self.graphs.disabled and self.device.type == "cuda"
+                else []
+            ),
         }

@@ -80,6 +80,8 @@ class _Metrics:
     inflight: Gauge
     oom: Counter
     memory: Gauge
+    graphs_recorded: Counter
+    graph_replays: Counter
 
 
 _metrics: _Metrics | None = None
@@ -110,6 +112,14 @@ def metrics() -> _Metrics:
             inflight=Gauge("qsens_loader_inflight_requests", "RPCs in progress."),
             oom=Counter("qsens_loader_oom_retries_total", "Batches halved after out-of-memory."),
             memory=memory,
+            graphs_recorded=Counter(
+                "qsens_loader_capture_graphs_recorded_total",
+                "Capture shape buckets recorded (CUDA graphs on a GPU).",
+            ),
+            graph_replays=Counter(
+                "qsens_loader_capture_graph_replays_total",
+                "Capture batches served from a recorded bucket.",
+            ),
         )
     return _metrics
 
@@ -147,13 +157,21 @@ class LoaderRuntime:
         def call() -> T:
             if delay:
                 time.sleep(delay)
-            before = self.engine.oom_retries
+            engine, graphs = self.engine, self.engine.graphs
+            before = (engine.oom_retries, graphs.recorded, graphs.replays)
             try:
                 with torch.inference_mode():
                     return fn()
             finally:
-                if self.engine.oom_retries > before:
-                    metrics().oom.inc(self.engine.oom_retries - before)
+                m = metrics()
+                for counter, old, new in zip(
+                    (m.oom, m.graphs_recorded, m.graph_replays),
+                    before,
+                    (engine.oom_retries, graphs.recorded, graphs.replays),
+                    strict=True,
+                ):
+                    if new > old:
+                        counter.inc(new - old)
 
         return await loop.run_in_executor(self.executor, call)
 

@@ -4,15 +4,21 @@ the recorded graphs against the eager path on a GPU."""
 
 from __future__ import annotations
 
+import urllib.request
+
+import numpy as np
 import pytest
 import torch
 
 from services.common.settings import LoaderSettings
 from services.loader.capture_graphs import bucket
+from services.loader.client import LoaderClient
 from services.loader.engine import ChatPrompt, Engine, EngineItem
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec
+from tests.loader.test_capture_batching import ITEMS
+from tests.loader_procs import LoaderProc, start_loader
 
 CHATS = [
     ("Hi", "Hello, friend."),
@@ -134,3 +140,32 @@ def test_graph_cache_is_bounded_and_skips_large_batches() -> None:
     assert engine.graphs.recorded == 5
     engine._free_memory()
     assert len(engine.graphs) == 0
+
+
+async def test_bucketed_capture_over_grpc_matches_and_is_counted(tiny_loader: LoaderProc) -> None:
+    """A loader with the bucketed path on (graphs on a GPU; here the same path without them)
+    returns what the default loader returns, and counts recorded buckets and served calls."""
+    bucketed = start_loader("tiny:llama", "fp32", env={"QSENS_LOADER_CAPTURE_GRAPHS": "2"})
+    try:
+        async with LoaderClient(bucketed.address) as client:
+            got = [await client.capture(ITEMS, position="response[:]") for _ in range(3)]
+        async with LoaderClient(tiny_loader.address) as client:
+            ref = await client.capture(ITEMS, position="response[:]")
+        for g in got:
+            np.testing.assert_allclose(g.stacked(), ref.stacked(), atol=2e-5, rtol=1e-4)
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{bucketed.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+        values = {
+            line.split()[0]: float(line.split()[-1])
+            for line in body.splitlines()
+            if line.startswith("qsens_loader_capture_graph")
+        }
+        # Seen once (eager), recorded on the second call, served from the bucket on the third.
+        assert values["qsens_loader_capture_graphs_recorded_total"] == 1
+        assert values["qsens_loader_capture_graph_replays_total"] == 1
+        assert bucketed.alive()
+    finally:
+        bucketed.stop()
