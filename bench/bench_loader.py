@@ -83,6 +83,46 @@ def _paired(a: Any, b: Any, device: torch.device, repeats: int) -> tuple[float, 
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --precision, --device: shared by the loader benchmarks and diagnostics."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--device", default="auto")
+
+
+def capture_items(engine: Any, copies: int, prompts: int = len(QUESTIONS)) -> list[EngineItem]:
+    """The capture workload: ``prompts`` chat questions replaying RESPONSE, ``copies`` times."""
+    response = engine.encode_text(RESPONSE)
+    asked = [engine.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in QUESTIONS]
+    return [EngineItem(p, response) for p in asked[:prompts]] * copies
+
+
+def pad_items(engine: Any, items: list[EngineItem]) -> Any:
+    """``items`` padded on the left as capture pads them (device tensors)."""
+    return engine._pad(
+        [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in items], "left"
+    )
+
+
+def forward(module: Any, padded: Any) -> None:
+    """A plain forward of ``module`` (CausalLM or base model) on a padded batch."""
+    with torch.inference_mode():
+        module(
+            input_ids=padded.input_ids,
+            attention_mask=padded.attention_mask,
+            position_ids=padded.position_ids,
+            use_cache=False,
+        )
+
+
+def capture_mean(engine: Any, items: list[EngineItem]) -> None:
+    """One capture of every layer, ``response[:]`` mean, all items in one call."""
+    layers = list(range(engine.num_layers))
+    position = parse_position("response[:]")
+    for _ in engine.capture(items, layers, position, "mean", chunk_items=len(items)):
+        pass
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     runtime = build_runtime(args.model, args.precision, device=args.device)
     engine = runtime.engine
@@ -90,7 +130,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [
         engine.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in QUESTIONS[: args.prompts]
     ]
-    response = engine.encode_text(RESPONSE)
     result: dict[str, Any] = {
         "variant": runtime.variant,
         "device": str(device),
@@ -107,45 +146,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def capture_part() -> None:
         # 1. Capture (all layers, response[:] mean) vs a plain forward of the same padded batch.
-        cap_items = [EngineItem(p, response) for p in prompts] * args.capture_copies
+        cap_items = capture_items(engine, args.capture_copies, args.prompts)
         tokens = sum(it.length for it in cap_items)
-        all_layers = list(range(engine.num_layers))
-        position = parse_position("response[:]")
-
         graphs = engine.graphs.max_graphs
 
         def capture(use_graphs: bool = True) -> None:
             engine.graphs.max_graphs = graphs if use_graphs else 0
-            for _ in engine.capture(
-                cap_items, all_layers, position, "mean", chunk_items=len(cap_items)
-            ):
-                pass
+            capture_mean(engine, cap_items)
             engine.graphs.max_graphs = graphs
 
         def capture_eager() -> None:
             capture(False)
 
         def pad() -> Any:
-            seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in cap_items]
-            return engine._pad(seqs, "left")
-
-        def forward(p: Any) -> None:
-            with torch.inference_mode():
-                engine.model(
-                    input_ids=p.input_ids,
-                    attention_mask=p.attention_mask,
-                    position_ids=p.position_ids,
-                    use_cache=False,
-                )
+            return pad_items(engine, cap_items)
 
         padded = pad()
 
         def plain_forward() -> None:
-            forward(padded)
+            forward(engine.model, padded)
 
         def forward_from_ids() -> None:
             # The same forward starting where capture starts: token-id lists, padded per call.
-            forward(pad())
+            forward(engine.model, pad())
 
         # A CUDA graph is recorded the second time a bucket is seen: time those first calls.
         engine.graphs.clear()
@@ -268,9 +291,7 @@ def _parts(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--device", default="auto")
+    add_model_args(parser)
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--sweep-layers", type=int, default=11)

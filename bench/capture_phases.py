@@ -21,31 +21,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
 import services.loader.engine as engine_mod
-from bench.bench_loader import QUESTIONS, RESPONSE, _sync
-from services.loader.engine import ChatPrompt, EngineItem
-from services.loader.positions import parse_position
+from bench.bench_loader import (
+    _sync,
+    add_model_args,
+    capture_items,
+    capture_mean,
+    forward,
+    pad_items,
+)
 from services.loader.server import build_runtime
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--device", default="auto")
+    add_model_args(parser)
     parser.add_argument("--copies", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     engine = build_runtime(args.model, args.precision, device=args.device).engine
     engine.graphs.max_graphs = 0
     device = engine.device
-    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in QUESTIONS]
-    response = engine.encode_text(RESPONSE)
-    items = [EngineItem(p, response) for p in prompts] * args.copies
-    layers = list(range(engine.num_layers))
-    position = parse_position("response[:]")
+    items = capture_items(engine, args.copies)
     phases: dict[str, list[float]] = defaultdict(list)
     marks: dict[str, float] = {}
 
@@ -64,27 +62,18 @@ def main() -> None:
     engine.base.forward = timed("forward_launch", base_forward)  # type: ignore[method-assign]
     engine_mod.to_host = timed("to_host", engine_mod.to_host)  # type: ignore[assignment]
 
+    padded = pad_items(engine, items)
+
     def capture() -> None:
-        for _ in engine.capture(items, layers, position, "mean", chunk_items=len(items)):
-            pass
+        capture_mean(engine, items)
 
-    padded = engine._pad(
-        [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in items], "left"
-    )
-
-    def forward() -> None:
-        with torch.inference_mode():
-            engine.model(
-                input_ids=padded.input_ids,
-                attention_mask=padded.attention_mask,
-                position_ids=padded.position_ids,
-                use_cache=False,
-            )
+    def plain_forward() -> None:
+        forward(engine.model, padded)
 
     capture()
-    forward()
+    plain_forward()
     for _ in range(args.repeats):
-        for name, fn in (("capture", capture), ("forward", forward)):
+        for name, fn in (("capture", capture), ("forward", plain_forward)):
             _sync(device)
             marks.clear()
             start = time.perf_counter()
@@ -100,7 +89,7 @@ def main() -> None:
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        for name, fn in (("capture", capture), ("forward", forward)):
+        for name, fn in (("capture", capture), ("forward", plain_forward)):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 fn()
                 _sync(device)

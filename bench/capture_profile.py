@@ -21,9 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.bench_loader import QUESTIONS, RESPONSE, _sync
-from services.loader.engine import ChatPrompt, EngineItem
-from services.loader.positions import parse_position
+from bench.bench_loader import (
+    _sync,
+    add_model_args,
+    capture_items,
+    capture_mean,
+    forward,
+    pad_items,
+)
 from services.loader.server import build_runtime
 
 
@@ -75,9 +80,7 @@ def _kernel_table(fn: Callable[[], Any], top: int, calls: int) -> dict[str, Any]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--device", default="auto")
+    add_model_args(parser)
     parser.add_argument("--copies", default="4,16,64")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -89,10 +92,6 @@ def main() -> None:
     args = parser.parse_args()
     engine = build_runtime(args.model, args.precision, device=args.device).engine
     device = engine.device
-    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in QUESTIONS]
-    response = engine.encode_text(RESPONSE)
-    layers = list(range(engine.num_layers))
-    position = parse_position("response[:]")
     default_fuse = engine._capture_fuse_bytes()
     graphs = engine.graphs.max_graphs
     if args.graph_tokens:
@@ -100,30 +99,17 @@ def main() -> None:
     out: list[dict[str, Any]] = []
 
     def profile(copies: int) -> dict[str, Any]:
-        items = [EngineItem(p, response) for p in prompts] * copies
-        padded = engine._pad(
-            [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in items], "left"
-        )
+        items = capture_items(engine, copies)
+        padded = pad_items(engine, items)
 
-        def forward(module: Any, padded: Any = padded) -> None:
-            with torch.inference_mode():
-                module(
-                    input_ids=padded.input_ids,
-                    attention_mask=padded.attention_mask,
-                    position_ids=padded.position_ids,
-                    use_cache=False,
-                )
-
-        def capture(
-            fuse: int | None, pinned: bool, graphs: int = 0, items: list[EngineItem] = items
-        ) -> None:
+        def capture(fuse: int | None, pinned: bool, graphs: int = 0) -> None:
             engine.settings = engine.settings.model_copy(update={"capture_fuse_bytes": fuse})
             engine.pinned_results = pinned
             engine.graphs.max_graphs = graphs
-            for _ in engine.capture(items, layers, position, "mean", chunk_items=len(items)):
-                pass
+            capture_mean(engine, items)
 
-        shape = (len(items), len(layers), engine.hidden_size)
+        layers = engine.num_layers
+        shape = (len(items), layers, engine.hidden_size)
         result = torch.randn(shape, device=device, dtype=engine.dtype)
         pinned_f32 = torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
         pinned_half = torch.empty(shape, dtype=engine.dtype, pin_memory=device.type == "cuda")
@@ -137,8 +123,8 @@ def main() -> None:
             pinned_half.float()
 
         fns: dict[str, Callable[[], Any]] = {
-            "forward_causal_lm": lambda: forward(engine.model),
-            "forward_base": lambda: forward(engine.base),
+            "forward_causal_lm": lambda: forward(engine.model, padded),
+            "forward_base": lambda: forward(engine.base, padded),
             "capture_graph": lambda: capture(default_fuse, True, graphs),
             "capture_fused_pinned": lambda: capture(default_fuse, True),
             "capture_fused_pageable": lambda: capture(default_fuse, False),

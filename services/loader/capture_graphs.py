@@ -26,9 +26,8 @@ path's numbers.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,16 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.common.errors import FailedPrecondition
 from services.common.logging import get_logger
-from services.loader.hooks import (
-    CaptureSink,
-    ForwardState,
-    StopForward,
-    install_hooks,
-    reduction_inputs,
-)
+from services.loader.hooks import CaptureSink, ForwardState, capture_forward, reduction_inputs
 from services.loader.steering import SteeringPlan
+from services.loader.transfer import is_oom
 
 __all__ = ["CaptureGraphs", "GraphKey", "bucket", "pad_arrays"]
 
@@ -109,7 +102,7 @@ class GraphKey:
 @dataclass
 class _Entry:
     static: torch.Tensor  # [4, rows, width] int64: ids, attention, positions, select
-    output: torch.Tensor | None = None  # [rows, layers, hidden], written by each replay
+    output: torch.Tensor  # [rows, layers, hidden], written by each replay
     graph: Any = None  # torch.cuda.CUDAGraph, None when run without graphs
 
 
@@ -127,8 +120,9 @@ class CaptureGraphs:
         attn_implementation: str,
         max_graphs: int,
         max_tokens: int,
-        fuse_bytes: int,
+        fuse_bytes: Callable[[], int],
         use_graphs: bool,
+        disabled: str | None = None,
         record_after: int = 2,
     ) -> None:
         self.base = base
@@ -142,7 +136,8 @@ class CaptureGraphs:
         self.fuse_bytes = fuse_bytes
         self.use_graphs = use_graphs
         self.record_after = record_after
-        self.disabled: str | None = None
+        # Why graphs are off for this engine (None: on where max_graphs > 0).
+        self.disabled = disabled
         if attn_implementation not in ("sdpa", "eager"):
             self.disabled = f"attention implementation {attn_implementation!r}"
         self._entries: collections.OrderedDict[GraphKey, _Entry] = collections.OrderedDict()
@@ -195,7 +190,6 @@ class CaptureGraphs:
             entry = self._record(key, host)
             if entry is None:
                 return None
-        assert entry.output is not None
         return entry.output[: len(seqs)]
 
     # ------------------------------------------------------------------ internals
@@ -230,28 +224,22 @@ class CaptureGraphs:
 
     def _body(self, static: torch.Tensor, key: GraphKey) -> torch.Tensor:
         """The hooked forward on ``static`` (recorded into a graph on a GPU)."""
-        ids, positions = static[0], static[2]
         attention, select = static[1].bool(), static[3].bool()
         sink = CaptureSink(
             frozenset(key.layers),
             key.reduction,  # type: ignore[arg-type]
             reduction_inputs(select, key.reduction),  # type: ignore[arg-type]
             stop_after=key.layers[-1],
-            fuse_bytes=self.fuse_bytes,
+            fuse_bytes=self.fuse_bytes(),
         )
-        state = ForwardState(attention, attention, SteeringPlan({}), sink)
-        with install_hooks(self.layers, state), contextlib.suppress(StopForward):
-            self.base(
-                input_ids=ids,
-                attention_mask=self._mask(attention, key.width),
-                position_ids=positions,
-                use_cache=False,
-            )
-        if sink.recorded != list(key.layers):
-            raise FailedPrecondition(
-                f"capture recorded layers {sink.recorded}, wanted {key.layers}"
-            )
-        return sink.result()
+        return capture_forward(
+            self.base,
+            self.layers,
+            ForwardState(attention, attention, SteeringPlan({}), sink),
+            input_ids=static[0],
+            attention_mask=self._mask(attention, key.width),
+            position_ids=static[2],
+        )
 
     def _record(self, key: GraphKey, host: torch.Tensor) -> _Entry | None:
         static = torch.empty(host.shape, dtype=host.dtype, device=self.device)
@@ -262,8 +250,7 @@ class CaptureGraphs:
             try:
                 entry = self._record_graph(key, static)
             except Exception as exc:
-                if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
-                    self.clear()
+                if is_oom(exc):  # the engine frees memory (this cache included) and halves
                     raise
                 self.disabled = f"{type(exc).__name__}: {exc}"
                 self.clear()
@@ -286,5 +273,4 @@ class CaptureGraphs:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             output = self._body(static, key)
         graph.replay()  # recording runs nothing: compute this call's result
-        self.replays += 1
         return _Entry(static, output, graph)

@@ -9,7 +9,6 @@ are computed from the attention mask, so left and right padding give the same nu
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.logging import get_logger
 from services.common.settings import LoaderSettings
 from services.loader.backends.base import LoadedModel
@@ -26,7 +25,7 @@ from services.loader.capture_graphs import CaptureGraphs, pad_arrays
 from services.loader.hooks import (
     CaptureSink,
     ForwardState,
-    StopForward,
+    capture_forward,
     find_decoder_layers,
     install_hooks,
     reduction_inputs,
@@ -34,7 +33,7 @@ from services.loader.hooks import (
 from services.loader.positions import Position
 from services.loader.seeds import row_seed
 from services.loader.steering import SteeringPlan, SteerSpec, build_plan, select_rows
-from services.loader.transfer import to_device, to_host
+from services.loader.transfer import is_oom, to_device, to_host
 
 __all__ = [
     "CaptureResult",
@@ -155,12 +154,6 @@ class _Padded:
     offsets: list[int]
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     # A 32-bit integer mixer on int64 tensors (products stay below 2**63).
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
@@ -212,12 +205,13 @@ class Engine:
             attn_implementation=str(getattr(config, "_attn_implementation", None)),
             max_graphs=max_graphs,
             max_tokens=settings.capture_graph_tokens,
-            fuse_bytes=self._capture_fuse_bytes(),
+            fuse_bytes=self._capture_fuse_bytes,
             use_graphs=on_gpu,
-        )
-        if loaded.quantization_config.get("load_in_8bit"):
             # LLM.int8()'s outlier decomposition depends on the data: never frozen in a graph.
-            self.graphs.disabled = "LLM.int8() (data-dependent outlier columns)"
+            disabled="LLM.int8() (data-dependent outlier columns)"
+            if loaded.quantization_config.get("load_in_8bit")
+            else None,
+        )
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
@@ -337,7 +331,7 @@ class Engine:
                 raise torch.OutOfMemoryError(f"injected OOM for {len(rows)} rows > {fault}")
             return fn(rows)
         except Exception as exc:
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             self._free_memory()
             if len(rows) == 1:
@@ -432,17 +426,15 @@ class Engine:
             [position.span(len(it.prompt_ids), len(it.response_ids)) for it in batch],
             dtype=np.int64,
         ).reshape(len(batch), 2)
-        lengths = np.fromiter((len(ids) for ids, _ in seqs), dtype=np.int64, count=len(seqs))
         counts = spans[:, 1] - spans[:, 0]  # spans lie within their item
         plan = self._plan([it.steering for it in batch])
         graph_key = (
-            self.graphs.key(len(batch), int(lengths.max()), layers, reduction)
-            if not plan.layers
+            self.graphs.key(len(batch), max(it.length for it in batch), layers, reduction)
+            if plan.empty
             else None
         )
         result: torch.Tensor | None = None
         if graph_key is not None:
-            self.graphs.fuse_bytes = self._capture_fuse_bytes()
             result = self.graphs.run(graph_key, seqs, spans, side)
         if result is None:
             result = self._capture_eager(seqs, spans, plan, layers, reduction, side)
@@ -496,17 +488,14 @@ class Engine:
             stop_after=layers[-1],
             fuse_bytes=self._capture_fuse_bytes(),
         )
-        state = ForwardState(padded.prompt_mask, padded.response_mask, plan, sink)
-        with install_hooks(self.layers, state), contextlib.suppress(StopForward):
-            self.base(
-                input_ids=padded.input_ids,
-                attention_mask=padded.attention_mask,
-                position_ids=padded.position_ids,
-                use_cache=False,
-            )
-        if sink.recorded != layers:
-            raise FailedPrecondition(f"capture recorded layers {sink.recorded}, wanted {layers}")
-        return sink.result()
+        return capture_forward(
+            self.base,
+            self.layers,
+            ForwardState(padded.prompt_mask, padded.response_mask, plan, sink),
+            input_ids=padded.input_ids,
+            attention_mask=padded.attention_mask,
+            position_ids=padded.position_ids,
+        )
 
     def _capture_fuse_bytes(self) -> int:
         configured = self.settings.capture_fuse_bytes

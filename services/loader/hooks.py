@@ -12,6 +12,7 @@ output and its output, so no sub-block ever reads it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "ForwardState",
     "ReductionInputs",
     "StopForward",
+    "capture_forward",
     "find_attention",
     "find_decoder_layers",
     "install_hooks",
@@ -298,3 +300,19 @@ def install_hooks(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def capture_forward(
+    base: nn.Module, layers: nn.ModuleList, state: ForwardState, **inputs: torch.Tensor
+) -> torch.Tensor:
+    """Run ``base`` on ``inputs`` with ``state``'s hooks up to its sink's last layer and return
+    the sink's result (the eager capture path and a capture graph's recorded body)."""
+    sink = state.capture
+    if sink is None:
+        raise FailedPrecondition("capture_forward needs a ForwardState with a CaptureSink")
+    with install_hooks(layers, state), contextlib.suppress(StopForward):
+        base(**inputs, use_cache=False)
+    wanted = sorted(sink.layers)
+    if sink.recorded != wanted:
+        raise FailedPrecondition(f"capture recorded layers {sink.recorded}, wanted {wanted}")
+    return sink.result()

@@ -1,4 +1,5 @@
-"""Host <-> device copies for the engine's small per-call tensors and capture results.
+"""Host <-> device copies for the engine's small per-call tensors and capture results, and
+the test for an out-of-memory error (the engine halves the batch; capture graphs re-raise it).
 
 On a GPU a copy from pageable host memory blocks the host and goes through a bounce buffer;
 on the lent H200 an 88 MB capture result took 65 ms pageable and 1.8 ms page-locked
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_device", "to_host"]
+__all__ = ["is_oom", "to_device", "to_host"]
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -30,3 +31,10 @@ def to_host(result: torch.Tensor, *, pinned: bool = True) -> torch.Tensor:
     host.copy_(result, non_blocking=True)
     torch.cuda.current_stream(result.device).synchronize()
     return host
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is the accelerator (or host) running out of memory."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
