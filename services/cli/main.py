@@ -13,7 +13,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from services.cli import demo, judge_cmd, report, runs, serve, stack, worker
+    from services.cli import data, demo, judge_cmd, report, runs, serve, stack, worker
 
     app.add_typer(serve.app, name="serve")
     app.add_typer(stack.app)  # top level: qsens up / down / env / status-stack
@@ -22,6 +22,7 @@ def _register() -> None:
     app.add_typer(runs.app)  # top level: qsens plan / run / status / runs / results / cancel
     app.add_typer(demo.app)  # top level: qsens demo
     app.add_typer(report.app)  # top level: qsens report
+    app.add_typer(data.app, name="data")
     stack.set_children_hook(runs.children_for_spec)
 
 

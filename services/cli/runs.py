@@ -39,12 +39,21 @@ def _fail(err: QsensError) -> typer.Exit:
 SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (YAML).", exists=False)]
 
 
-def preflight(spec: ExperimentSpec) -> None:
-    """Check what the spec references before anything is submitted: traits load and split,
-    benchmark files exist. InvalidArgument names the spec key."""
+def preflight(spec: ExperimentSpec, *, cluster: bool | None = None) -> None:
+    """Check what the spec references before anything is submitted: for a cluster (``cluster``,
+    by default when the S3 endpoint is not on this machine) no local paths; traits load and
+    split, benchmark files exist (built-ins, s3:// objects, local files). InvalidArgument names
+    the spec key."""
+    from services.common import settings
+    from services.common.datafiles import is_loopback_endpoint
     from services.common.errors import InvalidArgument
-    from services.extractor.datasets import load_trait
+    from services.common.spec import check_portable
+    from services.extractor.datasets import benchmark_file, load_trait
 
+    if cluster is None:
+        cluster = not is_loopback_endpoint(settings.get(settings.S3Settings).endpoint)
+    if cluster:
+        check_portable(spec)
     for i, trait in enumerate(spec.traits):
         try:
             dataset = load_trait(trait.ref)
@@ -54,26 +63,44 @@ def preflight(spec: ExperimentSpec) -> None:
                 "extraction." + err.field if err.field in ("n_train", "n_val") else f"traits[{i}]"
             )
             raise InvalidArgument(field, f"{spec.trait_name(trait)}: {err.message}") from None
+    if spec.probes.enabled:
+        try:
+            load_trait(spec.probes.harmful)
+        except InvalidArgument as err:
+            raise InvalidArgument("probes.harmful", err.message) from None
     for i, bench in enumerate(spec.benchmarks):
-        if not Path(bench.path).is_file():
-            raise InvalidArgument(f"benchmarks[{i}].path", f"{bench.path} does not exist")
+        benchmark_file(bench, f"benchmarks[{i}].path")
 
 
-def _load(spec: Path) -> ExperimentSpec:
+ClusterOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--cluster/--local",
+        help="Check the spec for a cluster (no local paths) or for this machine; default: "
+        "cluster when the S3 endpoint is not on this machine.",
+    ),
+]
+
+
+def _load(spec: Path, cluster: bool | None = None) -> ExperimentSpec:
     try:
         parsed = load_spec(spec)
-        preflight(parsed)
+        preflight(parsed, cluster=cluster)
         return parsed
     except QsensError as err:
         raise _fail(err) from err
 
 
 @app.command("plan")
-def plan(spec: SpecArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Print the job graph of SPEC without submitting anything."""
+def plan(
+    spec: SpecArg,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    cluster: ClusterOpt = None,
+) -> None:
+    """Check SPEC as `run` would (the preflight) and print its job graph; submits nothing."""
     from services.common.planner import build_plan, new_run_id
 
-    parsed = _load(spec)
+    parsed = _load(spec, cluster)
     built = build_plan(parsed, new_run_id(parsed))
     if as_json:
         typer.echo(json.dumps(built.model_dump(mode="json"), indent=2))
@@ -147,9 +174,10 @@ def run(
     spec: SpecArg,
     run_id: Annotated[str | None, typer.Option(help="Run id (default: name-time-hash).")] = None,
     detach: Annotated[bool, typer.Option(help="Submit and return at once.")] = False,
+    cluster: ClusterOpt = None,
 ) -> None:
     """Submit SPEC as a run and show progress until it ends."""
-    parsed = _load(spec)
+    parsed = _load(spec, cluster)
     try:
         rid = asyncio.run(_submit(parsed, run_id))
         console.print(f"run [bold]{rid}[/bold] submitted")

@@ -19,6 +19,8 @@ from services.common.hashing import stable_hash
 from services.common.variants import Precision
 
 __all__ = [
+    "BUILTIN_BENCHMARKS",
+    "BenchmarkFormat",
     "BenchmarkSpec",
     "ExperimentSpec",
     "ExtractionSpec",
@@ -29,6 +31,8 @@ __all__ = [
     "SearchSpec",
     "SteeringSpec",
     "TraitRef",
+    "check_portable",
+    "data_locations",
     "load_spec",
     "parse_spec",
 ]
@@ -39,6 +43,7 @@ _POSITION = re.compile(
     r"^(all|prompt\[-1\]|prompt\[:\]|response\[:\]|response\[:\d+\]|response\[-1\])$"
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SUBKEY = re.compile(r"^[a-z_]+: ")
 
 
 class _Strict(BaseModel):
@@ -197,16 +202,93 @@ class LogitDiffSpec(_Strict):
     limit: int | None = Field(50, ge=1, description="A/B items (None: all).")
 
 
+BenchmarkFormat = Literal["hellaswag", "mmlu", "truthfulqa_mc", "arc", "caa_ab"]
+
+#: Built-in benchmarks, package data of ``services.extractor.datasets`` (so baked into the worker
+#: image): name -> (format, file below that package's folder). Their provenance and licence lie
+#: beside the files.
+BUILTIN_BENCHMARKS: dict[str, tuple[BenchmarkFormat, str]] = {
+    "mmlu_ab": ("caa_ab", "published/caa/mmlu_ab.json"),
+    "truthfulqa_ab": ("caa_ab", "published/caa/truthfulqa_ab.json"),
+}
+
+
 class BenchmarkSpec(_Strict):
-    """One capability benchmark."""
+    """One capability benchmark: a built-in (``mmlu_ab``) or a data file in a given format.
+
+    In a spec, a bare string is a built-in's name; an object without ``path`` runs the built-in
+    ``builtin`` (default: ``name``) labelled ``name``; an object with ``path`` reads that file.
+    After validation a built-in has ``builtin`` and ``format`` set and no ``path``."""
 
     name: str = Field(description="Label in results (e.g. mmlu_ab).")
-    format: Literal["hellaswag", "mmlu", "truthfulqa_mc", "arc", "caa_ab"] = Field(
-        description="File format reader."
+    builtin: str | None = Field(
+        None, description="Built-in benchmark to run (default: name, when no path is given)."
     )
-    path: str = Field(description="Local path of the data file.")
+    format: BenchmarkFormat | None = Field(
+        None, description="File format reader (required with a path; a built-in's own otherwise)."
+    )
+    path: str | None = Field(
+        None,
+        description="Data file: a local path (laptop) or s3://bucket/key (cluster); none for a "
+        "built-in.",
+    )
     limit: int | None = Field(None, ge=1, description="Deterministic subset size.")
     seed: int = Field(0, description="Subset seed.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _builtin(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or value.get("path") is not None:
+            return value
+        if set(value) - set(cls.model_fields):
+            return value  # an unknown key is the first thing to report
+        # A built-in: which one, and its format (errors name the key: "builtin: ...").
+        given = value.get("builtin")
+        wanted = given if given is not None else value.get("name")
+        if not isinstance(wanted, str):
+            return value  # the field validators report the missing or mistyped name
+        if wanted not in BUILTIN_BENCHMARKS:
+            raise ValueError(
+                f"{'builtin' if given is not None else 'name'}: unknown built-in benchmark "
+                f"{wanted!r}; built-in: {', '.join(BUILTIN_BENCHMARKS)}; or give format and "
+                "path (a local file, or s3://bucket/key on a cluster)"
+            )
+        fmt = BUILTIN_BENCHMARKS[wanted][0]
+        if value.get("format") not in (None, fmt):
+            raise ValueError(f"format: the built-in {wanted} is {fmt}, not {value['format']}")
+        return {**value, "builtin": wanted, "format": fmt}
+
+    @model_validator(mode="after")
+    def _file(self) -> BenchmarkSpec:
+        if self.path is not None:
+            if self.builtin is not None:
+                raise ValueError("builtin: give either a built-in or a path, not both")
+            if self.format is None:
+                raise ValueError(
+                    "format: required with a path (hellaswag, mmlu, truthfulqa_mc, arc, caa_ab)"
+                )
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+    @property
+    def location(self) -> str:
+        """Where the data is: ``builtin:<name>``, a local path or an ``s3://`` URI."""
+        return f"builtin:{self.builtin}" if self.path is None else self.path
+
+    @property
+    def file_format(self) -> BenchmarkFormat:
+        """The reader's format (always set once validated)."""
+        if self.format is None:  # unreachable after validation; kept for the type checker
+            raise InvalidArgument("format", f"benchmark {self.name} has no format")
+        return self.format
 
 
 class ProbeSpec(_Strict):
@@ -263,6 +345,11 @@ class ExperimentSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
+        bench_names = [b.name for b in self.benchmarks]
+        if len(set(bench_names)) != len(bench_names):
+            raise ValueError(
+                "benchmarks: benchmark names must be unique (results are keyed by name)"
+            )
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError("models: model names must be unique")
@@ -333,6 +420,10 @@ def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
             message = "unknown key"
         if ": " in message and loc == "spec":
             loc, message = message.split(": ", 1)
+        elif first["type"] == "value_error" and _SUBKEY.match(message):
+            # A nested model's own check names its key first ("builtin: ...").
+            key, message = message.split(": ", 1)
+            loc = f"{loc}.{key}"
         raise InvalidArgument(loc, message) from None
 
 
@@ -348,3 +439,35 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     except yaml.YAMLError as exc:
         raise InvalidArgument("spec", f"{p} is not valid YAML: {exc}") from None
     return parse_spec(data, str(p))
+
+
+def _is_remote(location: str) -> bool:
+    return location.strip().lower().startswith("s3://")
+
+
+def data_locations(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    """``(field, location)`` of every data file or folder the spec names by path (built-ins,
+    which every worker image holds, are not listed)."""
+    out: list[tuple[str, str]] = []
+    for i, trait in enumerate(spec.traits):
+        _, sep, location = trait.ref.partition(":")
+        if sep:
+            out.append((f"traits[{i}].ref", location))
+    _, sep, location = spec.probes.harmful.partition(":")
+    if sep:
+        out.append(("probes.harmful", location))
+    for i, bench in enumerate(spec.benchmarks):
+        if bench.path is not None:
+            out.append((f"benchmarks[{i}].path", bench.path))
+    return out
+
+
+def check_portable(spec: ExperimentSpec) -> None:
+    """Refuse local paths in a spec bound for a cluster, whose workers cannot read them."""
+    for field, location in data_locations(spec):
+        if not _is_remote(location):
+            raise InvalidArgument(
+                field,
+                f"{location} is a local path; on a cluster the path must be an s3:// key; "
+                f"upload it with `qsens data put FILE`",
+            )

@@ -24,6 +24,9 @@ Formats (``BenchmarkSpec.format``) and prompts (zero-shot, lm-evaluation-harness
   the chat ``[user: prompt]`` with the generation prompt; continuations are the two answers
   in letter order.
 
+The data is a built-in (``mmlu_ab``, ``truthfulqa_ab``: package data), an ``s3://`` object
+(downloaded through the local data cache) or a local file; ``benchmark_file`` resolves it.
+
 ``limit`` keeps a deterministic subset: items ordered by a hash of (seed, item text), the first
 ``limit`` taken, kept in file order, so a subset never depends on library versions.
 """
@@ -45,6 +48,7 @@ from typing import Any, TypeVar
 from services.common.errors import InvalidArgument
 from services.common.spec import BenchmarkSpec
 from services.common.store import AsyncS3Store
+from services.extractor.datasets import benchmark_file
 from services.loader.client import Chat, ContinuationScore, LoaderClient, ScoreItem
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
 from services.steerer.params import BenchmarkParams, benchmark_result_key
@@ -384,23 +388,20 @@ PROMPT_FORMATS: dict[str, str] = {
 
 
 def read_benchmark(spec: BenchmarkSpec) -> tuple[list[MCItem], str]:
-    """All items of ``spec``'s file and its sha256; InvalidArgument for a bad file."""
-    path = Path(spec.path).expanduser()
-    if not path.is_file():
-        raise InvalidArgument("params.benchmark.path", f"{path} is not a readable file")
+    """All items of ``spec``'s data (a built-in, an ``s3://`` object or a local file) and its
+    sha256; InvalidArgument for a missing or bad file."""
+    field = "params.benchmark.path"
+    path = benchmark_file(spec, field)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    fmt = spec.file_format
     try:
-        items = READERS[spec.format](path)
+        items = READERS[fmt](path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(
-            "params.benchmark.path", f"{path}: not {spec.format} data: {exc}"
-        ) from None
+        raise InvalidArgument(field, f"{spec.location}: not {fmt} data: {exc}") from None
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise InvalidArgument(
-            "params.benchmark.path", f"{path}: malformed {spec.format} data: {exc!r}"
-        ) from None
+        raise InvalidArgument(field, f"{spec.location}: malformed {fmt} data: {exc!r}") from None
     if not items:
-        raise InvalidArgument("params.benchmark.path", f"{path} has no items")
+        raise InvalidArgument(field, f"{spec.location} has no items")
     return items, digest
 
 
@@ -498,19 +499,19 @@ async def run_benchmark(
         run_id=run_id,
         variant=params.variant,
         name=spec.name,
-        format=spec.format,
-        path=str(spec.path),
+        format=spec.file_format,
+        path=spec.location,
         file_sha256=digest,
         n_total=len(items),
         n=n,
         limit=spec.limit,
         seed=spec.seed,
-        metric="mc1_acc_norm" if spec.format == "truthfulqa_mc" else "acc_norm",
+        metric="mc1_acc_norm" if spec.file_format == "truthfulqa_mc" else "acc_norm",
         accuracy=wilson(sum(correct), n),
         accuracy_bootstrap=bootstrap_mean([float(c) for c in correct], seed=spec.seed),
         accuracy_raw=wilson(sum(p.correct_raw for p in predictions), n),
         mc2=bootstrap_mean(mc2_values, seed=spec.seed) if mc2_values else None,
-        prompt_format=PROMPT_FORMATS[spec.format],
+        prompt_format=PROMPT_FORMATS[spec.file_format],
         items=predictions,
         loader=loader_record(info),
         calls=CallCounts(loader_calls=calls, loader_rows=n, judge_calls=0, judge_items=0),

@@ -1,4 +1,5 @@
-"""Trait datasets: readers on the real published files, strict errors, built-ins, splits, contrast sets."""
+"""Trait datasets: readers on the published files the repository ships, strict errors, built-ins,
+splits, contrast sets."""
 
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from services.extractor.datasets import (
     load_trait,
     logit_diff_items,
     parse_answer_letter,
+    published_dir,
     question_stem,
     read_arditi,
     read_caa,
     read_pv,
 )
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+#: The published data the repository ships (package data; provenance beside each source).
+DATA = published_dir()
 
 
 def _write(path: Path, value: Any) -> Path:
@@ -42,13 +45,28 @@ def _pv_raw() -> dict[str, Any]:
     }
 
 
-# --- readers on the real files (counts from shared/data/README.md) ---------------------------
+# --- readers on the published files (counts from published/*/PROVENANCE.txt) ------------------
 
 
-@pytest.mark.parametrize("stem", ["evil", "sycophantic", "hallucinating"])
-def test_read_pv_real_files(stem: str) -> None:
-    ds = read_pv(DATA / "pv" / f"{stem}.json")
-    assert ds.name == f"pv/{stem}" and ds.methodology == "pv" and ds.position == "response[:]"
+def _published_pv(path: Path) -> Path:
+    """A trait file in the persona-vectors layout (5 instruction pairs, 20 questions, a rubric,
+    no extras). Generated: the published pv files have no licence, so qsens does not ship them."""
+    return _write(
+        path,
+        {
+            "instruction": [
+                {"pos": f"Answer with open malice, idea {i}.", "neg": f"Answer kindly, idea {i}."}
+                for i in range(5)
+            ],
+            "questions": [f"What would you do in situation {i}?" for i in range(20)],
+            "eval_prompt": "Rate the trait in {answer} to {question}. Reply REFUSAL or 0-100.",
+        },
+    )
+
+
+def test_read_pv_published_layout(tmp_path: Path) -> None:
+    ds = read_pv(_published_pv(tmp_path / "evil.json"))
+    assert ds.name == "pv/evil" and ds.methodology == "pv" and ds.position == "response[:]"
     assert len(ds.instructions) == 5
     # 20 questions: without an extras file the last 5 are held out for steering evaluation.
     assert len(ds.questions) == 15 and len(ds.eval_questions) == 5
@@ -58,7 +76,9 @@ def test_read_pv_real_files(stem: str) -> None:
     # Exemplars derived from the instructions.
     assert ds.exemplars.pos == tuple(p.pos for p in ds.instructions)
     assert ds.exemplars.neg == tuple(p.neg for p in ds.instructions)
-    assert "sha256:" in ds.source
+    assert ds.source.startswith(f"pv:{tmp_path / 'evil.json'} sha256:")
+    # A user's own published file keeps working through pv:<path>.
+    assert load_trait(f"pv:{tmp_path / 'evil.json'}") == ds
 
 
 @pytest.mark.parametrize(
@@ -231,6 +251,14 @@ def test_model_rejects_mixed_methodology_content() -> None:
 # --- built-ins ---------------------------------------------------------------------------------
 
 
+#: Built-ins from published data: (train, test) A/B items, or the six Arditi split sizes.
+PUBLISHED_SIZES: dict[str, Any] = {
+    "caa/sycophancy-full": (310, 50),
+    "caa/refusal": (408, 50),
+    "arditi/refusal-full": [260, 39, 572, 600, 200, 200],
+}
+
+
 def test_builtins_load_with_expected_sizes() -> None:
     assert set(BUILTIN_TRAITS) == {
         "pv/evil",
@@ -238,6 +266,7 @@ def test_builtins_load_with_expected_sizes() -> None:
         "pv/hallucination",
         "caa/sycophancy",
         "arditi/refusal",
+        *PUBLISHED_SIZES,
     }
     for name in BUILTIN_TRAITS:
         ds = load_trait(name)
@@ -247,14 +276,36 @@ def test_builtins_load_with_expected_sizes() -> None:
             assert len(ds.instructions) == 5 and len(ds.questions) == 20
             assert "REFUSAL" in ds.eval_prompt and "0 (no trace" in ds.eval_prompt
         elif ds.methodology == "caa":
-            assert (len(ds.ab_train), len(ds.ab_test)) == (45, 15)
+            sizes = PUBLISHED_SIZES.get(name, (45, 15))
+            assert (len(ds.ab_train), len(ds.ab_test)) == sizes
             letters = [it.matching_letter for it in ds.ab_test]
             assert 0 < letters.count("A") < len(letters)  # no letter bias in the test set
         else:
             sizes = [len(getattr(ds, f)) for f in datasets.readers.ARDITI_FILES]
-            assert sizes == [36, 12, 12, 36, 12, 12]
+            assert sizes == PUBLISHED_SIZES.get(name, [36, 12, 12, 36, 12, 12])
             assert not set(ds.harmful_train) & set(ds.harmless_train)
     assert load_trait("pv/evil") is load_trait("pv/evil")  # cached, and immutable
+
+
+def test_published_builtins_read_like_local_data() -> None:
+    """A published built-in is the same reader on the same files as ``caa:<dir>`` /
+    ``arditi:<dir>``, plus the qsens-written extras: its items equal the local read's."""
+    for name, folder in [
+        ("caa/sycophancy-full", DATA / "caa" / "sycophancy"),
+        ("caa/refusal", DATA / "caa" / "refusal"),
+        ("arditi/refusal-full", DATA / "arditi"),
+    ]:
+        builtin, local = load_trait(name), load_trait(f"{name.split('/')[0]}:{folder}")
+        fields = ("ab_train", "ab_test", *datasets.readers.ARDITI_FILES)
+        assert all(getattr(builtin, f) == getattr(local, f) for f in fields), name
+        assert "written for qsens" in builtin.source
+    refusal = load_trait("caa/refusal")
+    # Steering towards refusal is measured on harmless requests, judged by the refusal rubric.
+    assert "REFUSAL" not in refusal.eval_prompt
+    assert not set(refusal.eval_questions) & {question_stem(i.question) for i in refusal.ab_test}
+    assert load_trait("caa/sycophancy-full").eval_prompt == load_trait("caa/sycophancy").eval_prompt
+    arditi = load_trait("arditi/refusal-full")
+    assert arditi.eval_questions == arditi.harmless_test[:10]
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TRAITS))
@@ -390,9 +441,10 @@ def test_public_surface() -> None:
         "BUILTIN_TRAITS", "DEFAULT_POSITIONS", "METHODOLOGIES", "ABItem", "ChatMessage",
         "ContrastExample", "Exemplars", "InstructionPair", "LogitDiffItem", "Methodology",
         "SplitItem", "TraitDataset", "TraitExtras", "TraitSplit", "TraitSplits",
-        "build_contrast_set", "builtin_dir", "check_methodology", "generic_rubric",
-        "is_valid_position", "load_trait", "logit_diff_items", "parse_answer_letter",
-        "question_stem", "read_arditi", "read_caa", "read_extras", "read_pv",
+        "benchmark_file", "build_contrast_set", "builtin_dir", "check_methodology", "data_dir",
+        "generic_rubric", "is_valid_position", "load_trait", "logit_diff_items",
+        "parse_answer_letter", "published_dir", "question_stem", "read_arditi", "read_caa",
+        "read_extras", "read_pv",
     }  # fmt: skip
     assert set(datasets.__all__) == expected
     assert all(hasattr(datasets, name) for name in expected)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from services.common.errors import InvalidArgument
 from services.common.spec import BenchmarkSpec
+from services.extractor.datasets import published_dir
 from services.loader.client import Chat
 from services.steerer.benchmarks import (
     deterministic_subset,
@@ -20,7 +23,8 @@ from services.steerer.benchmarks import (
     read_truthfulqa_mc,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "caa"
+#: CAA's A/B capability files, shipped with the repository (the built-in benchmarks).
+DATA = published_dir() / "caa"
 
 HELLASWAG = [
     {
@@ -215,3 +219,37 @@ def test_reader_errors_name_the_problem(tmp_path: Path) -> None:
         BenchmarkSpec(name="m", format="caa_ab", path=str(DATA / "mmlu_ab.json"))
     )
     assert len(items) == 294 and len(digest) == 64
+
+
+@pytest.mark.parametrize(
+    ("given", "count"),
+    [
+        ("mmlu_ab", 294),
+        ({"name": "tqa", "builtin": "truthfulqa_ab"}, 307),
+        ({"name": "truthfulqa_ab", "limit": 5}, 307),
+    ],
+)
+def test_builtin_benchmarks_read_the_shipped_files(given: object, count: int) -> None:
+    spec = BenchmarkSpec.model_validate(given)
+    assert spec.path is None and spec.format == "caa_ab" and spec.builtin in spec.location
+    items, digest = read_benchmark(spec)
+    shipped = DATA / f"{spec.builtin}.json"
+    assert len(items) == count
+    assert (
+        items == read_caa_ab(shipped) and digest == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    )
+    # A job's params round-trip: the validated form validates to itself.
+    assert BenchmarkSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+def test_builtin_benchmark_errors_name_the_key() -> None:
+    with pytest.raises(ValidationError, match="unknown built-in benchmark 'hellaswag'"):
+        BenchmarkSpec.model_validate("hellaswag")
+    with pytest.raises(ValidationError, match="the built-in mmlu_ab is caa_ab, not arc"):
+        BenchmarkSpec.model_validate({"name": "m", "builtin": "mmlu_ab", "format": "arc"})
+    with pytest.raises(ValidationError, match="either a built-in or a path"):
+        BenchmarkSpec.model_validate(
+            {"name": "m", "builtin": "mmlu_ab", "format": "caa_ab", "path": "x.json"}
+        )
+    with pytest.raises(ValidationError, match="format: required with a path"):
+        BenchmarkSpec.model_validate({"name": "m", "path": "x.json"})

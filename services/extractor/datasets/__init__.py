@@ -17,7 +17,14 @@ from services.extractor.datasets.readers import (
     read_extras,
     read_pv,
 )
-from services.extractor.datasets.registry import BUILTIN_TRAITS, builtin_dir, load_trait
+from services.extractor.datasets.registry import (
+    BUILTIN_TRAITS,
+    benchmark_file,
+    builtin_dir,
+    data_dir,
+    load_trait,
+    published_dir,
+)
 from services.extractor.datasets.schema import (
     DEFAULT_POSITIONS,
     METHODOLOGIES,
@@ -51,14 +58,17 @@ __all__ = [
     "TraitExtras",
     "TraitSplit",
     "TraitSplits",
+    "benchmark_file",
     "build_contrast_set",
     "builtin_dir",
     "check_methodology",
+    "data_dir",
     "generic_rubric",
     "is_valid_position",
     "load_trait",
     "logit_diff_items",
     "parse_answer_letter",
+    "published_dir",
     "question_stem",
     "read_arditi",
     "read_caa",

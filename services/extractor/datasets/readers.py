@@ -24,6 +24,9 @@ rubric. An optional *extras* sidecar supplies them: ``<stem>.extras.json`` besid
   qsens's own short refusal and compliance answers (``REFUSAL_EXEMPLARS``).
 * caa/arditi rubric: a generic persona-vectors-style rubric naming the trait.
 
+Each reader's ``origin`` (say ``caa:s3://bucket/key`` for data downloaded from S3) names the data
+in the dataset's ``source`` when no extras file does; by default it is ``<methodology>:<path>``.
+
 Every error is an ``InvalidArgument`` whose field names the file and the key, e.g.
 ``/data/pv/evil.json:instruction[2].neg``.
 """
@@ -304,6 +307,7 @@ def read_pv(
     *,
     name: str | None = None,
     extras: Path | str | None = None,
+    origin: str | None = None,
     n_eval_holdout: int = 5,
 ) -> TraitDataset:
     """Read a persona-vectors trait JSON (``instruction``, ``questions``, ``eval_prompt``)."""
@@ -345,7 +349,7 @@ def read_pv(
         name=_name("pv", name, side, path.stem),
         methodology="pv",
         position=DEFAULT_POSITIONS["pv"],
-        source=f"{side.source or f'pv:{path}'} sha256:{_digest([path, *side_paths])}",
+        source=f"{side.source or origin or f'pv:{path}'} sha256:{_digest([path, *side_paths])}",
         eval_prompt=rubric,
         eval_questions=eval_questions,
         exemplars=exemplars,
@@ -391,6 +395,7 @@ def read_caa(
     *,
     name: str | None = None,
     extras: Path | str | None = None,
+    origin: str | None = None,
 ) -> TraitDataset:
     """Read CAA A/B data: a directory with ``generate.json`` (+ ``test_ab.json``) or one file."""
     path = Path(path)
@@ -425,7 +430,7 @@ def read_caa(
         name=trait_name,
         methodology="caa",
         position=DEFAULT_POSITIONS["caa"],
-        source=f"{side.source or f'caa:{path}'} sha256:{_digest([*files, *side_paths])}",
+        source=f"{side.source or origin or f'caa:{path}'} sha256:{_digest([*files, *side_paths])}",
         eval_prompt=side.eval_prompt or generic_rubric(trait_name.split("/", 1)[1]),
         eval_questions=eval_questions,
         exemplars=exemplars,
@@ -452,6 +457,7 @@ def read_arditi(
     *,
     name: str | None = None,
     extras: Path | str | None = None,
+    origin: str | None = None,
 ) -> TraitDataset:
     """Read an Arditi split directory (``harmful_train.json`` ... ``harmless_test.json``)."""
     path = Path(path)
@@ -478,7 +484,7 @@ def read_arditi(
         name=trait_name,
         methodology="arditi",
         position=DEFAULT_POSITIONS["arditi"],
-        source=f"{side.source or f'arditi:{path}'} sha256:{_digest([*files, *side_paths])}",
+        source=f"{side.source or origin or f'arditi:{path}'} sha256:{_digest([*files, *side_paths])}",
         eval_prompt=side.eval_prompt or generic_rubric("refusal"),
         eval_questions=side.eval_questions or harmless_pool[:_N_DERIVED],
         exemplars=side.exemplars or Exemplars(pos=REFUSAL_EXEMPLARS, neg=COMPLIANCE_EXEMPLARS),
