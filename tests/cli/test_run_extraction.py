@@ -20,8 +20,6 @@ from services.extractor.methods import VectorSet
 from tests.conftest import PlaneEnv
 from tests.loader_procs import REPO, LoaderProc, start_loader
 
-DATA = REPO.parent / "shared" / "data"
-
 SPEC = """
 name: e2e
 models:
@@ -178,10 +176,10 @@ def test_extraction_end_to_end(services_up: dict[str, LoaderProc], tmp_path: Pat
     assert run_id in _cli("runs").stdout
 
 
-FULL_SPEC = f"""
+FULL_SPEC = """
 name: e2e-full
 models:
-  - {{name: tiny, source: "tiny:llama", family: tiny, size_b: 0.0001, device: cpu}}
+  - {name: tiny, source: "tiny:llama", family: tiny, size_b: 0.0001, device: cpu}
 precisions: [fp32, nf4]
 reference: fp32
 traits: [pv/evil, caa/sycophancy, arditi/refusal]
@@ -190,18 +188,18 @@ extraction:
   n_train: 4
   n_val: 2
   max_new_tokens: 8
-  vetting: {{positive_min: 0, negative_max: 100, min_keep: 2}}
+  vetting: {positive_min: 0, negative_max: 100, min_keep: 2}
 steering:
   traits: [pv/evil, arditi/refusal]
   n_layers: 2
   questions: 3
   max_new_tokens: 8
   cross_precision: true
-  search: {{steps: 2, fine_points: 1, budget: equal, budget_runs: 3}}
-logit_diff: {{limit: 6}}
+  search: {steps: 2, fine_points: 1, budget: equal, budget_runs: 3}
+logit_diff: {limit: 6}
 benchmarks:
-  - {{name: mmlu_ab, format: caa_ab, path: {DATA / "caa" / "mmlu_ab.json"}, limit: 6}}
-probes: {{limit: 4, max_new_tokens: 8}}
+  - {name: mmlu_ab, limit: 6}
+probes: {limit: 4, max_new_tokens: 8}
 """
 
 

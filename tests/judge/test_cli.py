@@ -16,12 +16,14 @@ from typer.testing import CliRunner
 from services.cli.judge_cmd import app
 from services.common.natsconn import connect
 from services.common.settings import JudgeSettings, NatsSettings
+from services.extractor.datasets import builtin_dir
 from services.judge.client import JudgeClient
 from services.judge.models import JudgeStatus
 from tests.judge.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
-EVIL_PATH = ROOT.parent / "shared" / "data" / "pv" / "evil.json"
+# The built-in pv/evil trait file (the project's own text in the persona-vectors format).
+EVIL_PATH = builtin_dir() / "pv" / "evil.json"
 SECRET = "sk-test-cli-secret-0123456789"
 
 

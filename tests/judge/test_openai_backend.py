@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from services.common.errors import FailedPrecondition
 from services.common.settings import JudgeSettings
+from services.extractor.datasets import builtin_dir
 from services.judge.backends.base import create_backend
 from services.judge.backends.openai_backend import resolve_api_key
 from services.judge.cache import MemoryJudgeCache
@@ -23,9 +24,8 @@ from services.judge.resilience import BreakerState
 from services.judge.rubrics import rubric_hash
 from tests.judge.fake_openai import FakeOpenAI, table
 
-EVIL = json.loads(
-    (Path(__file__).resolve().parents[3] / "shared" / "data" / "pv" / "evil.json").read_text()
-)
+# The built-in pv/evil trait (the project's own text in the persona-vectors format).
+EVIL = json.loads((builtin_dir() / "pv" / "evil.json").read_text())
 RUBRIC = Rubric(eval_prompt=EVIL["eval_prompt"])
 MakeSettings = Callable[..., JudgeSettings]
 

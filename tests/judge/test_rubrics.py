@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.extractor.datasets import builtin_dir
 from services.judge.models import (
     COHERENCE,
     Exemplars,
@@ -25,9 +25,8 @@ from services.judge.rubrics import (
     validate_template,
 )
 
-EVIL = json.loads(
-    (Path(__file__).resolve().parents[3] / "shared" / "data" / "pv" / "evil.json").read_text()
-)
+# The built-in pv/evil trait (the project's own text in the persona-vectors format).
+EVIL = json.loads((builtin_dir() / "pv" / "evil.json").read_text())
 
 
 def test_persona_vectors_prompt_is_filled_in_place() -> None:

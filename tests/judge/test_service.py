@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.natsconn import connect
 from services.common.settings import JudgeSettings, NatsSettings
+from services.extractor.datasets import builtin_dir
 from services.judge.backends.base import create_backend
 from services.judge.cache import KvJudgeCache
 from services.judge.client import JudgeClient, trait_rubric
@@ -21,9 +21,8 @@ from services.judge.models import JudgeReply, JudgeStatus, Reason
 from services.judge.service import JudgeService, judge_names
 from tests.judge.fake_openai import FakeOpenAI
 
-EVIL = json.loads(
-    (Path(__file__).resolve().parents[3] / "shared" / "data" / "pv" / "evil.json").read_text()
-)
+# The built-in pv/evil trait (the project's own text in the persona-vectors format).
+EVIL = json.loads((builtin_dir() / "pv" / "evil.json").read_text())
 RUBRIC = trait_rubric(EVIL["eval_prompt"])
 StartService = Callable[..., Awaitable[JudgeService]]
 
