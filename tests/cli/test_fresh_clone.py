@@ -77,17 +77,6 @@ def test_examples_plan_from_a_fresh_clone(clone: Path, tmp_path: Path) -> None:
             assert '"jobs"' in done.stdout
 
 
-def test_cluster_studies_are_portable(clone: Path, tmp_path: Path) -> None:
-    """The deployable studies pass the cluster check: built-in data only."""
-    studies = sorted((clone / "deploy").rglob("study.yaml"))
-    assert studies
-    for spec in studies:
-        done = _in_clone(
-            clone, "-m", "services.cli.main", "plan", str(spec), "--cluster", home=tmp_path
-        )
-        assert done.returncode == 0, f"{spec}: {done.stderr[-2000:]}"
-
-
 def test_no_tracked_file_reaches_for_shared_data() -> None:
     me = Path(__file__).resolve().relative_to(REPO).as_posix()
     hits = []
