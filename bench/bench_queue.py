@@ -9,9 +9,15 @@ home, then measures
   with no client in the loop. Measured with a handler that does nothing ("noop") and with one
   that writes one small S3 object ("noop_s3_write").
 * throughput: independent no-op jobs (each writing one S3 object) drained by 1, 2 and 4
-  worker processes; jobs/s from submit until the last job is done.
+  worker processes; jobs/s from the first job started until the last one is done.
+* kinds: one worker process at concurrency 1 (as the steerer runs) serving the steerer's four
+  job kinds, on a queue with jobs of every kind ("mixed") and on one with jobs of one kind only
+  ("one_busy"), next to a worker serving that one kind. A worker that waits on each empty
+  kind's queue before the busy one shows here as seconds per job; each trial stops after
+  ``--cap-s`` seconds and reports what was done by then.
 
-Prints one JSON document. Usage: ``python bench/bench_queue.py [--chain N] [--jobs N]``.
+Prints one JSON document. Usage:
+``python bench/bench_queue.py [--chain N] [--jobs N] [--kinds-jobs N] [--sections a,b]``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from services.common import settings as settings_mod  # noqa: E402
 from services.common.dag import submit_with  # noqa: E402
 from services.common.jobs import Job, JobKind, RunPlan  # noqa: E402
 from services.common.natsconn import connection  # noqa: E402
-from services.common.queue import JobContext, JobQueue, serve_worker  # noqa: E402
+from services.common.queue import JobContext, serve_worker  # noqa: E402
+from services.common.settings import NatsSettings  # noqa: E402
 from services.common.state import JobRecord, StateStore  # noqa: E402
 
 
@@ -59,13 +66,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def start_workers(count: int, concurrency: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+# The steerer's job kinds (``qsens worker steerer``); the busy one is the last in sorted order.
+STEERER_KINDS = (JobKind.BENCHMARK, JobKind.LOGIT_DIFF, JobKind.PROBE, JobKind.STEER)
+
+
+def start_workers(
+    count: int,
+    concurrency: int,
+    log_dir: Path,
+    kinds: tuple[JobKind, ...] = (JobKind.NOOP,),
+) -> list[subprocess.Popen[bytes]]:
     procs = []
+    served = ",".join(k.value for k in kinds)
     for i in range(count):
         log = open(log_dir / f"worker-{count}-{i}.log", "ab")  # noqa: SIM115 - owned by the child
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, "--worker", "--concurrency", str(concurrency)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--concurrency",
+                    str(concurrency),
+                    "--served",
+                    served,
+                ],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -120,11 +145,15 @@ async def measure_chain(length: int, s3: bool) -> dict[str, float]:
     }
 
 
-async def submit_independent(count: int) -> tuple[str, float]:
-    """Submit ``count`` independent jobs (each writes one S3 object); returns run id, seconds."""
+async def submit_independent(
+    count: int, kinds: tuple[JobKind, ...] = (JobKind.NOOP,)
+) -> tuple[str, float]:
+    """Submit ``count`` independent jobs (each writes one S3 object), spread evenly over
+    ``kinds``; returns the run id and the seconds the submission took."""
     run_id = f"tput-{uuid.uuid4().hex[:8]}"
     jobs = [
-        Job(kind=JobKind.NOOP, run_id=run_id, params={"i": i, "s3": True}) for i in range(count)
+        Job(kind=kinds[i % len(kinds)], run_id=run_id, params={"i": i, "s3": True})
+        for i in range(count)
     ]
     plan = RunPlan(run_id=run_id, spec_hash="bench-tput", jobs=jobs)
     async with connection(name="bench") as nc:
@@ -146,24 +175,90 @@ async def drain_rate(run_id: str) -> dict[str, float]:
     }
 
 
+async def capped_rate(run_id: str, cap_s: float) -> dict[str, Any]:
+    """Like ``drain_rate``, but stops waiting after ``cap_s`` and rates what was done by then."""
+    deadline = time.monotonic() + cap_s
+    async with connection(name="bench") as nc:
+        state = await StateStore.open(nc.jetstream())
+        while (await state.summary(run_id)).status == "running":
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        records = await state.list_jobs(run_id)
+    done = [r for r in records if r.finished_at]
+    result: dict[str, Any] = {
+        "jobs": len(records),
+        "done": len(done),
+        "capped": len(done) < len(records),
+    }
+    if done:
+        finished = sorted(r.finished_at or 0.0 for r in done)
+        seconds = max(finished[-1] - min(r.started_at or 0.0 for r in done), 1e-9)
+        result.update(seconds=round(seconds, 3), jobs_per_s=round(len(done) / seconds, 2))
+    if len(done) > 1:
+        # Steady state: the first job's wait for the worker to start is left out.
+        gaps = [b - a for a, b in itertools.pairwise(finished)]
+        result["mean_s_between_jobs"] = round(statistics.fmean(gaps), 3)
+    return result
+
+
 async def wait_for_workers(procs: list[subprocess.Popen[bytes]], log_dir: Path) -> None:
-    """Until every worker has a pull request waiting on the noop consumer."""
+    """Until the workers have run one no-op job (so they are connected and serving)."""
+    run_id = f"warm-{uuid.uuid4().hex[:8]}"
+    plan = RunPlan(
+        run_id=run_id, spec_hash="bench-warm", jobs=[Job(kind=JobKind.NOOP, run_id=run_id)]
+    )
     deadline = time.monotonic() + 60
     async with connection(name="bench") as nc:
-        queue = JobQueue(nc.jetstream())
-        await queue.ensure([JobKind.NOOP])
-        names = queue.names
-        while True:
-            info = await nc.jetstream().consumer_info(
-                names.job_stream(JobKind.NOOP), names.consumer(JobKind.NOOP)
-            )
-            if (info.num_waiting or 0) >= len(procs):
-                return
+        js = nc.jetstream()
+        await submit_with(plan, js=js)
+        state = await StateStore.open(js)
+        while (await state.summary(run_id)).status == "running":
             if any(proc.poll() is not None for proc in procs):
                 raise RuntimeError(f"a worker exited early; see the logs in {log_dir}")
             if time.monotonic() > deadline:
                 raise TimeoutError("workers did not start")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
+
+
+def measure_kinds(jobs: int, cap_s: float, log_dir: Path) -> dict[str, Any]:
+    """jobs/s of one concurrency-1 worker: one kind vs the steerer's four, mixed and one busy."""
+    busy = STEERER_KINDS[-1]
+    trials = {
+        "single_kind": ((busy,), (busy,)),
+        "four_kinds_mixed": (STEERER_KINDS, STEERER_KINDS),
+        "four_kinds_one_busy": (STEERER_KINDS, (busy,)),
+    }
+    result: dict[str, Any] = {
+        "concurrency": 1,
+        "served": [k.value for k in STEERER_KINDS],
+        "busy_kind": busy.value,
+        "cap_s": cap_s,
+        "fetch_wait_s": settings_mod.get(NatsSettings).fetch_wait_s,
+    }
+    for name, (served, queued) in trials.items():
+        run_id, _ = asyncio.run(submit_independent(jobs, queued))
+        procs = start_workers(1, 1, log_dir, served)
+        try:
+            result[name] = asyncio.run(capped_rate(run_id, cap_s))
+        finally:
+            stop_workers(procs)
+    return result
+
+
+def measure_throughput(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """jobs/s of 1, 2, 4... no-op worker processes draining a full queue."""
+    throughput: dict[str, Any] = {"concurrency_per_worker": args.concurrency}
+    for count in (int(c) for c in args.workers.split(",")):
+        # Fill the queue first, so the rate is the workers' and not the submitter's.
+        run_id, submit_s = asyncio.run(submit_independent(args.jobs))
+        throughput["submit_jobs_per_s"] = round(args.jobs / submit_s, 1)
+        procs = start_workers(count, args.concurrency, log_dir)
+        try:
+            throughput[f"{count}_workers"] = asyncio.run(drain_rate(run_id))
+        finally:
+            stop_workers(procs)
+    return throughput
 
 
 def main() -> None:
@@ -172,11 +267,22 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=400, help="jobs per throughput trial")
     parser.add_argument("--concurrency", type=int, default=4, help="jobs in flight per worker")
     parser.add_argument("--workers", default="1,2,4", help="worker counts to try")
+    parser.add_argument("--kinds-jobs", type=int, default=200, help="jobs per kinds trial")
+    parser.add_argument("--cap-s", type=float, default=40.0, help="longest kinds trial (s)")
+    parser.add_argument(
+        "--sections", default="overhead,throughput,kinds", help="which measurements to run"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--served", default="noop", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        serve_worker([JobKind.NOOP], noop_handler, concurrency=args.concurrency)
+        kinds = [JobKind(k) for k in args.served.split(",")]
+        serve_worker(kinds, noop_handler, concurrency=args.concurrency)
         return
+    sections = set(args.sections.split(","))
+    unknown = sections - {"overhead", "throughput", "kinds"}
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}")
 
     home = Path(tempfile.mkdtemp(prefix="qsens-bench-"))
     stack = localstack.up(home)
@@ -194,26 +300,20 @@ def main() -> None:
                 "servers": "nats-server 2.15.1 (JetStream, file store), SeaweedFS 4.48 S3",
             }
         }
-        procs = start_workers(1, 1, log_dir)
-        try:
-            asyncio.run(wait_for_workers(procs, log_dir))
-            result["overhead_per_job"] = {
-                "noop": asyncio.run(measure_chain(args.chain, s3=False)),
-                "noop_s3_write": asyncio.run(measure_chain(args.chain, s3=True)),
-            }
-        finally:
-            stop_workers(procs)
-        throughput: dict[str, Any] = {"concurrency_per_worker": args.concurrency}
-        for count in (int(c) for c in args.workers.split(",")):
-            # Fill the queue first, so the rate is the workers' and not the submitter's.
-            run_id, submit_s = asyncio.run(submit_independent(args.jobs))
-            throughput["submit_jobs_per_s"] = round(args.jobs / submit_s, 1)
-            procs = start_workers(count, args.concurrency, log_dir)
+        if "overhead" in sections:
+            procs = start_workers(1, 1, log_dir)
             try:
-                throughput[f"{count}_workers"] = asyncio.run(drain_rate(run_id))
+                asyncio.run(wait_for_workers(procs, log_dir))
+                result["overhead_per_job"] = {
+                    "noop": asyncio.run(measure_chain(args.chain, s3=False)),
+                    "noop_s3_write": asyncio.run(measure_chain(args.chain, s3=True)),
+                }
             finally:
                 stop_workers(procs)
-        result["throughput"] = throughput
+        if "throughput" in sections:
+            result["throughput"] = measure_throughput(args, log_dir)
+        if "kinds" in sections:
+            result["kinds"] = measure_kinds(args.kinds_jobs, args.cap_s, log_dir)
         print(json.dumps(result, indent=2))
     finally:
         localstack.down(home, timeout_s=3)
