@@ -7,7 +7,9 @@ Streams and consumers (names from ``PlaneNames``; the default namespace is ``qse
   ``Nats-Msg-Id`` = job id, so publishing the same job twice stores it once.
 * durable pull consumer ``workers-<kind>``: explicit ack, ``ack_wait_s``; a running job sends
   in-progress heartbeats every ``ack_wait_s / 3``, so only the job of a dead worker (or of
-  one whose event loop is blocked) is redelivered.
+  one whose event loop is blocked) is redelivered. A worker pulls one message at a time, only
+  into a free slot, taking its kinds in turn (``services.common.dispatch``), so a worker that
+  serves several kinds never waits on an empty queue while another has work.
 * ``QSENS_DLQ`` on ``qsens.dlq.>``: limits retention; a ``DeadLetter`` carries the job (or
   the raw bytes it could not parse), the last error and the attempt count.
 
@@ -58,13 +60,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from pydantic import BaseModel, Field
 
 from services.common import settings as settings_mod
+from services.common.dispatch import Dispatcher
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -290,7 +293,7 @@ class _Worker:
     def __init__(
         self,
         *,
-        js: JetStreamContext,
+        nc: Client,
         queue: JobQueue,
         state: StateStore,
         store: AsyncS3Store,
@@ -299,7 +302,7 @@ class _Worker:
         settings: NatsSettings,
         worker_id: str,
     ) -> None:
-        self.js = js
+        self.nc = nc
         self.queue = queue
         self.state = state
         self.store = store
@@ -310,57 +313,15 @@ class _Worker:
         self.stats = WorkerStats()
 
     async def serve(self, kinds: Sequence[JobKind], concurrency: int, stop: asyncio.Event) -> None:
-        slots = asyncio.Semaphore(concurrency)
-        inflight: set[asyncio.Task[None]] = set()
-        loops = [
-            asyncio.create_task(self._fetch_loop(kind, slots, inflight, stop), name=f"fetch-{kind}")
-            for kind in kinds
-        ]
-        try:
-            await stop.wait()
-        finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-            # Let running jobs finish (their heartbeats keep them ours meanwhile).
-            if inflight:
-                await asyncio.gather(*inflight, return_exceptions=True)
-
-    async def _fetch_loop(
-        self,
-        kind: JobKind,
-        slots: asyncio.Semaphore,
-        inflight: set[asyncio.Task[None]],
-        stop: asyncio.Event,
-    ) -> None:
-        names = self.queue.names
-        sub = await self.js.pull_subscribe_bind(
-            durable=names.consumer(kind), stream=names.job_stream(kind)
+        dispatcher = Dispatcher(
+            self.nc,
+            self.queue.names,
+            kinds,
+            concurrency=concurrency,
+            settings=self.settings,
+            start=self._handle,
         )
-        try:
-            while not stop.is_set():
-                await slots.acquire()
-                try:
-                    msgs = await sub.fetch(1, timeout=self.settings.fetch_wait_s)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    slots.release()
-                    continue
-                except (nats.errors.Error, nats.js.errors.Error) as err:
-                    slots.release()
-                    log.warning("fetch failed", extra={"kind": kind.value, "error": repr(err)})
-                    await asyncio.sleep(min(1.0, self.settings.fetch_wait_s))
-                    continue
-                except BaseException:
-                    slots.release()
-                    raise
-                for msg in msgs:
-                    task = asyncio.create_task(self._handle(kind, msg))
-                    inflight.add(task)
-                    task.add_done_callback(inflight.discard)
-                    task.add_done_callback(lambda _t: slots.release())
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await dispatcher.run(stop)
 
     # -- one message ----------------------------------------------------------------------
 
@@ -699,7 +660,7 @@ async def run_worker(
         state = await StateStore.open(js, cfg)
         registry = await LoaderRegistry.open(js, cfg)
         worker = _Worker(
-            js=js,
+            nc=nc,
             queue=queue,
             state=state,
             store=async_store,
