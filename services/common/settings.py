@@ -182,6 +182,19 @@ class LoaderSettings(BaseSettings):
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
     )
+    max_pending: int = Field(
+        8,
+        ge=1,
+        description="Requests admitted to the model thread at once (running or waiting); more "
+        "are refused with RESOURCE_EXHAUSTED (HTTP 429) and a retry-after from the observed "
+        "service time. Info and health never queue.",
+    )
+    http_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest an OpenAI-endpoint request may take, waiting included; its work "
+        "is then stopped and the answer is HTTP 504.",
+    )
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM drain time for in-flight calls.")
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="gRPC message limit.")
     fault_oom_above_batch: int = Field(

@@ -1,7 +1,9 @@
 """The model engine: tokenising, padding-correct micro-batching, and the four computations
 (generate, capture, score, next token) with per-row steering.
 
-It is synchronous and not thread-safe: the server runs it on one dedicated thread. Items are
+It is synchronous and not thread-safe: the server runs it on one dedicated thread and sets
+``checkpoint`` for each unit of work; it is called before every micro-batch and decode step
+and raises when the caller is gone, so abandoned work stops promptly. Items are
 sorted by length into micro-batches bounded by rows and padded tokens; an out-of-memory error
 halves the micro-batch and retries (and lowers the row limit for later calls). Position ids
 are computed from the attention mask, so left and right padding give the same numbers.
@@ -154,6 +156,10 @@ class _Padded:
     offsets: list[int]
 
 
+def _no_checkpoint() -> None:
+    return None
+
+
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     # A 32-bit integer mixer on int64 tensors (products stay below 2**63).
     x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
@@ -215,6 +221,8 @@ class Engine:
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
+        # Raises when the current unit of work is no longer wanted (set by the server).
+        self.checkpoint: Callable[[], None] = _no_checkpoint
 
     # ------------------------------------------------------------------ tokenising
     def _eos_ids(self) -> set[int]:
@@ -325,6 +333,7 @@ class Engine:
 
     def _adaptive(self, rows: list[int], fn: Callable[[list[int]], list[R]]) -> list[R]:
         """Run ``fn`` on ``rows``; on OOM free memory, halve and retry each half."""
+        self.checkpoint()
         try:
             fault = self.settings.fault_oom_above_batch
             if fault and len(rows) > fault:
@@ -812,6 +821,7 @@ class Engine:
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             for step in range(params.max_new_tokens):
+                self.checkpoint()
                 tokens = self._sample(logits, params, keys, step)
                 if params.logprobs:
                     self._record_logprobs(

@@ -3,17 +3,22 @@
 It lets any loader act as a judge: temperature, top_p, n, seed, stop, ``logprobs`` and
 ``top_logprobs`` follow the OpenAI schema, and errors use OpenAI's error envelope (HTTP 400
 with ``param`` naming the field). It runs uvicorn in its own thread and hands model work to the
-loader's model thread, so gRPC and HTTP calls queue on the same device in arrival order.
+loader's model thread, so gRPC and HTTP calls queue on the same device in arrival order and
+share one bound: when the queue is full the answer is HTTP 429 with ``Retry-After`` (seconds)
+and ``retry-after-ms``. A request's work stops when its client disconnects (answer 499, which
+nobody reads) or after ``http_timeout_s`` (HTTP 504).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -27,10 +32,15 @@ from services.common.errors import (
 )
 from services.common.logging import get_logger
 from services.loader.engine import GenParams, GenResult
+from services.loader.work import Busy, CancelToken, WorkCancelled
 
 __all__ = ["build_app", "start_http"]
 
 log = get_logger(__name__)
+T = TypeVar("T")
+RPC = "chat.completions"
+# How often a waiting request looks for its client having gone away.
+DISCONNECT_POLL_S = 0.1
 
 
 class ChatMessage(BaseModel):
@@ -89,6 +99,34 @@ def _logprobs_payload(result: GenResult, runtime: Any) -> dict[str, Any]:
     return {"content": content}
 
 
+def _busy(exc: Busy) -> JSONResponse:
+    response = _error(429, str(exc), None, "rate_limit_error")
+    response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    response.headers["retry-after-ms"] = str(max(1, round(exc.retry_after_s * 1000)))
+    return response
+
+
+async def _run_model(runtime: Any, request: Request, fn: Callable[[], T]) -> T:
+    """Admit ``fn``, run it on the model thread and stop it if the client goes or time is up."""
+    token = CancelToken(time.monotonic() + runtime.settings.http_timeout_s)
+    with runtime.admit(RPC, token) as ticket:
+        future = runtime.submit(fn, ticket)
+        waiting = asyncio.wrap_future(future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    result: T = waiting.result()
+                    return result
+                if token.cancelled or await request.is_disconnected():
+                    runtime.abandon(future, ticket, "deadline" if token.cancelled else "client")
+                    raise token.error()
+        finally:
+            if not waiting.done():
+                # Nobody reads it now; cancelling keeps asyncio from logging its outcome.
+                waiting.cancel()
+
+
 def build_app(runtime: Any) -> FastAPI:
     """The FastAPI app for ``runtime`` (a LoaderRuntime)."""
     app = FastAPI(title="qsens loader", docs_url=None, redoc_url=None)
@@ -136,9 +174,16 @@ def build_app(runtime: Any) -> FastAPI:
         )
         messages = [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages]
         seed = req.seed if req.seed is not None else 0
-        future = runtime.submit(lambda: runtime.generate_chat(messages, params, seed, req.n))
         try:
-            results: list[GenResult] = await asyncio.wrap_future(future)
+            results: list[GenResult] = await _run_model(
+                runtime, request, lambda: runtime.generate_chat(messages, params, seed, req.n)
+            )
+        except Busy as exc:
+            return _busy(exc)
+        except WorkCancelled as exc:
+            if exc.reason == "deadline":
+                return _error(504, str(exc), None, "timeout")
+            return _error(499, str(exc), None, "client_closed_request")
         except InvalidArgument as exc:
             param = "messages" if exc.field.startswith("messages") else exc.field
             return _error(400, str(exc), param)

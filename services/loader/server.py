@@ -1,10 +1,15 @@
 """The loader process: gRPC service, health, metrics, OpenAI-compatible HTTP, graceful drain.
 
 All model work runs on one dedicated thread (the GPU is used by one pass at a time); the
-asyncio server only parses, queues and streams. One interceptor maps qsens errors to gRPC
-status codes, frees accelerator memory after an OOM, counts requests and times them.
-SIGTERM flips health to NOT_SERVING, refuses new calls and lets in-flight ones finish within
-the grace period.
+asyncio server only parses, queues and streams. Requests that need the model are admitted to
+a bounded queue (``work.WorkQueue``: RESOURCE_EXHAUSTED with ``retry-after-ms`` trailing
+metadata when full) and carry a cancellation token tied to the call (its deadline, the client
+cancelling or disconnecting), which the engine checks between micro-batches and decode steps.
+``Info`` and health never wait for the model thread: Info's facts are read once at load time
+and health is answered by the event loop (a busy loader is still SERVING). One interceptor
+maps qsens errors to gRPC status codes, frees accelerator memory after an OOM, counts
+requests and times them. SIGTERM flips health to NOT_SERVING, refuses new calls and lets
+in-flight ones finish within the grace period.
 """
 
 from __future__ import annotations
@@ -53,6 +58,15 @@ from services.loader.model_source import resolve_source
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.positions import parse_position
+from services.loader.work import (
+    RETRY_AFTER_KEY,
+    WORK_TIMEOUT_KEY,
+    Busy,
+    CancelToken,
+    Ticket,
+    WorkCancelled,
+    WorkQueue,
+)
 
 __all__ = ["LoaderRuntime", "build_runtime", "serve", "start_server"]
 
@@ -82,6 +96,9 @@ class _Metrics:
     memory: Gauge
     graphs_recorded: Counter
     graph_replays: Counter
+    cancelled: Counter
+    rejected: Counter
+    pending: Gauge
 
 
 _metrics: _Metrics | None = None
@@ -120,12 +137,27 @@ def metrics() -> _Metrics:
                 "qsens_loader_capture_graph_replays_total",
                 "Capture batches served from a recorded bucket.",
             ),
+            cancelled=Counter(
+                "qsens_loader_cancelled_total",
+                "Units of model work whose caller was gone: stopped while running, or never "
+                "started (queued).",
+                ["rpc", "stage"],
+            ),
+            rejected=Counter(
+                "qsens_loader_rejected_total",
+                "Requests refused because the queue of model work was full.",
+                ["rpc"],
+            ),
+            pending=Gauge(
+                "qsens_loader_pending_requests",
+                "Requests admitted to the model thread (running or waiting).",
+            ),
         )
     return _metrics
 
 
 class LoaderRuntime:
-    """The engine plus what the RPCs share: its thread, identity and limits."""
+    """The engine plus what the RPCs share: its thread, queue, identity and limits."""
 
     def __init__(
         self,
@@ -147,39 +179,91 @@ class LoaderRuntime:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="model"
         )
+        self.queue = WorkQueue(settings.max_pending)
         self.draining = False
+        # Read once, before serving: Info must never wait behind model work.
+        self._info = self._describe()
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the model thread."""
-        loop = asyncio.get_running_loop()
+    @contextlib.contextmanager
+    def admit(self, rpc: str, token: CancelToken) -> Iterator[Ticket]:
+        """A slot in the bounded queue for one request (``Busy`` when it is full)."""
+        m = metrics()
+        try:
+            ticket = self.queue.admit(rpc, token)
+        except Busy:
+            m.rejected.labels(rpc).inc()
+            raise
+        m.pending.set(self.queue.pending)
+        try:
+            yield ticket
+        finally:
+            self.queue.release(ticket)
+            m.pending.set(self.queue.pending)
+
+    async def run(self, fn: Callable[[], T], ticket: Ticket | None = None) -> T:
+        """Run ``fn`` on the model thread; if this coroutine is cancelled, so is the work."""
+        future = self.submit(fn, ticket)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if ticket is not None:
+                self.abandon(future, ticket, "cancelled")
+            raise
+
+    def submit(
+        self, fn: Callable[[], T], ticket: Ticket | None = None
+    ) -> concurrent.futures.Future[T]:
+        """Queue ``fn`` for the model thread (also from another thread: the HTTP server)."""
+        return self.executor.submit(self._call, fn, ticket)
+
+    def abandon(self, future: concurrent.futures.Future[Any], ticket: Ticket, reason: str) -> None:
+        """The caller is gone: never start ``future``; stop it at the next checkpoint if running."""
+        token = ticket.token
+        if not token.cancelled:  # a passed deadline is recorded as such
+            token.cancel("deadline" if reason == "deadline" else "cancelled")
+        if future.cancel():  # still queued: it will never run
+            metrics().cancelled.labels(ticket.rpc, "queued").inc()
+
+    def _call(self, fn: Callable[[], T], ticket: Ticket | None) -> T:
+        token = ticket.token if ticket is not None else None
+        m = metrics()
+        if ticket is not None and token is not None:
+            if token.cancelled:  # the caller left while this waited its turn
+                m.cancelled.labels(ticket.rpc, "queued").inc()
+                raise token.error()
+            token.start()
         delay = self.settings.fault_delay_s
+        if delay and token is not None:
+            token.sleep(delay)
+        elif delay:
+            time.sleep(delay)
+        engine, graphs = self.engine, self.engine.graphs
+        before = (engine.oom_retries, graphs.recorded, graphs.replays)
+        started = time.perf_counter()
+        engine.checkpoint = token.check if token is not None else _never_cancelled
+        try:
+            if token is not None:
+                token.check()
+            with torch.inference_mode():
+                return fn()
+        except WorkCancelled:
+            if ticket is not None:
+                m.cancelled.labels(ticket.rpc, "running").inc()
+            raise
+        finally:
+            engine.checkpoint = _never_cancelled
+            if ticket is not None:
+                ticket.busy_s += time.perf_counter() - started
+            for counter, old, new in zip(
+                (m.oom, m.graphs_recorded, m.graph_replays),
+                before,
+                (engine.oom_retries, graphs.recorded, graphs.replays),
+                strict=True,
+            ):
+                if new > old:
+                    counter.inc(new - old)
 
-        def call() -> T:
-            if delay:
-                time.sleep(delay)
-            engine, graphs = self.engine, self.engine.graphs
-            before = (engine.oom_retries, graphs.recorded, graphs.replays)
-            try:
-                with torch.inference_mode():
-                    return fn()
-            finally:
-                m = metrics()
-                for counter, old, new in zip(
-                    (m.oom, m.graphs_recorded, m.graph_replays),
-                    before,
-                    (engine.oom_retries, graphs.recorded, graphs.replays),
-                    strict=True,
-                ):
-                    if new > old:
-                        counter.inc(new - old)
-
-        return await loop.run_in_executor(self.executor, call)
-
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        """Run ``fn`` on the model thread from another thread (the HTTP server)."""
-        return self.executor.submit(fn)
-
-    def info(self) -> pb.InfoResponse:
+    def _describe(self) -> pb.InfoResponse:
         d = self.engine.describe()
         return pb.InfoResponse(
             model=self.model_name,
@@ -203,6 +287,17 @@ class LoaderRuntime:
             notes=d["notes"],
             server_version=services.__version__,
         )
+
+    def info(self) -> pb.InfoResponse:
+        """Info without the model thread: load-time facts plus notes read without a lock."""
+        reply = pb.InfoResponse()
+        reply.CopyFrom(self._info)
+        disabled = self.engine.graphs.disabled  # may be switched off by a failed recording
+        if disabled and self.engine.device.type == "cuda":
+            note = f"capture CUDA graphs off: {disabled}"
+            if note not in reply.notes:
+                reply.notes.append(note)
+        return reply
 
     def generate(self, request: pb.GenerateRequest) -> tuple[list[GenResult], int]:
         """Validate and generate (on the model thread); returns results and tokens processed."""
@@ -247,13 +342,14 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
     async def Info(
         self, request: pb.InfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.InfoResponse:
-        return await self.rt.run(self.rt.info)
+        return self.rt.info()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         started = time.perf_counter()
-        results, tokens = await self.rt.run(lambda: self.rt.generate(request))
+        with self.rt.admit("Generate", call_token(context)) as ticket:
+            results, tokens = await self.rt.run(lambda: self.rt.generate(request), ticket)
         _throughput("Generate", tokens, started)
         return pb.GenerateResponse(generations=[convert.generation(r) for r in results])
 
@@ -299,12 +395,13 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
             first = next(gen, None)
             return _prepend(first, gen), layers, dtype
 
-        chunks, layers, dtype = await self.rt.run(prepare)
-        while True:
-            results = await self.rt.run(lambda: next(chunks, None))
-            if results is None:
-                break
-            yield convert.capture_chunk(results, layers, dtype)
+        with self.rt.admit("Capture", call_token(context)) as ticket:
+            chunks, layers, dtype = await self.rt.run(prepare, ticket)
+            while True:
+                results = await self.rt.run(lambda: next(chunks, None), ticket)
+                if results is None:
+                    break
+                yield convert.capture_chunk(results, layers, dtype)
         _throughput("Capture", engine.tokens_processed - before, started)
 
     async def Score(
@@ -330,7 +427,8 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 engine.tokens_processed - before,
             )
 
-        response, tokens = await self.rt.run(work)
+        with self.rt.admit("Score", call_token(context)) as ticket:
+            response, tokens = await self.rt.run(work, ticket)
         _throughput("Score", tokens, started)
         return response
 
@@ -359,9 +457,37 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 engine.tokens_processed - before,
             )
 
-        response, tokens = await self.rt.run(work)
+        with self.rt.admit("NextToken", call_token(context)) as ticket:
+            response, tokens = await self.rt.run(work, ticket)
         _throughput("NextToken", tokens, started)
         return response
+
+
+def _never_cancelled() -> None:
+    return None
+
+
+def call_token(context: grpc.aio.ServicerContext) -> CancelToken:
+    """A token for one gRPC call: its deadline, the client cancelling, and the work timeout.
+
+    The work timeout (``qsens-work-timeout-ms`` request metadata) starts when the work starts
+    on the model thread: time spent waiting behind other callers never counts against it.
+    """
+    remaining = context.time_remaining()
+    deadline = time.monotonic() + remaining if remaining is not None else None
+    work_timeout_s: float | None = None
+    for key, value in context.invocation_metadata() or ():
+        if key == WORK_TIMEOUT_KEY:
+            try:
+                work_timeout_s = max(0.0, float(value) / 1000.0)
+            except ValueError:
+                raise InvalidArgument(
+                    f"metadata.{WORK_TIMEOUT_KEY}", f"not a number of milliseconds: {value!r}"
+                ) from None
+    token = CancelToken(deadline, work_timeout_s=work_timeout_s)
+    # Also fires after a normal end, when cancelling is a no-op.
+    context.add_done_callback(lambda _context: token.cancel("cancelled"))
+    return token
 
 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -384,6 +510,10 @@ def _throughput(rpc: str, tokens: int, started: float) -> None:
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, WorkCancelled):
+        if exc.reason == "deadline":
+            return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        return grpc.StatusCode.CANCELLED, str(exc)
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, FailedPrecondition):
@@ -420,13 +550,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             code, message = _status_for(exc)
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and torch.cuda.is_available():
+            trailing: tuple[tuple[str, str], ...] = ()
+            if isinstance(exc, Busy):
+                trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+            elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("rpc failed", extra={"rpc": rpc})
             m.requests.labels(rpc, code.name).inc()
             m.errors.labels(rpc, code.name).inc()
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=trailing)
 
         def check_draining() -> None:
             if rt.draining:
