@@ -2,19 +2,43 @@
 
 Requests larger than the server's item limit are split transparently; every call can pin the
 variant it expects (``expect_variant``) so a worker never reads from the wrong model.
+
+Busy loaders and deadlines
+--------------------------
+A loader runs one model pass at a time for every caller, admits a bounded number of requests
+and refuses more with RESOURCE_EXHAUSTED plus ``retry-after-ms`` (trailing metadata). A job
+must not fail because a loader was busy serving others, so each call has two budgets:
+
+* ``timeout_s`` bounds the work itself. It travels as ``qsens-work-timeout-ms`` request
+  metadata, and the loader starts counting it when the call's work starts on its model thread:
+  time spent queued behind other callers never counts against it. Work that runs past it is
+  stopped by the loader (DEADLINE_EXCEEDED).
+* ``wait_s`` bounds waiting for the loader: refused attempts are retried after the advertised
+  retry-after (times a jitter in [1, 1.5) so refused callers do not return in lock step), for
+  as long as ``wait_s`` allows; a loader still busy after that raises ``Unavailable``, which
+  the job plane retries later as a missing dependency instead of counting a failed attempt.
+
+The gRPC deadline of an attempt is what is left of ``wait_s`` plus ``timeout_s``: a loader
+that vanishes (or a model thread that hangs) is still noticed, while a queue wait never eats
+into the work's own budget unless it alone outlasts ``wait_s``. A refusal carries no work, so
+retrying it is always safe (a streamed Capture is refused before its first message).
+Retries are logged at debug level and counted in
+``qsens_loader_client_backpressure_retries_total`` and ``..._wait_seconds_total``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter
 
 from services.common.errors import (
     FailedPrecondition,
@@ -24,10 +48,12 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.logging import get_logger
 from services.common.tensor_codec import decode_numpy, encode
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.seeds import row_seed
+from services.loader.work import RETRY_AFTER_KEY, WORK_TIMEOUT_KEY
 
 __all__ = [
     "CaptureOutput",
@@ -40,9 +66,15 @@ __all__ = [
     "PromptItem",
     "ScoreItem",
     "Steer",
+    "retry_after_s",
+    "with_backpressure",
 ]
 
+log = get_logger(__name__)
+R = TypeVar("R")
 Role = Literal["system", "user", "assistant"]
+# Each refused caller sleeps retry-after times a factor in this range.
+RETRY_JITTER = (1.0, 1.5)
 
 
 @dataclass(frozen=True)
@@ -230,20 +262,98 @@ def _raise(exc: grpc.aio.AioRpcError) -> None:
     raise QsensError(f"loader error {code.name}: {message}") from exc
 
 
+_retries: Counter | None = None
+_waited: Counter | None = None
+
+
+def _backpressure_metrics() -> tuple[Counter, Counter]:
+    global _retries, _waited
+    if _retries is None or _waited is None:
+        _retries = Counter(
+            "qsens_loader_client_backpressure_retries_total",
+            "Loader calls refused as busy and retried after the loader's retry-after.",
+            ["rpc"],
+        )
+        _waited = Counter(
+            "qsens_loader_client_backpressure_wait_seconds_total",
+            "Seconds spent waiting to retry calls a busy loader refused.",
+            ["rpc"],
+        )
+    return _retries, _waited
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The loader's retry-after of a busy refusal, or None for any other error."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, float(value) / 1000.0)
+            except ValueError:
+                return None
+    return None  # out of memory on one item: retrying would not help
+
+
+async def with_backpressure(
+    rpc: str,
+    attempt: Callable[[float], Awaitable[R]],
+    *,
+    timeout_s: float,
+    wait_s: float,
+) -> R:
+    """``attempt(grpc_timeout)``, retried while the loader refuses it as busy (module doc).
+
+    Other gRPC errors become qsens errors; a loader still busy after ``wait_s`` raises
+    ``Unavailable``.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        waited = loop.time() - started
+        try:
+            return await attempt(max(0.0, wait_s - waited) + timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            delay = retry_after_s(exc)
+            if delay is None:
+                _raise(exc)
+                raise
+            pause = delay * random.uniform(*RETRY_JITTER)
+            if waited + pause > wait_s:
+                raise Unavailable(
+                    f"loader busy for longer than the {wait_s:g} s wait budget: {exc.details()}"
+                ) from exc
+            retries, seconds = _backpressure_metrics()
+            retries.labels(rpc).inc()
+            seconds.labels(rpc).inc(pause)
+            log.debug(
+                "loader busy; retrying",
+                extra={"rpc": rpc, "retry_after_s": delay, "sleep_s": round(pause, 3)},
+            )
+            await asyncio.sleep(pause)
+
+
 class LoaderClient:
-    """Async client for one loader address (``host:port``)."""
+    """Async client for one loader address (``host:port``).
+
+    ``timeout_s`` bounds each call's work, counted from when the loader starts it; ``wait_s``
+    bounds how long a call waits for a busy loader (see the module docstring).
+    """
 
     def __init__(
         self,
         address: str,
         *,
         timeout_s: float = 3600.0,
+        wait_s: float = 3600.0,
         expect_variant: str | None = None,
         max_message_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.wait_s = wait_s
         self.expect_variant = expect_variant
+        self._metadata = ((WORK_TIMEOUT_KEY, str(max(1, round(timeout_s * 1000)))),)
         self._channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -279,6 +389,9 @@ class LoaderClient:
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable(f"loader at {self.address} not ready after {timeout_s:.0f}s")
             await asyncio.sleep(0.2)
+
+    async def _call(self, rpc: str, attempt: Callable[[float], Awaitable[R]]) -> R:
+        return await with_backpressure(rpc, attempt, timeout_s=self.timeout_s, wait_s=self.wait_s)
 
     def _options(self, padding_side: str | None, max_batch_size: int) -> pb.RunOptions:
         return pb.RunOptions(
@@ -369,11 +482,11 @@ class LoaderClient:
                 vectors=[_tensor(v) for v in vectors],
                 options=self._options("left", max_batch_size),
             )
-            try:
-                reply = await self._stub.Generate(request, timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                _raise(exc)
-                raise
+
+            async def attempt(timeout: float, request: pb.GenerateRequest = request) -> Any:
+                return await self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+
+            reply = await self._call("Generate", attempt)
             for g in reply.generations:
                 out.append(
                     Generation(
@@ -429,18 +542,29 @@ class LoaderClient:
                 options=self._options(padding_side, max_batch_size),
                 chunk_items=chunk_items,
             )
-            try:
-                async for reply in self._stub.Capture(request, timeout=self.timeout_s):
-                    result.layers = list(reply.layers)
+
+            async def attempt(
+                timeout: float, request: pb.CaptureRequest = request
+            ) -> CaptureOutput:
+                # A fresh part per attempt: a refused attempt has streamed nothing.
+                part = CaptureOutput([], [], [], [], [])
+                stream = self._stub.Capture(request, timeout=timeout, metadata=self._metadata)
+                async for reply in stream:
+                    part.layers = list(reply.layers)
                     for item in reply.items:
                         t = item.activations
-                        result.activations.append(decode_numpy(t.dtype, list(t.shape), t.data))
-                        result.num_positions.append(item.num_positions)
-                        result.prompt_tokens.append(item.prompt_tokens)
-                        result.response_tokens.append(item.response_tokens)
-            except grpc.aio.AioRpcError as exc:
-                _raise(exc)
-                raise
+                        part.activations.append(decode_numpy(t.dtype, list(t.shape), t.data))
+                        part.num_positions.append(item.num_positions)
+                        part.prompt_tokens.append(item.prompt_tokens)
+                        part.response_tokens.append(item.response_tokens)
+                return part
+
+            part = await self._call("Capture", attempt)
+            result.layers = part.layers or result.layers
+            result.activations.extend(part.activations)
+            result.num_positions.extend(part.num_positions)
+            result.prompt_tokens.extend(part.prompt_tokens)
+            result.response_tokens.extend(part.response_tokens)
         return result
 
     async def score(
@@ -462,11 +586,11 @@ class LoaderClient:
                 options=self._options("left", max_batch_size),
                 token_logprobs=token_logprobs,
             )
-            try:
-                reply = await self._stub.Score(request, timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                _raise(exc)
-                raise
+
+            async def attempt(timeout: float, request: pb.ScoreRequest = request) -> Any:
+                return await self._stub.Score(request, timeout=timeout, metadata=self._metadata)
+
+            reply = await self._call("Score", attempt)
             for r in reply.results:
                 out.append(
                     [
@@ -506,11 +630,11 @@ class LoaderClient:
                 vectors=[_tensor(v) for v in vectors],
                 options=self._options(padding_side, max_batch_size),
             )
-            try:
-                reply = await self._stub.NextToken(request, timeout=self.timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                _raise(exc)
-                raise
+
+            async def attempt(timeout: float, request: pb.NextTokenRequest = request) -> Any:
+                return await self._stub.NextToken(request, timeout=timeout, metadata=self._metadata)
+
+            reply = await self._call("NextToken", attempt)
             for r in reply.results:
                 out.append(
                     NextToken(
