@@ -179,6 +179,13 @@ class LoaderSettings(BaseSettings):
         description="Largest capture batch (rows x padded width) replayed as a CUDA graph; "
         "larger ones are bound by arithmetic, not launches.",
     )
+    cpu_compute: Literal["auto", "native", "float32"] = Field(
+        "auto",
+        description="Activation dtype of bf16/fp16 variants on a CPU: 'native' computes in the "
+        "variant's dtype; 'float32' keeps the weights rounded to it and computes in float32; "
+        "'auto' picks float32 where the CPU has no native bf16/fp16 matmul (AVX2-only CPUs "
+        "run bf16 matmuls several times slower than float32).",
+    )
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
         "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
     )

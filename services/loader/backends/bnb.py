@@ -1,4 +1,7 @@
-"""bitsandbytes backend: NF4, FP4 (4-bit, bf16 compute) and LLM.int8(), on CUDA or CPU."""
+"""bitsandbytes backend: NF4, FP4 (4-bit, bf16 compute) and LLM.int8(), on CUDA or CPU.
+
+On a CPU without native bf16 matmuls the compute dtype is float32 (``cpu_compute_dtype``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import logging
 
 from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
-from services.loader.backends.hf import load_tokenizer, resolve_device
+from services.loader.backends.hf import cpu_compute_dtype, load_tokenizer, resolve_device
 from services.loader.model_source import ResolvedSource
 
 __all__ = ["BitsAndBytesBackend"]
@@ -30,29 +33,38 @@ class BitsAndBytesBackend(Backend):
         # LLM.int8() casts its inputs to fp16 and logs it on every matmul.
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropCastNotice())
         dev = resolve_device(device)
-        compute = torch.bfloat16
+        # On a CPU without native bf16/fp16 matmuls, the unquantized modules and the 4-bit
+        # compute run in float32 (several times faster there); the quantized weights are the same.
+        half = (
+            torch.float16 if precision is Precision.INT8 and dev.type == "cuda" else torch.bfloat16
+        )
+        compute, note = cpu_compute_dtype(half, dev)
         if precision is Precision.INT8:
-            config = BitsAndBytesConfig(load_in_8bit=True)
             # Non-quantized modules (embeddings, norms, head) stay fp16 on GPU as in the
-            # LLM.int8() paper; CPU kernels cast internally, bf16 keeps them fast there.
-            dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-            compute = dtype
+            # LLM.int8() paper.
+            config = BitsAndBytesConfig(load_in_8bit=True)
         else:
             config = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type="nf4" if precision is Precision.NF4 else "fp4",
-                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_compute_dtype=compute,
                 bnb_4bit_use_double_quant=False,
             )
-            dtype = torch.bfloat16
         device_map = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.folder), quantization_config=config, dtype=dtype, device_map=device_map
+            str(source.folder), quantization_config=config, dtype=half, device_map=device_map
         )
+        if compute != half:
+            # Loaded (and quantized) from the half-precision weights as on a GPU, so the
+            # quantized weights are the same; only the unquantized modules are upcast.
+            for tensor in (*model.parameters(), *model.buffers()):
+                if tensor.dtype == half:
+                    tensor.data = tensor.data.to(compute)
         model.eval()
         qconfig = config.to_dict()
         qconfig = {
             k: (str(v) if not isinstance(v, (int, float, bool, str, type(None), list, dict)) else v)
             for k, v in qconfig.items()
         }
-        return LoadedModel(model, load_tokenizer(source), dev, compute, qconfig, list(source.notes))
+        notes = [*source.notes, *([note] if note else [])]
+        return LoadedModel(model, load_tokenizer(source), dev, compute, qconfig, notes)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
+from services.common import settings as settings_mod
 from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
 from services.loader.model_source import ResolvedSource
 
-__all__ = ["HFBackend", "load_tokenizer", "resolve_device"]
+__all__ = ["HFBackend", "cpu_compute_dtype", "load_tokenizer", "resolve_device"]
+
+# CPU flags that give bf16 / fp16 matmuls a native path (oneDNN AVX512-BF16/FP16 or AMX).
+_NATIVE_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
 def resolve_device(device: str) -> Any:
@@ -28,6 +34,44 @@ def load_tokenizer(source: ResolvedSource) -> Any:
     return tok
 
 
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_compute_dtype(dtype: Any, device: Any) -> tuple[Any, str | None]:
+    """The activation dtype for ``dtype`` weights on ``device``, and a note when it differs.
+
+    On a CPU without native bf16/fp16 matmuls (``QSENS_LOADER_CPU_COMPUTE=auto``) half-precision
+    matmuls are emulated and run several times slower than float32, so activations are computed
+    in float32 there; the weights keep the variant's rounding. Elsewhere the dtype is kept.
+    """
+    import torch
+
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if device.type != "cpu" or kind is None:
+        return dtype, None
+    mode = settings_mod.get(settings_mod.LoaderSettings).cpu_compute
+    flags = _cpu_flags()
+    if mode == "native" or (mode == "auto" and (not flags or _has_native(flags, kind))):
+        return dtype, None
+    return torch.float32, (
+        f"activations computed in float32 on this CPU (weights rounded to {kind}): it has no "
+        f"native {kind} matmul (QSENS_LOADER_CPU_COMPUTE={mode})"
+    )
+
+
+def _has_native(flags: frozenset[str], kind: str) -> bool:
+    return any(flag in flags for flag in _NATIVE_FLAGS[kind])
+
+
 class HFBackend(Backend):
     """Unquantized weights through ``AutoModelForCausalLM.from_pretrained``."""
 
@@ -44,7 +88,13 @@ class HFBackend(Backend):
             Precision.FP16: torch.float16,
         }[precision]
         dev = resolve_device(device)
+        # Loading in the variant's dtype rounds the weights to it; an upcast after that keeps
+        # exactly those values.
         model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype)
+        compute, note = cpu_compute_dtype(dtype, dev)
+        if compute != dtype:
+            model.to(compute)
         model.to(dev)
         model.eval()
-        return LoadedModel(model, load_tokenizer(source), dev, dtype, {}, list(source.notes))
+        notes = [*source.notes, *([note] if note else [])]
+        return LoadedModel(model, load_tokenizer(source), dev, compute, {}, notes)
