@@ -133,7 +133,46 @@ async def _submit(parsed: ExperimentSpec, run_id: str | None) -> str:
     return rid
 
 
+def _kind_counts(records: list[Any]) -> dict[str, dict[str, int]]:
+    """Per job kind: total, done, running, retried (an attempt failed or found no loader) and
+    dead counts."""
+    out: dict[str, dict[str, int]] = {}
+    for record in records:
+        c = out.setdefault(
+            record.job.kind.value, {"total": 0, "done": 0, "running": 0, "dead": 0, "retried": 0}
+        )
+        c["total"] += 1
+        state = record.state.value
+        if state in c:
+            c[state] += 1
+        if record.failures or record.unavailable:
+            c["retried"] += 1
+    return dict(sorted(out.items()))
+
+
+def progress_line(elapsed: float, counts: dict[str, dict[str, int]]) -> str:
+    """One plain progress line: ``[  3m05s] extract 4/6 (2 running)  steer 0/12 ...``."""
+    parts = []
+    for kind, c in counts.items():
+        extra = [f"{c['running']} running"] if c["running"] else []
+        if c["retried"]:
+            extra.append(f"{c['retried']} retried")
+        if c["dead"]:
+            extra.append(f"{c['dead']} dead")
+        parts.append(
+            f"{kind} {c['done']}/{c['total']}" + (f" ({', '.join(extra)})" if extra else "")
+        )
+    minutes, seconds = divmod(int(elapsed), 60)
+    return f"[{minutes:3d}m{seconds:02d}s] " + "  ".join(parts)
+
+
+#: Seconds between plain progress lines when nothing changed (stdout not a terminal).
+PLAIN_HEARTBEAT_S = 30.0
+
+
 async def _watch(run_id: str, detach: bool) -> str:
+    """Follow RUN until it ends: progress bars on a terminal, plain lines otherwise (a line
+    whenever a count changes, and at least every ``PLAIN_HEARTBEAT_S`` seconds)."""
     from services.common.natsconn import connection
     from services.common.state import StateStore
 
@@ -141,6 +180,20 @@ async def _watch(run_id: str, detach: bool) -> str:
         state = await StateStore.open(nc.jetstream())
         if detach:
             return (await state.summary(run_id)).status
+        started = time.perf_counter()
+        if not console.is_terminal:
+            last: dict[str, dict[str, int]] | None = None
+            last_print = 0.0
+            while True:
+                counts = _kind_counts(await state.list_jobs(run_id))
+                now = time.perf_counter()
+                if counts != last or now - last_print >= PLAIN_HEARTBEAT_S:
+                    console.print(progress_line(now - started, counts), highlight=False)
+                    last, last_print = counts, now
+                summary = await state.summary(run_id)
+                if summary.status != "running":
+                    return summary.status
+                await asyncio.sleep(1.0)
         with Progress(
             TextColumn("{task.description:<12}"),
             BarColumn(),
@@ -151,18 +204,15 @@ async def _watch(run_id: str, detach: bool) -> str:
         ) as progress:
             tasks: dict[str, Any] = {}
             while True:
-                records = await state.list_jobs(run_id)
-                by_kind: dict[str, list[Any]] = {}
-                for record in records:
-                    by_kind.setdefault(record.job.kind.value, []).append(record)
-                for kind, recs in sorted(by_kind.items()):
-                    done = sum(1 for r in recs if r.state.value == "done")
-                    running = sum(1 for r in recs if r.state.value == "running")
-                    dead = sum(1 for r in recs if r.state.value == "dead")
-                    note = f"running {running}" + (f"  [red]dead {dead}[/red]" if dead else "")
+                for kind, c in _kind_counts(await state.list_jobs(run_id)).items():
+                    note = f"running {c['running']}"
+                    if c["retried"]:
+                        note += f"  [yellow]retried {c['retried']}[/yellow]"
+                    if c["dead"]:
+                        note += f"  [red]dead {c['dead']}[/red]"
                     if kind not in tasks:
-                        tasks[kind] = progress.add_task(kind, total=len(recs), note=note)
-                    progress.update(tasks[kind], completed=done, total=len(recs), note=note)
+                        tasks[kind] = progress.add_task(kind, total=c["total"], note=note)
+                    progress.update(tasks[kind], completed=c["done"], total=c["total"], note=note)
                 summary = await state.summary(run_id)
                 if summary.status != "running":
                     return summary.status
