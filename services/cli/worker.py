@@ -19,12 +19,13 @@ SERVICES: dict[str, tuple[tuple[JobKind, ...], str]] = {
         "services.steerer.handler:handle",
     ),
     "analyzer": ((JobKind.ANALYZE,), "services.analyzer.handler:handle"),
+    "quantizer": ((JobKind.QUANTIZE,), "services.quantizer.handler:handle"),
 }
 
 
 @app.command("run")
 def run(
-    service: Annotated[str, typer.Argument(help="extractor, steerer or analyzer.")],
+    service: Annotated[str, typer.Argument(help="extractor, steerer, analyzer or quantizer.")],
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 1,
 ) -> None:
     """Consume SERVICE's job kinds until SIGTERM."""

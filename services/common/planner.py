@@ -1,7 +1,9 @@
 """Turn an experiment spec into a run: the DAG of jobs every worker will execute.
 
 extract (reference first when replaying) -> steer / logit_diff -> analyze, with benchmark and
-probe jobs beside. Job params carry everything a worker needs (no worker reads the spec file),
+probe jobs beside. A gptq/awq variant without a published checkpoint gets a quantize job first:
+every job that talks to that variant's loader depends on it (the loader waits for the
+checkpoint the job commits; see ``services.common.quantization``). Job params carry everything a worker needs (no worker reads the spec file),
 so a job is reproducible from its own JSON.
 """
 
@@ -12,10 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.jobs import Job, JobKind, RunPlan, validate_run_id
+from services.common.quantization import QuantizeRequest
 from services.common.spec import ExperimentSpec, ModelSpec, TraitRef
 from services.common.variants import Precision
 
-__all__ = ["PlannedVariant", "build_plan", "new_run_id", "variants_of"]
+__all__ = [
+    "PlannedVariant",
+    "build_plan",
+    "loader_source",
+    "new_run_id",
+    "quantize_request",
+    "variants_of",
+]
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,21 @@ def variants_of(spec: ExperimentSpec) -> list[PlannedVariant]:
     return out
 
 
+def quantize_request(
+    spec: ExperimentSpec, model: ModelSpec, precision: Precision
+) -> QuantizeRequest | None:
+    """The platform quantization a variant needs: None unless gptq/awq without a checkpoint."""
+    if precision not in (Precision.GPTQ, Precision.AWQ) or precision in model.checkpoints:
+        return None
+    settings = model.quantize or spec.quantize
+    return settings.request(model.name, model.source, precision.value)
+
+
+def loader_source(model: ModelSpec, precision: Precision) -> str:
+    """What a variant's loader loads: the published checkpoint if the spec names one."""
+    return model.checkpoints.get(precision, model.source)
+
+
 def new_run_id(spec: ExperimentSpec) -> str:
     """``<name>-<utc time>-<spec hash>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -47,7 +72,7 @@ def new_run_id(spec: ExperimentSpec) -> str:
 
 
 def _model_params(model: ModelSpec) -> dict[str, Any]:
-    return model.model_dump(mode="json", exclude={"precisions"})
+    return model.model_dump(mode="json", exclude={"precisions", "checkpoints", "quantize"})
 
 
 def _trait_params(spec: ExperimentSpec, trait: TraitRef) -> dict[str, Any]:
@@ -63,6 +88,23 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
     extraction = spec.extraction.model_dump(mode="json")
     # extract[(variant, trait, mode)] -> job
     extract: dict[tuple[str, str, str], Job] = {}
+    quantize: dict[str, Job] = {}
+    for v in variants:
+        request = quantize_request(spec, v.model, v.precision)
+        if request is not None:
+            quantize[v.id] = Job(
+                kind=JobKind.QUANTIZE,
+                run_id=run_id,
+                name=f"quantize {v.id}",
+                params=request.model_dump(mode="json"),
+            )
+            jobs.append(quantize[v.id])
+
+    def after_quantize(variant: str) -> tuple[str, ...]:
+        """Deps of a job that needs ``variant``'s loader: its quantize job, if any."""
+        job = quantize.get(variant)
+        return (job.id,) if job is not None else ()
+
     for model in spec.models:
         ref_variant = f"{model.name}@{spec.reference.value}"
         model_variants = [v for v in variants if v.model.name == model.name]
@@ -102,7 +144,7 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
                             "extraction": extraction,
                             "judge": judge,
                         },
-                        deps=deps,
+                        deps=deps + after_quantize(v.id),
                     )
                     extract[(v.id, name, mode)] = job
                     jobs.append(job)
@@ -156,7 +198,7 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
                                             "steering": steering.model_dump(mode="json"),
                                             "judge": judge,
                                         },
-                                        deps=(source_job.id,),
+                                        deps=(source_job.id, *after_quantize(v.id)),
                                     )
                                 )
     if spec.logit_diff.enabled:
@@ -192,6 +234,7 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
                     run_id=run_id,
                     name=f"benchmark {v.id} {bench.name}",
                     params={"variant": v.id, "benchmark": bench.model_dump(mode="json")},
+                    deps=after_quantize(v.id),
                 )
             )
         if spec.probes.enabled:
@@ -201,6 +244,7 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
                     run_id=run_id,
                     name=f"probe {v.id}",
                     params={"variant": v.id, "probes": spec.probes.model_dump(mode="json")},
+                    deps=after_quantize(v.id),
                 )
             )
     jobs.extend(downstream)
@@ -219,3 +263,41 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
     return RunPlan(
         run_id=run_id, spec_hash=spec.fingerprint(), jobs=jobs, description=spec.description
     )
+
+
+def check_precisions(spec: ExperimentSpec) -> None:
+    """Preflight of what variants need on this machine: InvalidArgument names the spec key.
+
+    Every precision's backend packages are installed (``gptq``/``awq`` need gptqmodel, the
+    bitsandbytes precisions bitsandbytes), a published checkpoint given as a path exists, and
+    a calibration file named by path reads and is not empty.
+    """
+    from pathlib import Path
+
+    from services.common.errors import InvalidArgument
+    from services.loader.backends.base import missing_packages
+
+    for i, model in enumerate(spec.models):
+        for precision in spec.precisions_for(model):
+            missing = missing_packages(precision, model.backend)
+            if missing:
+                raise InvalidArgument(
+                    f"models[{i}].precisions",
+                    f"{model.name}@{precision.value} needs the package(s) "
+                    f"{', '.join(missing)}, which are not installed here "
+                    f"(pip install -e '.[quant]' or `make install`)",
+                )
+        for precision, checkpoint in model.checkpoints.items():
+            path = Path(checkpoint).expanduser()
+            looks_local = checkpoint.startswith(("/", ".", "~")) or path.exists()
+            if looks_local and not (path / "config.json").is_file():
+                raise InvalidArgument(
+                    f"models[{i}].checkpoints.{precision.value}",
+                    f"{checkpoint} is not a model folder (no config.json)",
+                )
+        for precision in spec.precisions_for(model):
+            request = quantize_request(spec, model, precision)
+            if request is not None and not request.calibration.source.startswith("s3://"):
+                from services.quantizer.calibration import load_calibration
+
+                load_calibration(request.calibration)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.common.errors import InvalidArgument
 from services.common.hashing import stable_hash
+from services.common.quantization import QuantizeSpec
 from services.common.variants import Precision
 
 __all__ = [
@@ -62,12 +63,28 @@ class ModelSpec(_Strict):
     precisions: list[Precision] | None = Field(
         None, description="Precisions for this model only (default: the spec's)."
     )
+    checkpoints: dict[Precision, str] = Field(
+        default_factory=dict,
+        description="Published gptq/awq checkpoint per precision (hub id or folder): served "
+        "as is, no quantize job. A gptq/awq precision without one is quantized by the platform.",
+    )
+    quantize: QuantizeSpec | None = Field(
+        None, description="Platform quantization settings for this model (default: the spec's)."
+    )
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
+        return value
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, value: dict[Precision, str]) -> dict[Precision, str]:
+        for precision in value:
+            if precision not in (Precision.GPTQ, Precision.AWQ):
+                raise ValueError(f"only gptq and awq take a checkpoint, not {precision.value}")
         return value
 
 
@@ -328,6 +345,10 @@ class ExperimentSpec(_Strict):
     benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
     probes: ProbeSpec = Field(default_factory=ProbeSpec)
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    quantize: QuantizeSpec = Field(
+        default_factory=QuantizeSpec,
+        description="How the platform quantizes gptq/awq variants without a published checkpoint.",
+    )
 
     @field_validator("traits", mode="before")
     @classmethod

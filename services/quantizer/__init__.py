@@ -1,0 +1,1 @@
+"""The quantize service: GPTQ/AWQ checkpoints made from a reference model with one calibration set."""

@@ -1,0 +1,144 @@
+"""The ``quantize`` job handler: make (or reuse) a content-addressed GPTQ/AWQ checkpoint in S3.
+
+The checkpoint's address is computed from the request and the calibration set's sha256
+(``services.common.quantization.checkpoint_id``); when its manifest exists the job returns at
+once with ``reused: true``. Otherwise it quantizes in a child process (``services.quantizer.run``)
+while this process keeps the job's heartbeat going, then uploads the files and writes the
+manifest last (``services.quantizer.checkpoint.commit_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from services.common import settings as settings_mod
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.jobs import Job, JobKind
+from services.common.quantization import QuantizeRequest, manifest_key, parse_request
+from services.common.queue import JobContext
+from services.quantizer import run as runner
+from services.quantizer.calibration import CalibrationSet, load_calibration
+from services.quantizer.checkpoint import Manifest, commit_checkpoint, read_manifest
+
+__all__ = ["handle", "quantize_request"]
+
+HEARTBEAT_S = 10.0
+_ERRORS: dict[str, type[Exception]] = {
+    "InvalidArgument": InvalidArgument,
+    "FailedPrecondition": FailedPrecondition,
+}
+
+
+def _result(manifest: Manifest, reused: bool, seconds: float) -> dict[str, Any]:
+    info = manifest.info
+    return {
+        "checkpoint": manifest.checkpoint,
+        "manifest_key": manifest_key(manifest.checkpoint),
+        "reused": reused,
+        "method": manifest.request.get("method"),
+        "settings": manifest.request.get("settings"),
+        "calibration": info.get("calibration", {}),
+        "quantize_seconds": info.get("quantize_seconds"),
+        "job_seconds": round(seconds, 2),
+        "size_bytes": manifest.size_bytes,
+        "files": len(manifest.files),
+        "libraries": info.get("libraries", {}),
+    }
+
+
+async def _run_child(
+    request: QuantizeRequest, calibration: CalibrationSet, workdir: Path, ctx: JobContext | None
+) -> dict[str, Any]:
+    cache_dir = settings_mod.get(settings_mod.CommonSettings).cache_dir
+    (workdir / runner.REQUEST_FILE).write_text(
+        json.dumps(
+            {
+                "request": request.model_dump(mode="json"),
+                "calibration": {
+                    "name": calibration.name,
+                    "texts": list(calibration.texts),
+                    "sha256": calibration.sha256,
+                    "size_bytes": calibration.size_bytes,
+                },
+                "cache_dir": str(cache_dir),
+            }
+        )
+    )
+    log_path = workdir / "quantize.log"
+    with open(log_path, "wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.quantizer.run",
+            str(workdir),
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            while True:
+                try:
+                    code = await asyncio.wait_for(proc.wait(), HEARTBEAT_S)
+                    break
+                except TimeoutError:
+                    if ctx is not None:
+                        await ctx.heartbeat()
+        except BaseException:
+            # Cancelled (worker stopping): the child must not outlive the job.
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+    error = workdir / runner.ERROR_FILE
+    if code == 2 and error.is_file():
+        doc = json.loads(error.read_text())
+        kind = _ERRORS.get(doc.get("type", ""), InvalidArgument)
+        if kind is InvalidArgument:
+            raise InvalidArgument(doc.get("field") or "params", doc.get("message", ""))
+        raise kind(doc.get("message", ""))
+    if code != 0:
+        tail = log_path.read_bytes()[-3000:].decode("utf-8", "replace")
+        raise RuntimeError(f"quantization failed (exit {code}); last output:\n{tail}")
+    result: dict[str, Any] = json.loads((workdir / runner.RESULT_FILE).read_text())
+    return result
+
+
+async def quantize_request(
+    request: QuantizeRequest, store: Any, ctx: JobContext | None = None
+) -> dict[str, Any]:
+    """Make or reuse ``request``'s checkpoint; ``store`` is an ``AsyncS3Store``."""
+    from services.common.quantization import checkpoint_id
+
+    started = time.perf_counter()
+    sync_store = store.sync
+    calibration = await asyncio.to_thread(load_calibration, request.calibration, sync_store)
+    checkpoint = checkpoint_id(request, calibration.sha256)
+    existing = await asyncio.to_thread(read_manifest, sync_store, checkpoint)
+    if existing is not None:
+        return _result(existing, True, time.perf_counter() - started)
+    with tempfile.TemporaryDirectory(prefix="qsens-quantize-") as tmp:
+        info = await _run_child(request, calibration, Path(tmp), ctx)
+        manifest, committed = await asyncio.to_thread(
+            commit_checkpoint,
+            sync_store,
+            checkpoint,
+            Path(tmp) / runner.CHECKPOINT_DIR,
+            request,
+            info,
+        )
+    return _result(manifest, not committed, time.perf_counter() - started)
+
+
+async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
+    """Run one quantize job."""
+    if job.kind is not JobKind.QUANTIZE:
+        raise InvalidArgument("kind", f"the quantizer handles quantize jobs, not {job.kind}")
+    request = parse_request(job.params)
+    return await quantize_request(request, ctx.store, ctx)

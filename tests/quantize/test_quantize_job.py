@@ -1,0 +1,287 @@
+"""The quantize job: a real gptqmodel run on a tiny model, real S3, a real worker on real NATS.
+
+Covers the content address (a second run reuses the checkpoint), what the result records
+(calibration hash, size, tokens), atomic commit (a failed upload leaves no manifest), and the
+named errors for bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.jobs import Job, JobKind, RunPlan
+from services.common.quantization import (
+    CalibrationSpec,
+    QuantizeSpec,
+    checkpoint_id,
+    manifest_key,
+    parse_request,
+)
+from services.common.store import AsyncS3Store, S3Store
+from services.quantizer.calibration import (
+    BUILTIN_PATH,
+    load_calibration,
+    parse_calibration,
+    tokenize_samples,
+)
+from services.quantizer.checkpoint import (
+    commit_checkpoint,
+    fetch_checkpoint,
+    read_manifest,
+    wait_for_checkpoint,
+)
+from services.quantizer.handler import handle, quantize_request
+from tests.common.plane import open_plane, wait_status, worker
+
+# Dims divisible by the group size; a model of its own so tests of other files do not share it.
+TINY = "tiny:llama?layers=2&hidden=128&heads=4&kv_heads=2&intermediate=256&seed=3"
+CALIBRATION = CalibrationSpec(samples=8, seq_len=64)
+
+
+def tiny_request(method: str, **settings: Any) -> Any:
+    spec = QuantizeSpec.model_validate(
+        {
+            "gptq": {"group_size": 64, **(settings if method == "gptq" else {})},
+            "awq": {"group_size": 64, **(settings if method == "awq" else {})},
+            "calibration": CALIBRATION.model_dump(),
+        }
+    )
+    return spec.request("tiny-q", TINY, method)
+
+
+def test_builtin_calibration_is_what_provenance_says() -> None:
+    data = BUILTIN_PATH.read_bytes()
+    cal = load_calibration(CalibrationSpec())
+    assert cal.sha256 == hashlib.sha256(data).hexdigest() and cal.size_bytes == len(data)
+    provenance = (BUILTIN_PATH.parent / "PROVENANCE.md").read_text()
+    assert cal.sha256 in provenance
+    assert len(cal.texts) >= 32 and all(len(t.split()) >= 40 for t in cal.texts)
+    held_out = {
+        json.loads(line)["text"]
+        for line in (BUILTIN_PATH.parent / "heldout.jsonl").read_text().splitlines()
+    }
+    assert held_out and not held_out & set(cal.texts)
+
+
+def test_calibration_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(InvalidArgument, match="is empty") as err:
+        load_calibration(CalibrationSpec(source=str(empty)))
+    assert err.value.field == "calibration.source"
+    with pytest.raises(InvalidArgument, match="not 'builtin'"):
+        load_calibration(CalibrationSpec(source=str(tmp_path / "missing.txt")))
+    with pytest.raises(InvalidArgument, match="'text' string"):
+        parse_calibration(b'{"txt": "x"}\n', "bad.jsonl")
+    short = parse_calibration(b"one two\n\nthree four", "short.txt")
+
+    class Words:
+        def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+            return {"input_ids": list(range(len(text.split())))}
+
+    with pytest.raises(InvalidArgument, match="too short") as err:
+        tokenize_samples(short, Words(), samples=8, seq_len=64)
+    assert err.value.field == "calibration"
+
+
+def test_request_errors_are_named() -> None:
+    with pytest.raises(InvalidArgument, match="unknown quantization method") as err:
+        parse_request({"model": "m", "source": TINY, "method": "squeezellm"})
+    assert err.value.field == "params.method"
+    with pytest.raises(InvalidArgument, match="gptq supports 4 or 8 bits") as err:
+        parse_request({"model": "m", "source": TINY, "method": "gptq", "settings": {"bits": 3}})
+    assert err.value.field == "params.settings.bits"
+    with pytest.raises(InvalidArgument, match="awq supports 4 bits"):
+        parse_request({"model": "m", "source": TINY, "method": "awq", "settings": {"bits": 8}})
+
+
+def test_address_covers_settings_and_calibration_not_the_name() -> None:
+    a = tiny_request("gptq")
+    assert checkpoint_id(a, "x") == checkpoint_id(a.model_copy(update={"model": "other"}), "x")
+    assert checkpoint_id(a, "x") != checkpoint_id(a, "y")
+    assert checkpoint_id(a, "x") != checkpoint_id(tiny_request("gptq", sym=False), "x")
+    assert checkpoint_id(a, "x").startswith("gptq-w4g64-")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> dict[str, Any]:
+    """GPTQ and AWQ checkpoints of the tiny model, quantized once for the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_server.env().items():
+            mp.setenv(key, value)
+        mp.setenv("QSENS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        from services.common import settings as settings_mod
+
+        settings_mod.reset()
+        store = AsyncS3Store()
+        out: dict[str, Any] = {"env": {**s3_server.env()}, "store": store.sync}
+        for method in ("gptq", "awq"):
+            out[method] = asyncio.run(quantize_request(tiny_request(method), store))
+        out["again"] = asyncio.run(quantize_request(tiny_request("gptq"), store))
+        settings_mod.reset()
+    return out
+
+
+def test_quantize_records_calibration_and_reuses(made: dict[str, Any]) -> None:
+    first, again = made["gptq"], made["again"]
+    cal = load_calibration(CALIBRATION)
+    assert first["reused"] is False and again["reused"] is True
+    assert first["checkpoint"] == again["checkpoint"]
+    assert first["checkpoint"] == checkpoint_id(tiny_request("gptq"), cal.sha256)
+    assert first["calibration"]["sha256"] == cal.sha256
+    assert first["calibration"]["bytes"] == cal.size_bytes
+    assert first["calibration"]["samples"] == 8
+    assert 8 * 16 <= first["calibration"]["tokens"] <= 8 * 64
+    assert first["quantize_seconds"] > 0 and first["size_bytes"] > 0
+    assert again["job_seconds"] < first["job_seconds"]
+    assert made["awq"]["checkpoint"].startswith("awq-w4g64-")
+    manifest = read_manifest(made["store"], first["checkpoint"])
+    assert manifest is not None
+    names = {f.name for f in manifest.files}
+    assert {"config.json", "model.safetensors", "qsens-quantize.json", "tokenizer.json"} <= names
+    config = json.loads(
+        made["store"].get_bytes(next(f.key for f in manifest.files if f.name == "config.json"))
+    )
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["quantization_config"]["bits"] == 4
+
+
+class _FailingStore:
+    """Fault injection: the real store, but the n-th put raises (a crash mid-upload)."""
+
+    def __init__(self, store: S3Store, fail_at: int) -> None:
+        self.store, self.fail_at, self.puts = store, fail_at, 0
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> bool:
+        self.puts += 1
+        if self.puts == self.fail_at:
+            raise ConnectionError("S3 went away")
+        return self.store.put_bytes(key, data)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.store.get_bytes(key)
+
+
+def test_failed_upload_leaves_no_checkpoint(made: dict[str, Any], tmp_path: Path) -> None:
+    store: S3Store = made["store"]
+    manifest = read_manifest(store, made["gptq"]["checkpoint"])
+    assert manifest is not None
+    folder = fetch_checkpoint(store, manifest, tmp_path)
+    request = tiny_request("gptq", damp_percent=0.07)
+    fresh = checkpoint_id(request, "f" * 64)
+    with pytest.raises(ConnectionError):
+        commit_checkpoint(_FailingStore(store, 3), fresh, folder, request, {})
+    assert read_manifest(store, fresh) is None
+    assert not store.exists(manifest_key(fresh))
+    committed, won = commit_checkpoint(store, fresh, folder, request, {})
+    assert won and read_manifest(store, fresh) == committed
+
+
+def test_corrupt_object_is_a_named_error(made: dict[str, Any], tmp_path: Path) -> None:
+    store: S3Store = made["store"]
+    manifest = read_manifest(store, made["awq"]["checkpoint"])
+    assert manifest is not None
+    good = fetch_checkpoint(store, manifest, tmp_path / "good")
+    assert (good / "model.safetensors").is_file()
+    # A checkpoint whose safetensors bytes are garbage, committed with a matching sha256
+    # (written by a broken tool), and one whose object no longer matches its manifest.
+    garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\x00" * 64
+    request = tiny_request("awq", sym=True)
+    broken = checkpoint_id(request, "b" * 64)
+    bad_folder = tmp_path / "bad"
+    bad_folder.mkdir()
+    (bad_folder / "model.safetensors").write_bytes(garbage)
+    (bad_folder / "config.json").write_text("{}")
+    committed, _ = commit_checkpoint(store, broken, bad_folder, request, {})
+    with pytest.raises(InvalidArgument, match="not a valid safetensors file") as err:
+        fetch_checkpoint(store, committed, tmp_path / "cache1")
+    assert err.value.field.startswith("checkpoint.files[")
+    tampered = committed.model_copy(
+        update={"files": [f.model_copy(update={"sha256": "0" * 64}) for f in committed.files]}
+    )
+    with pytest.raises(InvalidArgument, match="is corrupt"):
+        fetch_checkpoint(store, tampered, tmp_path / "cache2")
+    assert not (tmp_path / "cache1" / "quantized" / broken).exists()
+
+
+def test_loader_side_wait_finds_the_committed_checkpoint(
+    made: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = wait_for_checkpoint(tiny_request("gptq"), tmp_path, store=made["store"], poll_s=0.1)
+    assert (folder / "manifest.json").is_file() and (folder / "qsens-quantize.json").is_file()
+    with pytest.raises(Exception, match="did not appear"):
+        wait_for_checkpoint(
+            tiny_request("gptq", desc_act=True),
+            tmp_path,
+            store=made["store"],
+            timeout_s=0.3,
+            poll_s=0.1,
+        )
+
+
+async def test_quantize_job_through_the_worker(
+    plane_env: Any, run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quantize job on the real queue; bad group size dead-letters at once, no manifest."""
+    from services.common import settings as settings_mod
+    from services.common.dag import submit
+
+    monkeypatch.setenv("QSENS_CACHE_DIR", str(tmp_path))
+    settings_mod.reset()
+    good = Job(
+        kind=JobKind.QUANTIZE, run_id=run_id, params=tiny_request("gptq").model_dump(mode="json")
+    )
+    bad_request = tiny_request("awq").model_copy(
+        update={"settings": {"bits": 4, "group_size": 256, "sym": False}}
+    )
+    bad = Job(kind=JobKind.QUANTIZE, run_id=run_id, params=bad_request.model_dump(mode="json"))
+    async with open_plane() as plane:
+        await submit(RunPlan(run_id=run_id, spec_hash="q", jobs=[good, bad]))
+        async with worker(handle, (JobKind.QUANTIZE,)):
+            summary = await wait_status(plane.state, run_id, ("failed", "succeeded"), 240.0)
+        records = {r.job.id: r for r in await plane.state.list_jobs(run_id)}
+        cal = load_calibration(CALIBRATION)
+    assert summary.status == "failed"
+    assert records[good.id].state.value == "done"
+    assert records[good.id].result["calibration"]["sha256"] == cal.sha256
+    assert records[bad.id].state.value == "dead"
+    assert "group size 256 does not divide hidden_size=128" in (records[bad.id].error or "")
+    assert read_manifest(plane.store, checkpoint_id(bad_request, cal.sha256)) is None
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_matmul_clip_search_equals_gptqmodels(sym: bool) -> None:
+    """The CPU clip search (batched matmuls) picks exactly what gptqmodel's own search picks."""
+    import types
+
+    import torch
+    from gptqmodel.looper.awq_processor import AWQProcessor
+
+    from services.quantizer import run
+
+    original = AWQProcessor._compute_best_clip
+    if getattr(original, "_qsens", False):
+        pytest.fail("another test left the replacement installed")
+    try:
+        run._clip_search_as_matmuls()
+        replacement = AWQProcessor._compute_best_clip
+    finally:
+        AWQProcessor._compute_best_clip = original
+    this = types.SimpleNamespace(qcfg=types.SimpleNamespace(group_size=64, sym=sym, bits=4))
+    this._pseudo_quantize_tensor_into = types.MethodType(
+        AWQProcessor._pseudo_quantize_tensor_into, this
+    )
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 192, generator=generator)
+    x = torch.randn(1500, 192, generator=generator) * torch.linspace(0.1, 3, 192)
+    expected = original(this, w, x)
+    got = replacement(this, w, x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert torch.equal(got, expected)
