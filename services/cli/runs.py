@@ -70,6 +70,9 @@ def preflight(spec: ExperimentSpec, *, cluster: bool | None = None) -> None:
             raise InvalidArgument("probes.harmful", err.message) from None
     for i, bench in enumerate(spec.benchmarks):
         benchmark_file(bench, f"benchmarks[{i}].path")
+    from services.common.planner import check_precisions
+
+    check_precisions(spec)
 
 
 ClusterOpt = Annotated[
@@ -464,7 +467,7 @@ def results(
 
 def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
-    from services.common.planner import variants_of
+    from services.common.planner import loader_source, quantize_request, variants_of
 
     spec = load_spec(spec_path)
     variants = variants_of(spec)
@@ -479,12 +482,13 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     for variant, port in zip(variants, ports, strict=True):
         if variant.precision == spec.reference and reference_port is None:
             reference_port = port
+        request = quantize_request(spec, variant.model, variant.precision)
         argv = [
             *python,
             "serve",
             "loader",
             "--model",
-            variant.model.source,
+            loader_source(variant.model, variant.precision),
             "--precision",
             variant.precision.value,
             "--name",
@@ -501,11 +505,15 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
         ]
         if variant.model.backend:
             argv += ["--backend", variant.model.backend]
+        if request is not None:
+            argv += ["--quantize", request.model_dump_json()]
         children.append(
             ChildSpec(
                 name=f"loader-{variant.id}",
                 argv=argv,
-                ready_file=str(ready / f"loader-{variant.id}.json"),
+                # A loader whose checkpoint a quantize job of the run will make waits for it
+                # in S3 (and says so in its log); `up` must not wait for it to be ready.
+                ready_file=None if request else str(ready / f"loader-{variant.id}.json"),
                 ready_timeout_s=900.0,
                 stop_timeout_s=40.0,
             )
@@ -530,7 +538,10 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
             name="judge", argv=judge, ready_file=str(ready / "judge.json"), ready_timeout_s=300.0
         )
     )
-    for service in ("extractor", "steerer", "analyzer"):
+    services = ["extractor", "steerer", "analyzer"]
+    if any(quantize_request(spec, v.model, v.precision) for v in variants):
+        services.append("quantizer")
+    for service in services:
         children.append(
             ChildSpec(name=f"worker-{service}", argv=[*python, "worker", "run", service])
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,6 +14,26 @@ from services.common.errors import QsensError
 from services.common.logging import configure_logging
 
 app = typer.Typer(help="Run a qsens service.", no_args_is_help=True)
+
+
+def _platform_checkpoint(
+    request_json: str, precision: str, name: str | None, cache_dir: Path
+) -> tuple[str, str]:
+    """(folder, model name) of a platform-made checkpoint, once its quantize job committed it."""
+    from services.common.errors import InvalidArgument
+    from services.common.quantization import parse_request
+    from services.quantizer.checkpoint import wait_for_checkpoint
+
+    try:
+        request = parse_request(json.loads(request_json), "quantize")
+    except json.JSONDecodeError as err:
+        raise InvalidArgument("quantize", f"not JSON: {err}") from None
+    if request.method != precision.strip().lower():
+        raise InvalidArgument(
+            "quantize.method", f"{request.method} request for a {precision} loader"
+        )
+    folder = wait_for_checkpoint(request, cache_dir)
+    return str(folder), name or request.model
 
 
 @app.command("loader")
@@ -35,6 +57,13 @@ def loader(
     announce: Annotated[
         bool, typer.Option(help="Announce variant -> address in the registry.")
     ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="A quantize request (JSON): wait until the quantize job has committed its "
+            "checkpoint in S3, fetch it and serve it (MODEL is then only a label)."
+        ),
+    ] = None,
 ) -> None:
     """Serve MODEL at PRECISION over gRPC (and optionally OpenAI-compatible HTTP)."""
     common = settings_mod.get(settings_mod.CommonSettings)
@@ -42,6 +71,8 @@ def loader(
     from services.loader.server import serve
 
     try:
+        if quantize is not None:
+            model, name = _platform_checkpoint(quantize, precision, name, common.cache_dir)
         asyncio.run(
             serve(
                 model,

@@ -19,15 +19,19 @@ from services.loader.model_source import ResolvedSource
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_PACKAGES",
     "DEFAULT_BACKEND",
     "Backend",
     "LoadedModel",
     "get_backend",
+    "missing_packages",
 ]
 
 BACKENDS: dict[str, str] = {
     "hf": "services.loader.backends.hf:HFBackend",
     "bnb": "services.loader.backends.bnb:BitsAndBytesBackend",
+    "gptq": "services.loader.backends.gptq:GPTQBackend",
+    "awq": "services.loader.backends.awq:AWQBackend",
 }
 
 DEFAULT_BACKEND: dict[Precision, str] = {
@@ -37,7 +41,27 @@ DEFAULT_BACKEND: dict[Precision, str] = {
     Precision.NF4: "bnb",
     Precision.FP4: "bnb",
     Precision.INT8: "bnb",
+    Precision.GPTQ: "gptq",
+    Precision.AWQ: "awq",
 }
+
+
+# Import names a backend needs beyond the loader extra (what preflight checks before a run).
+BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {
+    "bnb": ("bitsandbytes",),
+    "gptq": ("gptqmodel",),
+    "awq": ("gptqmodel",),
+}
+
+
+def missing_packages(precision: Precision, backend: str | None = None) -> list[str]:
+    """Packages the backend serving ``precision`` needs and this environment lacks."""
+    import importlib.util
+
+    chosen = backend or DEFAULT_BACKEND.get(precision, "")
+    return [
+        name for name in BACKEND_PACKAGES.get(chosen, ()) if importlib.util.find_spec(name) is None
+    ]
 
 
 @dataclass

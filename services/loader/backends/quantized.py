@@ -1,0 +1,198 @@
+"""Shared loading of GPTQ and AWQ checkpoints through gptqmodel, with an explicit kernel choice.
+
+A checkpoint is a folder whose ``config.json`` has a ``quantization_config`` of the backend's
+method: made by the quantize job (``qsens-quantize.json`` inside says how, with which
+calibration set) or published (a folder or a hub id in the local cache). gptqmodel replaces
+each quantized ``nn.Linear`` by its kernel's module and returns an ordinary transformers model,
+so hooks, steering and capture work exactly as for bf16.
+
+Kernels are tried in order and the first that loads serves; ``Info`` names it:
+
+=======  ==========  =========================================================================
+method   device      kernels, in order of preference
+=======  ==========  =========================================================================
+gptq 4   CPU         aten int4pack (``_weight_int4pack_mm_for_cpu``), then plain torch (slow)
+gptq 8   CPU         torch int8 (CPU fused), then plain torch
+awq 4    CPU         aten int4pack, then plain torch
+gptq     CUDA        Marlin (symmetric), Machete (Hopper), then gptqmodel's automatic choice
+awq      CUDA        AWQ Marlin, then gptqmodel's automatic choice
+=======  ==========  =========================================================================
+
+Activations are computed in bfloat16 on both devices (the study's reference precision; every
+kernel above accepts it); ``Info.dtype`` reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.common.logging import get_logger
+from services.common.variants import Precision
+from services.loader.backends.base import Backend, LoadedModel
+from services.loader.backends.hf import load_tokenizer, resolve_device
+from services.loader.model_source import ResolvedSource
+
+__all__ = ["QuantizedBackend", "kernel_candidates", "read_quantization_config"]
+
+log = get_logger(__name__)
+
+# gptqmodel BACKEND names per (method, device type, bits); see the module docstring.
+_CPU_KERNELS: dict[tuple[str, int], tuple[str, ...]] = {
+    ("gptq", 4): ("GPTQ_TORCH_ATEN", "GPTQ_TORCH"),
+    ("gptq", 8): ("GPTQ_TORCH_INT8", "GPTQ_TORCH"),
+    ("awq", 4): ("AWQ_TORCH_ATEN", "AWQ_TORCH"),
+}
+_CUDA_KERNELS: dict[str, tuple[str, ...]] = {
+    "gptq": ("GPTQ_MARLIN", "GPTQ_MACHETE", "AUTO"),
+    "awq": ("AWQ_MARLIN", "AUTO"),
+}
+_ATEN_GROUPS = (32, 64, 128, 256)
+
+
+def kernel_candidates(
+    method: str, device_type: str, bits: int, group_size: int, sym: bool
+) -> list[str]:
+    """gptqmodel backend names to try, best first."""
+    if device_type == "cuda":
+        names = list(_CUDA_KERNELS[method])
+        if method == "gptq" and not sym:
+            names.remove("GPTQ_MARLIN")  # GPTQ Marlin needs symmetric weights
+        return names
+    names = list(_CPU_KERNELS.get((method, bits), (f"{method.upper()}_TORCH",)))
+    if names[0].endswith("_ATEN") and group_size not in _ATEN_GROUPS:
+        names.pop(0)  # the int4pack op takes groups of 32, 64, 128 or 256 only
+    return names
+
+
+def read_quantization_config(source: ResolvedSource, method: str) -> dict[str, Any]:
+    """The checkpoint's quantization config; InvalidArgument unless it is a ``method`` checkpoint."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(source.folder)).to_dict()
+    except (OSError, ValueError) as err:
+        raise InvalidArgument(
+            "model", f"cannot read the config of {source.source}: {err}"
+        ) from None
+    qconfig = config.get("quantization_config")
+    found = str((qconfig or {}).get("quant_method", "")).lower()
+    if not isinstance(qconfig, dict) or found != method:
+        what = f"quant_method {found!r}" if found else "no quantization_config"
+        raise InvalidArgument(
+            "model",
+            f"{source.source} is not a {method.upper()} checkpoint (its config.json has {what}); "
+            f"serve unquantized weights as bf16, or quantize them with a quantize job",
+        )
+    return qconfig
+
+
+def _import_gptqmodel() -> Any:
+    # gptqmodel sizes its CPU worker pool from os.cpu_count() (one worker on 2 cores stalls it).
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import gptqmodel
+
+    return gptqmodel
+
+
+class QuantizedBackend(Backend):
+    """GPTQ or AWQ weights through gptqmodel; subclasses set ``method``."""
+
+    method: str = ""
+
+    def __init__(self) -> None:
+        self._wrapper: Any = None  # gptqmodel's BaseQModel, kept alive with the model
+
+    def load(self, source: ResolvedSource, precision: Precision, device: str) -> LoadedModel:
+        import torch
+
+        qconfig = read_quantization_config(source, self.method)
+        gptqmodel = _import_gptqmodel()
+        dev = resolve_device(device)
+        bits = int(qconfig.get("bits", 4))
+        group_size = int(qconfig.get("group_size", 128))
+        sym = bool(qconfig.get("sym", not qconfig.get("zero_point", False)))
+        dtype = torch.bfloat16
+        errors: list[str] = []
+        for name in kernel_candidates(self.method, dev.type, bits, group_size, sym):
+            try:
+                self._wrapper = gptqmodel.GPTQModel.load(
+                    str(source.folder),
+                    backend=getattr(gptqmodel.BACKEND, name),
+                    device=str(dev),
+                    dtype=dtype,
+                )
+                break
+            except Exception as err:  # a kernel unavailable here: try the next one
+                log.warning("kernel refused", extra={"kernel": name, "error": repr(err)[:300]})
+                errors.append(f"{name}: {err}")
+        else:
+            raise InvalidArgument(
+                "model", f"no {self.method} kernel could load {source.source}: {'; '.join(errors)}"
+            )
+        model = self._wrapper.model
+        model.eval()
+        kernel = _kernel_of(model)
+        info = _made_by(source.folder)
+        described = {
+            "method": self.method,
+            "bits": bits,
+            "group_size": group_size,
+            "sym": sym,
+            "desc_act": bool(qconfig.get("desc_act", False)),
+            "format": str(qconfig.get("checkpoint_format") or qconfig.get("format") or ""),
+            "kernel": kernel,
+            "kernel_backend": name,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "checkpoint": info.get("checkpoint", source.source),
+            "made_by": "qsens quantize job" if info else "published checkpoint",
+            "calibration_sha256": info.get("calibration", {}).get("sha256", "unknown"),
+            "calibration_samples": info.get("calibration", {}).get("samples"),
+            "calibration_tokens": info.get("calibration", {}).get("tokens"),
+            "quantizer": info.get("libraries", {}).get("gptqmodel", qconfig.get("quantizer")),
+        }
+        notes = [*info.get("source", {}).get("notes", []), *source.notes, _note(described, errors)]
+        return LoadedModel(model, load_tokenizer(source), dev, dtype, described, notes)
+
+
+def _kernel_of(model: Any) -> str:
+    """The class name of the first quantized linear module (what actually runs)."""
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    for module in model.modules():
+        if isinstance(module, BaseQuantLinear):
+            return type(module).__name__
+    return "unknown"
+
+
+def _made_by(folder: Path) -> dict[str, Any]:
+    """The quantize job's record in the folder plus the checkpoint id ({} when published)."""
+    from services.quantizer.checkpoint import checkpoint_info
+
+    info = checkpoint_info(folder)
+    manifest = folder / "manifest.json"
+    if info and manifest.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            info = {**info, "checkpoint": json.loads(manifest.read_text())["checkpoint"]}
+    return info
+
+
+def _note(d: dict[str, Any], errors: list[str]) -> str:
+    group = "row" if d["group_size"] == -1 else f"g{d['group_size']}"
+    text = (
+        f"{d['method'].upper()} {d['bits']}-bit {group} {'sym' if d['sym'] else 'asym'}"
+        f"{' desc_act' if d['desc_act'] else ''} ({d['made_by']}"
+        + (
+            f", calibration sha256 {d['calibration_sha256'][:12]}"
+            if d["made_by"] != "published checkpoint"
+            else ""
+        )
+        + f"); kernel {d['kernel']}, activations in {d['compute_dtype']}"
+    )
+    if errors:
+        text += f"; kernels refused first: {'; '.join(e.split(':')[0] for e in errors)}"
+    return text
