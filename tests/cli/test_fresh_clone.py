@@ -1,6 +1,7 @@
-"""A fresh clone is the whole product: every example spec plans (with its preflight: traits load
-and split, benchmark files exist) from a clone with nothing beside it, and no tracked file
-reaches for data outside the repository.
+"""A fresh clone is the whole product: every example spec and every study spec under deploy/
+plans (with its preflight: traits load and split, benchmark files exist; for a cluster, no local
+path) from a clone with nothing beside it, and no tracked file reaches for data outside the
+repository.
 
 The clone is of the repository's HEAD: it checks committed state, not the working tree."""
 
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.deploy.test_study_specs import deploy_studies
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,14 +60,15 @@ def _in_clone(clone: Path, *args: str, home: Path) -> subprocess.CompletedProces
 
 
 def _specs(clone: Path) -> list[Path]:
-    return sorted((clone / "examples").glob("*.yaml"))
+    return sorted((clone / "examples").glob("*.yaml")) + deploy_studies(clone / "deploy")
 
 
-def test_examples_plan_from_a_fresh_clone(clone: Path, tmp_path: Path) -> None:
+def test_specs_plan_from_a_fresh_clone(clone: Path, tmp_path: Path) -> None:
     where = _in_clone(clone, "-c", "import services; print(services.__file__)", home=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(clone), where.stdout + where.stderr
     specs = _specs(clone)
-    assert specs, "no example specs"
+    assert (clone / "examples" / "demo.yaml") in specs
+    assert (clone / "deploy/k8s/overlays/example-study-submit/study.yaml") in specs
     for spec in specs:
         rel = spec.relative_to(clone)
         # `qsens plan` runs the preflight `qsens run` runs before submitting; --cluster adds
