@@ -232,7 +232,9 @@ async def run_extraction(
             "already_done": True,
             "n_train_pos": done.get("n_train_pos"),
         }
-    dataset = load_trait(params.trait.ref)
+    # An s3:// trait is downloaded by the reader: off the event loop, which serves the worker's
+    # other jobs and its NATS heartbeats meanwhile.
+    dataset = await asyncio.to_thread(load_trait, params.trait.ref)
     info = await loader.info()
     check_methodology(
         dataset, info.supports_system_role, info.supports_chat_template, model=params.variant
