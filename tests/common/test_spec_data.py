@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from services.common.spec import (
     BUILTIN_BENCHMARKS,
     check_portable,
     data_locations,
+    model_locations,
     parse_spec,
 )
 from services.extractor.datasets import benchmark_file, data_dir
@@ -134,3 +136,108 @@ def test_check_portable_refuses_local_paths_by_field() -> None:
 )
 def test_loopback_endpoint(endpoint: str, loopback: bool) -> None:
     assert is_loopback_endpoint(endpoint) is loopback
+
+
+def _model_message(location: str, wanted: str) -> str:
+    return (
+        f"{location} is a local path; on a cluster the loaders cannot read this machine's "
+        f"files, so name {wanted}"
+    )
+
+
+_MODEL_WANTED = "a hub id (org/name) or a built-in model (smollm2-135m, tiny:...)"
+_CHECKPOINT_WANTED = (
+    "a published checkpoint's hub id (org/name), or none to let the platform quantize"
+)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "smollm2-135m",
+        "SmolLM2",
+        "tiny:llama?layers=2&hidden=32",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "s3://qsens/models/llama",
+    ],
+)
+def test_check_portable_takes_models_a_cluster_can_load(source: str) -> None:
+    spec = _spec(models=[{"name": "m", "source": source}])
+    assert model_locations(spec) == []
+    check_portable(spec)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/models/llama",
+        "./llama",
+        "../llama",
+        "~/models/llama",
+        "llama-local",  # no owner: not a hub id, so a folder here
+        "models/llama/v2",
+        "gguf:/models/llama.gguf",
+        "SmolLM2-135M.Q4_1.gguf",
+    ],
+)
+def test_check_portable_refuses_local_model_sources(source: str) -> None:
+    spec = _spec(models=[{"name": "ref", "source": "tiny:llama"}, {"name": "m", "source": source}])
+    assert model_locations(spec) == [("models[1].source", source)]
+    with pytest.raises(InvalidArgument) as err:
+        check_portable(spec)
+    assert err.value.field == "models[1].source"
+    assert err.value.message == _model_message(source, _MODEL_WANTED)
+
+
+def test_a_folder_here_named_like_a_hub_id_is_local(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loader on this machine would load the folder, a cluster's loader the hub model.
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(models=[{"name": "m", "source": "acme/llama"}])
+    check_portable(spec)
+    (tmp_path / "acme" / "llama").mkdir(parents=True)
+    with pytest.raises(InvalidArgument) as err:
+        check_portable(spec)
+    assert err.value.field == "models[0].source"
+
+
+def test_check_portable_refuses_local_checkpoints() -> None:
+    published = {"name": "m", "source": "tiny:llama", "checkpoints": {"awq": "acme/llama-awq"}}
+    spec = _spec(precisions=["bf16", "awq"], models=[published])
+    check_portable(spec)
+    local = {**published, "checkpoints": {"awq": "acme/llama-awq", "gptq": "/ckpt/llama-gptq"}}
+    spec = _spec(precisions=["bf16", "gptq", "awq"], models=[local])
+    assert model_locations(spec) == [("models[0].checkpoints.gptq", "/ckpt/llama-gptq")]
+    with pytest.raises(InvalidArgument) as err:
+        check_portable(spec)
+    assert err.value.field == "models[0].checkpoints.gptq"
+    assert err.value.message == _model_message("/ckpt/llama-gptq", _CHECKPOINT_WANTED)
+
+
+def test_check_portable_refuses_a_local_calibration_set_it_would_use() -> None:
+    local = {"calibration": {"source": "/data/calib.jsonl"}}
+    model = {"name": "m", "source": "tiny:llama"}
+    # No platform quantization (no gptq/awq, or a published checkpoint): the set is unused.
+    check_portable(_spec(quantize=local))
+    published = {**model, "checkpoints": {"gptq": "acme/llama-gptq"}}
+    check_portable(_spec(precisions=["bf16", "gptq"], models=[published], quantize=local))
+    for source in ("builtin", "s3://qsens/data/0123456789abcdef/calib.jsonl"):
+        check_portable(
+            _spec(precisions=["bf16", "gptq"], quantize={"calibration": {"source": source}})
+        )
+    cases = [
+        ({"quantize": local}, "quantize.calibration.source"),
+        ({"models": [{**model, "quantize": local}]}, "models[0].quantize.calibration.source"),
+    ]
+    for over, field in cases:
+        spec = _spec(precisions=["bf16", "gptq", "awq"], **over)
+        assert data_locations(spec) == [(field, "/data/calib.jsonl")]  # once for both methods
+        with pytest.raises(InvalidArgument) as err:
+            check_portable(spec)
+        assert err.value.field == field
+        assert err.value.message == (
+            "/data/calib.jsonl is a local path; on a cluster the path must be an s3:// key; "
+            "upload it with `qsens data put FILE`"
+        )
