@@ -192,9 +192,16 @@ class LoaderSettings(BaseSettings):
     max_pending: int = Field(
         8,
         ge=1,
-        description="Requests admitted to the model thread at once (running or waiting); more "
-        "are refused with RESOURCE_EXHAUSTED (HTTP 429) and a retry-after from the observed "
-        "service time. Info and health never queue.",
+        description="Normal-priority requests admitted to the model thread at once (running or "
+        "waiting); more are refused with RESOURCE_EXHAUSTED (HTTP 429) and a retry-after from "
+        "the observed service time. Info and health never queue.",
+    )
+    max_pending_low: int = Field(
+        4,
+        ge=1,
+        description="Low-priority requests (qsens-priority: low, e.g. the judge's perplexity) "
+        "admitted at once, counted apart from max_pending so they never refuse a normal "
+        "request; the model thread starts every queued normal request before any low one.",
     )
     http_timeout_s: float = Field(
         600.0,

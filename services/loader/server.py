@@ -5,6 +5,8 @@ asyncio server only parses, queues and streams. Requests that need the model are
 a bounded queue (``work.WorkQueue``: RESOURCE_EXHAUSTED with ``retry-after-ms`` trailing
 metadata when full) and carry a cancellation token tied to the call (its deadline, the client
 cancelling or disconnecting), which the engine checks between micro-batches and decode steps.
+The model thread (``work.ModelThread``) starts queued normal-priority work before any
+low-priority work (``qsens-priority: low`` metadata, e.g. the judge's perplexity).
 ``Info`` and health never wait for the model thread: Info's facts are read once at load time
 and health is answered by the event loop (a busy loader is still SERVING). One interceptor
 maps qsens errors to gRPC status codes, frees accelerator memory after an OOM, counts
@@ -59,13 +61,17 @@ from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.positions import parse_position
 from services.loader.work import (
+    PRIORITY_KEY,
     RETRY_AFTER_KEY,
     WORK_TIMEOUT_KEY,
     Busy,
     CancelToken,
+    ModelThread,
+    Priority,
     Ticket,
     WorkCancelled,
     WorkQueue,
+    parse_priority,
 )
 
 __all__ = ["LoaderRuntime", "build_runtime", "serve", "start_server"]
@@ -99,6 +105,7 @@ class _Metrics:
     cancelled: Counter
     rejected: Counter
     pending: Gauge
+    queue_wait: Histogram
 
 
 _metrics: _Metrics | None = None
@@ -146,11 +153,18 @@ def metrics() -> _Metrics:
             rejected=Counter(
                 "qsens_loader_rejected_total",
                 "Requests refused because the queue of model work was full.",
-                ["rpc"],
+                ["rpc", "priority"],
             ),
             pending=Gauge(
                 "qsens_loader_pending_requests",
                 "Requests admitted to the model thread (running or waiting).",
+                ["priority"],
+            ),
+            queue_wait=Histogram(
+                "qsens_loader_queue_wait_seconds",
+                "Time from admission until a request's work first runs on the model thread.",
+                ["priority"],
+                buckets=LATENCY_BUCKETS,
             ),
         )
     return _metrics
@@ -176,29 +190,29 @@ class LoaderRuntime:
         self.source = source
         self.settings = settings
         self.variant = f"{model_name}@{precision.value}"
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="model"
-        )
-        self.queue = WorkQueue(settings.max_pending)
+        self.model_thread = ModelThread("model")
+        self.queue = WorkQueue(settings.max_pending, max_pending_low=settings.max_pending_low)
         self.draining = False
         # Read once, before serving: Info must never wait behind model work.
         self._info = self._describe()
 
     @contextlib.contextmanager
-    def admit(self, rpc: str, token: CancelToken) -> Iterator[Ticket]:
+    def admit(
+        self, rpc: str, token: CancelToken, priority: Priority = "normal"
+    ) -> Iterator[Ticket]:
         """A slot in the bounded queue for one request (``Busy`` when it is full)."""
         m = metrics()
         try:
-            ticket = self.queue.admit(rpc, token)
+            ticket = self.queue.admit(rpc, token, priority)
         except Busy:
-            m.rejected.labels(rpc).inc()
+            m.rejected.labels(rpc, priority).inc()
             raise
-        m.pending.set(self.queue.pending)
+        m.pending.labels(priority).set(self.queue.pending_of(priority))
         try:
             yield ticket
         finally:
             self.queue.release(ticket)
-            m.pending.set(self.queue.pending)
+            m.pending.labels(priority).set(self.queue.pending_of(priority))
 
     async def run(self, fn: Callable[[], T], ticket: Ticket | None = None) -> T:
         """Run ``fn`` on the model thread; if this coroutine is cancelled, so is the work."""
@@ -214,7 +228,8 @@ class LoaderRuntime:
         self, fn: Callable[[], T], ticket: Ticket | None = None
     ) -> concurrent.futures.Future[T]:
         """Queue ``fn`` for the model thread (also from another thread: the HTTP server)."""
-        return self.executor.submit(self._call, fn, ticket)
+        priority = ticket.priority if ticket is not None else "normal"
+        return self.model_thread.submit(self._call, fn, ticket, priority=priority)
 
     def abandon(self, future: concurrent.futures.Future[Any], ticket: Ticket, reason: str) -> None:
         """The caller is gone: never start ``future``; stop it at the next checkpoint if running."""
@@ -231,6 +246,8 @@ class LoaderRuntime:
             if token.cancelled:  # the caller left while this waited its turn
                 m.cancelled.labels(ticket.rpc, "queued").inc()
                 raise token.error()
+            if token.started is None:  # a streamed Capture runs here once per chunk
+                m.queue_wait.labels(ticket.priority).observe(time.monotonic() - ticket.admitted)
             token.start()
         delay = self.settings.fault_delay_s
         if delay and token is not None:
@@ -348,7 +365,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         started = time.perf_counter()
-        with self.rt.admit("Generate", call_token(context)) as ticket:
+        with self.rt.admit("Generate", call_token(context), call_priority(context)) as ticket:
             results, tokens = await self.rt.run(lambda: self.rt.generate(request), ticket)
         _throughput("Generate", tokens, started)
         return pb.GenerateResponse(generations=[convert.generation(r) for r in results])
@@ -395,7 +412,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
             first = next(gen, None)
             return _prepend(first, gen), layers, dtype
 
-        with self.rt.admit("Capture", call_token(context)) as ticket:
+        with self.rt.admit("Capture", call_token(context), call_priority(context)) as ticket:
             chunks, layers, dtype = await self.rt.run(prepare, ticket)
             while True:
                 results = await self.rt.run(lambda: next(chunks, None), ticket)
@@ -427,7 +444,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 engine.tokens_processed - before,
             )
 
-        with self.rt.admit("Score", call_token(context)) as ticket:
+        with self.rt.admit("Score", call_token(context), call_priority(context)) as ticket:
             response, tokens = await self.rt.run(work, ticket)
         _throughput("Score", tokens, started)
         return response
@@ -457,7 +474,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 engine.tokens_processed - before,
             )
 
-        with self.rt.admit("NextToken", call_token(context)) as ticket:
+        with self.rt.admit("NextToken", call_token(context), call_priority(context)) as ticket:
             response, tokens = await self.rt.run(work, ticket)
         _throughput("NextToken", tokens, started)
         return response
@@ -488,6 +505,14 @@ def call_token(context: grpc.aio.ServicerContext) -> CancelToken:
     # Also fires after a normal end, when cancelling is a no-op.
     context.add_done_callback(lambda _context: token.cancel("cancelled"))
     return token
+
+
+def call_priority(context: grpc.aio.ServicerContext) -> Priority:
+    """The call's priority (``qsens-priority`` request metadata; normal when absent)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == PRIORITY_KEY:
+            return parse_priority(str(value))
+    return "normal"
 
 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -685,7 +710,7 @@ class RunningServer:
             self.http_server.should_exit = True
         if self.http_thread is not None:
             self.http_thread.join(timeout=5)
-        self.runtime.executor.shutdown(wait=False, cancel_futures=True)
+        self.runtime.model_thread.shutdown(wait=False, cancel_futures=True)
 
 
 async def start_server(
