@@ -239,8 +239,15 @@ class JudgeSettings(BaseSettings):
     loader_timeout_s: float = Field(
         240.0,
         gt=0,
-        description="Deadline of the embedding backend's loader calls (Info, Score): a loader "
-        "on CPU may be busy with a large steering batch first.",
+        description="Deadline of the embedding backend's Info call, and the time limit of its "
+        "Score work, counted from when the loader starts it (time queued is not counted).",
+    )
+    loader_wait_s: float = Field(
+        3600.0,
+        ge=0,
+        description="How long the embedding backend waits for a busy loader (refusals with a "
+        "retry-after, and queueing behind the study's own calls, which go first) before its "
+        "coherence verdicts fail as retryable.",
     )
     max_retries: int = Field(6, ge=0, description="Retries on 429/5xx/timeouts.")
     api_key_file: Path | None = Field(

@@ -16,6 +16,13 @@ Coherence
     mean negative log-likelihood under the loader's model (``Score`` RPC), mapped linearly from
     3 nats/token (100) to 7 nats/token (0). The coherence score is the product of the used
     signals (as fractions) times 100; the result's ``signals`` names every signal used.
+Sharing the loader
+    The perplexity loader is usually the study's reference loader, so the judge's Score calls
+    are sent at low priority (``qsens-priority: low``): the loader starts every queued call of
+    the study before them. A busy loader's refusals are waited out on back-pressure
+    (``services.loader.client.with_backpressure``, for up to ``loader_wait_s``), and
+    ``loader_timeout_s`` bounds only the work, counted from when the loader starts it, so
+    time queued never fails a judgment.
 
 Limits, plainly: this is a similarity heuristic, not a judge. Trait scores are only as good as
 the exemplars (at least two per side; example answers beat descriptions), measure topical and
@@ -119,6 +126,7 @@ class EmbeddingBackend(JudgeBackend):
         self._channel: Any = None
         self._stub: Any = None
         self._loader_variant: str | None = None
+        self._loader_batch_items = 1
         self._chat = True
         self._metrics = judge_metrics()
 
@@ -183,6 +191,7 @@ class EmbeddingBackend(JudgeBackend):
                 f"judge: loader at {address} for perplexity is unreachable: {exc.code().name}"
             ) from None
         self._loader_variant = str(info.variant)
+        self._loader_batch_items = max(1, int(info.max_batch_items))
         self._chat = bool(info.supports_chat_template)
 
     async def close(self) -> None:
@@ -401,16 +410,39 @@ class EmbeddingBackend(JudgeBackend):
                     loader_pb2.ScoreItem(text=w.question + "\n", continuations=[answer])
                 )
         out: list[float | None] = [None] * len(items)
-        if not score_items:
-            return out
-        self.stats.upstream_calls += 1
-        reply = await self._stub.Score(
-            loader_pb2.ScoreRequest(items=score_items), timeout=self.settings.loader_timeout_s
-        )
-        for i, result in zip(index, reply.results, strict=True):
-            cont = result.continuations[0]
-            out[i] = -float(cont.logprob) / max(1, int(cont.num_tokens))
+        size = self._loader_batch_items
+        for start in range(0, len(score_items), size):
+            request = loader_pb2.ScoreRequest(items=score_items[start : start + size])
+            reply = await self._score(request)
+            for i, result in zip(index[start : start + size], reply.results, strict=True):
+                cont = result.continuations[0]
+                out[i] = -float(cont.logprob) / max(1, int(cont.num_tokens))
         return out
+
+    async def _score(self, request: Any) -> Any:
+        """One low-priority Score call, waiting out a busy loader (module docstring)."""
+        from services.loader.client import with_backpressure
+        from services.loader.work import PRIORITY_KEY, WORK_TIMEOUT_KEY
+
+        timeout_s = self.settings.loader_timeout_s
+        metadata = (
+            (WORK_TIMEOUT_KEY, str(max(1, round(timeout_s * 1000)))),
+            (PRIORITY_KEY, "low"),
+        )
+
+        attempts = 0
+
+        async def attempt(deadline_s: float) -> Any:
+            nonlocal attempts
+            attempts += 1
+            self.stats.upstream_calls += 1
+            if attempts > 1:  # a busy loader refused the one before
+                self.stats.retries += 1
+            return await self._stub.Score(request, timeout=deadline_s, metadata=metadata)
+
+        return await with_backpressure(
+            "Score", attempt, timeout_s=timeout_s, wait_s=self.settings.loader_wait_s
+        )
 
 
 def _internal(exc: BaseException) -> Verdict:
