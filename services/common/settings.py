@@ -105,7 +105,11 @@ class NatsSettings(BaseSettings):
         description="Window in which a job published twice (same id) is stored once.",
     )
     fetch_wait_s: float = Field(
-        5.0, gt=0, le=60, description="Long-poll time of one worker fetch request."
+        5.0,
+        gt=0,
+        le=60,
+        description="How often an idle worker asks its queues again, and how long it waits for "
+        "the server's reply.",
     )
     loader_ttl_s: float = Field(
         30.0, ge=1, le=3600, description="Seconds a loader announcement lives without a heartbeat."
