@@ -97,6 +97,30 @@ async def _warmup(spec_path: Path) -> None:
                 console.print(table)
 
 
+class PhaseClock:
+    """Wall time of each phase of the demo, printed as a table at the end."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps.append((name, now - self.last))
+        self.last = now
+        console.print(f"[dim]{name}: {self.laps[-1][1]:.0f}s[/dim]")
+        return self.laps[-1][1]
+
+    def table(self) -> Table:
+        table = Table(title="demo phases (wall time)")
+        table.add_column("phase")
+        table.add_column("seconds", justify="right")
+        for name, seconds in self.laps:
+            table.add_row(name, f"{seconds:.0f}")
+        table.add_row("total", f"{sum(s for _, s in self.laps):.0f}", style="bold")
+        return table
+
+
 def _steering_table(results: list[dict[str, Any]]) -> Table:
     table = Table(
         title="steering: best trait score at coherence >= threshold, delta vs unsteered (95% CI)"
@@ -185,6 +209,7 @@ def demo(
         raise typer.Exit(2) from err
 
     started = time.perf_counter()
+    phases = PhaseClock()
     common = settings_mod.get(settings_mod.CommonSettings)
     console.rule("qsens demo")
     try:
@@ -195,6 +220,7 @@ def demo(
         raise typer.Exit(2) from err
     os.environ.update(stack.full_env())
     settings_mod.reset()
+    phases.lap("stack up")
     console.print(
         f"stack up in {time.perf_counter() - started:.0f}s: NATS {stack.env['QSENS_NATS_URL']}, "
         f"S3 {stack.env['QSENS_S3_ENDPOINT']}, {len(stack.children)} services; logs in {stack.home}"
@@ -204,10 +230,12 @@ def demo(
         if warmup:
             console.rule("warm-up: steering acts")
             asyncio.run(_warmup(spec))
+            phases.lap("warm-up")
         console.rule("study")
         run_id = asyncio.run(_submit(parsed, None))
         console.print(f"run {run_id}")
         status = asyncio.run(_watch(run_id, False))
+        phases.lap("study")
         console.rule(f"results ({status})")
         console.print(cosine_table(asyncio.run(collect_results(run_id))))
         collected = asyncio.run(_collect(run_id))
@@ -227,13 +255,16 @@ def demo(
             console.print(f"report: {report.resolve()}  (and {report.with_suffix('.md')})")
         else:
             console.print("[yellow]no report was written (see the analyzer log)[/yellow]")
+        phases.lap("results and report")
     finally:
         if not keep:
             localstack.down(home)
+            phases.lap("stack down")
         else:
             console.print(
                 f'stack left running: eval "$(qsens env --home {home})"; qsens down --home {home}'
             )
+        console.print(phases.table())
         console.print(
             f"demo wall time: {time.perf_counter() - started:.0f}s (cache: {common.cache_dir})"
         )
