@@ -96,7 +96,8 @@ class CalibrationSpec(_Strict):
 
     source: str = Field(
         BUILTIN_CALIBRATION,
-        description="'builtin' (shipped with qsens), a local .jsonl/.txt path, or s3://<key>.",
+        description="'builtin' (shipped with qsens), a local .jsonl/.txt path, or "
+        "s3://bucket/key (what `qsens data put` prints).",
     )
     samples: int = Field(128, ge=1, le=4096, description="Calibration sequences (at most).")
     seq_len: int = Field(512, ge=16, le=8192, description="Tokens per sequence (at most).")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument
 from services.common.quantization import BUILTIN_CALIBRATION, CalibrationSpec
 
 __all__ = [
@@ -91,25 +91,23 @@ def parse_calibration(data: bytes, name: str) -> CalibrationSet:
 
 
 def load_calibration(spec: CalibrationSpec, store: Any | None = None) -> CalibrationSet:
-    """Read the set ``spec.source`` names; ``store`` (an ``S3Store``) serves ``s3://`` keys."""
+    """Read the set ``spec.source`` names: ``builtin``, a local file, or ``s3://bucket/key``
+    (what ``qsens data put`` prints), fetched through the content-addressed data cache of
+    ``services.common.datafiles``; ``store`` (an ``S3Store``) serves its bucket."""
+    from services.common.datafiles import is_s3, local_copy
+
     source = spec.source.strip()
     if source == BUILTIN_CALIBRATION:
         return parse_calibration(BUILTIN_PATH.read_bytes(), "builtin:" + BUILTIN_PATH.name)
-    if source.startswith("s3://"):
-        key = source.removeprefix("s3://")
-        if store is None:
-            from services.common.store import S3Store
-
-            store = S3Store()
-        try:
-            data = store.get_bytes(key)
-        except NotFound:
-            raise InvalidArgument(_FIELD, f"no calibration object {key!r} in S3") from None
-        return parse_calibration(data, source)
+    if is_s3(source):
+        path = local_copy(source, field=_FIELD, store=store)
+        if not path.is_file():
+            raise InvalidArgument(_FIELD, f"{source} is a folder; a calibration set is one file")
+        return parse_calibration(path.read_bytes(), source)
     path = Path(source).expanduser()
     if not path.is_file():
         raise InvalidArgument(
-            _FIELD, f"{source!r} is not 'builtin', an s3://key or an existing file"
+            _FIELD, f"{source!r} is not 'builtin', an s3://bucket/key or an existing file"
         )
     return parse_calibration(path.read_bytes(), str(path))
 

@@ -91,6 +91,35 @@ def test_calibration_errors(tmp_path: Path) -> None:
     assert err.value.field == "calibration"
 
 
+def test_calibration_from_s3_as_data_put_prints_it(
+    s3_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``qsens data put`` prints s3://bucket/data/<digest>/name: that location reads (through
+    the data cache), hashes like the local file, and a missing key or bucket is a named error."""
+    import uuid
+
+    from services.common import settings as settings_mod
+    from services.common.datafiles import put_data
+
+    monkeypatch.setenv("QSENS_CACHE_DIR", str(tmp_path / "cache"))
+    settings_mod.reset()
+    local = tmp_path / "mine.jsonl"
+    rows = [{"text": f"passage {i} {uuid.uuid4().hex} " + "word " * 40} for i in range(6)]
+    local.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uri = put_data(local)
+    assert uri.startswith("s3://qsens-test/data/") and uri.endswith("/mine.jsonl")
+    remote = load_calibration(CalibrationSpec(source=uri))
+    assert remote.sha256 == load_calibration(CalibrationSpec(source=str(local))).sha256
+    assert remote.texts == tuple(r["text"] for r in rows) and remote.name == uri
+    # The store a quantize job passes serves the same bucket.
+    assert load_calibration(CalibrationSpec(source=uri), S3Store()).sha256 == remote.sha256
+    with pytest.raises(InvalidArgument, match="no such object") as err:
+        load_calibration(CalibrationSpec(source="s3://qsens-test/data/0123/missing.jsonl"))
+    assert err.value.field == "calibration.source"
+    with pytest.raises(InvalidArgument, match="names no key after the bucket"):
+        load_calibration(CalibrationSpec(source="s3://calibration.jsonl"))
+
+
 def test_request_errors_are_named() -> None:
     with pytest.raises(InvalidArgument, match="unknown quantization method") as err:
         parse_request({"model": "m", "source": TINY, "method": "squeezellm"})
