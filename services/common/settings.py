@@ -191,7 +191,16 @@ class LoaderSettings(BaseSettings):
         "run bf16 matmuls several times slower than float32).",
     )
     generation_cache: Literal["auto", "static", "dynamic"] = Field(
-        "auto", description="KV cache for generation: static on GPUs, dynamic on CPUs by default."
+        "auto",
+        description="Generation path: 'auto' runs the loader's own path (prefix sharing, a "
+        "request-sized cache, CUDA-graph decode steps) for Llama-family models and "
+        "transformers' generation otherwise (static cache on GPUs, dynamic on CPUs); 'static' "
+        "or 'dynamic' always use transformers' generation with that cache.",
+    )
+    decode_graphs: bool = Field(
+        True,
+        description="Replay each generate call's decode step from a CUDA graph recorded on its "
+        "first step (GPU, fast generation path): removes the per-step launch cost.",
     )
     max_pending: int = Field(
         8,

@@ -24,6 +24,7 @@ from services.common.logging import get_logger
 from services.common.settings import LoaderSettings
 from services.loader.backends.base import LoadedModel
 from services.loader.capture_graphs import CaptureGraphs, pad_arrays
+from services.loader.fastgen import FastGenerator, unsupported_reason
 from services.loader.hooks import (
     CaptureSink,
     ForwardState,
@@ -34,7 +35,13 @@ from services.loader.hooks import (
 )
 from services.loader.positions import Position
 from services.loader.seeds import row_seed
-from services.loader.steering import SteeringPlan, SteerSpec, build_plan, select_rows
+from services.loader.steering import (
+    SteeringPlan,
+    SteerSpec,
+    build_plan,
+    first_prompt_layer,
+    select_rows,
+)
 from services.loader.transfer import is_oom, to_device, to_host
 
 __all__ = [
@@ -218,6 +225,29 @@ class Engine:
             if loaded.quantization_config.get("load_in_8bit")
             else None,
         )
+        # Generation through fastgen where the architecture allows (cache_mode "auto").
+        int8 = bool(loaded.quantization_config.get("load_in_8bit"))
+        self.fast_disabled = (
+            "LLM.int8()" if int8 else unsupported_reason(self.model, text_config, self.layers)
+        )
+        self.fast: FastGenerator | None = None
+        if self.fast_disabled is None:
+            plain_or_nf4 = not loaded.quantization_config or bool(
+                loaded.quantization_config.get("load_in_4bit")
+            )
+            self.fast = FastGenerator(
+                self.model,
+                self.layers,
+                text_config,
+                device=self.device,
+                dtype=self.dtype,
+                pad_id=self.pad_id,
+                logits=self._logits,
+                use_graphs=on_gpu and settings.decode_graphs,
+                static=on_gpu,
+                # GPTQ/AWQ kernels are not checked under graph capture (bench/gpu_check.py).
+                graphs_disabled=None if plain_or_nf4 else "quantized kernels not graph-checked",
+            )
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
@@ -738,6 +768,8 @@ class Engine:
         ):
 
             def run(sub: list[int]) -> list[tuple[int, GenResult]]:
+                if self.fast is not None and self.cache_mode == "auto":
+                    return self._generate_fast(items, sub, params)
                 return self._generate_batch(items, sub, params)
 
             for index, res in self._adaptive(batch, run):
@@ -877,9 +909,20 @@ class Engine:
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
         self._count(count, tokens_in)
+        return self._results(batch, rows, generated, finish, step_logprobs, params)
+
+    def _results(
+        self,
+        batch: Sequence[EngineItem],
+        rows: list[int],
+        generated: Sequence[Sequence[int]],
+        finish: list[str],
+        step_logprobs: list[list[StepLogprob]],
+        params: GenParams,
+    ) -> list[tuple[int, GenResult]]:
         results: list[tuple[int, GenResult]] = []
-        for b in range(count):
-            ids = generated[b]
+        for b in range(len(batch)):
+            ids = [int(t) for t in generated[b]]
             body = ids[:-1] if ids and ids[-1] in self.eos_ids and finish[b] == "stop" else ids
             text = str(self.tokenizer.decode(body, skip_special_tokens=True))
             for s in params.stop:
@@ -899,6 +942,76 @@ class Engine:
                 )
             )
         return results
+
+    @torch.inference_mode()
+    def _generate_fast(
+        self, items: Sequence[EngineItem], rows: list[int], params: GenParams
+    ) -> list[tuple[int, GenResult]]:
+        """Generate through ``fastgen`` (see there): prefix-shared prefill, then decode steps
+        (replayed from the call's CUDA graph on a GPU). Host bookkeeping is whole-array numpy;
+        on a non-static (CPU) run finished rows leave the batch."""
+        fast = self.fast
+        assert fast is not None
+        batch = [items[i] for i in rows]
+        count = len(batch)
+        steps = params.max_new_tokens
+        # One more plan row than the batch: the unsteered shared prefix.
+        plan = self._plan([it.steering for it in batch] + [[]])
+        first = [first_prompt_layer(it.steering, self.num_layers) for it in batch]
+        run = fast.start([it.prompt_ids for it in batch], plan, first, steps, self.checkpoint)
+        logits = run.logits  # from self._logits: soft-capped where the model caps
+        keys = torch.tensor([it.seed & _M32 for it in batch], dtype=torch.int64, device=self.device)
+        eos = np.array(sorted(self.eos_ids), dtype=np.int64)
+        generated = np.zeros((count, steps), dtype=np.int64)
+        lengths = np.zeros(count, dtype=np.int64)
+        finished = np.zeros(count, dtype=bool)
+        finish = ["length"] * count
+        step_logprobs: list[list[StepLogprob]] = [[] for _ in range(count)]
+        active = np.arange(count)  # batch row of each run row
+        stop_window = max((len(s) for s in params.stop), default=0) + 8
+        tokens_in = sum(len(it.prompt_ids) for it in batch)
+        for step in range(steps):
+            self.checkpoint()
+            tokens = self._sample(logits, params, keys, step)
+            if params.logprobs:
+                self._record_logprobs(
+                    logits,
+                    tokens,
+                    torch.from_numpy(active),
+                    params.top_logprobs,
+                    step_logprobs,
+                    finished.tolist(),
+                )
+            chosen = tokens.cpu().numpy()
+            live = ~finished[active]
+            grow = active[live]
+            generated[grow, lengths[grow]] = chosen[live]
+            lengths[grow] += 1
+            if not params.ignore_eos:
+                ended = active[live & np.isin(chosen, eos)]
+                finished[ended] = True
+                for row in ended.tolist():
+                    finish[row] = "stop"
+            if params.stop:
+                for row in grow[~finished[grow]].tolist():
+                    tail = self.tokenizer.decode(
+                        generated[row, max(0, lengths[row] - stop_window) : lengths[row]].tolist()
+                    )
+                    if any(s in tail for s in params.stop):
+                        finish[row] = "stop"
+                        finished[row] = True
+            still = ~finished[active]
+            if not still.any() or step + 1 == steps:
+                break
+            if not fast.static and not still.all():
+                keep = torch.from_numpy(np.nonzero(still)[0]).to(self.device)
+                run.select(keep)
+                active, keys, tokens = active[still], keys[keep], tokens[keep]
+            tokens_in += int(still.sum())
+            logits = run.step(tokens, step, steps - step - 2)
+        self._count(count, tokens_in)
+        out = [generated[b, : lengths[b]].tolist() for b in range(count)]
+        return self._results(batch, rows, out, finish, step_logprobs, params)
 
     def _record_logprobs(
         self,

@@ -30,6 +30,8 @@ __all__ = [
     "ForwardState",
     "ReductionInputs",
     "StopForward",
+    "ablate_only",
+    "apply_plan",
     "capture_forward",
     "find_attention",
     "find_decoder_layers",
@@ -210,7 +212,9 @@ class ForwardState:
         return cached[2], cached[3]
 
 
-def _apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> torch.Tensor:
+def apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> torch.Tensor:
+    """``plan`` applied to ``hidden`` [B, T, H] (a layer's output; the hooks and the fast
+    generation path share it, so both steer the same way)."""
     if plan.ablations:
         pm32, rm32 = state.masks(torch.float32)
         h32 = hidden.float()
@@ -230,8 +234,9 @@ def _apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> t
     return hidden
 
 
-def _ablate_only(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> torch.Tensor:
-    return _apply_plan(hidden, LayerPlan(ablations=plan.ablations), state)
+def ablate_only(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> torch.Tensor:
+    """Only ``plan``'s ablations: what a layer's input and its attention output get."""
+    return apply_plan(hidden, LayerPlan(ablations=plan.ablations), state)
 
 
 @contextmanager
@@ -256,7 +261,7 @@ def install_hooks(
                 plan = state.plan.layers.get(index) if steer else None
                 hidden = output[0] if isinstance(output, tuple) else output
                 if plan is not None:
-                    hidden = _apply_plan(hidden, plan, state)
+                    hidden = apply_plan(hidden, plan, state)
                 capture = state.capture
                 if capture is not None and index in capture.layers:
                     capture.record(index, hidden)
@@ -278,9 +283,9 @@ def install_hooks(
                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
                     plan = state.plan.layers[index]
                     if args:
-                        return (_ablate_only(args[0], plan, state), *args[1:]), kwargs
+                        return (ablate_only(args[0], plan, state), *args[1:]), kwargs
                     kwargs = dict(kwargs)
-                    kwargs["hidden_states"] = _ablate_only(kwargs["hidden_states"], plan, state)
+                    kwargs["hidden_states"] = ablate_only(kwargs["hidden_states"], plan, state)
                     return args, kwargs
 
                 handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -292,8 +297,8 @@ def install_hooks(
                     ) -> Any:
                         plan = state.plan.layers[index]
                         if isinstance(output, tuple):
-                            return (_ablate_only(output[0], plan, state), *output[1:])
-                        return _ablate_only(output, plan, state)
+                            return (ablate_only(output[0], plan, state), *output[1:])
+                        return ablate_only(output, plan, state)
 
                     handles.append(attention.register_forward_hook(attn_hook))
         yield

@@ -23,6 +23,7 @@ __all__ = [
     "SteerSpec",
     "SteeringPlan",
     "build_plan",
+    "first_prompt_layer",
     "resolve_layer",
     "select_rows",
     "validate_vector",
@@ -179,6 +180,18 @@ def build_plan(
                 )
             )
     return SteeringPlan({k: v for k, v in plans.items() if not v.empty})
+
+
+def first_prompt_layer(specs: Sequence[SteerSpec], num_layers: int) -> int:
+    """The first layer at which ``specs`` change a row's prompt tokens (``num_layers`` when
+    none does): below it the row's prompt computes exactly what an unsteered row's does, so
+    rows sharing a prompt can share that part of the prefill. Coefficient-0 specs are exact
+    no-ops; specs on response positions add zero to prompt tokens (bit-exact too)."""
+    first = num_layers
+    for spec in specs:
+        if spec.coefficient != 0.0 and spec.positions in ("prompt", "all") and spec.layers:
+            first = min(first, min(spec.layers))
+    return first
 
 
 def select_rows(plan: SteeringPlan, rows: torch.Tensor) -> SteeringPlan:

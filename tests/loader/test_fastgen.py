@@ -1,0 +1,273 @@
+"""The fast generation path (services/loader/fastgen.py) on a CPU: it generates what
+transformers' generation does; prefix-shared rows equal unshared rows; the static decode step
+(what a CUDA graph records and replays on a GPU) equals the eager step that drops finished
+rows; chunked prefill equals one chunk; batched equals single; coefficient 0 is exact.
+bench/gpu_check.py checks graph replays against the eager step on a GPU."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import InvalidArgument
+from services.loader.engine import ChatPrompt, Engine, EngineItem, GenParams, GenResult
+from services.loader.fastgen import prefill_chunks, unsupported_reason
+from services.loader.server import build_runtime
+from services.loader.steering import SteerSpec, first_prompt_layer
+
+QUESTIONS = ["Hello", "A longer question about tides?", "Mm", "Why is the sea salty, really?"]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return build_runtime("tiny:llama?layers=6", "fp32", device="cpu").engine
+
+
+@pytest.fixture(scope="module")
+def nf4_engine() -> Engine:
+    return build_runtime("tiny:llama?layers=6", "nf4", device="cpu").engine
+
+
+def _vec(seed: int) -> torch.Tensor:
+    return torch.randn(64, generator=torch.Generator().manual_seed(seed))
+
+
+def sweep_items(engine: Engine, copies: int = 1) -> list[EngineItem]:
+    """Rows that share prompts and differ in steering: every kind of spec the path handles."""
+    v, w = _vec(1), _vec(2)
+    variants: list[list[SteerSpec]] = [
+        [],
+        [SteerSpec((0,), v, 2.0)],
+        [SteerSpec((2,), v, -3.0)],
+        [SteerSpec((4, 5), w, 1.5)],
+        [SteerSpec((1,), v, 2.5, positions="response")],
+        [SteerSpec((3,), w, 2.0, positions="prompt")],
+        [SteerSpec((2, 3), v, 1.0, "ablate")],
+        [SteerSpec((1,), w, 1.0, "ablate", positions="response"), SteerSpec((5,), v, 3.0)],
+        [SteerSpec((3,), v, 0.0)],
+    ]
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "x") for q in QUESTIONS]
+    return [
+        EngineItem(p, steering=steer, seed=7 * i + j)
+        for _ in range(copies)
+        for i, p in enumerate(prompts)
+        for j, steer in enumerate(variants)
+    ]
+
+
+@contextmanager
+def fast_settings(engine: Engine, **values: Any) -> Iterator[None]:
+    """Set attributes of the engine's fast path (``cache_mode`` on the engine) for a block."""
+    fast = engine.fast
+    assert fast is not None
+    saved = {k: getattr(engine if k == "cache_mode" else fast, k) for k in values}
+    for k, v in values.items():
+        setattr(engine if k == "cache_mode" else fast, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(engine if k == "cache_mode" else fast, k, v)
+
+
+def generate(
+    engine: Engine, items: Sequence[EngineItem], params: GenParams, **values: Any
+) -> list[GenResult]:
+    with fast_settings(engine, **values):
+        return engine.generate(items, params)
+
+
+def chosen_logprobs(results: list[GenResult]) -> list[list[float]]:
+    return [[lp.chosen[2] for lp in r.logprobs or []] for r in results]
+
+
+def assert_same(a: list[GenResult], b: list[GenResult], atol: float = 1e-4) -> None:
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [(r.text, r.finish_reason) for r in a] == [(r.text, r.finish_reason) for r in b]
+    for x, y in zip(chosen_logprobs(a), chosen_logprobs(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=atol)
+
+
+def _stop_string(engine: Engine, items: list[EngineItem]) -> str:
+    """A stop string that the first row's greedy answer contains (so the stop path runs)."""
+    (first,) = engine.generate(items[:1], GenParams(max_new_tokens=12))
+    text = first.text
+    assert len(text) >= 6
+    return text[4:6]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_fast_path_generates_what_transformers_does(engine: Engine, temperature: float) -> None:
+    items = sweep_items(engine)
+    stop = _stop_string(engine, items)
+    params = GenParams(
+        max_new_tokens=12,
+        temperature=temperature,
+        top_k=40,
+        stop=(stop,),
+        logprobs=True,
+        top_logprobs=3,
+    )
+    fast = generate(engine, items, params, cache_mode="auto")
+    assert engine.fast is not None and engine.fast.last is not None
+    assert engine.fast.last.rows == len(items)
+    reference = generate(engine, items, params, cache_mode="dynamic")
+    assert_same(fast, reference)
+    assert any(r.finish_reason == "stop" for r in fast)  # the stop path ran
+    assert any(r.finish_reason == "length" for r in fast)
+    for a, b in zip(fast, reference, strict=True):  # top alternatives too
+        assert [t for t, _, _ in a.logprobs[0].top] == [t for t, _, _ in b.logprobs[0].top]  # type: ignore[index]
+
+
+def test_nf4_fast_path_generates_what_transformers_does(nf4_engine: Engine) -> None:
+    assert nf4_engine.fast is not None
+    items = sweep_items(nf4_engine)[::2]
+    params = GenParams(max_new_tokens=8, logprobs=True)
+    assert_same(
+        generate(nf4_engine, items, params, cache_mode="auto"),
+        generate(nf4_engine, items, params, cache_mode="dynamic"),
+    )
+
+
+def test_shared_prefix_rows_equal_unshared_rows(engine: Engine) -> None:
+    items = sweep_items(engine, copies=2)
+    params = GenParams(max_new_tokens=10, logprobs=True, ignore_eos=True)
+    shared = generate(engine, items, params, share_prefix=True)
+    assert engine.fast is not None and engine.fast.last is not None
+    shared_tokens = engine.fast.last.prefill_real_layer_tokens
+    unshared = generate(engine, items, params, share_prefix=False)
+    unshared_tokens = engine.fast.last.prefill_real_layer_tokens
+    assert_same(shared, unshared, atol=1e-5)
+    # Every row computes its whole prompt when unshared; sharing computes each prompt's shared
+    # layers once (4 prompts, 18 rows each, most rows leave their stream at layer 1 or later).
+    lengths = [len(it.prompt_ids) for it in items]
+    assert unshared_tokens == sum(lengths) * engine.num_layers
+    expected = sum(
+        len(p) * max(first_prompt_layer(it.steering, 6) for it in items if it.prompt_ids == p)
+        for p in {tuple(it.prompt_ids): it.prompt_ids for it in items}.values()
+    ) + sum(len(it.prompt_ids) * (6 - first_prompt_layer(it.steering, 6)) for it in items)
+    assert shared_tokens == expected < unshared_tokens / 2
+
+
+def test_response_only_steering_shares_the_whole_prefill(engine: Engine) -> None:
+    prompt = engine.encode_prompt(ChatPrompt((("user", "Share me"),)), "x")
+    items = [
+        EngineItem(prompt, steering=[SteerSpec((layer,), _vec(layer), c, positions="response")])
+        for layer in range(6)
+        for c in (-2.0, 3.0)
+    ]
+    params = GenParams(max_new_tokens=6, logprobs=True, ignore_eos=True)
+    shared = generate(engine, items, params, share_prefix=True)
+    assert engine.fast is not None and engine.fast.last is not None
+    assert engine.fast.last.prefill_real_layer_tokens == len(prompt) * 6  # one stream, once
+    assert_same(shared, generate(engine, items, params, share_prefix=False), atol=1e-5)
+    # The first token comes from the shared prefill: identical logits for every row.
+    assert len({r.logprobs[0].chosen for r in shared}) == 1  # type: ignore[index]
+
+
+def test_static_step_equals_the_step_that_drops_finished_rows(engine: Engine) -> None:
+    items = sweep_items(engine)
+    stop = _stop_string(engine, items)
+    params = GenParams(max_new_tokens=14, stop=(stop,), logprobs=True)
+    static = generate(engine, items, params, static=True)
+    dropping = generate(engine, items, params, static=False)
+    assert_same(static, dropping, atol=1e-5)
+    lengths = {len(r.token_ids) for r in static}
+    assert len(lengths) > 1  # rows finished at different steps: rows were dropped
+
+
+def test_chunked_prefill_equals_one_chunk(engine: Engine) -> None:
+    items = sweep_items(engine)
+    params = GenParams(max_new_tokens=6, logprobs=True, ignore_eos=True)
+    whole = generate(engine, items, params, prefill_tokens=1 << 20, min_chunk_tokens=1 << 20)
+    assert engine.fast is not None and engine.fast.last is not None
+    assert engine.fast.last.chunks == 1
+    chunked = generate(engine, items, params, prefill_tokens=300, min_chunk_tokens=0)
+    assert engine.fast.last.chunks > 2
+    assert_same(whole, chunked, atol=1e-5)
+
+
+def test_batched_rows_equal_single_rows(engine: Engine) -> None:
+    items = sweep_items(engine)[::3]
+    params = GenParams(max_new_tokens=8, temperature=0.7, logprobs=True)
+    batched = engine.generate(items, params)
+    for item, row in zip(items, batched, strict=True):
+        (alone,) = engine.generate([item], params)
+        assert_same([row], [alone], atol=1e-5)
+
+
+def test_coefficient_zero_rows_are_exactly_unsteered_rows(engine: Engine) -> None:
+    prompt = engine.encode_prompt(ChatPrompt((("user", "Zero"),)), "x")
+    zero = [SteerSpec((1, 3), _vec(3), 0.0), SteerSpec((2,), _vec(4), 0.0, "ablate")]
+    items = [
+        EngineItem(prompt),
+        EngineItem(prompt, steering=zero),
+        EngineItem(prompt, steering=[SteerSpec((2,), _vec(5), 4.0)]),
+    ]
+    out = engine.generate(items, GenParams(max_new_tokens=8, logprobs=True, ignore_eos=True))
+    assert out[0].token_ids == out[1].token_ids
+    assert chosen_logprobs(out[:1]) == chosen_logprobs(out[1:2])  # exactly
+    assert out[2].token_ids != out[0].token_ids  # the steered row in the same batch moved
+
+
+def test_checkpoint_stops_decoding(engine: Engine) -> None:
+    calls = {"n": 0}
+
+    def checkpoint() -> None:
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise InvalidArgument("request", "cancelled")
+
+    engine.checkpoint = checkpoint
+    try:
+        with pytest.raises(InvalidArgument, match="cancelled"):
+            engine.generate(sweep_items(engine)[:4], GenParams(max_new_tokens=20, ignore_eos=True))
+    finally:
+        engine.checkpoint = lambda: None
+    assert calls["n"] == 4  # micro-batch, prefill chunk, decode steps 0 and 1
+
+
+def test_prefill_chunks_cover_rows_within_budget_and_padding() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 60)
+        group_lengths = [rng.randint(1, 120) for _ in range(rng.randint(1, 8))]
+        groups = [rng.randrange(len(group_lengths)) for _ in range(n)]
+        lengths = [group_lengths[g] for g in groups]
+        budget, min_tokens = rng.choice([64, 500, 4000]), rng.choice([0, 100, 10_000])
+        chunks = prefill_chunks(lengths, groups, budget=budget, min_tokens=min_tokens)
+        assert sorted(i for c in chunks for i in c) == list(range(n))
+        for c in chunks:
+            width = max(lengths[i] for i in c)
+            assert lengths[c[0]] == width  # longest first
+            cost = (len(c) + len({groups[i] for i in c})) * width
+            assert cost <= budget or len(c) == 1
+            # Padding beyond 1/16 only while the chunk is still small.
+            for k, i in enumerate(c):
+                if lengths[i] * 16 < width * 15:
+                    assert sum(lengths[j] for j in c[:k]) < min_tokens
+
+
+def test_unsupported_architectures_fall_back_to_transformers(engine: Engine) -> None:
+    config = type("Config", (), {"model_type": "gemma2"})()
+    assert "gemma2" in (unsupported_reason(engine.model, config, engine.layers) or "")
+    windowed = type("Config", (), {"model_type": "mistral", "sliding_window": 4096})()
+    assert unsupported_reason(engine.model, windowed, engine.layers) == "sliding-window attention"
+    assert unsupported_reason(engine.model, engine.config, engine.layers) is None
+    items = sweep_items(engine)[:5]
+    params = GenParams(max_new_tokens=6)
+    fast = engine.fast
+    expected = engine.generate(items, params)
+    engine.fast = None
+    try:
+        assert [g.token_ids for g in engine.generate(items, params)] == [
+            g.token_ids for g in expected
+        ]
+    finally:
+        engine.fast = fast
