@@ -9,22 +9,29 @@ silently overwrite.
 
 ``S3Store`` is synchronous (CLI, analyzer); ``AsyncS3Store`` runs the same calls in a thread
 so a worker's event loop, and with it the job heartbeat, keeps running during transfers.
+Large objects (model weights) are downloaded to a file in chunks (``download``) rather than
+held in memory. ``delete`` exists for objects no record points at (the parts of a quantize
+attempt that did not commit); artefacts are never deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from services.common import settings as settings_mod
@@ -33,7 +40,7 @@ from services.common.jobs import validate_run_id
 from services.common.settings import S3Settings
 from services.common.tensor_codec import load_safetensors, save_safetensors
 
-__all__ = ["AsyncS3Store", "S3Store", "check_key", "run_key", "run_prefix"]
+__all__ = ["AsyncS3Store", "S3Store", "StoredObject", "check_key", "run_key", "run_prefix"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -42,6 +49,16 @@ _T = TypeVar("_T")
 # concurrent conditional write to the same key is in progress (409).
 _EXISTS_CODES = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING_CODES = {"NoSuchKey", "NoSuchObject", "NotFound"}
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing shows it."""
+
+    key: str
+    size: int
+    etag: str
 
 
 def _check_part(part: str, field: str) -> str:
@@ -218,6 +235,71 @@ class S3Store:
             "list", self.client.list_objects, self.bucket, prefix=prefix, recursive=True
         )
         return sorted(str(o.object_name) for o in objects if not o.is_dir)
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Objects below ``prefix`` with their size and ETag (recursive, sorted by key)."""
+        if prefix:
+            check_key(prefix.rstrip("/"), "prefix")
+        self.ensure_bucket()
+
+        def listing() -> list[StoredObject]:
+            objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return [
+                StoredObject(str(o.object_name), int(o.size or 0), str(o.etag or "").strip('"'))
+                for o in objects
+                if not o.is_dir
+            ]
+
+        return sorted(self._call("list", listing), key=lambda o: o.key)
+
+    def download(self, key: str, path: Path) -> tuple[int, str]:
+        """Stream the object at ``key`` into the file ``path``; (bytes, hex sha256) written.
+        NotFound if missing."""
+        check_key(key)
+        self.ensure_bucket()
+        try:
+            response = self._call("get", self.client.get_object, self.bucket, key)
+        except S3Error as err:
+            if err.code in _MISSING_CODES:
+                raise NotFound(f"no object {key!r} in bucket {self.bucket!r}") from None
+            raise
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(path, "wb") as out:
+                for chunk in response.stream(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+        except urllib3.exceptions.HTTPError as err:
+            raise Unavailable(
+                f"S3 at {self.settings.endpoint} failed while sending {key!r}: {err}"
+            ) from err
+        finally:
+            response.close()
+            response.release_conn()
+        return size, digest.hexdigest()
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Remove the objects at ``keys`` (missing ones are fine); returns how many were asked.
+        FailedPrecondition naming the first refusal when the server refuses any (e.g. a policy
+        that allows no deletion there)."""
+        batch = [DeleteObject(check_key(k)) for k in keys]
+        if not batch:
+            return 0
+        self.ensure_bucket()
+
+        def remove() -> list[Any]:
+            # remove_objects is lazy: nothing is sent until its error iterator is consumed.
+            return list(self.client.remove_objects(self.bucket, batch))
+
+        errors = self._call("delete", remove)
+        if errors:
+            first = errors[0]
+            raise FailedPrecondition(
+                f"S3 refused to delete {len(errors)} of {len(batch)} object(s) in bucket "
+                f"{self.bucket!r}; first {first.name!r}: {first.code}: {first.message}"
+            )
+        return len(batch)
 
     # -- JSON, JSONL, safetensors -----------------------------------------------------------
 

@@ -6,22 +6,21 @@ Layout under ``quantized/<checkpoint id>/`` (the id is the content address, see
     parts-<attempt>/<file>   the checkpoint's files as one attempt uploaded them
     manifest.json            written LAST: the files (key, size, sha256), request, calibration
 
-A checkpoint exists if and only if its manifest exists. An attempt that dies half-way leaves
-only its own ``parts-<attempt>/`` objects, which no manifest names, so nothing ever reads a
-half-written checkpoint; two attempts racing both upload, and the write-once store keeps the
-first manifest (the loser's parts are orphans). Fetching checks every file's size and sha256
-against the manifest and opens every safetensors header, so a corrupt object is a named error
+A checkpoint exists if and only if its manifest exists, so nothing ever reads a half-written
+checkpoint. Parts no manifest names are garbage and are removed: an attempt whose upload fails
+deletes what it wrote, an attempt that loses the commit race (the write-once store keeps the
+first manifest) deletes its own parts, and the attempt that commits deletes the parts of every
+other attempt (a worker killed mid-upload cannot clean up after itself). Deletion is best
+effort: a refusal is logged and the orphans wait for the next commit of that checkpoint.
+Fetching streams every file, checks its size and sha256 against the manifest and opens every
+safetensors header (``services.common.s3folders``), so a corrupt object is a named error
 instead of a crash inside the loader.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
+import contextlib
 import json
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, QsensError
 from services.common.logging import get_logger
 from services.common.quantization import (
     CHECKPOINT_FORMAT,
@@ -38,6 +37,7 @@ from services.common.quantization import (
     checkpoint_prefix,
     manifest_key,
 )
+from services.common.s3folders import FolderFile, fetch_files, upload_files, verify_files
 
 __all__ = [
     "INFO_FILE",
@@ -45,6 +45,7 @@ __all__ = [
     "Manifest",
     "checkpoint_info",
     "commit_checkpoint",
+    "delete_stale_parts",
     "fetch_checkpoint",
     "read_manifest",
     "resolve_checkpoint_id",
@@ -58,13 +59,8 @@ log = get_logger(__name__)
 INFO_FILE = "qsens-quantize.json"
 
 
-class CheckpointFile(BaseModel):
-    """One file of a checkpoint."""
-
-    name: str = Field(description="Path relative to the checkpoint folder.")
-    key: str = Field(description="S3 key of its bytes.")
-    size: int = Field(ge=0, description="Bytes.")
-    sha256: str = Field(description="Hex sha256 of its bytes.")
+# One file of a checkpoint: name (relative path), key, size, sha256.
+CheckpointFile = FolderFile
 
 
 class Manifest(BaseModel):
@@ -82,14 +78,6 @@ class Manifest(BaseModel):
         return sum(f.size for f in self.files)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(store: Any, checkpoint: str) -> Manifest | None:
     """The committed manifest of ``checkpoint`` or None when it does not exist (yet)."""
     try:
@@ -104,85 +92,92 @@ def read_manifest(store: Any, checkpoint: str) -> Manifest | None:
         ) from None
 
 
+def _parts_prefix(checkpoint: str) -> str:
+    return checkpoint_prefix(checkpoint) + "parts-"
+
+
+def _delete(store: Any, keys: list[str], why: str, checkpoint: str) -> int:
+    """Best-effort removal of orphaned parts; a refusal is logged, not raised."""
+    if not keys:
+        return 0
+    try:
+        store.delete(keys)
+    except (QsensError, OSError) as err:
+        log.warning(
+            "could not delete orphaned checkpoint parts",
+            extra={"checkpoint": checkpoint, "why": why, "keys": len(keys), "error": str(err)},
+        )
+        return 0
+    log.info(
+        "deleted orphaned checkpoint parts",
+        extra={"checkpoint": checkpoint, "why": why, "keys": len(keys)},
+    )
+    return len(keys)
+
+
+def delete_stale_parts(store: Any, manifest: Manifest) -> int:
+    """Delete every ``parts-*`` object of the checkpoint that its manifest does not name;
+    returns how many were deleted (0 when the store refused)."""
+    named = {f.key for f in manifest.files}
+    try:
+        keys = store.list_keys(_parts_prefix(manifest.checkpoint))
+    except (QsensError, OSError) as err:
+        log.warning("could not list checkpoint parts", extra={"error": str(err)})
+        return 0
+    stale = [k for k in keys if k not in named]
+    return _delete(store, stale, "parts of attempts that did not commit", manifest.checkpoint)
+
+
+def _upload(store: Any, checkpoint: str, parts: str, folder: Path) -> list[FolderFile]:
+    """Upload ``folder`` under ``parts``; on any failure delete what this attempt wrote."""
+    try:
+        return upload_files(store, parts, folder)
+    except BaseException:
+        # Best effort: the upload's own error is the one to raise.
+        with contextlib.suppress(QsensError, OSError):
+            _delete(store, store.list_keys(parts), "failed upload", checkpoint)
+        raise
+
+
 def commit_checkpoint(
     store: Any, checkpoint: str, folder: Path, request: QuantizeRequest, info: dict[str, Any]
 ) -> tuple[Manifest, bool]:
-    """Upload ``folder`` and commit it; (manifest, False) when another attempt committed first."""
+    """Upload ``folder`` and commit it; (manifest, False) when another attempt committed first.
+
+    Parts no manifest names are deleted (see the module docstring)."""
     existing = read_manifest(store, checkpoint)
     if existing is not None:
+        delete_stale_parts(store, existing)
         return existing, False
-    parts = checkpoint_prefix(checkpoint) + f"parts-{uuid.uuid4().hex[:12]}/"
-    files: list[CheckpointFile] = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        data = path.read_bytes()
-        store.put_bytes(parts + name, data)
-        files.append(
-            CheckpointFile(
-                name=name, key=parts + name, size=len(data), sha256=hashlib.sha256(data).hexdigest()
-            )
-        )
+    parts = _parts_prefix(checkpoint) + f"{uuid.uuid4().hex[:12]}/"
+    files = _upload(store, checkpoint, parts, folder)
     manifest = Manifest(
         checkpoint=checkpoint, request=request.model_dump(mode="json"), info=info, files=files
     )
     if store.put_bytes(manifest_key(checkpoint), manifest.model_dump_json(indent=1).encode()):
+        delete_stale_parts(store, manifest)
         return manifest, True
     winner = read_manifest(store, checkpoint)
     assert winner is not None  # the write-once store refused ours because one exists
+    _delete(store, [f.key for f in files], "lost the commit race", checkpoint)
     return winner, False
 
 
 def verify_folder(folder: Path, manifest: Manifest) -> None:
     """Every file matches the manifest and every safetensors header parses; InvalidArgument if not."""
-    from safetensors import safe_open
-
-    for i, entry in enumerate(manifest.files):
-        path = folder / entry.name
-        field = f"checkpoint.files[{i}]"
-        if not path.is_file():
-            raise InvalidArgument(field, f"{entry.name} of {manifest.checkpoint} is missing")
-        size = path.stat().st_size
-        if size != entry.size or _sha256(path) != entry.sha256:
-            raise InvalidArgument(
-                field,
-                f"{entry.name} of {manifest.checkpoint} is corrupt: its bytes ({size}) do not "
-                f"match the manifest ({entry.size} bytes, sha256 {entry.sha256[:12]}...)",
-            )
-        if entry.name.endswith(".safetensors"):
-            try:
-                with safe_open(str(path), framework="numpy") as handle:
-                    list(handle.keys())
-            except Exception as err:  # safetensors raises its own SafetensorError
-                raise InvalidArgument(
-                    field,
-                    f"{entry.name} of {manifest.checkpoint} is not a valid safetensors file: {err}",
-                ) from None
+    verify_files(folder, manifest.files, "checkpoint.files", manifest.checkpoint)
 
 
 def fetch_checkpoint(store: Any, manifest: Manifest, cache_dir: Path) -> Path:
     """Download a committed checkpoint into ``cache_dir/quantized/<id>`` (once, under a lock)."""
-    target = cache_dir / "quantized" / manifest.checkpoint
-    marker = target / "manifest.json"
-    if marker.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{manifest.checkpoint}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists():
-            return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
-            for entry in manifest.files:
-                path = tmp / entry.name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(store.get_bytes(entry.key))
-            verify_folder(tmp, manifest)
-            (tmp / "manifest.json").write_text(manifest.model_dump_json(indent=1))
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("checkpoint fetched", extra={"checkpoint": manifest.checkpoint, "folder": str(target)})
-    return target
+    return fetch_files(
+        store,
+        manifest.files,
+        cache_dir / "quantized" / manifest.checkpoint,
+        marker=("manifest.json", manifest.model_dump_json(indent=1).encode()),
+        field="checkpoint.files",
+        what=manifest.checkpoint,
+    )
 
 
 def resolve_checkpoint_id(request: QuantizeRequest, store: Any) -> tuple[str, dict[str, Any]]:

@@ -4,7 +4,8 @@ The checkpoint's address is computed from the request and the calibration set's 
 (``services.common.quantization.checkpoint_id``); when its manifest exists the job returns at
 once with ``reused: true``. Otherwise it quantizes in a child process (``services.quantizer.run``)
 while this process keeps the job's heartbeat going, then uploads the files and writes the
-manifest last (``services.quantizer.checkpoint.commit_checkpoint``).
+manifest last (``services.quantizer.checkpoint.commit_checkpoint``, which also deletes parts
+of attempts that did not commit; a reusing job deletes any left by killed attempts).
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ from services.common.quantization import QuantizeRequest, manifest_key, parse_re
 from services.common.queue import JobContext
 from services.quantizer import run as runner
 from services.quantizer.calibration import CalibrationSet, load_calibration
-from services.quantizer.checkpoint import Manifest, commit_checkpoint, read_manifest
+from services.quantizer.checkpoint import (
+    Manifest,
+    commit_checkpoint,
+    delete_stale_parts,
+    read_manifest,
+)
 
 __all__ = ["handle", "quantize_request"]
 
@@ -122,6 +128,8 @@ async def quantize_request(
     checkpoint = checkpoint_id(request, calibration.sha256)
     existing = await asyncio.to_thread(read_manifest, sync_store, checkpoint)
     if existing is not None:
+        # Parts of attempts killed before they could clean up go now (cheap: one listing).
+        await asyncio.to_thread(delete_stale_parts, sync_store, existing)
         return _result(existing, True, time.perf_counter() - started)
     with tempfile.TemporaryDirectory(prefix="qsens-quantize-") as tmp:
         info = await _run_child(request, calibration, Path(tmp), ctx)

@@ -55,7 +55,14 @@ EXPECTED = {
         "submit",
         "submit_with",
     },
-    "services.common.store": {"AsyncS3Store", "S3Store", "check_key", "run_key", "run_prefix"},
+    "services.common.store": {
+        "AsyncS3Store",
+        "S3Store",
+        "StoredObject",
+        "check_key",
+        "run_key",
+        "run_prefix",
+    },
     "services.common.loader_registry": {
         "Announcement",
         "LoaderEntry",

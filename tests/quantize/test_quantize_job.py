@@ -183,10 +183,12 @@ def test_quantize_records_calibration_and_reuses(made: dict[str, Any]) -> None:
 
 
 class _FailingStore:
-    """Fault injection: the real store, but the n-th put raises (a crash mid-upload)."""
+    """Fault injection: the real store, but the n-th put raises (a crash mid-upload); with
+    ``can_delete=False`` the cleanup fails too (a worker killed before it could clean up)."""
 
-    def __init__(self, store: S3Store, fail_at: int) -> None:
-        self.store, self.fail_at, self.puts = store, fail_at, 0
+    def __init__(self, store: S3Store, fail_at: int, can_delete: bool = True) -> None:
+        self.store, self.fail_at, self.puts, self.can_delete = store, fail_at, 0, can_delete
+        self.bucket = store.bucket
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "") -> bool:
         self.puts += 1
@@ -197,20 +199,82 @@ class _FailingStore:
     def get_bytes(self, key: str) -> bytes:
         return self.store.get_bytes(key)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        return self.store.list_keys(prefix)
 
-def test_failed_upload_leaves_no_checkpoint(made: dict[str, Any], tmp_path: Path) -> None:
+    def delete(self, keys: list[str]) -> int:
+        if not self.can_delete:
+            raise ConnectionError("S3 went away")
+        return self.store.delete(keys)
+
+
+def _parts(store: S3Store, checkpoint: str) -> list[str]:
+    return store.list_keys(f"quantized/{checkpoint}/parts-")
+
+
+def test_failed_upload_leaves_no_checkpoint_and_no_parts(
+    made: dict[str, Any], tmp_path: Path
+) -> None:
     store: S3Store = made["store"]
     manifest = read_manifest(store, made["gptq"]["checkpoint"])
     assert manifest is not None
     folder = fetch_checkpoint(store, manifest, tmp_path)
     request = tiny_request("gptq", damp_percent=0.07)
     fresh = checkpoint_id(request, "f" * 64)
+    # A failed upload deletes the parts it wrote.
     with pytest.raises(ConnectionError):
         commit_checkpoint(_FailingStore(store, 3), fresh, folder, request, {})
     assert read_manifest(store, fresh) is None
     assert not store.exists(manifest_key(fresh))
+    assert _parts(store, fresh) == []
+    # One that could not clean up (killed) leaves orphans: two parts of one attempt.
+    with pytest.raises(ConnectionError):
+        commit_checkpoint(_FailingStore(store, 3, can_delete=False), fresh, folder, request, {})
+    orphans = _parts(store, fresh)
+    assert len(orphans) == 2 and len({k.split("/")[2] for k in orphans}) == 1
+    # The attempt that commits deletes every part its manifest does not name.
     committed, won = commit_checkpoint(store, fresh, folder, request, {})
     assert won and read_manifest(store, fresh) == committed
+    assert _parts(store, fresh) == sorted(f.key for f in committed.files)
+    assert not set(orphans) & set(_parts(store, fresh))
+    again = fetch_checkpoint(store, committed, tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+class _RacingStore(_FailingStore):
+    """Another attempt commits the same checkpoint just before this one writes its manifest."""
+
+    def __init__(self, store: S3Store, rival: Any) -> None:
+        super().__init__(store, fail_at=-1)
+        self.rival = rival
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "") -> bool:
+        if key.endswith("/manifest.json") and "/parts-" not in key and self.rival is not None:
+            rival, self.rival = self.rival, None
+            rival()
+        return self.store.put_bytes(key, data)
+
+
+def test_loser_of_the_commit_race_deletes_its_parts(made: dict[str, Any], tmp_path: Path) -> None:
+    store: S3Store = made["store"]
+    manifest = read_manifest(store, made["awq"]["checkpoint"])
+    assert manifest is not None
+    folder = fetch_checkpoint(store, manifest, tmp_path)
+    request = tiny_request("awq", sym=True)
+    contested = checkpoint_id(request, "c" * 64)
+    won: list[Any] = []
+
+    def rival() -> None:
+        won.append(commit_checkpoint(store, contested, folder, request, {"by": "rival"}))
+
+    result, committed = commit_checkpoint(
+        _RacingStore(store, rival), contested, folder, request, {"by": "loser"}
+    )
+    assert not committed and won[0][1] is True
+    assert result == won[0][0] and result.info == {"by": "rival"}
+    # Only the winner's parts remain (the winner swept the loser's in-flight parts, or the
+    # loser removed its own: either way none are left).
+    assert _parts(store, contested) == sorted(f.key for f in result.files)
 
 
 def test_corrupt_object_is_a_named_error(made: dict[str, Any], tmp_path: Path) -> None:
