@@ -13,7 +13,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from services.cli import data, demo, judge_cmd, report, runs, serve, stack, worker
+    from services.cli import data, demo, judge_cmd, models, report, runs, serve, stack, worker
 
     app.add_typer(serve.app, name="serve")
     app.add_typer(stack.app)  # top level: qsens up / down / env / status-stack
@@ -23,6 +23,7 @@ def _register() -> None:
     app.add_typer(demo.app)  # top level: qsens demo
     app.add_typer(report.app)  # top level: qsens report
     app.add_typer(data.app, name="data")
+    app.add_typer(models.app, name="models")
     stack.set_children_hook(runs.children_for_spec)
 
 

@@ -535,12 +535,14 @@ def model_locations(spec: ExperimentSpec) -> list[tuple[str, str]]:
 
 def check_portable(spec: ExperimentSpec) -> None:
     """Refuse local paths in a spec bound for a cluster, whose loaders and workers cannot read
-    them: models must be built in or on the hub, data built in or under an s3:// key."""
+    them: models must be built in, on the hub or in S3, data built in or under an s3:// key."""
     for field, location in model_locations(spec):
         wanted = (
-            "a published checkpoint's hub id (org/name), or none to let the platform quantize"
+            "a published checkpoint's hub id (org/name) or s3:// folder (`qsens models put "
+            "FOLDER`), or none to let the platform quantize"
             if ".checkpoints." in field
-            else "a hub id (org/name) or a built-in model (smollm2-135m, tiny:...)"
+            else "a hub id (org/name), an s3:// folder (`qsens models put FOLDER` uploads one) "
+            "or a built-in model (smollm2-135m, tiny:...)"
         )
         raise InvalidArgument(
             field,

@@ -1,8 +1,11 @@
-"""Where weights come from: a hub id or local folder, a GGUF file, SmolLM2, or a tiny config.
+"""Where weights come from: a hub id or local folder, an S3 folder, a GGUF file, SmolLM2, or a
+tiny config.
 
 Every source resolves to an ordinary model folder (config + safetensors + tokenizer), so all
 backends share one loading path. GGUF files are dequantized once and cached as safetensors
 (``save_pretrained`` refuses GGUF-loaded models, so the model is rebuilt ``from_config``).
+An ``s3://bucket/prefix/`` folder (``qsens models put`` prints one) is fetched once into the
+model cache, checked and renamed into place (``services.common.s3folders``).
 """
 
 from __future__ import annotations
@@ -117,6 +120,12 @@ def resolve_source(source: str, cache_dir: Path, name: str | None = None) -> Res
             f"gguf:{gguf}",
             (f"dequantized from GGUF {gguf.name}",),
         )
+    if text.lower().startswith("s3://"):
+        from services.common.s3folders import fetch_model_folder
+
+        folder, notes = fetch_model_folder(text, cache_dir)
+        default = text.rstrip("/").rsplit("/", 1)[-1].lower()
+        return ResolvedSource(folder, name or default, text, notes)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -127,6 +136,6 @@ def resolve_source(source: str, cache_dir: Path, name: str | None = None) -> Res
         return ResolvedSource(Path(text), name or text.split("/")[-1].lower(), text)
     raise InvalidArgument(
         "model",
-        f"unknown model source {text!r}: use a hub id, a folder, a .gguf file, "
+        f"unknown model source {text!r}: use a hub id, a folder, s3://bucket/prefix/, a .gguf file, "
         f"{'/'.join(SMOLLM2_ALIASES[:1])} or tiny:llama",
     )

@@ -145,9 +145,13 @@ def _model_message(location: str, wanted: str) -> str:
     )
 
 
-_MODEL_WANTED = "a hub id (org/name) or a built-in model (smollm2-135m, tiny:...)"
+_MODEL_WANTED = (
+    "a hub id (org/name), an s3:// folder (`qsens models put FOLDER` uploads one) "
+    "or a built-in model (smollm2-135m, tiny:...)"
+)
 _CHECKPOINT_WANTED = (
-    "a published checkpoint's hub id (org/name), or none to let the platform quantize"
+    "a published checkpoint's hub id (org/name) or s3:// folder (`qsens models put "
+    "FOLDER`), or none to let the platform quantize"
 )
 
 
