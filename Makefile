@@ -53,6 +53,11 @@ tools:
 test: install tools
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# The inner loop: tiny models only, no browser, no whole studies (see SLOW_MODULES in
+# tests/conftest.py), two test processes; under 2 minutes on a 2-core machine.
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" -n 2 tests
+
 demo: install
 	$(PY) -m services.cli.main demo
 

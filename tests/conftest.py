@@ -20,6 +20,41 @@ from services.common import settings as settings_mod
 
 pytest_plugins = ["tests.fixtures_loader"]
 
+# The fast tier (`make test-fast`, `-m "not slow"`) leaves out what needs more than tiny
+# random models, a browser, a git clone, a quantization run or a whole study: these modules,
+# and any test that uses one of these fixtures. `make test` runs everything.
+SLOW_MODULES = frozenset(
+    {
+        "tests/analyzer/test_report_browser.py",  # headless Chromium
+        "tests/analyzer/test_report_cli.py",  # a whole analysis through the CLI
+        "tests/bench/test_bench_scripts.py",  # every bench script end to end
+        "tests/cli/test_fresh_clone.py",  # git clone + a CLI process per spec
+        "tests/cli/test_run_extraction.py",  # whole studies on a local stack
+        "tests/deploy/test_runtime.py",  # the rendered manifests' processes, for real
+        "tests/deploy/test_settings_cli.py",  # every container command line, parsed by the CLI
+        "tests/judge/test_loader_integration.py",  # SmolLM2 as a judge
+        "tests/judge/test_openai_loader.py",  # SmolLM2 behind the OpenAI endpoint
+        "tests/loader/test_gptq_awq.py",  # GPTQ/AWQ quantization of a model
+        "tests/loader/test_smollm2.py",  # SmolLM2-135M
+        "tests/quantize/test_quantize_job.py",  # quantize jobs (gptqmodel)
+        "tests/steerer/test_benchmarks.py",  # benchmarks checked against transformers
+        "tests/steerer/test_steer.py",  # whole coefficient searches over a loader
+        "tests/common/test_cli_stack.py",  # qsens up / down with every child process
+        "tests/loader/test_faults.py",  # SIGTERM drains and OOM halving of loader processes
+        "tests/loader/test_backpressure.py",  # loaders kept busy for seconds on purpose
+        "tests/judge/test_cli.py",  # judge CLI processes and restarts
+        "tests/common/test_worker_kill.py",  # SIGKILLed workers and redelivery
+    }
+)
+SLOW_FIXTURES = frozenset({"smollm2_bf16", "smollm2_loader_http"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 # Job-plane timings short enough for tests; each can be overridden with monkeypatch.setenv
 # followed by settings.reset().
 FAST_PLANE = {
