@@ -137,12 +137,13 @@ async def _submit(parsed: ExperimentSpec, run_id: str | None) -> str:
 
 
 def _kind_counts(records: list[Any]) -> dict[str, dict[str, int]]:
-    """Per job kind: total, done, running, retried (an attempt failed or found no loader) and
-    dead counts."""
+    """Per job kind: total, done, running, retried (an attempt failed or found no loader),
+    waiting (queued until its loader, announced, is ready) and dead counts."""
     out: dict[str, dict[str, int]] = {}
     for record in records:
         c = out.setdefault(
-            record.job.kind.value, {"total": 0, "done": 0, "running": 0, "dead": 0, "retried": 0}
+            record.job.kind.value,
+            {"total": 0, "done": 0, "running": 0, "dead": 0, "retried": 0, "waiting": 0},
         )
         c["total"] += 1
         state = record.state.value
@@ -150,6 +151,8 @@ def _kind_counts(records: list[Any]) -> dict[str, dict[str, int]]:
             c[state] += 1
         if record.failures or record.unavailable:
             c["retried"] += 1
+        if state == "queued" and (record.error or "").startswith("LoaderStarting"):
+            c["waiting"] += 1
     return dict(sorted(out.items()))
 
 
@@ -160,6 +163,8 @@ def progress_line(elapsed: float, counts: dict[str, dict[str, int]]) -> str:
         extra = [f"{c['running']} running"] if c["running"] else []
         if c["retried"]:
             extra.append(f"{c['retried']} retried")
+        if c.get("waiting"):
+            extra.append(f"{c['waiting']} waiting for their loader")
         if c["dead"]:
             extra.append(f"{c['dead']} dead")
         parts.append(
@@ -250,20 +255,26 @@ def status(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Progress of RUN: counts per state and every job."""
+    """Progress of RUN: counts per state, every job, and the loaders of its variants (a loader
+    waiting for its quantize job's checkpoint says which job, and since when)."""
 
-    async def fetch() -> tuple[Any, list[Any]]:
+    async def fetch() -> tuple[Any, list[Any], list[Any]]:
+        from services.common.loader_registry import LoaderRegistry
         from services.common.natsconn import connection
         from services.common.state import StateStore
 
         async with connection(name="qsens-cli") as nc:
-            state = await StateStore.open(nc.jetstream())
-            return await state.summary(run_id), await state.list_jobs(run_id)
+            js = nc.jetstream()
+            state = await StateStore.open(js)
+            records = await state.list_jobs(run_id)
+            entries = await (await LoaderRegistry.open(js)).all_entries()
+            return await state.summary(run_id), records, entries
 
     try:
-        summary, records = asyncio.run(fetch())
+        summary, records, entries = asyncio.run(fetch())
     except QsensError as err:
         raise _fail(err) from err
+    loaders = loader_rows(records, entries)
     if as_json:
         typer.echo(
             json.dumps(
@@ -275,10 +286,12 @@ def status(
                             "kind": r.job.kind.value,
                             "state": r.state.value,
                             "attempts": r.attempts,
+                            "waiting": r.waiting,
                             "error": r.error,
                         }
                         for r in records
                     ],
+                    "loaders": loaders,
                 },
                 indent=2,
             )
@@ -291,6 +304,60 @@ def status(
         table.add_row(r.job.name, r.state.value, str(r.attempts), (r.error or "")[:80])
     Console().print(table)
     typer.echo("  ".join(f"{k}: {v}" for k, v in summary.counts.items() if v))
+    if loaders:
+        typer.echo("loaders:")
+        for row in loaders:
+            typer.echo("  " + loader_line(row))
+
+
+def run_variants(records: list[Any]) -> list[str]:
+    """The variants a run's jobs talk to (quantize jobs: the variant they make weights for)."""
+    found: set[str] = set()
+    for r in records:
+        params = r.job.params
+        for key in ("variant", "target"):
+            if isinstance(params.get(key), str):
+                found.add(params[key])
+        if r.job.kind.value == "quantize" and {"model", "method"} <= set(params):
+            found.add(f"{params['model']}@{params['method']}")
+    return sorted(found)
+
+
+def loader_rows(records: list[Any], entries: list[Any]) -> list[dict[str, Any]]:
+    """One row per loader of the run's variants (and one 'none' row per variant without)."""
+    rows: list[dict[str, Any]] = []
+    for variant in run_variants(records):
+        mine = [e for e in entries if e.variant == variant]
+        if not mine:
+            rows.append({"variant": variant, "state": "none", "since": None, "detail": ""})
+        for e in sorted(mine, key=lambda e: (e.state != "ready", e.address)):
+            rows.append(
+                {
+                    "variant": variant,
+                    "state": e.state,
+                    "since": e.since,
+                    "address": e.address,
+                    "detail": e.detail,
+                    "host": e.host,
+                }
+            )
+    return rows
+
+
+def loader_line(row: dict[str, Any], now: float | None = None) -> str:
+    """``smollm2@gptq  waiting since 12:03:04 (5m10s) for checkpoint ... made by the job ...``."""
+    head = f"{row['variant']:<28} {row['state']:<8}"
+    if row["state"] == "none":
+        return head + " no loader announced"
+    if row["state"] == "ready":
+        return f"{head} at {row['address']}"
+    since = row.get("since")
+    if since is None:
+        return f"{head} {row['detail']}".rstrip()
+    waited = int((now if now is not None else time.time()) - since)
+    minutes, seconds = divmod(max(0, waited), 60)
+    stamp = time.strftime("%H:%M:%S", time.localtime(since))
+    return f"{head} since {stamp} ({minutes}m{seconds:02d}s) {row['detail']}".rstrip()
 
 
 @app.command("runs")
@@ -465,6 +532,23 @@ def results(
     Console().print(cosine_table(data))
 
 
+def _waiting_note(request: Any) -> str:
+    """What `qsens up` says about a loader that waits for a quantize job's checkpoint."""
+    from services.common.quantization import checkpoint_id
+
+    job = f"quantize {request.model}@{request.method}"
+    what = "its checkpoint"
+    if not request.calibration.source.startswith("s3://"):  # S3 is not up yet: no id then
+        from services.quantizer.calibration import load_calibration
+
+        sha = load_calibration(request.calibration).sha256
+        what = f"checkpoint {checkpoint_id(request, sha)}"
+    return (
+        f"waiting for {what}, made by the job '{job}' of the run; not waited for here "
+        "(`qsens status RUN` shows it)"
+    )
+
+
 def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
     from services.common.planner import loader_source, quantize_request, variants_of
@@ -512,10 +596,11 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
                 name=f"loader-{variant.id}",
                 argv=argv,
                 # A loader whose checkpoint a quantize job of the run will make waits for it
-                # in S3 (and says so in its log); `up` must not wait for it to be ready.
+                # in S3 (announced 'waiting' in the registry); `up` must not wait for it.
                 ready_file=None if request else str(ready / f"loader-{variant.id}.json"),
                 ready_timeout_s=900.0,
                 stop_timeout_s=40.0,
+                note=_waiting_note(request) if request else "",
             )
         )
     judge = [

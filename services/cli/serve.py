@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from services.common import settings as settings_mod
-from services.common.errors import QsensError
+from services.common.errors import InvalidArgument, QsensError
 from services.common.logging import configure_logging
+
+if TYPE_CHECKING:
+    from services.common.quantization import QuantizeRequest
+    from services.loader.preannounce import PreAnnouncer
 
 app = typer.Typer(help="Run a qsens service.", no_args_is_help=True)
 
 
-def _platform_checkpoint(
-    request_json: str, precision: str, name: str | None, cache_dir: Path
-) -> tuple[str, str]:
-    """(folder, model name) of a platform-made checkpoint, once its quantize job committed it."""
-    from services.common.errors import InvalidArgument
+def _parse_quantize(request_json: str, precision: str) -> QuantizeRequest:
+    """The ``--quantize`` request; InvalidArgument if it is not one for this precision."""
     from services.common.quantization import parse_request
-    from services.quantizer.checkpoint import wait_for_checkpoint
 
     try:
         request = parse_request(json.loads(request_json), "quantize")
@@ -32,14 +31,25 @@ def _platform_checkpoint(
         raise InvalidArgument(
             "quantize.method", f"{request.method} request for a {precision} loader"
         )
-    folder = wait_for_checkpoint(request, cache_dir)
-    return str(folder), name or request.model
+    return request
+
+
+def _pre_announce(name: str | None, precision: str, model: str) -> PreAnnouncer | None:
+    """The registry entry while the loader waits and loads (None without a model name)."""
+    if name is None:
+        return None
+    from services.loader.preannounce import PreAnnouncer
+
+    return PreAnnouncer(f"{name}@{precision}", "starting", f"loading {model}").start()
 
 
 @app.command("loader")
 def loader(
     model: Annotated[
-        str, typer.Option(help="Hub id, folder, .gguf file, smollm2-135m or tiny:llama.")
+        str,
+        typer.Option(
+            help="Hub id, folder, s3://bucket/prefix/, .gguf, smollm2-135m or tiny:llama."
+        ),
     ],
     precision: Annotated[str, typer.Option(help="fp32 bf16 fp16 nf4 fp4 int8 gptq awq.")] = "bf16",
     backend: Annotated[str | None, typer.Option(help="Backend (default: the precision's).")] = None,
@@ -64,15 +74,38 @@ def loader(
             "checkpoint in S3, fetch it and serve it (MODEL is then only a label)."
         ),
     ] = None,
+    fetch_only: Annotated[
+        bool,
+        typer.Option(
+            help="With --quantize: wait for the checkpoint, fetch it into the model cache and "
+            "exit (a Kubernetes init container, so the loader starts only once it exists)."
+        ),
+    ] = False,
 ) -> None:
-    """Serve MODEL at PRECISION over gRPC (and optionally OpenAI-compatible HTTP)."""
+    """Serve MODEL at PRECISION over gRPC (and optionally OpenAI-compatible HTTP).
+
+    With --announce the loader is in the registry from the start: 'waiting' while --quantize
+    waits for its checkpoint, 'starting' while it loads, then 'ready' at its address."""
     common = settings_mod.get(settings_mod.CommonSettings)
     configure_logging("loader", common.log_level, common.log_format)
     from services.loader.server import serve
 
+    pre: PreAnnouncer | None = None
     try:
-        if quantize is not None:
-            model, name = _platform_checkpoint(quantize, precision, name, common.cache_dir)
+        request = _parse_quantize(quantize, precision) if quantize is not None else None
+        if fetch_only and request is None:
+            raise InvalidArgument("fetch-only", "--fetch-only needs --quantize")
+        name = name or (request.model if request is not None else None)
+        if announce:
+            pre = _pre_announce(name, precision, model)
+        if request is not None:
+            from services.quantizer.checkpoint import wait_for_checkpoint
+
+            on_state = pre.set_state if pre is not None else None
+            model = str(wait_for_checkpoint(request, common.cache_dir, on_state=on_state))
+            if fetch_only:
+                typer.echo(model)
+                return
         asyncio.run(
             serve(
                 model,
@@ -91,3 +124,6 @@ def loader(
     except QsensError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    finally:
+        if pre is not None:
+            pre.stop()

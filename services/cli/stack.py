@@ -94,8 +94,11 @@ def up(
         f"S3    http://{stack.env['QSENS_S3_ENDPOINT']}  bucket {stack.env['QSENS_S3_BUCKET']}"
         f"  (pid {stack.s3.pid})"
     )
+    notes = {c.name: c.note for c in children}
     for child in stack.children:
         typer.echo(f"{child.name:<5} pid {child.pid}  log {child.log}")
+        if notes.get(child.name):
+            typer.echo(f"      {notes[child.name]}")
     typer.echo(f"state and logs in {stack.home}")
     typer.echo(f'use it from a shell: eval "$(qsens env --home {stack.home})"')
 

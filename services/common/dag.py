@@ -253,6 +253,7 @@ async def retry_dead(run_id: str, job_id: str, *, state: StateStore, queue: JobQ
             attempts=0,
             failures=0,
             unavailable=0,
+            waiting=0,
             msg_seq=None,
             error=None,
             finished_at=None,

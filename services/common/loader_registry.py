@@ -4,8 +4,15 @@ The bucket ``<namespace>-loaders`` has a max age of ``loader_ttl_s``; an announc
 re-puts its entry every third of that, so an entry outlives its loader by at most one TTL and
 a crashed loader disappears without anyone cleaning up. Keys are ``<variant token>.<instance>``
 (one entry per loader process, so replicas of a variant coexist) and ``find`` picks one of the
-live entries at random. A variant with no live loader is ``Unavailable``: workers nak the job
-and retry it later instead of failing it.
+live ``ready`` entries at random. A variant with no live loader is ``Unavailable``: workers nak
+the job and retry it later instead of failing it.
+
+An entry has a state: ``ready`` (serving at ``address``), or, before that, ``waiting`` (for
+its quantized checkpoint: ``detail`` names the quantize job and the checkpoint) and
+``starting`` (fetching and loading weights). ``find`` on a variant whose only loaders are
+waiting or starting raises ``LoaderStarting``, an ``Unavailable`` the job plane retries
+without counting an attempt, since a loader is known to be coming; ``qsens status`` shows
+those entries with their ``since`` time.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import re
 import socket
 import time
 import uuid
+from typing import Literal
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -31,11 +39,26 @@ from services.common.natsconn import PlaneNames, connection, ensure_kv, kv_value
 from services.common.settings import NatsSettings
 from services.common.variants import Variant
 
-__all__ = ["Announcement", "LoaderEntry", "LoaderRegistry", "announce_forever", "variant_token"]
+__all__ = [
+    "Announcement",
+    "LoaderEntry",
+    "LoaderRegistry",
+    "LoaderStarting",
+    "LoaderState",
+    "announce_forever",
+    "variant_token",
+]
 
 log = get_logger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+LoaderState = Literal["ready", "waiting", "starting"]
+
+
+class LoaderStarting(Unavailable):
+    """The variant's loaders are announced but none is ready yet (waiting for a checkpoint or
+    loading): retry later, and do not count it as an attempt."""
 
 
 def variant_token(variant: str | Variant) -> str:
@@ -49,7 +72,10 @@ class LoaderEntry(BaseModel):
     """One announced loader."""
 
     variant: str = Field(description="Canonical variant, model@precision.")
-    address: str = Field(description="host:port of its gRPC server.")
+    address: str = Field(description="host:port of its gRPC server ('' before it serves).")
+    state: LoaderState = Field("ready", description="ready, or waiting/starting before that.")
+    since: float | None = Field(None, description="Unix time the entry entered its state.")
+    detail: str = Field("", description="What a waiting/starting loader waits for.")
     instance: str = Field(description="Unique id of the loader process.")
     host: str = Field(description="Hostname of the loader.")
     pid: int = Field(description="Process id of the loader.")
@@ -74,6 +100,21 @@ class Announcement:
                 await self.kv.put(self.key, entry.model_dump_json().encode())
             except Exception as err:  # NATS down: the next beat tries again
                 log.warning("loader heartbeat failed", extra={"key": self.key, "error": repr(err)})
+
+    async def update(
+        self, state: LoaderState, detail: str = "", *, address: str | None = None
+    ) -> None:
+        """Move the entry to ``state`` now (the heartbeat keeps it there)."""
+        changes: dict[str, object] = {
+            "state": state,
+            "detail": detail,
+            "since": time.time(),
+            "announced_at": time.time(),
+        }
+        if address is not None:
+            changes["address"] = address
+        self.entry = self.entry.model_copy(update=changes)
+        await self.kv.put(self.key, self.entry.model_dump_json().encode())
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -112,8 +153,10 @@ class LoaderRegistry:
         *,
         metadata: dict[str, str] | None = None,
         instance: str | None = None,
+        state: LoaderState = "ready",
+        detail: str = "",
     ) -> Announcement:
-        """Publish ``variant -> address`` now and keep it alive until ``stop()``."""
+        """Publish ``variant -> address`` (in ``state``) now and keep it alive until ``stop()``."""
         token = variant_token(variant)
         inst = instance or uuid.uuid4().hex[:12]
         entry = LoaderEntry(
@@ -124,6 +167,9 @@ class LoaderRegistry:
             pid=os.getpid(),
             announced_at=time.time(),
             metadata=dict(metadata or {}),
+            state=state,
+            since=time.time(),
+            detail=detail,
         )
         key = f"{token}.{inst}"
         await self.kv.put(key, entry.model_dump_json().encode())
@@ -137,20 +183,37 @@ class LoaderRegistry:
                 found.append(LoaderEntry.model_validate_json(value))
         return found
 
+    async def all_entries(self) -> list[LoaderEntry]:
+        """Every live loader of the namespace, in any state."""
+        found: list[LoaderEntry] = []
+        for value in await kv_values(self.kv, ">"):
+            with contextlib.suppress(ValueError):
+                found.append(LoaderEntry.model_validate_json(value))
+        return found
+
     async def find(self, variant: str | Variant) -> str:
-        """Address of a live loader for ``variant``; Unavailable naming the variant if none."""
+        """Address of a live ready loader for ``variant``; ``LoaderStarting`` when its loaders
+        are only waiting or starting, ``Unavailable`` naming the variant when there are none."""
         try:
             live = await self.entries(variant)
         except nats.js.errors.Error as err:
             raise Unavailable(
                 f"loader registry unreachable while looking for {variant}: {err}"
             ) from err
-        if not live:
-            raise Unavailable(
-                f"no loader for variant {variant} is announced "
-                f"(start one with `qsens serve loader ... --announce`)"
+        ready = [e for e in live if e.state == "ready" and e.address]
+        if ready:
+            return random.choice(ready).address
+        if live:
+            first = min(live, key=lambda e: e.since or e.announced_at)
+            waited = time.time() - (first.since or first.announced_at)
+            raise LoaderStarting(
+                f"the loader of {variant} is {first.state} ({waited:.0f} s)"
+                + (f": {first.detail}" if first.detail else "")
             )
-        return random.choice(live).address
+        raise Unavailable(
+            f"no loader for variant {variant} is announced "
+            f"(start one with `qsens serve loader ... --announce`)"
+        )
 
 
 async def announce_forever(

@@ -103,6 +103,7 @@ class ChildSpec:
     stop_timeout_s: float = 30.0
     ready_file: str | None = None  # wait until the child writes this file (e.g. --ready-file)
     ready_timeout_s: float = 300.0
+    note: str = ""  # what `qsens up` says about it (e.g. what a loader waits for)
 
 
 class ProcessInfo(BaseModel):

@@ -23,6 +23,9 @@ InvalidArgument, FailedPrecondition,    dead-lettered at once (term); the worker
 unparseable message, unknown job
 Unavailable (e.g. no loader yet)        nak with ``unavailable_delay_s``; after
                                         ``max_unavailable`` such retries, dead-lettered
+LoaderStarting (its loader is announced nak with ``unavailable_delay_s``, counted as
+but waiting for its checkpoint or       neither a failure nor an unavailable retry (the
+loading)                                job stays queued); after ``max_waiting``, DLQ
 any other exception, or the worker      nak with exponential backoff from
 dies / misses heartbeats                ``retry_backoff_s``; after ``max_deliver`` failed
                                         attempts, dead-lettered with the last error
@@ -75,7 +78,7 @@ from services.common.errors import (
     Unavailable,
 )
 from services.common.jobs import Job, JobKind, parse_job
-from services.common.loader_registry import LoaderRegistry
+from services.common.loader_registry import LoaderRegistry, LoaderStarting
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import start_metrics_server
 from services.common.natsconn import PlaneNames, connection
@@ -139,7 +142,8 @@ class JobQueue:
     @property
     def server_max_deliver(self) -> int:
         """The consumer's own limit: a backstop above every bound the worker enforces."""
-        return self.settings.max_deliver + self.settings.max_unavailable + 2
+        cfg = self.settings
+        return cfg.max_deliver + cfg.max_unavailable + cfg.max_waiting + 2
 
     async def _ensure_stream(self, config: api.StreamConfig) -> None:
         try:
@@ -381,9 +385,10 @@ class _Worker:
                 kind, msg, job, record, attempt, seq, Unavailable(f"deps of {job.label} not done")
             )
             return
-        # Earlier deliveries of this message that did not end in "loader unavailable" either
-        # raised or died with their worker: both count against max_deliver.
-        prior_failures = max(0, attempt - 1 - record.unavailable)
+        # Earlier deliveries of this message that did not end in "loader unavailable" or
+        # "loader starting" either raised or died with their worker: both count against
+        # max_deliver.
+        prior_failures = max(0, attempt - 1 - record.unavailable - record.waiting)
         if prior_failures >= self.settings.max_deliver:
             reason = record.error or "worker died or missed its heartbeats"
             await self._dead_letter(
@@ -452,6 +457,8 @@ class _Worker:
             adapter.info("job done", extra={"seconds": round(time.monotonic() - started, 3)})
         elif isinstance(failure, InvalidArgument | FailedPrecondition):
             await self._dead_letter(kind, msg, job, failure, attempt, seq)
+        elif isinstance(failure, LoaderStarting):
+            await self._retry_starting(kind, msg, job, record, attempt, seq, failure)
         elif isinstance(failure, Unavailable):
             await self._retry_unavailable(kind, msg, job, record, attempt, seq, failure)
         else:
@@ -485,6 +492,36 @@ class _Worker:
         self.stats.retried += 1
         log.info(
             "dependency unavailable; retrying later",
+            extra={"job_id": job.id, "kind": kind.value, "error": str(failure)},
+        )
+
+    async def _retry_starting(
+        self,
+        kind: JobKind,
+        msg: Msg,
+        job: Job,
+        record: JobRecord,
+        attempt: int,
+        seq: int,
+        failure: LoaderStarting,
+    ) -> None:
+        # A loader is coming (waiting for its checkpoint, or loading): no attempt is spent.
+        if record.waiting + 1 > self.settings.max_waiting:
+            await self._dead_letter(kind, msg, job, failure, attempt, seq)
+            return
+        text = _error_text(failure)
+
+        def change(r: JobRecord) -> JobRecord | None:
+            if r.state in (JobState.DONE, JobState.DEAD):
+                return None
+            state = JobState.PENDING if r.state == JobState.PENDING else JobState.QUEUED
+            return r.evolve(state=state, waiting=r.waiting + 1, error=text)
+
+        await self.state.mutate_job(job.run_id, job.id, change)
+        await msg.nak(delay=self.settings.unavailable_delay_s)
+        self.stats.retried += 1
+        log.info(
+            "loader starting; retrying later without counting an attempt",
             extra={"job_id": job.id, "kind": kind.value, "error": str(failure)},
         )
 

@@ -89,6 +89,13 @@ class NatsSettings(BaseSettings):
         le=100000,
         description="Retries of a job whose dependency (a loader) is unavailable, before the DLQ.",
     )
+    max_waiting: int = Field(
+        8640,
+        ge=0,
+        le=1000000,
+        description="Retries (every unavailable_delay_s) of a job whose loader is announced but "
+        "still waiting for its checkpoint or loading, before the DLQ; they cost no attempt.",
+    )
     retry_backoff_s: float = Field(
         5.0, gt=0, le=3600, description="Delay before the first retry of a failed job; doubles."
     )

@@ -77,6 +77,11 @@ class JobRecord(BaseModel):
     attempts: int = Field(default=0, ge=0, description="Deliveries so far of the current message.")
     failures: int = Field(default=0, ge=0, description="Attempts that raised or crashed.")
     unavailable: int = Field(default=0, ge=0, description="Attempts that found a loader missing.")
+    waiting: int = Field(
+        default=0,
+        ge=0,
+        description="Deliveries that found the loader announced but not ready (not attempts).",
+    )
     retries: int = Field(default=0, ge=0, description="Manual requeues after the DLQ.")
     worker: str | None = Field(default=None, description="Worker that last ran it.")
     msg_seq: int | None = Field(

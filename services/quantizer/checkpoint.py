@@ -23,6 +23,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,18 +197,26 @@ def wait_for_checkpoint(
     poll_s: float = 2.0,
     timeout_s: float | None = None,
     say_every_s: float = 60.0,
+    on_state: Callable[[str, str], None] | None = None,
 ) -> Path:
-    """Block until the quantize job has committed ``request``'s checkpoint, then fetch it."""
+    """Block until the quantize job has committed ``request``'s checkpoint, then fetch it.
+
+    ``on_state(state, detail)`` hears ``"waiting"`` when the checkpoint is not there yet (the
+    detail names the checkpoint and the quantize job that makes it) and ``"starting"`` when
+    it is found (fetching, then loading follow)."""
     if store is None:
         from services.common.store import S3Store
 
         store = S3Store()
     checkpoint, _ = resolve_checkpoint_id(request, store)
+    job = f"quantize {request.model}@{request.method}"
     started = time.monotonic()
     said = -say_every_s
     while True:
         manifest = read_manifest(store, checkpoint)
         if manifest is not None:
+            if on_state is not None:
+                on_state("starting", f"fetching and loading checkpoint {checkpoint}")
             return fetch_checkpoint(store, manifest, cache_dir)
         waited = time.monotonic() - started
         if timeout_s is not None and waited > timeout_s:
@@ -215,12 +224,15 @@ def wait_for_checkpoint(
                 f"checkpoint {checkpoint} ({request.method} of {request.model}) did not appear "
                 f"in {timeout_s:.0f} s: is a quantize job for it queued?"
             )
+        if on_state is not None and said < 0:
+            on_state("waiting", f"for checkpoint {checkpoint}, made by the job '{job}'")
         if waited - said >= say_every_s:
             said = waited
             log.info(
                 "waiting for the quantize job's checkpoint",
                 extra={
                     "checkpoint": checkpoint,
+                    "job": job,
                     "key": manifest_key(checkpoint),
                     "waited_s": round(waited),
                 },

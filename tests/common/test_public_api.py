@@ -67,6 +67,8 @@ EXPECTED = {
         "Announcement",
         "LoaderEntry",
         "LoaderRegistry",
+        "LoaderStarting",
+        "LoaderState",
         "announce_forever",
         "variant_token",
     },

@@ -167,10 +167,37 @@ def test_non_quantized_checkpoint_is_refused(checkpoints: dict[str, Path]) -> No
         get_backend(None, Precision.GPTQ).load(awq, Precision.GPTQ, "cpu")
 
 
-def test_platform_checkpoint_is_awaited_then_served(s3_env: Any, tmp_path: Path) -> None:
-    """``--quantize``: the loader waits (not ready) until the quantize job commits, then serves."""
+def _status(env: dict[str, str], run_id: str) -> dict[str, Any]:
+    """``qsens status RUN --json`` as a user runs it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "status", run_id, "--json"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_platform_checkpoint_is_awaited_then_served(
+    plane_env: Any, run_id: str, tmp_path: Path
+) -> None:
+    """``--quantize``: the loader waits (not ready, announced 'waiting' with the quantize job
+    and the checkpoint, which `qsens status` shows) until the quantize job commits, then
+    serves, and its early entry gives way to the ready one."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from services.common.dag import submit
+    from services.common.jobs import Job, JobKind, RunPlan
+    from services.common.loader_registry import LoaderRegistry
+    from services.common.natsconn import connection
     from services.common.store import AsyncS3Store
     from services.quantizer.handler import quantize_request
 
@@ -178,17 +205,41 @@ def test_platform_checkpoint_is_awaited_then_served(s3_env: Any, tmp_path: Path)
     request = SPEC.request("tq", TINY, "gptq").model_copy(
         update={"settings": {**SPEC.gptq.model_dump(), "damp_percent": 0.09}}
     )
-    env = {**s3_env.env, "QSENS_CACHE_DIR": str(tmp_path)}
+    env = {**plane_env.env, "QSENS_CACHE_DIR": str(tmp_path)}
+    # The run's quantize job (no quantizer worker: the test plays it) and a job after it.
+    quantize = Job(
+        kind=JobKind.QUANTIZE,
+        run_id=run_id,
+        name="quantize tq@gptq",
+        params=request.model_dump(mode="json"),
+    )
+    after = Job(
+        kind=JobKind.NOOP, run_id=run_id, params={"variant": "tq@gptq"}, deps=(quantize.id,)
+    )
+    asyncio.run(submit(RunPlan(run_id=run_id, spec_hash="q", jobs=[quantize, after])))
+
+    async def entries() -> list[Any]:
+        async with connection(name="test") as nc:
+            return await (await LoaderRegistry.open(nc.jetstream())).entries("tq@gptq")
+
     with ThreadPoolExecutor(1) as pool:
         starting = pool.submit(
             start_loader,
             "ignored",
             "gptq",
             env=env,
-            extra_args=["--quantize", request.model_dump_json()],
+            extra_args=["--quantize", request.model_dump_json(), "--announce"],
         )
-        time.sleep(3.0)
+        deadline = time.monotonic() + 60
+        while not (waiting := asyncio.run(entries())):
+            assert time.monotonic() < deadline and not starting.done()
+            time.sleep(0.2)
+        while waiting[0].state != "waiting":
+            assert time.monotonic() < deadline and not starting.done()
+            time.sleep(0.2)
+            waiting = asyncio.run(entries())
         assert not starting.done()  # no checkpoint yet: the loader waits, it does not fail
+        status = _status(env, run_id)
         result = asyncio.run(quantize_request(request, AsyncS3Store()))
         proc = starting.result(timeout=240)
     try:
@@ -202,5 +253,18 @@ def test_platform_checkpoint_is_awaited_then_served(s3_env: Any, tmp_path: Path)
         assert got.quantization_config["checkpoint"] == result["checkpoint"]
         assert (tmp_path / "quantized" / result["checkpoint"] / "manifest.json").is_file()
         assert "waiting for the quantize job's checkpoint" in proc.log_tail(400)
+        (row,) = status["loaders"]
+        assert row["variant"] == "tq@gptq" and row["state"] == "waiting"
+        assert row["detail"] == (
+            f"for checkpoint {result['checkpoint']}, made by the job 'quantize tq@gptq'"
+        )
+        assert row["since"] == waiting[0].since and row["since"] <= time.time()
+        # Once serving, only the ready entry remains (the early one withdrew itself).
+        deadline = time.monotonic() + 10
+        while [(e.state, e.address) for e in asyncio.run(entries())] != [("ready", proc.address)]:
+            assert time.monotonic() < deadline, asyncio.run(entries())
+            time.sleep(0.2)
+        (row,) = _status(env, run_id)["loaders"]
+        assert (row["state"], row["address"]) == ("ready", proc.address)
     finally:
         proc.stop()

@@ -3,6 +3,7 @@ the local stack's children, and preflight refusing a precision whose package is 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,11 @@ def test_stack_children_wait_for_checkpoints(tmp_path: Path) -> None:
     assert "--quantize" in gptq.argv and gptq.ready_file is None
     request = gptq.argv[gptq.argv.index("--quantize") + 1]
     assert '"method":"gptq"' in request.replace(" ", "")
+    # What `qsens up` prints under it: the checkpoint and the job that makes it.
+    assert re.search(
+        r"waiting for checkpoint gptq-w4g\d+-\w+, made by the job 'quantize m@gptq'", gptq.note
+    )
+    assert children["loader-m@bf16"].note == ""
     awq = children["loader-m@awq"]
     assert "--quantize" not in awq.argv and awq.ready_file is not None
     assert awq.argv[awq.argv.index("--model") + 1] == str(published)
