@@ -40,10 +40,11 @@ from services.loader.hooks import CaptureSink, ForwardState, capture_forward, re
 from services.loader.steering import SteeringPlan
 from services.loader.transfer import is_oom
 
-__all__ = ["CaptureGraphs", "GraphKey", "bucket", "pad_arrays"]
+__all__ = ["CaptureForward", "CaptureGraphs", "GraphKey", "bucket", "pad_arrays"]
 
 log = get_logger(__name__)
 Side = Literal["left", "right"]
+CaptureForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ForwardState], torch.Tensor]
 
 
 def bucket(n: int) -> int:
@@ -124,6 +125,7 @@ class CaptureGraphs:
         use_graphs: bool,
         disabled: str | None = None,
         record_after: int = 2,
+        forward: CaptureForward | None = None,
     ) -> None:
         self.base = base
         self.layers = layers
@@ -136,6 +138,9 @@ class CaptureGraphs:
         self.fuse_bytes = fuse_bytes
         self.use_graphs = use_graphs
         self.record_after = record_after
+        # The capture forward (ids, attention [B, T] bool, positions, state): the engine's
+        # layer loop where it has one (fastgen), else the hooked transformers forward.
+        self.forward = forward
         # Why graphs are off for this engine (None: on where max_graphs > 0).
         self.disabled = disabled
         if attn_implementation not in ("sdpa", "eager"):
@@ -232,6 +237,9 @@ class CaptureGraphs:
             stop_after=key.layers[-1],
             fuse_bytes=self.fuse_bytes(),
         )
+        if self.forward is not None:
+            state = ForwardState(attention, attention, SteeringPlan({}), sink)
+            return self.forward(static[0], attention, static[2], state)
         return capture_forward(
             self.base,
             self.layers,

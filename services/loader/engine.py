@@ -209,23 +209,8 @@ class Engine:
         max_graphs = settings.capture_graphs
         if max_graphs is None:
             max_graphs = 8 if on_gpu else 0
-        self.graphs = CaptureGraphs(
-            self.base,
-            self.layers,
-            device=self.device,
-            dtype=self.dtype,
-            pad_id=self.pad_id,
-            attn_implementation=str(getattr(config, "_attn_implementation", None)),
-            max_graphs=max_graphs,
-            max_tokens=settings.capture_graph_tokens,
-            fuse_bytes=self._capture_fuse_bytes,
-            use_graphs=on_gpu,
-            # LLM.int8()'s outlier decomposition depends on the data: never frozen in a graph.
-            disabled="LLM.int8() (data-dependent outlier columns)"
-            if loaded.quantization_config.get("load_in_8bit")
-            else None,
-        )
-        # Generation through fastgen where the architecture allows (cache_mode "auto").
+        # Generation (cache_mode "auto") and capture through fastgen's layer loop where the
+        # architecture allows.
         int8 = bool(loaded.quantization_config.get("load_in_8bit"))
         self.fast_disabled = (
             "LLM.int8()" if int8 else unsupported_reason(self.model, text_config, self.layers)
@@ -248,6 +233,26 @@ class Engine:
                 # GPTQ/AWQ kernels are not checked under graph capture (bench/gpu_check.py).
                 graphs_disabled=None if plain_or_nf4 else "quantized kernels not graph-checked",
             )
+        self.graphs = CaptureGraphs(
+            self.base,
+            self.layers,
+            device=self.device,
+            dtype=self.dtype,
+            pad_id=self.pad_id,
+            attn_implementation=str(getattr(config, "_attn_implementation", None)),
+            max_graphs=max_graphs,
+            max_tokens=settings.capture_graph_tokens,
+            fuse_bytes=self._capture_fuse_bytes,
+            use_graphs=on_gpu,
+            # LLM.int8()'s outlier decomposition depends on the data: never frozen in a graph.
+            disabled="LLM.int8() (data-dependent outlier columns)"
+            if loaded.quantization_config.get("load_in_8bit")
+            else None,
+            forward=None if self.fast is None else self.fast.capture_forward,
+        )
+        # Capture batches past this many padded tokens are cut where padding would pass 1/16
+        # (compute-bound there: padded tokens are computed tokens); 0: never.
+        self.capture_split_tokens = 16384
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
@@ -333,15 +338,19 @@ class Engine:
         return ids[0]
 
     # ------------------------------------------------------------------ batching
-    def _micro_batches(self, lengths: Sequence[int], extra: int, max_rows: int) -> list[list[int]]:
-        """Rows sorted longest first, split greedily by rows and padded tokens."""
+    def _micro_batches(
+        self, lengths: Sequence[int], extra: int, max_rows: int, split_tokens: int = 0
+    ) -> list[list[int]]:
+        """Rows sorted longest first, split greedily by rows and padded tokens; with
+        ``split_tokens``, a batch that holds that many padded tokens also ends where the next
+        row would pad it by more than 1/16."""
         sizes = np.asarray(lengths, dtype=np.int64)
         limit_rows = max(1, min(max_rows or self.max_batch_size, self.max_batch_size))
         # Stable: equal lengths keep request order (results must not depend on ties).
         order = np.argsort(-sizes, kind="stable").tolist()
-        if len(order) <= limit_rows and (
-            not order or (int(sizes.max()) + extra) * len(order) <= self.settings.max_batch_tokens
-        ):
+        padded = (int(sizes.max()) + extra) * len(order) if order else 0
+        fits = len(order) <= limit_rows and padded <= self.settings.max_batch_tokens
+        if fits and (not split_tokens or padded <= split_tokens):
             return [order] if order else []
         batches: list[list[int]] = []
         current: list[int] = []
@@ -349,9 +358,15 @@ class Engine:
         for i in order:
             size = lengths[i] + extra
             grown = max(longest, size)
+            wasteful = (
+                split_tokens > 0
+                and longest * len(current) >= split_tokens
+                and size * 16 < longest * 15
+            )
             if current and (
                 len(current) + 1 > limit_rows
                 or grown * (len(current) + 1) > self.settings.max_batch_tokens
+                or wasteful
             ):
                 batches.append(current)
                 current, grown = [], size
@@ -436,7 +451,8 @@ class Engine:
         for window_start in range(0, len(items), chunk):
             window = list(range(window_start, min(len(items), window_start + chunk)))
             results: dict[int, CaptureResult] = {}
-            for batch in self._micro_batches([items[i].length for i in window], 0, max_rows):
+            lengths = [items[i].length for i in window]
+            for batch in self._micro_batches(lengths, 0, max_rows, self.capture_split_tokens):
                 rows = [window[j] for j in batch]
 
                 def run(sub: list[int]) -> list[CaptureResult]:
@@ -527,10 +543,15 @@ class Engine:
             stop_after=layers[-1],
             fuse_bytes=self._capture_fuse_bytes(),
         )
+        state = ForwardState(padded.prompt_mask, padded.response_mask, plan, sink)
+        if self.fast is not None:
+            return self.fast.capture_forward(
+                padded.input_ids, padded.attention_mask.bool(), padded.position_ids, state
+            )
         return capture_forward(
             self.base,
             self.layers,
-            ForwardState(padded.prompt_mask, padded.response_mask, plan, sink),
+            state,
             input_ids=padded.input_ids,
             attention_mask=padded.attention_mask,
             position_ids=padded.position_ids,

@@ -31,6 +31,9 @@ rotary embedding: quantized linears work unchanged) in a loop it controls:
   finish keep computing (static shapes); on a CPU the same static step runs without a graph
   for tests, and the default CPU path drops finished rows from the batch instead.
 
+Capture runs through the same layer loop (``capture_forward``; the engine's eager capture
+and the capture graphs' recorded body): fused norms, and nothing past the last captured layer.
+
 Steering is applied by the same functions as the hooks (``hooks.apply_plan`` on a layer's
 output, ``hooks.ablate_only`` on its input and attention output), so it means the same on
 both paths. A failure to record a graph switches graphs off for the engine (logged); the call
@@ -49,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.common.errors import FailedPrecondition
 from services.common.logging import get_logger
 from services.loader.capture_graphs import pad_arrays
 from services.loader.hooks import ForwardState, ablate_only, apply_plan
@@ -265,6 +269,43 @@ class FastGenerator:
         """The model's rotary (cos, sin) [B, T, D] for ``positions`` [B, T]."""
         cos, sin = self.base.rotary_emb(hidden, positions)
         return cos, sin
+
+    def causal_bias(self, attention: torch.Tensor) -> torch.Tensor:
+        """Additive [B, 1, T, T] bias of a padded batch (``attention`` [B, T] bool): causal
+        over real keys, every query attends to itself (padding too: no softmax over nothing)."""
+        width = attention.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=attention.device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=attention.device)
+        allowed = (causal[None] & attention[:, None, :]) | eye[None]
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=attention.device)
+        return bias.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+
+    def capture_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        positions: torch.Tensor,
+        state: ForwardState,
+    ) -> torch.Tensor:
+        """Capture through the layer loop (``hooks.capture_forward``'s contract): ``state``'s
+        steering applied, its sink's layers recorded after it, nothing computed past the
+        sink's last layer. ``attention`` [B, T] bool."""
+        sink = state.capture
+        if sink is None:
+            raise FailedPrecondition("capture_forward needs a ForwardState with a CaptureSink")
+        bias = self.causal_bias(attention)
+        hidden = self.base.embed_tokens(input_ids)
+        cos, sin = self.rotary(hidden, positions)
+
+        def attend(_i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self._prefill_attention(q, k, v, bias)
+
+        last = max(sink.layers) if sink.stop_after is None else sink.stop_after
+        for index in range(last + 1):
+            hidden = self.layer(index, hidden, cos, sin, state, attend)
+            if index in sink.layers:
+                sink.record(index, hidden)
+        return sink.result()
 
     # ------------------------------------------------------------------ a call
     def start(

@@ -271,3 +271,57 @@ def test_unsupported_architectures_fall_back_to_transformers(engine: Engine) -> 
         ]
     finally:
         engine.fast = fast
+
+
+def _captures(
+    engine: Engine, items: list[EngineItem], position: str, reduction: str
+) -> list[torch.Tensor]:
+    from services.loader.positions import parse_position
+
+    out = next(engine.capture(items, range(6), parse_position(position), reduction, chunk_items=64))  # type: ignore[arg-type]
+    return [r.activations for r in out]
+
+
+@pytest.mark.parametrize(
+    ("position", "reduction"), [("response[:]", "mean"), ("all", "none"), ("prompt[-1]", "last")]
+)
+def test_capture_through_the_layer_loop_equals_the_hooked_forward(
+    engine: Engine, position: str, reduction: str
+) -> None:
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "x") for q in QUESTIONS]
+    answer = engine.encode_text("Because the moon pulls the water.")
+    v = _vec(9)
+    items = [
+        EngineItem(p, answer[: 5 + 3 * i], steering=s)
+        for i, p in enumerate(prompts)
+        for s in ([], [SteerSpec((1,), v, 3.0)], [SteerSpec((2, 4), v, 1.0, "ablate")])
+    ]
+    fast = engine.fast
+    assert fast is not None
+    looped = _captures(engine, items, position, reduction)
+    engine.fast = None  # the hooked transformers forward
+    try:
+        hooked = _captures(engine, items, position, reduction)
+    finally:
+        engine.fast = fast
+    for a, b in zip(looped, hooked, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_long_capture_batches_are_cut_where_padding_would_pass_a_sixteenth(engine: Engine) -> None:
+    lengths = [100] * 10 + [95] * 10 + [60] * 10 + [59] * 5
+    saved = engine.capture_split_tokens
+    batches = engine._micro_batches(lengths, 0, 0, 1500)
+    assert [len(b) for b in batches] == [20, 15]  # 100/95 together, 60/59 together
+    assert engine._micro_batches(lengths, 0, 0, 0) == [sorted(range(35), key=lambda i: -lengths[i])]
+    assert len(engine._micro_batches(lengths, 0, 0, 100_000)) == 1  # small batches stay whole
+    items = [EngineItem(list(range(3, 3 + n)), [5, 6, 7]) for n in (40, 38, 12, 11, 10)]
+    whole = _captures(engine, items, "response[:]", "mean")
+    engine.capture_split_tokens = 60
+    try:
+        assert len(engine._micro_batches([it.length for it in items], 0, 0, 60)) > 1
+        split = _captures(engine, items, "response[:]", "mean")
+    finally:
+        engine.capture_split_tokens = saved
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
