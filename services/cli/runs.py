@@ -196,7 +196,9 @@ async def _watch(run_id: str, detach: bool) -> str:
                 counts = _kind_counts(await state.list_jobs(run_id))
                 now = time.perf_counter()
                 if counts != last or now - last_print >= PLAIN_HEARTBEAT_S:
-                    console.print(progress_line(now - started, counts), highlight=False)
+                    console.print(
+                        progress_line(now - started, counts), highlight=False, soft_wrap=True
+                    )
                     last, last_print = counts, now
                 summary = await state.summary(run_id)
                 if summary.status != "running":
