@@ -3,7 +3,14 @@
 Prints JSON: batched vs unbatched capture (both padding sides), capture replayed from CUDA
 graphs vs the same static-shape forward run eagerly and vs the eager path (other content and
 positions in a recorded bucket: a replay must read the new inputs), coefficient-0 identity,
-ablation residue, static vs dynamic cache generation, and an answer to a chat prompt.
+ablation residue, static vs dynamic cache generation, and an answer to a chat prompt; for the
+fast generation path (services/loader/fastgen.py): decode steps replayed from a CUDA graph vs
+the same static step run eagerly (exact), prefix-shared vs unshared rows, chunked vs one-chunk
+prefill, batched vs single rows, coefficient 0 in generation, and the fast path vs
+transformers' generation (dtype noise: agreement share and log-prob differences).
+
+    python bench/gpu_check.py --model 'tiny:llama?layers=6&hidden=512&heads=8&kv_heads=2' \
+        --precisions bf16,nf4
 """
 
 from __future__ import annotations
@@ -87,6 +94,97 @@ def check(model: str, precision: str, device: str) -> dict[str, Any]:
     out["static_equals_dynamic"] = gens["static"] == gens["dynamic"]
     q = EngineItem(e.encode_prompt(ChatPrompt((("user", "What is the capital of France?"),)), "x"))
     out["answer"] = e.generate([q], params)[0].text
+    if e.fast is not None:
+        out["fast_generation"] = fastgen_check(e)
+    else:
+        out["fast_generation"] = {"off": e.fast_disabled}
+    return out
+
+
+def _sweep(e: Any) -> list[EngineItem]:
+    """Rows sharing prompts with every kind of steering the fast path handles."""
+    questions = ["What do you think of cats?", "Hi", "Explain tides to a child in two sentences."]
+    prompts = [e.encode_prompt(ChatPrompt((("user", q),)), "x") for q in questions]
+    n = e.num_layers
+    gen = torch.Generator().manual_seed(1)
+    v = torch.randn(e.hidden_size, generator=gen)
+    v = v / v.norm() * 4.0
+    variants = [
+        [],
+        [SteerSpec((0,), v, 2.0)],
+        [SteerSpec((n // 2,), v, -2.0)],
+        [SteerSpec((n - 1,), v, 3.0)],
+        [SteerSpec((n // 3,), v, 2.0, positions="response")],
+        [SteerSpec((n // 2, n // 2 + 1), v, 1.0, "ablate")],
+        [SteerSpec((n // 4,), v, 0.0)],
+    ]
+    return [EngineItem(p, steering=s, seed=i) for p in prompts for i, s in enumerate(variants)]
+
+
+def fastgen_check(e: Any) -> dict[str, Any]:
+    """The fast generation path's checks (see the module docstring)."""
+    fast = e.fast
+    items = _sweep(e)
+    params = GenParams(max_new_tokens=16, logprobs=True, ignore_eos=True)
+
+    def gen(**values: Any) -> list[Any]:
+        saved = {k: getattr(fast, k) for k in values if k != "cache_mode"}
+        mode = e.cache_mode
+        e.cache_mode = values.pop("cache_mode", "auto")
+        for k, val in values.items():
+            setattr(fast, k, val)
+        try:
+            return e.generate(items, params)
+        finally:
+            e.cache_mode = mode
+            for k, val in saved.items():
+                setattr(fast, k, val)
+
+    def lps(results: list[Any]) -> torch.Tensor:
+        return torch.tensor([[s.chosen[2] for s in r.logprobs] for r in results])
+
+    def compare(a: list[Any], b: list[Any]) -> dict[str, Any]:
+        """Agreement of two runs: identical rows, and the first step's log-prob difference
+        (later steps follow different tokens once a row differs)."""
+        same = sum(x.token_ids == y.token_ids for x, y in zip(a, b, strict=True))
+        first = (lps(a)[:, 0] - lps(b)[:, 0]).abs().max()
+        rows_same = [
+            i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x.token_ids == y.token_ids
+        ]
+        all_steps = (lps(a)[rows_same] - lps(b)[rows_same]).abs().max() if rows_same else None
+        return {
+            "identical_rows": f"{same}/{len(a)}",
+            "first_step_max_abs_logprob_diff": float(first),
+            "identical_rows_max_abs_logprob_diff": None if all_steps is None else float(all_steps),
+        }
+
+    out: dict[str, Any] = {"rows": len(items), "new_tokens": params.max_new_tokens}
+    replayed_before = fast.replays
+    graphed = gen(use_graphs=fast.use_graphs)
+    out["graph"] = fast.last.graph if fast.last else None
+    out["graph_replays"] = fast.replays - replayed_before
+    out["graphs_disabled"] = fast.graphs_disabled
+    eager = gen(use_graphs=False, static=True)
+    # The same static step, recorded and replayed vs run eagerly: bit for bit.
+    out["graph_replay_equals_eager"] = bool(
+        [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+        and torch.equal(lps(graphed), lps(eager))
+    )
+    out["graph_vs_eager"] = compare(graphed, eager)
+    out["shared_vs_unshared_prefix"] = compare(graphed, gen(share_prefix=False))
+    out["chunked_vs_one_chunk"] = compare(
+        gen(prefill_tokens=1 << 30, min_chunk_tokens=1 << 30),
+        gen(prefill_tokens=64, min_chunk_tokens=0),
+    )
+    singles = [e.generate([it], params)[0] for it in items[::3]]
+    out["batched_vs_single"] = compare(graphed[::3], singles)
+    zero = [k for k, it in enumerate(items) if it.steering and it.steering[0].coefficient == 0.0]
+    plain = [k - 6 for k in zero]  # the unsteered row of the same prompt
+    out["coef0_generation_exact"] = all(
+        graphed[z].token_ids == graphed[p].token_ids and graphed[z].logprobs == graphed[p].logprobs
+        for z, p in zip(zero, plain, strict=True)
+    )
+    out["fast_vs_transformers_static"] = compare(graphed, gen(cache_mode="static"))
     return out
 
 
@@ -145,11 +243,15 @@ def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--precisions", default="bf16,nf4,int8")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     results = [check(args.model, p, args.device) for p in args.precisions.split(",")]
-    print(json.dumps(results, indent=2))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
