@@ -176,6 +176,19 @@ def data_of(doc: dict[str, Any]) -> dict[str, str]:
 
 # Values the kubelet would fill from the downward API.
 DOWNWARD = {"status.podIP": "10.1.2.3", "metadata.name": "pod-0", "metadata.namespace": "qsens"}
+_POD_FIELD = re.compile(r"^metadata\.(labels|annotations)\['([^']+)'\]$")
+
+
+def _downward(docs: list[dict[str, Any]], container: dict[str, Any], path: str) -> str:
+    """A downward-API field: the fixed values above, or a label or annotation of the pod
+    template that holds ``container`` (which must have it)."""
+    match = _POD_FIELD.match(path)
+    if not match:
+        return DOWNWARD[path]
+    pod = next(p for p in pods(docs) if any(c is container for c in p.containers()))
+    values = pod.labels if match[1] == "labels" else pod.annotations
+    assert match[2] in values, f"{pod.name}: no {match[1]} {match[2]!r} for {path}"
+    return values[match[2]]
 
 
 def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
@@ -193,7 +206,7 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict
             continue
         ref = item["valueFrom"]
         if "fieldRef" in ref:
-            env[item["name"]] = DOWNWARD[ref["fieldRef"]["fieldPath"]]
+            env[item["name"]] = _downward(docs, container, ref["fieldRef"]["fieldPath"])
             continue
         kind, key_ref = (
             ("Secret", ref["secretKeyRef"])

@@ -3,6 +3,7 @@ and every password reaches a process through a Secret."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import stat
@@ -124,21 +125,27 @@ def test_processes_get_the_credentials_they_need(renders: dict[str, list[dict[st
     the setup Job and the workers the same S3 keys; MinIO's root reaches no qsens process."""
     docs = renders["example-study"]
     by_component: dict[str, dict[str, str]] = {}
+    s3_loaders: set[str] = set()
     for pod in pods(docs):
+        quantized = any("--quantize" in c.get("args", []) for c in pod.containers())
         for c in pod.containers():
-            by_component.setdefault(pod.labels["app.kubernetes.io/component"], {}).update(
-                container_env(docs, c)
-            )
+            env = container_env(docs, c)
+            component = pod.labels["app.kubernetes.io/component"]
+            if component == "loader" and "QSENS_S3_SECRET_KEY" in env:
+                # Only a loader of a platform-made checkpoint reads S3 (the checkpoint).
+                assert quantized and "--quantize" in c["args"], pod.name
+                s3_loaders.add(pod.labels["qsens.io/precision"])
+            by_component.setdefault(component, {}).update(env)
     nats = by_component["nats"]
     for component in ("loader", "extractor", "steerer", "analyzer", "judge"):
         env = by_component[component]
         assert env["QSENS_NATS_PASSWORD"] == nats["QSENS_NATS_PASSWORD"], component
         assert "MINIO_ROOT_PASSWORD" not in env, component
-    for component in ("extractor", "steerer", "analyzer", "minio-setup"):
+    for component in ("extractor", "steerer", "analyzer", "quantizer", "minio-setup", "loader"):
         env = by_component[component]
         assert env["QSENS_S3_SECRET_KEY"] == by_component["minio-setup"]["QSENS_S3_SECRET_KEY"]
-    # A loader needs no artefact store.
-    assert "QSENS_S3_SECRET_KEY" not in by_component["loader"]
+    # Other loaders need no artefact store: only the gptq/awq ones (both of their containers).
+    assert s3_loaders == {"gptq", "awq"}
     assert (
         by_component["minio"]["MINIO_ROOT_PASSWORD"]
         == by_component["minio-setup"]["MINIO_ROOT_PASSWORD"]
@@ -155,7 +162,8 @@ def test_setup_script_is_valid_shell() -> None:
 
 def test_qsens_s3_user_cannot_delete_artefacts() -> None:
     """The policy setup.sh gives the qsens user: read, list and create objects; delete only
-    the store's write-once probe (_qsens/...), never runs/..."""
+    the store's write-once probe (_qsens/...) and quantize attempts' parts, never runs/... or a
+    checkpoint's manifest."""
     text = (K8S / "base" / "minio" / "setup.sh").read_text()
     body = text.split("<<POLICY\n", 1)[1].split("\nPOLICY\n", 1)[0]
     policy = json.loads(body.replace("${bucket}", "qsens"))
@@ -164,7 +172,15 @@ def test_qsens_s3_user_cannot_delete_artefacts() -> None:
         assert statement["Effect"] == "Allow"
         for action in statement["Action"]:
             allowed.setdefault(action, set()).update(statement["Resource"])
-    assert allowed["s3:DeleteObject"] == {"arn:aws:s3:::qsens/_qsens/*"}
+    assert allowed["s3:DeleteObject"] == {
+        "arn:aws:s3:::qsens/_qsens/*",
+        "arn:aws:s3:::qsens/quantized/*/parts-*",
+    }
+    deletable = [r.removeprefix("arn:aws:s3:::qsens/") for r in allowed["s3:DeleteObject"]]
+    for key in ("runs/r1/plan.json", "quantized/gptq-w4g128-abc/manifest.json", "models/m/x"):
+        assert not any(fnmatch.fnmatchcase(key, pattern) for pattern in deletable), key
+    part = "quantized/gptq-w4g128-abc/parts-1a2b/model.safetensors"
+    assert any(fnmatch.fnmatchcase(part, pattern) for pattern in deletable)
     assert allowed["s3:PutObject"] == allowed["s3:GetObject"] == {"arn:aws:s3:::qsens/*"}
     assert set(allowed) == {
         "s3:ListBucket",

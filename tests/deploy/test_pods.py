@@ -3,12 +3,14 @@ and ports that agree with the settings the processes read."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from services.common.settings import LoaderSettings
-from tests.deploy.manifests import Pod, container_env, is_qsens, of_kind, pods
+from tests.deploy.manifests import Pod, container_env, expand_args, is_qsens, of_kind, pods
 
 GPU = "nvidia.com/gpu"
+QUANTIZED = ("gptq", "awq")
 
 
 def _all_pods(
@@ -86,7 +88,7 @@ def test_writable_paths_are_volumes(renders: dict[str, list[dict[str, Any]]]) ->
 def test_loaders_request_one_gpu_on_gpu_nodes(renders: dict[str, list[dict[str, Any]]]) -> None:
     for name in ("example-study", "example-study-submit"):
         loaders = _loaders(renders[name])
-        assert len(loaders) == 3
+        assert len(loaders) == 5
         for pod in loaders:
             (c,) = pod.spec["containers"]
             assert c["resources"]["limits"][GPU] == 1 and c["resources"]["requests"][GPU] == 1
@@ -103,9 +105,10 @@ def test_loaders_request_one_gpu_on_gpu_nodes(renders: dict[str, list[dict[str, 
             assert shm and any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
 
 
-def test_only_loaders_use_gpus(renders: dict[str, list[dict[str, Any]]]) -> None:
+def test_only_loaders_and_the_quantizer_use_gpus(renders: dict[str, list[dict[str, Any]]]) -> None:
     for name, _, pod in _all_pods(renders):
-        if pod.labels.get("app.kubernetes.io/component") == "loader" and name != "local-kind":
+        on_gpu = ("loader", "quantizer")
+        if pod.labels.get("app.kubernetes.io/component") in on_gpu and name != "local-kind":
             continue
         for c in pod.containers():
             assert GPU not in c["resources"].get("limits", {}), f"{name}: {pod.name}"
@@ -190,3 +193,70 @@ def test_loader_disruption_budgets(renders: dict[str, list[dict[str, Any]]]) -> 
             assert len(selected) == 1, f"{name}: {pdb['metadata']['name']}"
             assert pdb["spec"]["minAvailable"] == 1
             assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_quantizer_runs_on_one_gpu_and_scales_from_zero(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The quantize worker: the loader image (CUDA torch and gptqmodel), one GPU on a GPU node,
+    no replica unless asked for (base) or while quantize jobs wait (KEDA)."""
+    for name in ("base", "example-study", "example-study-submit", "local-kind"):
+        docs = renders[name]
+        (pod,) = [p for p in pods(docs) if p.labels["app.kubernetes.io/component"] == "quantizer"]
+        (c,) = pod.spec["containers"]
+        assert c["args"] == ["worker", "run", "quantizer"]
+        assert c["image"].rsplit("/", 1)[-1].split(":")[0] == "qsens-loader", name
+        env = container_env(docs, c)
+        assert {"QSENS_S3_SECRET_KEY", "QSENS_NATS_PASSWORD"} <= set(env), name
+        if name == "local-kind":
+            assert GPU not in c["resources"]["limits"] and "nodeSelector" not in pod.spec
+            continue
+        assert c["resources"]["limits"][GPU] == 1 and c["resources"]["requests"][GPU] == 1
+        assert pod.spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod.owner["spec"]["strategy"]["type"] == "Recreate"
+        assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+        if name == "base":
+            assert pod.owner["spec"]["replicas"] == 0
+        else:  # KEDA owns the count: 0 until a quantize job waits
+            assert "replicas" not in pod.owner["spec"]
+            scaled = [
+                so
+                for so in of_kind(docs, "ScaledObject")
+                if so["spec"]["scaleTargetRef"]["name"] == "qsens-quantizer"
+            ]
+            assert len(scaled) == 1 and scaled[0]["spec"]["minReplicaCount"] == 0
+
+
+def test_quantized_loaders_wait_for_their_checkpoint(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    """A gptq/awq loader starts only once its checkpoint exists: an init container runs the
+    loader's command with --quantize --fetch-only (waiting, announced) on the cache volume the
+    loader reads, and the loader itself gets the same --quantize request."""
+    for name in ("example-study", "example-study-submit"):
+        docs = renders[name]
+        quantized = [p for p in _loaders(docs) if p.labels["qsens.io/precision"] in QUANTIZED]
+        assert {p.labels["qsens.io/precision"] for p in quantized} == set(QUANTIZED)
+        for pod in quantized:
+            (init,) = pod.spec["initContainers"]
+            (c,) = pod.spec["containers"]
+            init_args = expand_args(init, container_env(docs, init))
+            args = expand_args(c, container_env(docs, c))
+            request = json.loads(pod.annotations["qsens.io/quantize"])
+            for line in (init_args, args):
+                assert json.loads(line[line.index("--quantize") + 1]) == request
+                assert "--announce" in line
+                assert line[line.index("--precision") + 1] == request["method"]
+                assert line[line.index("--name") + 1] == request["model"]
+            assert init_args[:2] == ["serve", "loader"] and "--fetch-only" in init_args
+            assert "--fetch-only" not in args
+            mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+            loader_mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            cache = container_env(docs, c)["QSENS_CACHE_DIR"]
+            assert container_env(docs, init)["QSENS_CACHE_DIR"] == cache
+            assert mounts[cache] == loader_mounts[cache]
+            assert "nvidia.com/gpu" not in init["resources"]["limits"]
+        for pod in _loaders(docs):
+            if pod.labels["qsens.io/precision"] not in QUANTIZED:
+                assert "initContainers" not in pod.spec, pod.name
+                assert "--quantize" not in pod.spec["containers"][0]["args"], pod.name

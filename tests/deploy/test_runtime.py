@@ -156,3 +156,63 @@ def test_worker_serves_metrics_for_its_probes(
     finally:
         code, _ = _stop(proc, pod.spec["terminationGracePeriodSeconds"])
     assert code == 0, log.read_text()[-3000:]
+
+
+async def test_quantized_loader_init_container_waits_then_fetches(
+    renders: dict[str, list[dict[str, Any]]], plane_env: Any, tmp_path: Path
+) -> None:
+    """The example study's gptq loader's init container, with its own command line and
+    environment: announced 'waiting' (naming the quantize job and the checkpoint) while no
+    checkpoint exists; once one is committed it fetches it into the cache volume, withdraws the
+    announcement and exits 0, so the loader container starts with the checkpoint in place."""
+    import json
+
+    import numpy as np
+
+    from services.common.quantization import parse_request
+    from services.common.store import S3Store
+    from services.common.tensor_codec import save_safetensors
+    from services.quantizer.checkpoint import commit_checkpoint, resolve_checkpoint_id
+
+    docs = renders["example-study"]
+    pod = next(p for p in pods(docs) if p.labels.get("qsens.io/precision") == "gptq")
+    (init,) = pod.spec["initContainers"]
+    manifest_env = container_env(docs, init)
+    args = expand_args(init, manifest_env)
+    request = parse_request(json.loads(pod.annotations["qsens.io/quantize"]))
+    checkpoint, _ = resolve_checkpoint_id(request, S3Store())
+    variant = f"{request.model}@{request.method}"
+    env = _local(manifest_env, tmp_path, plane_env.env)
+    log = tmp_path / "init.log"
+    proc = _launch(args, env, log)
+    try:
+        async with connection(name="deploy-test") as nc:
+            registry = await LoaderRegistry.open(nc.jetstream())
+            deadline = time.monotonic() + 60
+            while not [e for e in await registry.entries(variant) if e.state == "waiting"]:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"init container not waiting ({proc.poll()}):\n{log.read_text()}")
+                await asyncio.sleep(0.2)
+            (entry,) = await registry.entries(variant)
+            assert entry.detail == (
+                f"for checkpoint {checkpoint}, made by the job 'quantize {variant}'"
+            )
+            assert proc.poll() is None
+            # What the quantizer would commit (a stand-in: the init container only fetches).
+            folder = tmp_path / "made"
+            folder.mkdir()
+            (folder / "config.json").write_text('{"quantization_config": {"quant_method": "gptq"}}')
+            weights = {"w": np.arange(8, dtype=np.int32)}
+            (folder / "model.safetensors").write_bytes(save_safetensors(weights, {}))
+            commit_checkpoint(S3Store(), checkpoint, folder, request, {})
+            code = await asyncio.to_thread(proc.wait, 60)
+            assert code == 0, log.read_text()[-3000:]
+            assert await registry.entries(variant) == []
+    finally:
+        if proc.poll() is None:
+            _stop(proc, 10)
+    fetched = Path(env["QSENS_CACHE_DIR"]) / "quantized" / checkpoint
+    assert (fetched / "manifest.json").is_file()
+    assert (fetched / "model.safetensors").read_bytes() == (
+        folder / "model.safetensors"
+    ).read_bytes()

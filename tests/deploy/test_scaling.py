@@ -61,6 +61,7 @@ def test_keda_triggers_name_the_real_queues(
         "qsens-steerer",
         "qsens-analyzer",
         "qsens-judge",
+        "qsens-quantizer",
     }
     for so in scaled:
         target_name = so["spec"]["scaleTargetRef"]["name"]

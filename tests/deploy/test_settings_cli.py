@@ -24,6 +24,7 @@ NON_SETTINGS = {
     "VARIANT_MODEL_NAME": "loader --name",
     "VARIANT_PRECISION": "loader --precision",
     "VARIANT_DEVICE": "loader --device",
+    "VARIANT_QUANTIZE": "loader --quantize (gptq/awq made by the platform), from an annotation",
     "HF_TOKEN": "huggingface_hub's token for gated models",
 }
 

@@ -3,6 +3,7 @@ model source the spec names, and a judge configured as the spec expects."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from services.common.jobs import validate_run_id
-from services.common.planner import variants_of
+from services.common.planner import quantize_request, variants_of
 from services.common.spec import check_portable, load_spec
 from tests.deploy.manifests import DEPLOY, K8S, container_env, expand_args, find, pods
 
@@ -69,6 +70,14 @@ def test_every_planned_variant_has_a_loader(
     for variant_id, v in planned.items():
         assert loaders[variant_id]["--model"] == v.model.source, variant_id
         assert loaders[variant_id]["--device"] == v.model.device, variant_id
+        # A variant the platform quantizes: its loader waits for exactly the checkpoint the
+        # planned quantize job makes (same request, so the same content address).
+        request = quantize_request(spec, v.model, v.precision)
+        if request is None:
+            assert "--quantize" not in loaders[variant_id], variant_id
+        else:
+            given = json.loads(loaders[variant_id]["--quantize"])
+            assert given == request.model_dump(mode="json"), variant_id
 
 
 @pytest.mark.parametrize("target", sorted(STUDIES))

@@ -27,8 +27,10 @@ done
 mc mb --ignore-existing "root/${bucket}"
 mc anonymous set none "root/${bucket}"
 
-# qsens writes every object once (If-None-Match: *) and never deletes artefacts; the only
-# deletion is the store's own write-once probe under _qsens/.
+# qsens writes every object once (If-None-Match: *) and never deletes artefacts. It deletes
+# only the store's own write-once probe under _qsens/ and, under quantized/<checkpoint>/, the
+# parts-<attempt>/ objects of quantize attempts that no manifest names (the quantizer checks
+# that before deleting; manifests and everything under runs/ stay undeletable).
 cat > /tmp/qsens-policy.json <<POLICY
 {
   "Version": "2012-10-17",
@@ -38,7 +40,8 @@ cat > /tmp/qsens-policy.json <<POLICY
     {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"],
      "Resource": ["arn:aws:s3:::${bucket}/*"]},
     {"Effect": "Allow", "Action": ["s3:DeleteObject"],
-     "Resource": ["arn:aws:s3:::${bucket}/_qsens/*"]}
+     "Resource": ["arn:aws:s3:::${bucket}/_qsens/*",
+                  "arn:aws:s3:::${bucket}/quantized/*/parts-*"]}
   ]
 }
 POLICY
