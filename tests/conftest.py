@@ -55,6 +55,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
+
 # Job-plane timings short enough for tests; each can be overridden with monkeypatch.setenv
 # followed by settings.reset().
 FAST_PLANE = {

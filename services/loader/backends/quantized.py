@@ -34,7 +34,7 @@ from services.common.errors import InvalidArgument
 from services.common.logging import get_logger
 from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
-from services.loader.backends.hf import load_tokenizer, resolve_device
+from services.loader.backends.hf import cpu_compute_dtype, load_tokenizer, resolve_device
 from services.loader.model_source import ResolvedSource
 
 __all__ = ["QuantizedBackend", "kernel_candidates", "read_quantization_config"]
@@ -137,6 +137,9 @@ class QuantizedBackend(Backend):
         model = self._wrapper.model
         model.eval()
         kernel = _kernel_of(model)
+        compute, compute_note = cpu_compute_dtype(dtype, dev)
+        if compute != dtype:
+            _float32_around_kernels(model, dtype, compute)
         info = _made_by(source.folder)
         described = {
             "method": self.method,
@@ -147,7 +150,8 @@ class QuantizedBackend(Backend):
             "format": str(qconfig.get("checkpoint_format") or qconfig.get("format") or ""),
             "kernel": kernel,
             "kernel_backend": name,
-            "compute_dtype": str(dtype).removeprefix("torch."),
+            "compute_dtype": str(compute).removeprefix("torch."),
+            "kernel_input_dtype": str(dtype).removeprefix("torch."),
             "checkpoint": info.get("checkpoint", source.source),
             "made_by": "qsens quantize job" if info else "published checkpoint",
             "calibration_sha256": info.get("calibration", {}).get("sha256", "unknown"),
@@ -156,7 +160,29 @@ class QuantizedBackend(Backend):
             "quantizer": info.get("libraries", {}).get("gptqmodel", qconfig.get("quantizer")),
         }
         notes = [*info.get("source", {}).get("notes", []), *source.notes, _note(described, errors)]
-        return LoadedModel(model, load_tokenizer(source), dev, dtype, described, notes)
+        if compute_note:
+            notes.append(f"{compute_note}; the int4 kernels take {described['kernel_input_dtype']}")
+        return LoadedModel(model, load_tokenizer(source), dev, compute, described, notes)
+
+
+def _float32_around_kernels(model: Any, kernel_dtype: Any, compute: Any) -> None:
+    """Run everything but the quantized matmuls in ``compute`` (float32 on an AVX2 CPU).
+
+    The CPU int4 kernels only take half-precision activations, so each quantized linear casts
+    its input to ``kernel_dtype`` and its output back: the quantized matmuls compute exactly as
+    in a half-precision model, while norms, attention, embeddings and the head (unquantized,
+    and emulated slowly in bf16 on such CPUs) run in float32 on the same bf16 weights.
+    """
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    for module in model.modules():
+        if isinstance(module, BaseQuantLinear):
+            module.register_forward_pre_hook(lambda _m, args: (args[0].to(kernel_dtype), *args[1:]))
+            module.register_forward_hook(lambda _m, _args, out: out.to(compute))
+        else:
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if tensor.dtype == kernel_dtype:
+                    tensor.data = tensor.data.to(compute)
 
 
 def _kernel_of(model: Any) -> str:
