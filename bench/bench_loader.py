@@ -207,9 +207,11 @@ def seed_style_loop(
     return answers
 
 
-def _profile(fn: Any, device: torch.device, top: int = 14) -> dict[str, Any]:
-    """Kernel time of one call of ``fn`` (torch.profiler): the busiest kernels, the device's
-    busy time against the wall time (the gap is host time: launches, Python, syncs)."""
+def _profile(fn: Any, device: torch.device, top: int = 16) -> dict[str, Any]:
+    """Kernel time of one call of ``fn`` (torch.profiler): the busiest kernels and the GPU's
+    busy time (the sum of kernel times) against the wall time; the gap is host time (Python,
+    launches, syncs) the GPU waited for. On a CPU: the busiest operators."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -229,12 +231,15 @@ def _profile(fn: Any, device: torch.device, top: int = 14) -> dict[str, Any]:
                 return float(getattr(event, name))
         return 0.0
 
-    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    events = list(prof.key_averages())
+    if on_gpu:  # kernels only: an operator's device time repeats its kernels'
+        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+    events = [e for e in events if self_time(e) > 0]
     events.sort(key=self_time, reverse=True)
     busy = sum(self_time(e) for e in events) / 1e6
     return {
         "wall_s": wall,
-        "device_busy_s": busy if on_gpu else None,
+        "gpu_kernel_s": busy if on_gpu else None,
         "top": [
             {"name": e.key[:90], "ms": round(self_time(e) / 1e3, 3), "calls": e.count}
             for e in events[:top]
@@ -499,13 +504,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["seed_style_loop"] = _phase(t_seed, loop_work)
             out["speedup_vs_seed_loop"] = t_seed[0] / t_batch
             out["same_answers_seed_vs_batch"] = _same_share(seed_answers, answers[paths[0]])
+            out["same_first_token_seed_vs_batch"] = _same_share(
+                [a[:1] for a in seed_answers], [a[:1] for a in answers[paths[0]]]
+            )
+            if "hf" in answers:  # the noise level: transformers vs transformers, batched
+                out["same_answers_seed_vs_transformers"] = _same_share(seed_answers, answers["hf"])
         if "hf" in answers and "fast" in answers:
             out["same_answers_fast_vs_transformers"] = _same_share(answers["fast"], answers["hf"])
+            out["same_first_token_fast_vs_transformers"] = _same_share(
+                [a[:1] for a in answers["fast"]], [a[:1] for a in answers["hf"]]
+            )
             out["speedup_vs_transformers_path"] = (
                 out["hf"]["one_batch"]["median_s"] / out["fast"]["one_batch"]["median_s"]
             )
         if args.profile:
-            out["profile"] = {path: _profile(batch(path, params), device) for path in paths}
+            # Prefill alone, then the whole call (decode is the difference).
+            out["profile"] = {
+                f"{path}_{part}": _profile(batch(path, p), device)
+                for path in paths
+                for part, p in (("prefill", first_only), ("whole", params))
+            }
         result["sweep"] = out
 
     parts = {"capture": capture_part, "generation": generation_part, "sweep": sweep_part}

@@ -221,7 +221,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             questions = (dataset.questions * 4)[: args.questions]
             lo, hi = round(0.2 * info.num_layers), round(0.8 * info.num_layers)
             layers = sorted({round(x) for x in np.linspace(lo, hi, args.layers)})
+            started = time.perf_counter()
             source = await persona_direction(loader, layers, questions)
+            direction_s = time.perf_counter() - started
             rubric = trait_rubric(dataset.eval_prompt, dataset.exemplars.pos, dataset.exemplars.neg)
 
             def params(probes: int) -> SteerParams:
@@ -263,8 +265,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for side in (batched, single, *alternatives.values()):
         side.pop("answers")
         side.pop("coefficients")
+    cell_s = direction_s + batched["wall_s"]
+    cells = args.matrix_models * args.matrix_precisions * args.matrix_traits
+    projection = {
+        "cell_s": round(cell_s, 3),
+        "direction_capture_s": round(direction_s, 3),
+        "search_s": batched["wall_s"],
+        "cells": cells,
+        "gpu_hours": round(cell_s * cells / 3600, 2),
+        "seeds_gpu_hours": 155,
+        "method": f"one cell = one trait's steering at one model x precision: the direction "
+        f"capture plus the whole adaptive search (probes={args.probes[0]}, "
+        f"{len(layers)} layers x {args.steps} settings x {len(questions)} questions x "
+        f"{args.max_new_tokens} tokens), measured end to end through gRPC on this model; "
+        f"the matrix = {args.matrix_models} models x {args.matrix_precisions} precisions x "
+        f"{args.matrix_traits} traits cells at this cell's cost (an 8B-sized model stands for "
+        "each; the judge runs elsewhere and is not counted)",
+    }
     return {
         "bench": "steerer_search",
+        "projection": projection,
         "machine": platform.node(),
         "device": info.device,
         "model": info.model,
@@ -304,6 +324,9 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--matrix-models", type=int, default=7, help="projection: models")
+    parser.add_argument("--matrix-precisions", type=int, default=5, help="projection: precisions")
+    parser.add_argument("--matrix-traits", type=int, default=6, help="projection: traits")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     text = json.dumps(result, indent=2)

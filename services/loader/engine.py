@@ -252,7 +252,7 @@ class Engine:
         )
         # Capture batches past this many padded tokens are cut where padding would pass 1/16
         # (compute-bound there: padded tokens are computed tokens); 0: never.
-        self.capture_split_tokens = 16384
+        self.capture_split_tokens = 8192
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0

@@ -21,6 +21,9 @@ rotary embedding: quantized linears work unchanged) in a loop it controls:
 * **A KV cache sized to the request**: ``[layers, 2, rows, kv heads, prompt width + new
   tokens, head dim]`` (width rounded up to 16), zeroed, with a per-row validity mask; prompts
   are right-aligned at the prompt width, decode step ``s`` writes column ``width + s``.
+* **One matmul for q/k/v and one for gate/up** where they are plain linears: the modules'
+  weights are re-pointed to slices of one tensor (the modules compute what they did, no memory
+  is added); quantized linears keep their own kernels.
 * **Decode attention without copies**: the query heads of a key/value head are treated as
   query positions of one head (no key/value repeated per query head), one fused attention
   kernel over the cache with the validity mask.
@@ -59,7 +62,7 @@ from services.loader.hooks import ForwardState, ablate_only, apply_plan
 from services.loader.steering import SteeringPlan, select_rows
 from services.loader.transfer import is_oom, to_device
 
-__all__ = ["FastGenerator", "FastRun", "prefill_chunks", "unsupported_reason"]
+__all__ = ["FastGenerator", "FastRun", "FusedLinear", "prefill_chunks", "unsupported_reason"]
 
 log = get_logger(__name__)
 
@@ -124,6 +127,48 @@ def prefill_chunks(
     if current:
         chunks.append(current)
     return chunks
+
+
+class FusedLinear:
+    """Linears that read the same input, computed as one matmul: their weights (and biases)
+    were re-pointed to slices of one tensor, so the modules compute exactly what they did and
+    no memory is added. Unusable while a module carries a forward hook (hooks must run)."""
+
+    def __init__(self, modules: list[nn.Linear], weight: torch.Tensor, bias: torch.Tensor | None):
+        self.modules = modules
+        self.weight = weight
+        self.bias = bias
+        self.sizes = [int(m.weight.shape[0]) for m in modules]
+
+    def usable(self) -> bool:
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.split(F.linear(x, self.weight, self.bias), self.sizes, dim=-1))
+
+
+def _fuse(modules: list[Any]) -> FusedLinear | None:
+    """Re-point plain ``nn.Linear`` modules (same device, dtype and bias-ness) to slices of one
+    concatenated weight; None where they are not (quantized linears keep their own kernels)."""
+    if not all(type(m) is nn.Linear for m in modules):
+        return None
+    weights = [m.weight for m in modules]
+    biases = [m.bias for m in modules]
+    if len({(w.device, w.dtype, w.shape[1]) for w in weights}) != 1:
+        return None
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([w.detach() for w in weights])
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        start = 0
+        for m in modules:
+            rows = int(m.weight.shape[0])
+            m.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+            start += rows
+    return FusedLinear(modules, weight, bias)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -210,6 +255,17 @@ class FastGenerator:
         self.fused_norm = True
         self.prefill_tokens = prefill_tokens
         self.min_chunk_tokens = min_chunk_tokens
+        # One matmul for q/k/v and one for gate/up where they are plain linears (see _fuse).
+        decoders: list[Any] = list(layers)
+        self.qkv = [
+            _fuse([d.self_attn.q_proj, d.self_attn.k_proj, d.self_attn.v_proj]) for d in decoders
+        ]
+        self.gate_up = [
+            _fuse([d.mlp.gate_proj, d.mlp.up_proj])
+            if hasattr(d.mlp, "gate_proj") and hasattr(d.mlp, "act_fn")
+            else None
+            for d in decoders
+        ]
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
         self.last: RunStats | None = None
@@ -218,7 +274,8 @@ class FastGenerator:
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An RMSNorm module applied to ``x``: one fused kernel where the module is a plain
         Llama-style RMSNorm (the module's own code is several float32 passes)."""
-        if self.fused_norm and type(module).__name__ in _RMS_NORMS:
+        hooked = module._forward_hooks or module._forward_pre_hooks
+        if self.fused_norm and type(module).__name__ in _RMS_NORMS and not hooked:
             weight: Any = module.weight
             eps = float(getattr(module, "variance_epsilon", 1e-6))
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
@@ -244,9 +301,13 @@ class FastGenerator:
         x = self.norm(layer.input_layernorm, hidden)
         batch, tokens, _ = x.shape
         shape = (batch, tokens, -1, self.head_dim)
-        q = attn.q_proj(x).view(shape)
-        k = attn.k_proj(x).view(shape)
-        v = attn.v_proj(x).view(shape)
+        fused = self.qkv[index]
+        if fused is not None and fused.usable():
+            q, k, v = (t.view(shape) for t in fused(x))
+        else:
+            q = attn.q_proj(x).view(shape)
+            k = attn.k_proj(x).view(shape)
+            v = attn.v_proj(x).view(shape)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         if q_norm is not None and k_norm is not None:  # Qwen3: per-head norms before rotary
             q, k = q_norm(q), k_norm(k)
@@ -258,10 +319,22 @@ class FastGenerator:
         if plan is not None and plan.ablations:
             out = ablate_only(out, plan, state)
         hidden = hidden + out
-        hidden = hidden + layer.mlp(self.norm(layer.post_attention_layernorm, hidden))
+        hidden = hidden + self._mlp(
+            index, layer.mlp, self.norm(layer.post_attention_layernorm, hidden)
+        )
         if plan is not None:
             hidden = apply_plan(hidden, plan, state)
         return hidden
+
+    def _mlp(self, index: int, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        """The layer's MLP: ``down(act(gate(x)) * up(x))`` with gate and up as one matmul."""
+        fused = self.gate_up[index]
+        if fused is None or not fused.usable() or mlp._forward_hooks or mlp._forward_pre_hooks:
+            out: torch.Tensor = mlp(x)
+            return out
+        gate, up = fused(x)
+        result: torch.Tensor = mlp.down_proj(mlp.act_fn(gate) * up)
+        return result
 
     def rotary(
         self, hidden: torch.Tensor, positions: torch.Tensor

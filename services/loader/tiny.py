@@ -4,8 +4,10 @@
 tokenizer (256 byte tokens + ChatML specials) and saves it as an ordinary model folder, so the
 hf and bnb backends load it through ``from_pretrained`` exactly like a real checkpoint.
 ``system_role=0`` gives a chat template that rejects system messages (for methodology checks).
-``bf16=1`` saves the weights in bfloat16 (benchmark shapes of billions of parameters: half the
-disk and load time; the bf16 and nf4 variants load the same weights either way).
+``bf16=1`` is for benchmark shapes of billions of parameters: the weights are drawn on the GPU
+where there is one (seconds instead of minutes; the values then differ from a CPU build of the
+same options) and saved in bfloat16 (half the disk and load time; the bf16 and nf4 variants
+load the same weights either way).
 """
 
 from __future__ import annotations
@@ -120,7 +122,15 @@ def build_tiny(source: str, cache_dir: Path) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(params["seed"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    on_gpu = bool(params["bf16"]) and torch.cuda.is_available()
+    try:
+        with torch.device("cuda" if on_gpu else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception:  # any failure to build on the GPU: the CPU build is the reference
+        if not on_gpu:
+            raise
+        on_gpu = False  # built on the CPU after all (slower, same result shape)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init at std 0.02 gives near-uniform outputs; a larger scale makes tokens differ
     # so that steering and padding tests see real signal.
     with torch.no_grad():
@@ -129,6 +139,9 @@ def build_tiny(source: str, cache_dir: Path) -> Path:
                 p.normal_(0.0, 0.3 if "embed" in name else 0.15)
     if params["bf16"]:
         model = model.to(torch.bfloat16)
+        if on_gpu:
+            model = model.to("cpu")
+            torch.cuda.empty_cache()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)

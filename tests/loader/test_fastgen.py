@@ -325,3 +325,26 @@ def test_long_capture_batches_are_cut_where_padding_would_pass_a_sixteenth(engin
         engine.capture_split_tokens = saved
     for a, b in zip(whole, split, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_fused_projections_share_the_modules_weights_and_respect_hooks(engine: Engine) -> None:
+    fast = engine.fast
+    assert fast is not None
+    fused = fast.qkv[2]
+    assert fused is not None and fused.usable()
+    attn: Any = engine.layers[2].self_attn
+    x = torch.randn(3, 5, engine.hidden_size)
+    q, k, v = fused(x)
+    # The modules' weights are slices of the fused weight: same storage, same results.
+    assert attn.q_proj.weight.data_ptr() == fused.weight.data_ptr()
+    assert (
+        attn.k_proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+    )
+    for got, module in zip((q, k, v), (attn.q_proj, attn.k_proj, attn.v_proj), strict=True):
+        torch.testing.assert_close(got, module(x), atol=1e-5, rtol=1e-5)
+    handle = attn.v_proj.register_forward_hook(lambda *a: None)
+    try:
+        assert not fused.usable()  # a hooked module is called as a module
+    finally:
+        handle.remove()
+    assert fused.usable()
