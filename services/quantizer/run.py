@@ -14,6 +14,7 @@ checkpoint is saved in bfloat16 either way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -192,13 +193,18 @@ def quantize_folder(
         _pack_awq_from_float32()
         _clip_search_as_matmuls()
     started = time.perf_counter()
-    model = gptqmodel.GPTQModel.load(
-        str(source.folder),
-        build_quant_config(method, settings),
-        device="cuda:0" if on_gpu else "cpu",
-        dtype=dtype,
-    )
-    model.quantize(samples.input_ids, batch_size=batch_size, tokenizer=tokenizer)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # gptqmodel writes per-run logs under ./logs: keep them beside the output, not in the
+    # caller's working directory (a checkout, a container's workdir).
+    with contextlib.chdir(out.parent):
+        model = gptqmodel.GPTQModel.load(
+            str(source.folder.resolve()),
+            build_quant_config(method, settings),
+            device="cuda:0" if on_gpu else "cpu",
+            dtype=dtype,
+        )
+        model.quantize(samples.input_ids, batch_size=batch_size, tokenizer=tokenizer)
     seconds = time.perf_counter() - started
     # Integer codes are unaffected; scales and unquantized weights are stored in bfloat16.
     model.model.to(torch.bfloat16)
