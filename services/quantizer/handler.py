@@ -2,7 +2,9 @@
 
 The checkpoint's address is computed from the request and the calibration set's sha256
 (``services.common.quantization.checkpoint_id``); when its manifest exists the job returns at
-once with ``reused: true``. Otherwise it quantizes in a child process (``services.quantizer.run``)
+once with ``reused: true``; when this machine's model cache holds a verified copy (a loader
+fetched it for an earlier stack) that copy is committed instead of quantizing again.
+Otherwise it quantizes in a child process (``services.quantizer.run``)
 while this process keeps the job's heartbeat going, then uploads the files and writes the
 manifest last (``services.quantizer.checkpoint.commit_checkpoint``, which also deletes parts
 of attempts that did not commit; a reusing job deletes any left by killed attempts).
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common import settings as settings_mod
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument, QsensError
 from services.common.jobs import Job, JobKind
 from services.common.quantization import QuantizeRequest, manifest_key, parse_request
 from services.common.queue import JobContext
@@ -31,6 +33,7 @@ from services.quantizer.checkpoint import (
     commit_checkpoint,
     delete_stale_parts,
     read_manifest,
+    verify_folder,
 )
 
 __all__ = ["handle", "quantize_request"]
@@ -131,6 +134,9 @@ async def quantize_request(
         # Parts of attempts killed before they could clean up go now (cheap: one listing).
         await asyncio.to_thread(delete_stale_parts, sync_store, existing)
         return _result(existing, True, time.perf_counter() - started)
+    cached = await asyncio.to_thread(_from_local_cache, sync_store, checkpoint, request)
+    if cached is not None:
+        return {**_result(cached, True, time.perf_counter() - started), "from": "local cache"}
     with tempfile.TemporaryDirectory(prefix="qsens-quantize-") as tmp:
         info = await _run_child(request, calibration, Path(tmp), ctx)
         manifest, committed = await asyncio.to_thread(
@@ -142,6 +148,32 @@ async def quantize_request(
             info,
         )
     return _result(manifest, not committed, time.perf_counter() - started)
+
+
+def _from_local_cache(store: Any, checkpoint: str, request: QuantizeRequest) -> Manifest | None:
+    """Commit ``checkpoint`` from this machine's model cache when a loader fetched it before.
+
+    The address covers the source, the settings and the calibration set's sha256, so a copy
+    under ``<cache_dir>/quantized/<id>`` whose files match its manifest is that checkpoint: a
+    new stack (a fresh clone, a wiped S3) gets it back without quantizing again. Anything
+    that does not verify is ignored and the job quantizes."""
+    import shutil
+
+    folder = settings_mod.get(settings_mod.CommonSettings).cache_dir / "quantized" / checkpoint
+    try:
+        manifest = Manifest.model_validate_json((folder / "manifest.json").read_bytes())
+        if manifest.checkpoint != checkpoint:
+            return None
+        verify_folder(folder, manifest)
+    except (OSError, ValueError, QsensError):
+        return None
+    with tempfile.TemporaryDirectory(prefix="qsens-quantize-cache-") as tmp:
+        staged = Path(tmp)
+        for f in manifest.files:  # only the checkpoint's files, not the cache's marker
+            (staged / f.name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / f.name, staged / f.name)
+        committed, _ = commit_checkpoint(store, checkpoint, staged, request, manifest.info)
+    return committed
 
 
 async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:

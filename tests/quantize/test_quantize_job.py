@@ -380,3 +380,49 @@ def test_matmul_clip_search_equals_gptqmodels(sym: bool) -> None:
     got = replacement(this, w, x)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert torch.equal(got, expected)
+
+
+def test_a_verified_local_copy_is_committed_instead_of_quantizing_again(
+    s3_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new stack (fresh clone, wiped S3) on a machine whose model cache holds the checkpoint
+    gets it back without quantizing; a tampered copy is ignored."""
+    from services.common import settings as settings_mod
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("QSENS_CACHE_DIR", str(tmp_path / "cache"))
+    settings_mod.reset()
+    try:
+        store = AsyncS3Store()
+        request = tiny_request("gptq", damp_percent=0.07)  # an address no other test makes
+        made = asyncio.run(quantize_request(request, store))
+        assert made["reused"] is False
+        manifest = read_manifest(store.sync, made["checkpoint"])
+        assert manifest is not None
+        cached = fetch_checkpoint(store.sync, manifest, tmp_path / "cache")
+
+        def wipe() -> None:  # the new stack's S3 has never seen the checkpoint
+            keys = store.sync.list_keys(f"quantized/{made['checkpoint']}/")
+            assert store.sync.delete(keys) == len(keys) > 0
+            assert read_manifest(store.sync, made["checkpoint"]) is None
+
+        wipe()
+        again = asyncio.run(quantize_request(request, store))
+        assert again["reused"] is True and again.get("from") == "local cache"
+        assert again["checkpoint"] == made["checkpoint"]
+        restored = read_manifest(store.sync, made["checkpoint"])
+        assert restored is not None
+        assert {(f.name, f.sha256) for f in restored.files} == {
+            (f.name, f.sha256) for f in manifest.files
+        }
+        # A copy that no longer matches its manifest is not trusted: the job quantizes.
+        wipe()
+        weights = cached / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        fresh = asyncio.run(quantize_request(request, store))
+        assert fresh["reused"] is False and "from" not in fresh
+    finally:
+        settings_mod.reset()
