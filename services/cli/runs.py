@@ -551,6 +551,12 @@ def _waiting_note(request: Any) -> str:
     )
 
 
+#: Jobs in flight per local worker where one is not enough: a steerer job alternates between
+#: its target's loader and the judge (itself waiting on the reference loader), so one job at a
+#: time leaves a core idle; two jobs on different variants keep both busy.
+LOCAL_CONCURRENCY = {"steerer": 2}
+
+
 def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
     from services.common.planner import loader_source, quantize_request, variants_of
@@ -629,9 +635,10 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     if any(quantize_request(spec, v.model, v.precision) for v in variants):
         services.append("quantizer")
     for service in services:
-        children.append(
-            ChildSpec(name=f"worker-{service}", argv=[*python, "worker", "run", service])
-        )
+        argv = [*python, "worker", "run", service]
+        if service in LOCAL_CONCURRENCY:
+            argv += ["--concurrency", str(LOCAL_CONCURRENCY[service])]
+        children.append(ChildSpec(name=f"worker-{service}", argv=argv))
     return children
 
 
