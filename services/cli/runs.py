@@ -551,10 +551,10 @@ def _waiting_note(request: Any) -> str:
     )
 
 
-#: Jobs in flight per local worker where one is not enough: a steerer job alternates between
-#: its target's loader and the judge (itself waiting on the reference loader), so one job at a
-#: time leaves a core idle; two jobs on different variants keep both busy.
-LOCAL_CONCURRENCY = {"steerer": 2}
+#: Jobs in flight per local worker where one is not enough: a job alternates between its
+#: variant's loader, S3 and (steerer) the judge, itself waiting on the reference loader, so one
+#: job at a time leaves a core idle; two jobs usually run on different variants' loaders.
+LOCAL_CONCURRENCY = {"steerer": 2, "extractor": 2}
 
 
 def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:

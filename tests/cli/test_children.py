@@ -21,5 +21,6 @@ def test_demo_stack_children(tmp_path: Path) -> None:
     assert "--quantize" in children["loader-smollm2-135m@awq"].argv
     steerer = children["worker-steerer"].argv
     assert steerer[-2:] == ["--concurrency", "2"]
-    assert "--concurrency" not in children["worker-extractor"].argv
+    assert children["worker-extractor"].argv[-2:] == ["--concurrency", "2"]
+    assert "--concurrency" not in children["worker-analyzer"].argv
     assert {"worker-quantizer", "worker-analyzer", "judge"} <= set(children)
