@@ -56,7 +56,7 @@ def test_loader_bench_reports_every_comparison() -> None:
     out = run_bench(
         "bench_loader.py", "--model", TINY, "--precision", "fp32", "--device", "cpu",
         "--prompts", "3", "--new-tokens", "3", "--sweep-layers", "2", "--sweep-coefs", "2",
-        "--capture-copies", "2", "--repeats", "2",
+        "--capture-copies", "2", "--repeats", "2", "--card", "H100",
     )  # fmt: skip
     capture, gen, sweep = out["capture"], out["steered_generation"], out["sweep"]
     assert isinstance(capture, dict) and isinstance(gen, dict) and isinstance(sweep, dict)
@@ -64,6 +64,27 @@ def test_loader_bench_reports_every_comparison() -> None:
     assert capture["ratio_capture_over_forward_from_ids"] > 0
     assert gen["rows"] == 3 and gen["ratio_steered_throughput"] > 0
     assert sweep["rows"] == 2 * 2 * 3 and sweep["speedup"] > 0
+    # Every timed phase carries its roofline (forced to the H100's peaks on this CPU) and the
+    # fraction of it; the three sweep sides ran and their answers were compared.
+    phases = [
+        *capture["roofline"].values(),
+        gen["roofline_steered"],
+        *(
+            sweep[side][p]
+            for side in ("fast", "hf")
+            for p in ("prefill", "decode_step", "one_batch", "one_setting_call")
+        ),
+        sweep["per_setting_calls"],
+        sweep["seed_style_loop"],
+    ]
+    for phase in phases:
+        assert phase["roofline_s"] > 0 and phase["fraction_of_roofline"] > 0
+        assert phase["min_s"] <= phase["median_s"] <= phase["max_s"]
+    shared = sweep["fast"]["prefill"]["shared_work"]
+    assert 0 < shared["tflop"] < sweep["fast"]["prefill"]["tflop"]  # less work after sharing
+    assert sweep["fast"]["stats"]["rows"] == 12 and sweep["fast"]["stats"]["chunks"] >= 1
+    assert sweep["same_answers_fast_vs_transformers"] == 1.0  # fp32 on a CPU
+    assert sweep["speedup_vs_seed_loop"] > 0
 
 
 def test_loader_bench_runs_only_the_parts_asked_for_and_names_a_bad_one() -> None:
