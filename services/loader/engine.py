@@ -1079,10 +1079,19 @@ class Engine:
             "supports_system_role": self.has_system_role,
             "vocab_size": self.vocab_size,
             "quantization_config": self.loaded.quantization_config,
-            "notes": list(self.loaded.notes)
-            + (
-                [f"capture CUDA graphs off: {self.graphs.disabled}"]
-                if self.graphs.disabled and self.device.type == "cuda"
-                else []
-            ),
+            "notes": list(self.loaded.notes) + self._path_notes(),
         }
+
+    def _path_notes(self) -> list[str]:
+        """Why a fast path is off for this model (generation, decode graphs, capture graphs)."""
+        notes = []
+        if self.fast_disabled:
+            notes.append(
+                f"fast generation path off (transformers' generation): {self.fast_disabled}"
+            )
+        on_gpu = self.device.type == "cuda"
+        if on_gpu and self.fast is not None and self.fast.graphs_disabled:
+            notes.append(f"decode CUDA graphs off: {self.fast.graphs_disabled}")
+        if on_gpu and self.graphs.disabled:
+            notes.append(f"capture CUDA graphs off: {self.graphs.disabled}")
+        return notes
