@@ -2,8 +2,9 @@
 
 The analyzer reads only from the store: the spec (job params or ``spec.json``), every
 extraction's ``summary.json`` and ``vectors/<method>.safetensors``, the steerer's
-``result.json`` files (steer, logit_diff, benchmark, probe), and, for refusal (``arditi``)
-traits, the layers of ``activations.safetensors`` that the safety-neuron analysis needs.
+``result.json`` files (steer, logit_diff, benchmark, probe), the quantize job's ``result.json``
+of each platform-quantized gptq/awq variant, and, for refusal (``arditi``) traits, the layers
+of ``activations.safetensors`` that the safety-neuron analysis needs.
 Everything it read is listed in :attr:`RunArtefacts.inputs` with its SHA-256, so each number
 in the report can be traced back to the objects it came from.
 
@@ -33,6 +34,7 @@ from numpy.typing import NDArray
 from services.common.artefacts import (
     ExtractSummary,
     extract_key,
+    quantize_key,
 )
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.jobs import JobKind
@@ -59,6 +61,7 @@ __all__ = [
     "Extraction",
     "LogitDiffView",
     "ProbeView",
+    "QuantizeView",
     "RunArtefacts",
     "SteerRun",
     "SteerView",
@@ -68,6 +71,7 @@ __all__ = [
     "parse_benchmark",
     "parse_logit_diff",
     "parse_probe",
+    "parse_quantize",
     "parse_steer",
     "per_question_scores",
 ]
@@ -561,6 +565,112 @@ def parse_probe(raw: Mapping[str, Any], *, key: str, variant: str, name: str) ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Quantization of gptq/awq variants.
+
+
+def _bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    if value is None or value == "" or value == "unknown":
+        return None
+    return str(value)
+
+
+@dataclass(frozen=True)
+class QuantizeView:
+    """How a gptq/awq variant's checkpoint was made and served.
+
+    Read from the quantize job's ``result.json`` (``services.quantizer.handler.record_result``:
+    ``method``, ``settings {bits, group_size, sym, desc_act}``, ``checkpoint``, ``reused``,
+    ``from``, ``calibration {name, sha256, bytes, samples, tokens}``, ``quantize_seconds``,
+    ``libraries.gptqmodel``) and from the loader's ``Info.quantization_config`` recorded in
+    the variant's extraction summaries (``kernel``, ``compute_dtype``, ``made_by``, and the
+    same settings and calibration fields, the only source for a published checkpoint).
+    ``key`` is the ``result.json`` read, None when only the loader's record exists.
+    """
+
+    variant: str
+    key: str | None
+    method: str
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    desc_act: bool | None = None
+    checkpoint: str | None = None
+    made_by: str = "unknown"  # "platform", "published" or "unknown"
+    calibration_source: str | None = None
+    calibration_sha256: str | None = None
+    calibration_bytes: int | None = None
+    calibration_samples: int | None = None
+    calibration_tokens: int | None = None
+    quantize_seconds: float | None = None
+    reused: bool | None = None
+    reused_from: str | None = None
+    gptqmodel: str | None = None
+    kernel: str | None = None
+    compute_dtype: str | None = None
+    loader_source: str | None = None  # the summary.json the loader fields came from
+
+
+def parse_quantize(
+    raw: Mapping[str, Any] | None,
+    loader: Mapping[str, Any] | None,
+    *,
+    variant: str,
+    key: str | None,
+    loader_source: str | None = None,
+) -> QuantizeView:
+    """One variant's :class:`QuantizeView` from its quantize result and/or its loader's Info."""
+    result = raw or {}
+    loader = loader or {}
+    qc = loader.get("quantization_config")
+    qc = qc if isinstance(qc, Mapping) else {}
+    settings = result.get("settings")
+    settings = settings if isinstance(settings, Mapping) else {}
+    cal = result.get("calibration")
+    cal = cal if isinstance(cal, Mapping) else {}
+    libraries = result.get("libraries")
+    libraries = libraries if isinstance(libraries, Mapping) else {}
+    made_by = str(qc.get("made_by", ""))
+    if raw is not None or made_by == "qsens quantize job":
+        origin = "platform"
+    elif made_by == "published checkpoint":
+        origin = "published"
+    else:
+        origin = "unknown"
+
+    def setting(name: str) -> Any:
+        return settings[name] if name in settings else qc.get(name)
+
+    method = str(result.get("method") or qc.get("method") or variant.rpartition("@")[2])
+    return QuantizeView(
+        variant=variant,
+        key=key,
+        method=method,
+        bits=_int(setting("bits")),
+        group_size=_int(setting("group_size")),
+        sym=_bool(setting("sym")),
+        desc_act=_bool(setting("desc_act")) if method == "gptq" else None,  # GPTQ's alone
+        checkpoint=_str(result.get("checkpoint") or qc.get("checkpoint")),
+        made_by=origin,
+        calibration_source=_str(cal.get("name")),
+        calibration_sha256=_str(cal.get("sha256") or qc.get("calibration_sha256")),
+        calibration_bytes=_int(cal.get("bytes")),
+        calibration_samples=_int(cal.get("samples") or qc.get("calibration_samples")),
+        calibration_tokens=_int(cal.get("tokens") or qc.get("calibration_tokens")),
+        quantize_seconds=_num(result.get("quantize_seconds")),
+        reused=_bool(result.get("reused")),
+        reused_from=_str(result.get("from")),
+        gptqmodel=_str(libraries.get("gptqmodel") or qc.get("quantizer")),
+        kernel=_str(qc.get("kernel")),
+        compute_dtype=_str(qc.get("compute_dtype") or loader.get("dtype")),
+        loader_source=loader_source if qc else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The run.
 
 
@@ -580,6 +690,8 @@ class RunArtefacts:
     missing: dict[str, list[str]]  # stage -> expected keys not in the bucket
     notes: list[str]
     loader_notes: dict[str, list[str]]  # variant -> the loader's notes
+    # gptq/awq variant -> how its checkpoint was made and served (empty without such variants)
+    quantization: dict[str, QuantizeView] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -641,10 +753,16 @@ def _expected(spec: ExperimentSpec, run_id: str) -> dict[str, list[str]]:
         "logit_diff": [],
         "benchmark": [],
         "probe": [],
+        "quantize": [],
     }
     for job in build_plan(spec, run_id).jobs:
         p = job.params
-        if job.kind is JobKind.EXTRACT:
+        if job.kind is JobKind.QUANTIZE:
+            # The quantizer records it under the variant <model>@<method>.
+            out["quantize"].append(
+                quantize_key(run_id, f"{p['model']}@{p['method']}", "result.json")
+            )
+        elif job.kind is JobKind.EXTRACT:
             out["extract"].append(
                 extract_key(run_id, p["variant"], p["trait"]["name"], p["mode"], "summary.json")
             )
@@ -720,6 +838,7 @@ async def load_run(
     ld_keys: list[tuple[str, list[str]]] = []
     bench_keys: list[tuple[str, list[str]]] = []
     probe_keys: list[tuple[str, list[str]]] = []
+    quantize_keys: dict[str, str] = {}  # variant -> its quantize result.json
     for key in keys:
         parts = _parse_key(prefix, key)
         if parts is None or parts[0] not in variant_ids:
@@ -735,6 +854,8 @@ async def load_run(
             bench_keys.append((key, parts))
         elif stage == "probe" and len(parts) == 4 and parts[3] == "result.json":
             probe_keys.append((key, parts))
+        elif stage == "quantize" and len(parts) == 3 and parts[2] == "result.json":
+            quantize_keys[parts[0]] = key
 
     arditi = {spec.trait_name(t) for t in spec.traits if t.methodology == "arditi"}
 
@@ -858,6 +979,7 @@ async def load_run(
             bucket = loader_notes.setdefault(ex.variant, [])
             if str(note) not in bucket:
                 bucket.append(str(note))
+    quantization = await _quantization(reader, planned, extractions, quantize_keys)
     return RunArtefacts(
         run_id=run_id,
         spec=spec,
@@ -871,4 +993,33 @@ async def load_run(
         missing=missing,
         notes=notes,
         loader_notes=loader_notes,
+        quantization=quantization,
     )
+
+
+async def _quantization(
+    reader: _Reader,
+    planned: Sequence[PlannedVariant],
+    extractions: Mapping[tuple[str, str, str], Extraction],
+    result_keys: Mapping[str, str],
+) -> dict[str, QuantizeView]:
+    """A :class:`QuantizeView` per gptq/awq variant: its quantize result and its loader's Info."""
+    out: dict[str, QuantizeView] = {}
+    for v in planned:
+        if v.precision.value not in ("gptq", "awq"):
+            continue
+        key = result_keys.get(v.id)
+        raw = await reader.json(key) if key else None
+        # Any extraction of the variant: one loader served them all (first by key, stable).
+        summaries = sorted(
+            (ex.summary_key, ex.summary.loader) for ex in extractions.values() if ex.variant == v.id
+        )
+        loader_key, loader = summaries[0] if summaries else (None, None)
+        out[v.id] = parse_quantize(
+            raw if isinstance(raw, Mapping) else None,
+            loader,
+            variant=v.id,
+            key=key,
+            loader_source=loader_key,
+        )
+    return out

@@ -5,7 +5,9 @@ Markdown and the HTML say the same thing. The HTML has no external assets: CSS i
 figures are base64 ``data:`` URIs; the Markdown references the PNGs stored beside it under
 ``figures/``. Every number in a table is copied from the JSON document the section names, and
 the methods and limitations section is built from the spec, the extraction summaries and the
-steerer results (sample sizes, interval methods, search budgets, judge, loader notes).
+steerer results (sample sizes, interval methods, search budgets, judge, loader notes), and,
+for gptq/awq variants, from the quantize jobs' results (how each checkpoint was made, on which
+calibration set).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from services.analyzer.classify import THRESHOLDS
 from services.analyzer.figures import FigureImage
-from services.analyzer.loading import RunArtefacts
+from services.analyzer.loading import QuantizeView, RunArtefacts
 
 __all__ = [
     "INT8_NOTE",
@@ -783,6 +785,7 @@ def _methods(run: RunArtefacts, docs: Mapping[str, Mapping[str, Any]]) -> list[B
     if caveats:
         blocks.append(Heading(3, "Weights and numerics", "weights"))
         blocks.append(Bullets(tuple(caveats)))
+    blocks += _quantization(run)
     # Sample sizes.
     blocks.append(Heading(3, "Sample sizes", "sample-sizes"))
     ex_rows = tuple(
@@ -973,6 +976,120 @@ def _methods(run: RunArtefacts, docs: Mapping[str, Mapping[str, Any]]) -> list[B
                 )
             )
     return blocks
+
+
+_MADE_BY = {"platform": "platform (quantize job)", "published": "published", "unknown": "—"}
+
+
+def _quant_row(q: QuantizeView) -> tuple[Cell, ...]:
+    layout = [] if q.sym is None else ["sym" if q.sym else "asym"]
+    if q.desc_act is not None:
+        layout.append(f"desc_act {'on' if q.desc_act else 'off'}")
+    reused = _num(q.reused)
+    if q.reused and q.reused_from:
+        reused += f" ({q.reused_from})"
+    return (
+        q.variant,
+        q.method,
+        _num(q.bits),
+        "row" if q.group_size == -1 else _num(q.group_size),
+        ", ".join(layout) or "—",
+        q.checkpoint or "—",
+        _MADE_BY[q.made_by],
+        q.calibration_source or "—",
+        q.calibration_sha256[:12] if q.calibration_sha256 else "—",
+        _num(q.calibration_bytes),
+        _num(q.calibration_samples),
+        _num(q.calibration_tokens),
+        _num(q.quantize_seconds, 1),
+        reused,
+        q.gptqmodel or "—",
+        q.kernel or "—",
+        q.compute_dtype or "—",
+    )
+
+
+def _calibration_lines(run: RunArtefacts, views: Sequence[QuantizeView]) -> list[str]:
+    """Per model: the one calibration set of its methods, or a warning when they differ."""
+    lines: list[str] = []
+    for model in run.models():
+        mine = [q for q in views if run.variant(q.variant).model.name == model]
+        made = [q for q in mine if q.made_by != "published" and q.calibration_sha256]
+        hashes = list(dict.fromkeys(q.calibration_sha256 for q in made if q.calibration_sha256))
+        methods = ", ".join(q.method for q in made)
+        if len(hashes) == 1:
+            q = made[0]
+            what = "one calibration set for every method" if len(made) > 1 else "calibration set"
+            lines.append(
+                f"{model}: {what} ({methods}): sha256 {hashes[0][:12]}"
+                + (f", {q.calibration_source}" if q.calibration_source else "")
+                + (f", {q.calibration_bytes} bytes" if q.calibration_bytes is not None else "")
+                + "."
+            )
+        elif len(hashes) > 1:
+            each = "; ".join(
+                f"{q.method}: sha256 {(q.calibration_sha256 or '')[:12]}" for q in made
+            )
+            lines.append(
+                f"Warning: the methods of {model} were calibrated on different sets ({each}): "
+                "differences between these methods mix the method with its calibration data."
+            )
+        for q in mine:
+            if q.made_by == "published":
+                lines.append(
+                    f"{q.variant} is a published checkpoint ({q.checkpoint or 'unnamed'}): its "
+                    "calibration data are not recorded, so comparing it with another method "
+                    "also compares calibration data."
+                )
+            elif not q.calibration_sha256:
+                lines.append(
+                    f"{q.variant}: neither a quantize result nor a loader record is in the "
+                    "bucket; how its checkpoint was made is not known."
+                )
+    return lines
+
+
+def _quantization(run: RunArtefacts) -> list[Block]:
+    """How each gptq/awq checkpoint was made (quantize results) and served (loader Info)."""
+    views = [run.quantization[v.id] for v in run.variants if v.id in run.quantization]
+    if not views:
+        return []
+    table = Table(
+        (
+            "variant",
+            "method",
+            "bits",
+            "group size",
+            "sym / desc_act",
+            "checkpoint",
+            "made by",
+            "calibration",
+            "calibration sha256",
+            "bytes",
+            "samples",
+            "tokens",
+            "quantize s",
+            "reused",
+            "gptqmodel",
+            "kernel",
+            "compute dtype",
+        ),
+        tuple(_quant_row(q) for q in views),
+        "Made by the platform: from the quantize job's result.json (samples and tokens are those "
+        "cut from the calibration set for this model's tokenizer; quantize s is the wall time of "
+        "the quantization that made the checkpoint, also when this run reused it). Kernel and "
+        "compute dtype (activations) come from the loader's Info in the extraction summaries.",
+    )
+    return [
+        Heading(3, "Quantization", "quantization"),
+        Paragraph(
+            "GPTQ and AWQ checkpoints made by the platform are quantized from the reference "
+            "weights with one calibration set for every method, so that two methods of a model "
+            "differ by the method and not by the calibration data."
+        ),
+        table,
+        Bullets(tuple(_calibration_lines(run, views))),
+    ]
 
 
 _MAX_LISTED_INPUTS = 300

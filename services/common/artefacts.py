@@ -2,7 +2,7 @@
 
 Keys are ``runs/<run_id>/<variant>/<stage>/<methodology>/<trait>/...`` (see docs/ARTEFACTS.md);
 every key goes through ``run_key`` so a part can never climb out of its run. Producers and
-consumers (extractor, steerer, analyzer) build keys only through these functions.
+consumers (quantizer, extractor, steerer, analyzer) build keys only through these functions.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "extract_key",
     "logit_diff_key",
     "probe_key",
+    "quantize_key",
     "steer_key",
     "trait_parts",
 ]
@@ -93,6 +94,12 @@ def benchmark_key(run_id: str, variant: str, name: str, *leaf: str) -> str:
 
 def probe_key(run_id: str, variant: str, name: str, *leaf: str) -> str:
     return run_key(run_id, variant, "probe", name, *leaf)
+
+
+def quantize_key(run_id: str, variant: str, *leaf: str) -> str:
+    """``.../<variant>/quantize/<leaf>``: the quantize job's ``result.json`` for a gptq/awq
+    variant (the checkpoint itself lives outside the run, under ``quantized/<id>/``)."""
+    return run_key(run_id, variant, "quantize", *leaf)
 
 
 def analysis_key(run_id: str, *leaf: str) -> str:

@@ -8,6 +8,10 @@ Otherwise it quantizes in a child process (``services.quantizer.run``)
 while this process keeps the job's heartbeat going, then uploads the files and writes the
 manifest last (``services.quantizer.checkpoint.commit_checkpoint``, which also deletes parts
 of attempts that did not commit; a reusing job deletes any left by killed attempts).
+
+The job's result is also written once to ``runs/<run>/<model>@<method>/quantize/result.json``
+(``services.common.artefacts.quantize_key``), where the analyzer reads it for the report; a
+redelivered job returns the record already there, so a run has one answer per variant.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common import settings as settings_mod
+from services.common.artefacts import quantize_key
 from services.common.errors import FailedPrecondition, InvalidArgument, QsensError
 from services.common.jobs import Job, JobKind
 from services.common.quantization import QuantizeRequest, manifest_key, parse_request
@@ -36,7 +41,7 @@ from services.quantizer.checkpoint import (
     verify_folder,
 )
 
-__all__ = ["handle", "quantize_request"]
+__all__ = ["handle", "quantize_request", "record_result"]
 
 HEARTBEAT_S = 10.0
 _ERRORS: dict[str, type[Exception]] = {
@@ -176,9 +181,36 @@ def _from_local_cache(store: Any, checkpoint: str, request: QuantizeRequest) -> 
     return committed
 
 
+async def record_result(
+    store: Any, run_id: str, request: QuantizeRequest, result: dict[str, Any]
+) -> dict[str, Any]:
+    """Write ``result`` once as the run's record of ``request``'s variant; returns what is stored.
+
+    ``store`` is an ``AsyncS3Store``. The variant id is ``<model>@<method>`` (the planner's
+    ``PlannedVariant.id``: the precision's value is the method). Write-once: when an earlier
+    attempt of the job wrote it, that record stands (it may say ``reused: false`` where this
+    attempt would say ``true``, because the earlier attempt made the checkpoint)."""
+    variant = f"{request.model}@{request.method}"
+    key = quantize_key(run_id, variant, "result.json")
+    doc = {
+        **result,
+        "run_id": run_id,
+        "variant": variant,
+        "model": request.model,
+        "source": request.source,
+        "calibration_request": request.calibration.model_dump(mode="json"),
+        "result_key": key,
+    }
+    if not await store.put_json(key, doc):
+        stored: dict[str, Any] = await store.get_json(key)
+        return stored
+    return doc
+
+
 async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
-    """Run one quantize job."""
+    """Run one quantize job and record its result under the run."""
     if job.kind is not JobKind.QUANTIZE:
         raise InvalidArgument("kind", f"the quantizer handles quantize jobs, not {job.kind}")
     request = parse_request(job.params)
-    return await quantize_request(request, ctx.store, ctx)
+    result = await quantize_request(request, ctx.store, ctx)
+    return await record_result(ctx.store, job.run_id, request, result)

@@ -83,8 +83,29 @@ L, H = 10, 16
 N_QUESTIONS = 10
 N_ITEMS = 50
 N_PROMPTS = 12
-COSINE = {"nf4": 0.90, "int8": 0.99}
-NORM_RATIO = {"nf4": 1.10, "int8": 1.00}
+COSINE = {"nf4": 0.90, "int8": 0.99, "gptq": 0.97, "awq": 0.96}
+NORM_RATIO = {"nf4": 1.10, "int8": 1.00, "gptq": 1.02, "awq": 1.03}
+# What a gptq/awq loader's Info reports (services.loader.backends.quantized), per precision.
+LOADER_QUANTIZATION: dict[str, dict[str, Any]] = {
+    "gptq": {
+        "method": "gptq",
+        "bits": 4,
+        "group_size": 64,
+        "sym": True,
+        "desc_act": False,
+        "kernel": "TorchAtenLinear",
+        "compute_dtype": "float32",
+    },
+    "awq": {
+        "method": "awq",
+        "bits": 4,
+        "group_size": 64,
+        "sym": False,
+        "desc_act": False,
+        "kernel": "TorchAtenAwqLinear",
+        "compute_dtype": "float32",
+    },
+}
 # (precision, steering) -> effect; reference (bf16, self) is 40.
 EFFECT = {
     ("bf16", "self"): 40.0,
@@ -611,9 +632,25 @@ def _extraction(store: S3Store, run_id: str, params: dict[str, Any], planted: Pl
         activations_key=activations_key,
         responses_key=None,
         vetting=VettingSummary(enabled=False),
-        loader={"variant": variant, "backend": "hf", "notes": notes},
+        loader=_loader(planted.spec, model, precision, notes) | {"variant": variant},
     )
     store.put_json(key("summary.json"), json.loads(summary.model_dump_json()))
+
+
+def _loader(sp: ExperimentSpec, model: str, precision: str, notes: list[str]) -> dict[str, Any]:
+    """The loader Info an extraction records; gptq/awq loaders add their quantization config."""
+    if precision not in LOADER_QUANTIZATION:
+        return {"backend": "hf", "notes": notes}
+    checkpoints = {
+        p.value: c for m in sp.models if m.name == model for p, c in m.checkpoints.items()
+    }
+    published = checkpoints.get(precision)
+    config = LOADER_QUANTIZATION[precision] | (
+        {"made_by": "published checkpoint", "checkpoint": published}
+        if published
+        else {"made_by": "qsens quantize job"}
+    )
+    return {"backend": precision, "dtype": "float32", "quantization_config": config, "notes": notes}
 
 
 def write_planted_run(
