@@ -92,7 +92,9 @@ async def test_busy_loader_never_fails_a_judgment(
             stub = pb_grpc.LoaderServiceStub(channel)
             study = stub.Generate(
                 pb.GenerateRequest(
-                    items=[PromptItem(STORY).to_proto()],
+                    # 64 x 1 024 tokens: far longer than the waits below even on the fast
+                    # generation path (it is cancelled once the judge has been seen waiting).
+                    items=[PromptItem(STORY).to_proto() for _ in range(64)],
                     params=pb.GenerationParams(max_new_tokens=1024),
                 )
             )
