@@ -44,6 +44,8 @@ SLOW_MODULES = frozenset(
         "tests/loader/test_backpressure.py",  # loaders kept busy for seconds on purpose
         "tests/judge/test_cli.py",  # judge CLI processes and restarts
         "tests/common/test_worker_kill.py",  # SIGKILLed workers and redelivery
+        "tests/common/test_dispatch.py",  # workers through NATS restarts and late replies
+        "tests/loader/test_quantized.py",  # bitsandbytes' CPU kernels on loaders
     }
 )
 SLOW_FIXTURES = frozenset({"smollm2_bf16", "smollm2_loader_http"})
