@@ -19,14 +19,20 @@ from tests.deploy.test_study_specs import deploy_studies
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: Ways a file can reach a ``shared`` data folder outside the repository.
+#: The name of the folder beside the checkout where the data was first gathered; assembled so
+#: that this file does not itself contain the patterns it looks for.
+_SHARED = "sha" + "red"
+
+#: Ways a file can reach that data folder outside the repository: a parent-relative path, the
+#: folder's data subfolder, "<folder>" / "data", parents[3] / "<folder>", ".." / "<folder>",
+#: os.path.join("..", "<folder>").
 _OUTSIDE = re.compile(
-    r"""\.\./shared\b"""  # ../shared
-    r"""|\bshared/data\b"""  # .../shared/data/...
-    r"""|["']shared["']\s*/\s*["']data["']"""  # "shared" / "data"
-    r"""|\bparents?\b(\[\d+\])?\s*/\s*["']shared["']"""  # parents[3] / "shared", .parent / "shared"
-    r"""|["']\.\.["']\s*/\s*["']shared["']"""  # ".." / "shared"
-    r"""|["']\.\.["']\s*,\s*["']shared["']""",  # os.path.join("..", "shared")
+    rf"""\.\./{_SHARED}\b"""
+    rf"""|\b{_SHARED}/data\b"""
+    rf"""|["']{_SHARED}["']\s*/\s*["']data["']"""
+    rf"""|\bparents?\b(\[\d+\])?\s*/\s*["']{_SHARED}["']"""
+    rf"""|["']\.\.["']\s*/\s*["']{_SHARED}["']"""
+    rf"""|["']\.\.["']\s*,\s*["']{_SHARED}["']""",
 )
 
 
@@ -103,12 +109,12 @@ def test_no_tracked_file_reaches_for_shared_data() -> None:
 
 def test_the_pattern_finds_what_it_should() -> None:
     for bad in [
-        "path: ../shared/data/caa/mmlu_ab.json",
-        'DATA = REPO.parent / "shared" / "data"',
-        'Path(__file__).resolve().parents[3] / "shared" / "data" / "pv"',
-        "x = ROOT / 'shared' / 'data'",
-        'os.path.join("..", "shared")',
-        "cp /work/shared/data/caa/x.json .",
+        f"path: ../{_SHARED}/data/caa/mmlu_ab.json",
+        f'DATA = REPO.parent / "{_SHARED}" / "data"',
+        f'Path(__file__).resolve().parents[3] / "{_SHARED}" / "data" / "pv"',
+        f"x = ROOT / '{_SHARED}' / 'data'",
+        f'os.path.join("..", "{_SHARED}")',
+        f"cp /work/{_SHARED}/data/caa/x.json .",
     ]:
         assert _OUTSIDE.search(bad), bad
     for fine in ["shared_connection()", "shared memory", "a shared machine", '"shared": 1']:
