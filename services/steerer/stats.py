@@ -15,7 +15,8 @@ from statistics import NormalDist
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.contracts.common import DEFAULT_LEVEL, Interval, Slope
 
 __all__ = [
     "Interval",
@@ -28,34 +29,6 @@ __all__ = [
 ]
 
 DEFAULT_RESAMPLES = 1000
-DEFAULT_LEVEL = 0.95
-
-
-class Interval(BaseModel):
-    """An estimate with a confidence interval over ``n`` units (questions or items)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    value: float | None = Field(description="Point estimate (None when n is 0).")
-    low: float | None = Field(description="Lower bound (None when n is 0).")
-    high: float | None = Field(description="Upper bound (None when n is 0).")
-    n: int = Field(ge=0, description="Units the estimate rests on.")
-    level: float = Field(DEFAULT_LEVEL, description="Confidence level.")
-    method: str = Field(description="percentile-bootstrap, wilson, or exact (n = 1).")
-
-
-class Slope(BaseModel):
-    """Least-squares slope of values on x, with a bootstrap interval over units."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    value: float | None
-    low: float | None
-    high: float | None
-    intercept: float | None
-    r2: float | None = Field(description="Coefficient of determination of the pooled fit.")
-    n: int = Field(ge=0, description="Units (questions) with a value at every x.")
-    level: float = DEFAULT_LEVEL
 
 
 def finite(values: Sequence[float | None]) -> NDArray[np.float64]:

@@ -8,12 +8,13 @@ the spec it came from. A malformed job raises ``InvalidArgument`` naming the off
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from services.common.artefacts import benchmark_key, logit_diff_key, steer_key
-from services.common.errors import InvalidArgument
+from services.common.contracts.common import Params as _Params
+from services.common.contracts.common import TraitParams, parse_params
 from services.common.spec import BenchmarkSpec, JudgeSpec, LogitDiffSpec, ProbeSpec, SteeringSpec
 
 __all__ = [
@@ -28,21 +29,6 @@ __all__ = [
     "steer_parts",
     "steer_result_key",
 ]
-
-_P = TypeVar("_P", bound=BaseModel)
-
-
-class _Params(BaseModel):
-    # Unknown keys are ignored: the planner may add context (model params) a kind does not use.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class TraitParams(_Params):
-    """The trait as the planner passes it."""
-
-    ref: str = Field(description="Built-in name or methodology:path for load_trait.")
-    name: str = Field(description="<methodology>/<name>, used in keys.")
-    methodology: Literal["pv", "caa", "arditi"]
 
 
 class SteerParams(_Params):
@@ -82,23 +68,6 @@ class ProbeParams(_Params):
 
     variant: str
     probes: ProbeSpec = Field(default_factory=ProbeSpec)
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = "params"
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
-
-
-def parse_params(model: type[_P], params: dict[str, Any]) -> _P:
-    """Validate job params; InvalidArgument names the first bad field."""
-    try:
-        return model.model_validate(params)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidArgument(_loc(tuple(first["loc"])), message) from None
 
 
 # -- where each job writes its result (the handler, and the analyzer's expectations) -------------

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.steerer.stats import Interval, Slope
+from services.common.contracts.common import Interval, Slope
 
 __all__ = [
     "Answer",
