@@ -14,8 +14,9 @@ Conventions:
 * *Depth* of layer ``l`` is ``l / (num_layers - 1)``; the layer window of the mean cosine is the
   captured layers with depth in ``analysis.layer_range`` (inclusive).
 * Bootstraps resample units (questions, items, prompts) with ``steering.bootstrap`` resamples;
-  each cell's seed is derived from ``steering.seed`` and the cell's identity, so results do not
-  depend on the order cells are computed in.
+  each cell's seed is derived from ``steering.seed``, the spec's fingerprint and the cell's
+  identity (never the run id), so results do not depend on the order cells are computed in and
+  identical inputs rerun under another run id give identical intervals.
 * Steering effect is the delta in the steered direction (``+delta`` for ``+``, ``-delta`` for
   ``-`` and ablation); degradation is ``(effect_ref - effect_variant) / effect_ref`` in %,
   undefined when the reference effect is not positive.
@@ -108,6 +109,20 @@ def _f(x: Any) -> float | None:
 
 def _seed(base: int, *parts: Any) -> int:
     return int(stable_hash([base, *[str(p) for p in parts]], 8), 16)
+
+
+def _content_seed(run: RunArtefacts) -> int:
+    """The base of every cell seed: ``steering.seed`` and the spec's fingerprint, never the run id.
+
+    Cells add their identity (:func:`_cell`), so identical inputs analysed under two run ids
+    get identical intervals.
+    """
+    return _seed(run.spec.steering.seed, run.spec.fingerprint())
+
+
+def _cell(run: RunArtefacts, key: str) -> str:
+    """A result key's identity within its run: the key without ``runs/<run_id>/``."""
+    return key.removeprefix(f"runs/{run.run_id}/")
 
 
 def _model_of(variant: str) -> str:
@@ -602,7 +617,7 @@ def _spread(
 def steering_comparison(run: RunArtefacts) -> dict[str, Any]:
     """``steering_comparison.json``: best score, delta, degradation vs the reference, shifts."""
     spec = run.spec
-    resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
+    resamples, base_seed = spec.steering.bootstrap, _content_seed(run)
     groups: dict[tuple[str, str, str, str, str], list[SteerView]] = defaultdict(list)
     for v in run.steer:
         groups[_steer_group_key(v)].append(v)
@@ -667,7 +682,7 @@ def steering_comparison(run: RunArtefacts) -> dict[str, Any]:
             elif entry["is_reference"]:
                 entry["classification"] = None
             else:
-                deg = _degradation(ref, v, resamples, _seed(base_seed, v.key))
+                deg = _degradation(ref, v, resamples, _seed(base_seed, _cell(run, v.key)))
                 entry["degradation_pct"] = deg
                 entry["classification"] = classify_steering_degradation(
                     deg["value"], deg["low"], deg["high"], deg.get("reason")
@@ -715,7 +730,7 @@ def steering_comparison(run: RunArtefacts) -> dict[str, Any]:
         "threshold": THRESHOLDS["steering_degradation_pct"].to_json(),
         "coherence_threshold": spec.judge.coherence_threshold,
         "judge": {"backend": spec.judge.backend, "model": spec.judge.model},
-        "bootstrap": {"resamples": resamples, "seed": base_seed},
+        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
         "entries": entries,
         "spread": spreads,
     }
@@ -814,7 +829,7 @@ def _compare_logit_diff(
 def logit_diff_comparison(run: RunArtefacts) -> dict[str, Any]:
     """``logit_diff_comparison.json``: per-question logit differences vs the reference."""
     spec = run.spec
-    resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
+    resamples, base_seed = spec.steering.bootstrap, _content_seed(run)
     entries: list[dict[str, Any]] = []
     cells = _against_reference(run, run.logit_diff, lambda v: (v.trait, v.method))
     for (model, trait, method), ref_id, ref, v in cells:
@@ -839,7 +854,7 @@ def logit_diff_comparison(run: RunArtefacts) -> dict[str, Any]:
             entry["classification"] = classify_logit_correlation(None).to_json()
             entry["reason"] = "no reference logit-difference result"
         elif v.variant != ref_id:
-            cmp = _compare_logit_diff(ref, v, resamples, _seed(base_seed, v.key))
+            cmp = _compare_logit_diff(ref, v, resamples, _seed(base_seed, _cell(run, v.key)))
             entry["comparison"] = cmp
             c = cmp["correlation"]
             entry["classification"] = classify_logit_correlation(
@@ -852,7 +867,7 @@ def logit_diff_comparison(run: RunArtefacts) -> dict[str, Any]:
         "run_id": run.run_id,
         "reference_precision": run.reference,
         "threshold": THRESHOLDS["logit_diff_correlation"].to_json(),
-        "bootstrap": {"resamples": resamples, "seed": base_seed},
+        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
         "entries": entries,
     }
 
@@ -896,7 +911,7 @@ def _accuracy(view: BenchmarkView) -> dict[str, Any]:
 def benchmark_comparison(run: RunArtefacts) -> dict[str, Any]:
     """``benchmark_comparison.json``: accuracy and Δpp vs the reference, with intervals."""
     spec = run.spec
-    resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
+    resamples, base_seed = spec.steering.bootstrap, _content_seed(run)
     entries: list[dict[str, Any]] = []
     for (model, name), ref_id, ref, v in _against_reference(
         run, run.benchmarks, lambda v: (v.name,)
@@ -923,7 +938,7 @@ def benchmark_comparison(run: RunArtefacts) -> dict[str, Any]:
             a = [float(v.items[q]) for q in common]
             b = [float(ref.items[q]) for q in common]
             est = stats.bootstrap_diff(
-                a, b, paired=True, resamples=resamples, seed=_seed(base_seed, v.key)
+                a, b, paired=True, resamples=resamples, seed=_seed(base_seed, _cell(run, v.key))
             )
             delta.update(
                 {
@@ -955,7 +970,7 @@ def benchmark_comparison(run: RunArtefacts) -> dict[str, Any]:
         "run_id": run.run_id,
         "reference_precision": run.reference,
         "threshold": THRESHOLDS["benchmark_drop_pp"].to_json(),
-        "bootstrap": {"resamples": resamples, "seed": base_seed},
+        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
         "entries": entries,
     }
 
@@ -1179,7 +1194,7 @@ def _probe_compare(ref: ProbeView, var: ProbeView, resamples: int, seed: int) ->
 def probe_statistics(run: RunArtefacts) -> dict[str, Any]:
     """``probe_statistics.json``: probe shifts, refusal direction, safety neurons, correlations."""
     spec = run.spec
-    resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
+    resamples, base_seed = spec.steering.bootstrap, _content_seed(run)
     # -- safety probes ---------------------------------------------------------------------
     probes: list[dict[str, Any]] = []
     for (model, name), ref_id, ref, v in _against_reference(run, run.probes, lambda v: (v.name,)):
@@ -1201,7 +1216,9 @@ def probe_statistics(run: RunArtefacts) -> dict[str, Any]:
             "sources": {"result": v.key, "reference": ref.key if ref else None},
         }
         if ref is not None and v.variant != ref_id:
-            entry["comparison"] = _probe_compare(ref, v, resamples, _seed(base_seed, v.key))
+            entry["comparison"] = _probe_compare(
+                ref, v, resamples, _seed(base_seed, _cell(run, v.key))
+            )
         probes.append(entry)
     # -- refusal direction and safety neurons --------------------------------------------------
     refusal: list[dict[str, Any]] = []
@@ -1329,7 +1346,7 @@ def probe_statistics(run: RunArtefacts) -> dict[str, Any]:
             "layers": SAFETY_N_LAYERS,
             "top_fraction": SAFETY_TOP_FRACTION,
         },
-        "bootstrap": {"resamples": resamples, "seed": base_seed},
+        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
         "probes": probes,
         "refusal_direction": refusal,
         "safety_neuron_errors": neurons,
@@ -1397,7 +1414,7 @@ def robustness_ranking(
 ) -> dict[str, Any]:
     """``robustness_ranking.json``: probe vs mean_diff (and pca), precisions, models, families."""
     spec = run.spec
-    resamples, base_seed = spec.steering.bootstrap, spec.steering.seed
+    resamples, base_seed = spec.steering.bootstrap, _content_seed(run)
     methods = list(spec.methods)
     # Vector cosine per condition (model, trait, variant) and method, primary mode only.
     cos_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)

@@ -933,8 +933,9 @@ def _methods(run: RunArtefacts, docs: Mapping[str, Mapping[str, Any]]) -> list[B
         Bullets(
             (
                 f"Bootstrap: percentile intervals (95%), {resamples} resamples, seed {seed} "
-                "(each cell's seed derived from it and the cell's identity); units are "
-                "questions (steering, logit difference), items (benchmarks) or prompts (probes).",
+                "(each cell's seed derived from it, the spec fingerprint and the cell's "
+                "identity, never the run id); units are questions (steering, logit "
+                "difference), items (benchmarks) or prompts (probes).",
                 "Proportions (accuracy, refusal rate): Wilson score intervals; Δpp between "
                 "variants: paired bootstrap over shared items (Newcombe's interval when items "
                 "are not recorded); McNemar: exact binomial test on discordant items.",
