@@ -37,12 +37,17 @@ INSTALL = {
 
 # kustomize targets, relative to deploy/k8s. "test/..." ones are written by render_all.
 TARGETS = {
+    "cluster": "cluster",
     "base": "base",
     "example-study": "overlays/example-study",
     "example-study-submit": "overlays/example-study-submit",
     "local-kind": "overlays/local-kind",
     "base+hpa-cpu": "test/hpa-cpu",
+    "base+retained-storage": "test/retained-storage",
 }
+# Targets of one study (or the shared part of studies): everything but the cluster-wide objects
+# that a platform team applies once (deploy/k8s/cluster).
+CLUSTER_TARGETS = ("cluster",)
 
 # Images built from docker/: their containers run the qsens CLI.
 QSENS_IMAGES = ("qsens-loader", "qsens-worker")
@@ -106,6 +111,12 @@ def copy_with_secrets(dest: Path) -> Path:
     (hpa / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../../base]\ncomponents: [../../components/hpa-cpu]\n"
+    )
+    retained = k8s / "test" / "retained-storage"
+    retained.mkdir(parents=True)
+    (retained / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../../base]\ncomponents: [../../components/retained-storage]\n"
     )
     return k8s
 

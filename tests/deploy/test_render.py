@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 
 from tests.deploy.manifests import (
+    CLUSTER_TARGETS,
     CRD_KINDS,
     REPO,
     TARGETS,
@@ -29,7 +30,10 @@ def test_every_target_renders(renders: dict[str, list[dict[str, Any]]]) -> None:
     assert set(renders) == set(TARGETS)
     for name, docs in renders.items():
         kinds = {d["kind"] for d in docs}
-        assert {"Namespace", "StatefulSet", "Deployment", "Secret", "ConfigMap"} <= kinds, name
+        if name in CLUSTER_TARGETS:
+            assert "Namespace" in kinds, name
+            continue
+        assert {"StatefulSet", "Deployment", "Secret", "ConfigMap"} <= kinds, name
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -60,15 +64,21 @@ def test_only_known_crds(renders: dict[str, list[dict[str, Any]]]) -> None:
                 assert (doc["apiVersion"], doc["kind"]) in CRD_KINDS, doc["kind"]
 
 
+# Cluster-scoped kinds: they carry no namespace.
+CLUSTER_SCOPED = {"Namespace", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
+
+
 def test_one_namespace(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """Every namespaced object of every target lives in the Namespace that deploy/k8s/cluster
+    makes, and only that target makes it."""
+    (namespace,) = of_kind(renders["cluster"], "Namespace")
+    ns = namespace["metadata"]["name"]
     for name, docs in renders.items():
-        (namespace,) = of_kind(docs, "Namespace")
-        ns = namespace["metadata"]["name"]
         for doc in docs:
-            if doc["kind"] != "Namespace":
+            if doc["kind"] not in CLUSTER_SCOPED:
                 assert doc["metadata"].get("namespace") == ns, f"{name}: {doc['kind']}"
-        # Every pod in it meets the restricted Pod Security Standard (see test_pods).
-        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # Every pod in it meets the restricted Pod Security Standard (see test_pods).
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 def _references(pod: Pod) -> set[tuple[str, str, bool]]:

@@ -83,10 +83,9 @@ def test_keda_scaler_settings(renders: dict[str, list[dict[str, Any]]], target: 
     """Fields KEDA needs (its CRD is not schema-checked here): endpoint of the NATS Service in
     this namespace, the global account, integer thresholds as strings, sane bounds."""
     docs = renders[target]
-    (namespace,) = of_kind(docs, "Namespace")
     nats_svc = find(docs, "Service", "qsens-nats")
     monitor = next(p["port"] for p in nats_svc["spec"]["ports"] if p["name"] == "monitor")
-    endpoint = f"qsens-nats.{namespace['metadata']['name']}.svc.cluster.local:{monitor}"
+    endpoint = f"qsens-nats.{nats_svc['metadata']['namespace']}.svc.cluster.local:{monitor}"
     for so in of_kind(docs, "ScaledObject"):
         spec = so["spec"]
         dep = find(docs, "Deployment", spec["scaleTargetRef"]["name"])
