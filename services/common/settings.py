@@ -229,6 +229,12 @@ class LoaderSettings(BaseSettings):
         description="Longest an OpenAI-endpoint request may take, waiting included; its work "
         "is then stopped and the answer is HTTP 504.",
     )
+    http_max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Largest OpenAI-endpoint request body; larger ones get HTTP 413 before "
+        "they are read whole.",
+    )
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM drain time for in-flight calls.")
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="gRPC message limit.")
     fault_oom_above_batch: int = Field(
@@ -276,6 +282,11 @@ class JudgeSettings(BaseSettings):
     top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives asked for at token one.")
     min_numeric_mass: float = Field(
         0.25, ge=0, le=1, description="Numeric probability mass below which an item is unscorable."
+    )
+    refusal_over_score: bool = Field(
+        True,
+        description="REFUSAL when the REFUSAL mass exceeds a numeric mass that alone would score "
+        "(persona-vectors scores those: False). Verdicts it decided carry refusal_over_score.",
     )
     max_answer_chars: int = Field(
         16000, ge=64, le=1_000_000, description="Answers are cut to this many characters."

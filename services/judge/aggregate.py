@@ -18,6 +18,13 @@ word. The rule, in order:
 2. scored when the numeric mass is at least ``min_mass`` (default 0.25);
 3. otherwise unscorable (``low_numeric_mass``), recorded with both masses, never a silent 0.
 
+Rule 1 differs from persona-vectors, which scores every table whose numeric mass reaches 0.25
+whatever else the judge wrote. ``refusal_over_score`` (default True, the setting
+``QSENS_JUDGE_REFUSAL_OVER_SCORE``) keeps rule 1 for those contested tables; False scores them as
+persona-vectors does (REFUSAL then needs a numeric mass below ``min_mass``). Either way
+``Aggregate.contested`` marks a table where the choice decided the outcome (refusal mass above a
+numeric mass of at least ``min_mass``), so the judge can report how many judgments it affected.
+
 Tokenizers that split numbers into single digits (SmolLM2, Llama 2) only ever show 0-9 at the
 first position, so their judge scores live on 0-9: use a judge whose tokenizer has whole
 numbers (OpenAI models, Llama 3, Qwen) when the scale matters.
@@ -56,6 +63,7 @@ class Aggregate:
     refusal_mass: float
     reason: Reason | None = None
     detail: str | None = None
+    contested: bool = False  # refusal mass > numeric mass >= min_mass: the option decided it
 
 
 def parse_score_token(token: str) -> int | None:
@@ -73,7 +81,12 @@ def is_refusal_token(token: str) -> bool:
     return len(stripped) >= 2 and REFUSAL_WORD.startswith(stripped)
 
 
-def aggregate(table: Iterable[tuple[str, float]], min_mass: float = DEFAULT_MIN_MASS) -> Aggregate:
+def aggregate(
+    table: Iterable[tuple[str, float]],
+    min_mass: float = DEFAULT_MIN_MASS,
+    *,
+    refusal_over_score: bool = True,
+) -> Aggregate:
     """Score one first-token table of ``(token, logprob)`` pairs (see the module docstring)."""
     weighted = 0.0
     numeric = 0.0
@@ -88,11 +101,13 @@ def aggregate(table: Iterable[tuple[str, float]], min_mass: float = DEFAULT_MIN_
             weighted += p * n
         elif is_refusal_token(token):
             refusal += p
-    if refusal > numeric and refusal >= min_mass:
-        return Aggregate(JudgeStatus.REFUSAL, None, numeric, refusal)
-    if numeric >= min_mass and numeric > 0:
+    scorable = numeric >= min_mass and numeric > 0
+    contested = scorable and refusal > numeric
+    if refusal > numeric and refusal >= min_mass and (refusal_over_score or not scorable):
+        return Aggregate(JudgeStatus.REFUSAL, None, numeric, refusal, contested=contested)
+    if scorable:
         score = min(100.0, max(0.0, weighted / numeric))
-        return Aggregate(JudgeStatus.SCORED, score, numeric, refusal)
+        return Aggregate(JudgeStatus.SCORED, score, numeric, refusal, contested=contested)
     return Aggregate(
         JudgeStatus.UNSCORABLE,
         None,

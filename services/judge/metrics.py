@@ -14,6 +14,7 @@ qsens_judge_cache_hits_total / _misses      content-addressed cache lookups
 qsens_judge_retries_total                   retries by cause
 qsens_judge_errors_total                    unscorable items by reason, cache faults
 qsens_judge_breaker_state                   0 closed, 1 half-open, 2 open
+qsens_judge_refusal_over_score_total        judgments the refusal-over-score setting decided
 qsens_judge_inflight                        upstream calls in flight
 =========================================  =============================================
 """
@@ -47,6 +48,7 @@ class JudgeMetrics:
     errors: Counter
     breaker_state: Gauge
     inflight: Gauge
+    refusal_over_score: Counter
 
 
 _lock = threading.Lock()
@@ -107,5 +109,11 @@ def judge_metrics() -> JudgeMetrics:
                     ["backend"],
                 ),
                 inflight=Gauge("qsens_judge_inflight", "Upstream calls in flight.", ["backend"]),
+                refusal_over_score=Counter(
+                    "qsens_judge_refusal_over_score_total",
+                    "Judgments where REFUSAL mass exceeded a scorable numeric mass, by the "
+                    "status the refusal_over_score setting chose.",
+                    ["backend", "status"],
+                ),
             )
         return _metrics

@@ -151,6 +151,11 @@ class Verdict(BaseModel):
     retryable: bool = Field(False, description="Transient failure: a later call may succeed.")
     numeric_mass: float | None = Field(None, description="Probability on tokens 0-100.")
     refusal_mass: float | None = Field(None, description="Probability on REFUSAL tokens.")
+    refusal_over_score: bool = Field(
+        False,
+        description="openai backend: REFUSAL mass above a numeric mass that alone would score; "
+        "the judge setting refusal_over_score chose between REFUSAL and the score.",
+    )
     signals: dict[str, float] = Field(
         default_factory=dict, description="Embedding backend: the signals used and their values."
     )

@@ -155,3 +155,20 @@ def test_parse_score_token(token: str, value: int | None) -> None:
 )
 def test_refusal_tokens(token: str, refusal: bool) -> None:
     assert is_refusal_token(token) is refusal
+
+
+def test_refusal_over_score_is_an_option_and_marks_the_tables_it_decides() -> None:
+    contested = table({"REFUSAL": 0.6, "20": 0.3, "40": 0.1})  # numeric 0.4 >= 0.25
+    on = aggregate(contested)
+    assert on.status is JudgeStatus.REFUSAL and on.contested
+    off = aggregate(contested, refusal_over_score=False)  # persona-vectors: score it
+    assert off.status is JudgeStatus.SCORED and off.contested
+    assert off.score == pytest.approx(25.0)
+    # Numeric mass below min_mass: REFUSAL either way, and the option decided nothing.
+    clear = table({"REFUSAL": 0.8, "20": 0.1, "x": 0.1})
+    for flag in (True, False):
+        out = aggregate(clear, refusal_over_score=flag)
+        assert out.status is JudgeStatus.REFUSAL and not out.contested
+    # Refusal mass below numeric mass: scored either way, uncontested.
+    scored = aggregate(table({"REFUSAL": 0.3, "60": 0.7}), refusal_over_score=True)
+    assert scored.status is JudgeStatus.SCORED and not scored.contested

@@ -322,3 +322,38 @@ async def test_metrics_count_requests_tokens_cost_retries(
     assert delta["tokens"] == 200
     assert delta["cost"] == pytest.approx((200 * 0.40 + 2 * 1.60) / 1e6)
     assert delta["batches"] >= 1
+
+
+@pytest.mark.parametrize("refusal_over_score", [True, False])
+async def test_refusal_over_score_is_a_setting_and_its_judgments_are_counted(
+    fake: FakeOpenAI,
+    openai_settings: MakeSettings,
+    make_judge: Callable[[JudgeSettings], Judge],
+    refusal_over_score: bool,
+) -> None:
+    contested, clear = "I refuse, but maybe 30.", "I refuse."
+    fake.tables[contested] = table({"REFUSAL": 0.55, "30": 0.45})
+    fake.tables[clear] = table({"REFUSAL": 0.9, "30": 0.1})
+    before = _sample(
+        "qsens_judge_refusal_over_score_total",
+        backend="openai",
+        status="refusal" if refusal_over_score else "scored",
+    )
+    judge = make_judge(openai_settings(refusal_over_score=refusal_over_score))
+    first, second, plain = await judge.score(
+        _request([contested, clear, "I would return the wallet."])
+    )
+    assert first.refusal_over_score and not second.refusal_over_score
+    assert not plain.refusal_over_score
+    if refusal_over_score:
+        assert first.status is JudgeStatus.REFUSAL and first.score is None
+    else:
+        assert first.status is JudgeStatus.SCORED and first.score == pytest.approx(30.0)
+    assert second.status is JudgeStatus.REFUSAL
+    assert judge.backend.stats.refusal_over_score == 1
+    after = _sample(
+        "qsens_judge_refusal_over_score_total",
+        backend="openai",
+        status="refusal" if refusal_over_score else "scored",
+    )
+    assert after - before == 1

@@ -56,6 +56,8 @@ class BackendStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    # Judgments the refusal-over-score setting decided (see services.judge.aggregate).
+    refusal_over_score: int = 0
     by_outcome: dict[str, int] = field(default_factory=dict)
 
     def count(self, outcome: str) -> None:

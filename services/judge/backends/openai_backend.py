@@ -171,6 +171,7 @@ class OpenAIBackend(JudgeBackend):
         return {
             "top_logprobs": self.settings.top_logprobs,
             "min_numeric_mass": self.settings.min_numeric_mass,
+            "refusal_over_score": self.settings.refusal_over_score,
             "max_answer_chars": self.settings.max_answer_chars,
         }
 
@@ -355,7 +356,11 @@ class OpenAIBackend(JudgeBackend):
         if first.token not in {token for token, _ in table}:
             table.append((first.token, first.logprob))
         try:
-            result = aggregate(table, self.settings.min_numeric_mass)
+            result = aggregate(
+                table,
+                self.settings.min_numeric_mass,
+                refusal_over_score=self.settings.refusal_over_score,
+            )
         except ValueError as exc:
             return Verdict(
                 status=JudgeStatus.UNSCORABLE,
@@ -365,6 +370,9 @@ class OpenAIBackend(JudgeBackend):
                 prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens,
             )
+        if result.contested:
+            self.stats.refusal_over_score += 1
+            self._metrics.refusal_over_score.labels(self.name, result.status.value).inc()
         return Verdict(
             status=result.status,
             score=result.score,
@@ -372,6 +380,7 @@ class OpenAIBackend(JudgeBackend):
             detail=result.detail,
             numeric_mass=result.numeric_mass,
             refusal_mass=result.refusal_mass,
+            refusal_over_score=result.contested,
             top_logprobs=[TokenLogprob(token=t[:64], logprob=lp) for t, lp in table],
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
