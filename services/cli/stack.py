@@ -7,12 +7,14 @@ Which loaders and workers a spec needs is decided elsewhere: ``set_children_hook
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from services.cli import judge_key
 from services.common import localstack
 from services.common import settings as settings_mod
 from services.common.errors import QsensError
@@ -63,10 +65,22 @@ def up(
     force: Annotated[
         bool, typer.Option("--force", help="Clean up a stale stack state first.")
     ] = False,
+    allow_judge_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-judge-host",
+            help="Also give the API key to a judge at this HTTPS host (besides api.openai.com).",
+        ),
+    ] = None,
 ) -> None:
-    """Start a private NATS (JetStream) and S3 (SeaweedFS) server on loopback."""
+    """Start a private NATS (JetStream) and S3 (SeaweedFS) server on loopback, supervised:
+    a process that dies is restarted with back-off (`qsens status-stack` shows restarts)."""
     folder = _home(home)
     children: list[ChildSpec] = []
+    if allow_judge_host:
+        # Read by judge_key when the children are listed, and inherited by the supervisor.
+        listed = [os.environ.get(judge_key.ALLOWED_HOSTS_ENV, ""), *allow_judge_host]
+        os.environ[judge_key.ALLOWED_HOSTS_ENV] = ",".join(h for h in listed if h)
     if spec is not None:
         if not spec.is_file():
             typer.echo(f"error: spec file {spec} does not exist", err=True)
@@ -99,6 +113,11 @@ def up(
         typer.echo(f"{child.name:<5} pid {child.pid}  log {child.log}")
         if notes.get(child.name):
             typer.echo(f"      {notes[child.name]}")
+    if stack.supervisor is not None:
+        typer.echo(
+            f"supervisor pid {stack.supervisor.pid}: restarts any of these that dies, with "
+            "back-off (restarts: `qsens status-stack`)"
+        )
     typer.echo(f"state and logs in {stack.home}")
     typer.echo(f'use it from a shell: eval "$(qsens env --home {stack.home})"')
 
@@ -151,10 +170,17 @@ def status_stack(home: HomeOption = None) -> None:
         typer.echo(f"no stack recorded in {folder.resolve()}")
         raise typer.Exit(1)
     dead = 0
+    supervised = False
     for info, alive in rows:
         dead += int(not alive)
+        supervised |= info.name == "supervisor" and alive
         state = "running" if alive else "GONE"
-        typer.echo(f"{info.name:<12} pid {info.pid:<8} {state:<8} {info.log}")
-    if dead:
+        restarts = f"{info.restarts} restarts" if info.restarts else ""
+        typer.echo(f"{info.name:<28} pid {info.pid:<8} {state:<8} {restarts:<11} {info.log}")
+        if info.last_exit:
+            typer.echo(f"{'':<28} last exit: {info.last_exit}")
+    if dead and supervised:
+        typer.echo("the supervisor restarts the processes that are gone (with back-off)")
+    elif dead:
         typer.echo("some processes are gone: `qsens down` cleans up, `qsens up --force` restarts")
         raise typer.Exit(1)

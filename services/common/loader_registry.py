@@ -13,6 +13,13 @@ its quantized checkpoint: ``detail`` names the quantize job and the checkpoint) 
 waiting or starting raises ``LoaderStarting``, an ``Unavailable`` the job plane retries
 without counting an attempt, since a loader is known to be coming; ``qsens status`` shows
 those entries with their ``since`` time.
+
+A local stack's supervisor (``services.common.localstack.supervisor``) also puts one
+``supervised.<stack>`` entry listing the loaders it keeps running. A variant without live
+loaders is then ``LoaderStarting`` when a supervisor is restarting its loader, and ``NoLoader``
+(a ``FailedPrecondition``: the job fails at once, not after an hour of retries) when a
+supervisor gave up on it (crash loop) or no supervisor of the namespace runs one for it.
+Without any supervisor (a cluster, a hand-started loader) it stays ``Unavailable``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
 
 from services.common import settings as settings_mod
-from services.common.errors import Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.logging import get_logger
 from services.common.natsconn import PlaneNames, connection, ensure_kv, kv_values
 from services.common.settings import NatsSettings
@@ -45,6 +52,9 @@ __all__ = [
     "LoaderRegistry",
     "LoaderStarting",
     "LoaderState",
+    "NoLoader",
+    "SupervisedLoader",
+    "SupervisedLoaders",
     "announce_forever",
     "variant_token",
 ]
@@ -59,6 +69,30 @@ LoaderState = Literal["ready", "waiting", "starting"]
 class LoaderStarting(Unavailable):
     """The variant's loaders are announced but none is ready yet (waiting for a checkpoint or
     loading): retry later, and do not count it as an attempt."""
+
+
+class NoLoader(FailedPrecondition):
+    """No loader serves the variant and none is coming: its job fails instead of retrying."""
+
+
+class SupervisedLoader(BaseModel):
+    """One loader a local stack's supervisor keeps running."""
+
+    state: Literal["running", "restarting", "crashloop"]
+    restarts: int = 0
+    detail: str = Field("", description="How it last ended, and its log.")
+
+
+class SupervisedLoaders(BaseModel):
+    """A supervisor's declaration: the loaders it runs, by canonical variant."""
+
+    stack: str = Field(description="The stack's home folder.")
+    host: str
+    at: float
+    loaders: dict[str, SupervisedLoader] = Field(default_factory=dict)
+
+
+SUPERVISED_PREFIX = "supervised"
 
 
 def variant_token(variant: str | Variant) -> str:
@@ -191,6 +225,25 @@ class LoaderRegistry:
                 found.append(LoaderEntry.model_validate_json(value))
         return found
 
+    async def declare_supervised(self, stack_id: str, doc: SupervisedLoaders) -> None:
+        """Put (refresh) a supervisor's declaration; it expires with the bucket's TTL."""
+        await self.kv.put(f"{SUPERVISED_PREFIX}.{stack_id}", doc.model_dump_json().encode())
+
+    async def supervised(self) -> list[SupervisedLoaders]:
+        """The live supervisors' declarations."""
+        found: list[SupervisedLoaders] = []
+        for value in await kv_values(self.kv, f"{SUPERVISED_PREFIX}.*"):
+            with contextlib.suppress(ValueError):
+                found.append(SupervisedLoaders.model_validate_json(value))
+        return found
+
+    async def forget(self, variant: str | Variant, pid: int, host: str) -> int:
+        """Delete the entries of a loader process known to be dead; returns how many."""
+        gone = [e for e in await self.entries(variant) if e.pid == pid and e.host == host]
+        for entry in gone:
+            await self.kv.delete(f"{variant_token(variant)}.{entry.instance}")
+        return len(gone)
+
     async def find(self, variant: str | Variant) -> str:
         """Address of a live ready loader for ``variant``; ``LoaderStarting`` when its loaders
         are only waiting or starting, ``Unavailable`` naming the variant when there are none."""
@@ -210,9 +263,38 @@ class LoaderRegistry:
                 f"the loader of {variant} is {first.state} ({waited:.0f} s)"
                 + (f": {first.detail}" if first.detail else "")
             )
+        await self._none_coming(variant)
         raise Unavailable(
             f"no loader for variant {variant} is announced "
             f"(start one with `qsens serve loader ... --announce`)"
+        )
+
+    async def _none_coming(self, variant: str | Variant) -> None:
+        """Raise LoaderStarting/NoLoader from the supervisors' declarations (none: return)."""
+        try:
+            declared = await self.supervised()
+        except nats.js.errors.Error:
+            return
+        if not declared:
+            return
+        name = str(variant if isinstance(variant, Variant) else Variant.parse(variant))
+        for doc in declared:
+            mine = doc.loaders.get(name)
+            if mine is None:
+                continue
+            if mine.state == "crashloop":
+                raise NoLoader(
+                    f"the loader of {name} keeps crashing ({mine.restarts} restarts by the "
+                    f"supervisor of {doc.stack}; {mine.detail}); fix it and `qsens up` again"
+                )
+            raise LoaderStarting(
+                f"the loader of {name} is {mine.state} under the supervisor of {doc.stack} "
+                f"({mine.restarts} restarts)"
+            )
+        stacks = ", ".join(sorted(d.stack for d in declared))
+        raise NoLoader(
+            f"no loader serves variant {name} and none is coming: the local stack ({stacks}) "
+            f"runs none for it; start one with `qsens up --spec` on a spec that includes it"
         )
 
 

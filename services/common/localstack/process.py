@@ -51,6 +51,8 @@ class ChildSpec:
     ready_file: str | None = None  # wait until the child writes this file (e.g. --ready-file)
     ready_timeout_s: float = 300.0
     note: str = ""  # what `qsens up` says about it (e.g. what a loader waits for)
+    unset_env: Sequence[str] = ()  # stack variables this child must not get (e.g. an API key)
+    variant: str | None = None  # the variant a loader serves (its supervisor declares it)
 
 
 class ProcessInfo(BaseModel):
@@ -63,6 +65,26 @@ class ProcessInfo(BaseModel):
     log: str
     stop_signal: int = signal.SIGTERM
     stop_timeout_s: float = 30.0
+    # What a restart needs besides argv (the stack's environment comes from the supervisor).
+    env: dict[str, str] = Field(default_factory=dict, description="The child's own variables.")
+    unset_env: list[str] = Field(default_factory=list)
+    cwd: str | None = None
+    variant: str | None = None
+    restarts: int = Field(0, description="Restarts by the stack's supervisor.")
+    last_exit: str | None = Field(None, description="How it last ended, e.g. 'signal SIGKILL'.")
+
+    def child_spec(self) -> ChildSpec:
+        """The spec to start this process again."""
+        return ChildSpec(
+            name=self.name,
+            argv=self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stop_signal=self.stop_signal,
+            stop_timeout_s=self.stop_timeout_s,
+            unset_env=self.unset_env,
+            variant=self.variant,
+        )
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -85,6 +107,20 @@ def process_alive(info: ProcessInfo) -> bool:
     return _start_ticks(info.pid) == info.start_ticks
 
 
+def exit_status(info: ProcessInfo) -> str:
+    """How a process that is gone ended: 'exit code 1', 'signal SIGKILL', or 'gone' when it
+    was not started by this interpreter (only its parent can read its exit status)."""
+    popen = _popen_by_pid.get(info.pid)
+    code = popen.poll() if popen is not None else None
+    if code is None:
+        return "gone"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+        return f"signal {-code}"
+    return f"exit code {code}"
+
+
 def _tail(path: str | Path, lines: int = 25) -> str:
     try:
         text = Path(path).read_text(errors="replace")
@@ -99,7 +135,7 @@ def start_child(spec: ChildSpec, log_dir: Path, base_env: Mapping[str, str]) -> 
         raise InvalidArgument(f"children[{spec.name}].argv", "empty command")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}.log"
-    env = {**base_env, **spec.env}
+    env = {k: v for k, v in {**base_env, **spec.env}.items() if k not in spec.unset_env}
     with open(log_path, "ab") as out:
         try:
             # Own session: Ctrl-C in the terminal that ran `qsens up` does not reach it, and
@@ -125,6 +161,10 @@ def start_child(spec: ChildSpec, log_dir: Path, base_env: Mapping[str, str]) -> 
         log=str(log_path),
         stop_signal=int(spec.stop_signal),
         stop_timeout_s=spec.stop_timeout_s,
+        env=dict(spec.env),
+        unset_env=list(spec.unset_env),
+        cwd=spec.cwd,
+        variant=spec.variant,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -55,13 +56,28 @@ class Stack(BaseModel):
     s3: ProcessInfo
     s3_ports: dict[str, int]
     children: list[ProcessInfo] = Field(default_factory=list)
+    supervisor: ProcessInfo | None = Field(None, description="Restarts the others when they die.")
     credentials_file: str
     env: dict[str, str] = Field(description="Non-secret QSENS_* exports.")
     secret_files: list[str] = Field(default_factory=list, description="Removed by down().")
 
     def processes(self) -> list[ProcessInfo]:
-        """Children first, then the servers: the order to stop them in."""
-        return [*self.children, self.s3, self.nats]
+        """The supervisor, children, then the servers: the order to stop them in."""
+        first = [self.supervisor] if self.supervisor is not None else []
+        return [*first, *self.children, self.s3, self.nats]
+
+    def supervised(self) -> list[ProcessInfo]:
+        """What the supervisor restarts, servers first (the children need them)."""
+        return [self.nats, self.s3, *self.children]
+
+    def replace(self, info: ProcessInfo) -> None:
+        """Record ``info`` in place of the process of the same name."""
+        if info.name == self.nats.name:
+            self.nats = info
+        elif info.name == self.s3.name:
+            self.s3 = info
+        else:
+            self.children = [info if c.name == info.name else c for c in self.children]
 
     def full_env(self) -> dict[str, str]:
         """The exports including the credentials (read from the credentials file)."""
@@ -132,8 +148,13 @@ def up(
     children: Iterable[ChildSpec] = (),
     force: bool = False,
     bin_dir: Path | None = None,
+    supervise: bool = True,
 ) -> Stack:
-    """Start NATS, S3 and ``children`` under ``home``; returns the recorded stack."""
+    """Start NATS, S3 and ``children`` under ``home``; returns the recorded stack.
+
+    With ``supervise``, a supervisor process (``localstack.supervisor``) then restarts any of
+    them that dies, with back-off, until ``down``.
+    """
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     _check_not_running(home, force)
@@ -181,6 +202,17 @@ def up(
                 wait_ready(
                     info, f"child {spec.name}", file_probe(spec.ready_file), spec.ready_timeout_s
                 )
+        if supervise:
+            stack.supervisor = start_child(
+                ChildSpec(
+                    name="supervisor",
+                    argv=[sys.executable, "-m", "services.common.localstack.supervisor", str(home)],
+                    stop_timeout_s=10.0,
+                ),
+                home / "logs",
+                child_env,
+            )
+            _save(stack)
         return stack
     except BaseException:
         if _stack_path(home).exists():
@@ -189,6 +221,11 @@ def up(
             for info in reversed(started):
                 stop_process(info, timeout_s=5.0)
         raise
+
+
+def save_stack(stack: Stack) -> None:
+    """Write stack.json atomically (readers never see it half-written)."""
+    _save(stack)
 
 
 def _save(stack: Stack) -> None:
@@ -209,6 +246,10 @@ def down(home: Path, *, timeout_s: float | None = None) -> list[tuple[str, str]]
     if stack is None:
         return []
     outcomes: list[tuple[str, str]] = []
+    if stack.supervisor is not None:
+        # First, so nothing is restarted while it stops; then re-read what it recorded.
+        outcomes.append((stack.supervisor.name, stop_process(stack.supervisor, timeout_s)))
+        stack = load_stack(home) or stack
     for info in stack.children:
         outcomes.append((info.name, stop_process(info, timeout_s)))
     results: dict[str, str] = {}
