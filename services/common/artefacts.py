@@ -1,4 +1,4 @@
-"""Where every artefact of a run lives in the bucket, and the shared summary schemas.
+"""Where every artefact of a run lives in the bucket.
 
 Keys are ``runs/<run_id>/<variant>/<stage>/<methodology>/<trait>/...`` (see docs/ARTEFACTS.md);
 every key goes through ``run_key`` so a part can never climb out of its run. Producers and
@@ -7,14 +7,16 @@ consumers (quantizer, extractor, steerer, analyzer) build keys only through thes
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
+# The extraction summaries moved to the extract contract; re-exported for existing readers.
+from services.common.contracts.common import VectorMode
+from services.common.contracts.extract import ExtractSummary, VettingSummary
 from services.common.store import run_key
 
 __all__ = [
     "ExtractSummary",
+    "VectorMode",
     "VettingSummary",
     "analysis_key",
     "baseline_key",
@@ -26,8 +28,6 @@ __all__ = [
     "steer_key",
     "trait_parts",
 ]
-
-VectorMode = Literal["native", "replay"]
 
 
 def trait_parts(trait: str) -> tuple[str, str]:
@@ -104,62 +104,3 @@ def quantize_key(run_id: str, variant: str, *leaf: str) -> str:
 
 def analysis_key(run_id: str, *leaf: str) -> str:
     return run_key(run_id, "analysis", *leaf)
-
-
-class VettingSummary(BaseModel):
-    """What vetting kept and dropped (pv traits with a judge)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool
-    judge_backend: str = ""
-    judge_model: str = ""
-    rubric_hash: str = ""
-    positive_min: float = 50.0
-    negative_max: float = 50.0
-    kept_pos: int = 0
-    kept_neg: int = 0
-    dropped_pos: int = 0
-    dropped_neg: int = 0
-    unscorable: int = 0
-    refusal_rate_pos: float = 0.0
-    refusal_rate_neg: float = 0.0
-    mean_score_pos: float | None = None
-    mean_score_neg: float | None = None
-
-
-class ExtractSummary(BaseModel):
-    """``summary.json`` of one extraction (variant x trait x mode)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: str
-    variant: str
-    model: str
-    precision: str
-    trait: str
-    methodology: str
-    mode: VectorMode
-    replay_from: str | None = None
-    position: str
-    layers: list[int]
-    methods: list[str]
-    n_train_pos: int
-    n_train_neg: int
-    n_val_pos: int
-    n_val_neg: int
-    activation_norm: list[float] = Field(
-        description="Mean L2 norm of the captured activations per layer."
-    )
-    vector_keys: dict[str, str] = Field(description="method -> safetensors key")
-    activations_key: str | None = None
-    responses_key: str | None = None
-    vetting: VettingSummary
-    auroc: dict[str, list[float | None]] = Field(default_factory=dict)
-    norms: dict[str, list[float]] = Field(default_factory=dict)
-    loader: dict[str, Any] = Field(
-        default_factory=dict, description="Loader Info at extraction time."
-    )
-    generation: dict[str, Any] = Field(default_factory=dict)
-    dataset_fingerprint: str = ""
-    seconds: float = 0.0

@@ -3,19 +3,32 @@
 extract (reference first when replaying) -> steer / logit_diff -> analyze, with benchmark and
 probe jobs beside. A gptq/awq variant without a published checkpoint gets a quantize job first:
 every job that talks to that variant's loader depends on it (the loader waits for the
-checkpoint the job commits; see ``services.common.quantization``). Job params carry everything a worker needs (no worker reads the spec file),
-so a job is reproducible from its own JSON.
+checkpoint the job commits; see ``services.common.quantization``). Job params are the stage
+contracts (``services.common.contracts``) in their JSON form: they carry everything a worker
+needs (no worker reads the spec file), so a job is reproducible from its own JSON.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from pydantic import BaseModel
+
+from services.common.contracts.analyze import AnalyzeParams
+from services.common.contracts.common import TraitParams, VectorMode
+from services.common.contracts.extract import ExtractParams
+from services.common.contracts.steer import (
+    BenchmarkParams,
+    LogitDiffParams,
+    ProbeParams,
+    SteerParams,
+)
 from services.common.jobs import Job, JobKind, RunPlan, validate_run_id
+from services.common.methodologies import methodology_info, position_reads_response
 from services.common.quantization import QuantizeRequest
-from services.common.spec import ExperimentSpec, ModelSpec, TraitRef
+from services.common.spec import ExperimentSpec, ModelSpec, SteeringSpec, TraitRef
 from services.common.variants import Precision
 
 __all__ = [
@@ -26,6 +39,10 @@ __all__ = [
     "quantize_request",
     "variants_of",
 ]
+
+
+SteerMode = Literal["add", "ablate"]
+Sign = Literal["+", "-"]
 
 
 @dataclass(frozen=True)
@@ -75,193 +92,206 @@ def _model_params(model: ModelSpec) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude={"precisions", "checkpoints", "quantize"})
 
 
-def _trait_params(spec: ExperimentSpec, trait: TraitRef) -> dict[str, Any]:
-    return {"ref": trait.ref, "name": spec.trait_name(trait), "methodology": trait.methodology}
+def _trait_params(spec: ExperimentSpec, trait: TraitRef) -> TraitParams:
+    return TraitParams(ref=trait.ref, name=spec.trait_name(trait), methodology=trait.methodology)
+
+
+@dataclass
+class _Builder:
+    """The jobs of one plan as they are added, with the indexes later jobs depend on."""
+
+    spec: ExperimentSpec
+    run_id: str
+    variants: list[PlannedVariant]
+    jobs: list[Job] = field(default_factory=list)
+    quantize: dict[str, Job] = field(default_factory=dict)
+    # (variant, trait, vector mode) -> extract job
+    extract: dict[tuple[str, str, str], Job] = field(default_factory=dict)
+
+    def add(self, kind: JobKind, name: str, params: BaseModel, deps: tuple[str, ...] = ()) -> Job:
+        """Append a job whose params are ``params``'s JSON form (what workers validate)."""
+        job = Job(
+            kind=kind,
+            run_id=self.run_id,
+            name=name,
+            params=params.model_dump(mode="json"),
+            deps=deps,
+        )
+        self.jobs.append(job)
+        return job
+
+    def after_quantize(self, variant: str) -> tuple[str, ...]:
+        """Deps of a job that needs ``variant``'s loader: its quantize job, if any."""
+        job = self.quantize.get(variant)
+        return (job.id,) if job is not None else ()
+
+    def vector_job(self, variant: str, trait: str) -> tuple[Job, VectorMode]:
+        """The extraction whose vectors a variant uses: replay when it exists (controlled)."""
+        modes: tuple[VectorMode, ...] = ("replay", "native")
+        for mode in modes:
+            job = self.extract.get((variant, trait, mode))
+            if job is not None:
+                return job, mode
+        raise KeyError((variant, trait))
+
+    def of_model(self, model: ModelSpec) -> list[PlannedVariant]:
+        return [v for v in self.variants if v.model.name == model.name]
+
+
+def _extract_modes(spec: ExperimentSpec, is_ref: bool, position: str) -> list[VectorMode]:
+    """Native for the reference and prompt positions; otherwise as ``extraction.replay`` says."""
+    if is_ref or not position_reads_response(position) or spec.extraction.replay == "off":
+        return ["native"]
+    if spec.extraction.replay == "on":
+        return ["replay"]
+    return ["native", "replay"]
+
+
+def _plan_quantize(b: _Builder) -> None:
+    for v in b.variants:
+        request = quantize_request(b.spec, v.model, v.precision)
+        if request is not None:
+            b.quantize[v.id] = b.add(JobKind.QUANTIZE, f"quantize {v.id}", request)
+
+
+def _plan_extract(b: _Builder) -> None:
+    spec = b.spec
+    for model in spec.models:
+        ref_variant = f"{model.name}@{spec.reference.value}"
+        for trait in spec.traits:
+            name = spec.trait_name(trait)
+            position = spec.position_for(trait)
+            for v in b.of_model(model):
+                for mode in _extract_modes(spec, v.id == ref_variant, position):
+                    replay = mode == "replay"
+                    deps = (b.extract[(ref_variant, name, "native")].id,) if replay else ()
+                    params = ExtractParams(
+                        variant=v.id,
+                        model=_model_params(v.model),
+                        precision=v.precision.value,
+                        trait=_trait_params(spec, trait),
+                        mode=mode,
+                        replay_from=ref_variant if replay else None,
+                        position=position,
+                        layers=spec.layers,
+                        methods=list(spec.methods),
+                        extraction=spec.extraction,
+                        judge=spec.judge,
+                    )
+                    b.extract[(v.id, name, mode)] = b.add(
+                        JobKind.EXTRACT,
+                        f"extract {v.id} {name} {mode}",
+                        params,
+                        deps + b.after_quantize(v.id),
+                    )
+
+
+def _steer_settings(steering: SteeringSpec, methodology: str) -> list[tuple[SteerMode, Sign]]:
+    settings: list[tuple[SteerMode, Sign]] = [("add", d) for d in steering.directions]
+    if steering.ablation and methodology_info(methodology).ablation:
+        settings.append(("ablate", "-"))
+    return settings
+
+
+def _plan_steer(b: _Builder, methods: list[str]) -> None:
+    spec, steering = b.spec, b.spec.steering
+    steer_traits = steering.traits or [spec.trait_name(t) for t in spec.traits]
+    for model in spec.models:
+        ref_variant = f"{model.name}@{spec.reference.value}"
+        for trait in spec.traits:
+            name = spec.trait_name(trait)
+            if name not in steer_traits:
+                continue
+            for v in b.of_model(model):
+                sources = [v.id]
+                if steering.cross_precision and v.id != ref_variant:
+                    sources.append(ref_variant)
+                for source in sources:
+                    source_job, vector_mode = b.vector_job(source, name)
+                    for method in methods:
+                        for mode, direction in _steer_settings(steering, trait.methodology):
+                            params = SteerParams(
+                                target=v.id,
+                                model=_model_params(v.model),
+                                source=source,
+                                trait=_trait_params(spec, trait),
+                                method=method,
+                                vector_mode=vector_mode,
+                                mode=mode,
+                                direction=direction,
+                                steering=steering,
+                                judge=spec.judge,
+                            )
+                            b.add(
+                                JobKind.STEER,
+                                f"steer {v.id} {name} with {source} {method} {mode}{direction}",
+                                params,
+                                (source_job.id, *b.after_quantize(v.id)),
+                            )
+
+
+def _plan_logit_diff(b: _Builder, methods: list[str]) -> None:
+    spec = b.spec
+    for model in spec.models:
+        for trait in spec.traits:
+            if not methodology_info(trait.methodology).logit_diff:
+                continue
+            name = spec.trait_name(trait)
+            for v in b.of_model(model):
+                source_job, vector_mode = b.vector_job(v.id, name)
+                for method in methods:
+                    params = LogitDiffParams(
+                        variant=v.id,
+                        source=v.id,
+                        trait=_trait_params(spec, trait),
+                        method=method,
+                        vector_mode=vector_mode,
+                        logit_diff=spec.logit_diff,
+                    )
+                    b.add(
+                        JobKind.LOGIT_DIFF,
+                        f"logit_diff {v.id} {name} {method}",
+                        params,
+                        (source_job.id,),
+                    )
+
+
+def _plan_capabilities(b: _Builder) -> None:
+    """Benchmarks and safety probes of every variant."""
+    for v in b.variants:
+        for bench in b.spec.benchmarks:
+            b.add(
+                JobKind.BENCHMARK,
+                f"benchmark {v.id} {bench.name}",
+                BenchmarkParams(variant=v.id, benchmark=bench),
+                b.after_quantize(v.id),
+            )
+        if b.spec.probes.enabled:
+            b.add(
+                JobKind.PROBE,
+                f"probe {v.id}",
+                ProbeParams(variant=v.id, probes=b.spec.probes),
+                b.after_quantize(v.id),
+            )
 
 
 def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
     """The job graph of ``spec`` under ``run_id``."""
     validate_run_id(run_id)
-    jobs: list[Job] = []
-    variants = variants_of(spec)
-    judge = spec.judge.model_dump(mode="json")
-    extraction = spec.extraction.model_dump(mode="json")
-    # extract[(variant, trait, mode)] -> job
-    extract: dict[tuple[str, str, str], Job] = {}
-    quantize: dict[str, Job] = {}
-    for v in variants:
-        request = quantize_request(spec, v.model, v.precision)
-        if request is not None:
-            quantize[v.id] = Job(
-                kind=JobKind.QUANTIZE,
-                run_id=run_id,
-                name=f"quantize {v.id}",
-                params=request.model_dump(mode="json"),
-            )
-            jobs.append(quantize[v.id])
-
-    def after_quantize(variant: str) -> tuple[str, ...]:
-        """Deps of a job that needs ``variant``'s loader: its quantize job, if any."""
-        job = quantize.get(variant)
-        return (job.id,) if job is not None else ()
-
-    for model in spec.models:
-        ref_variant = f"{model.name}@{spec.reference.value}"
-        model_variants = [v for v in variants if v.model.name == model.name]
-        for trait in spec.traits:
-            name = spec.trait_name(trait)
-            position = spec.position_for(trait)
-            response_position = position.startswith("response")
-            for v in model_variants:
-                is_ref = v.id == ref_variant
-                modes: list[str]
-                if is_ref or not response_position or spec.extraction.replay == "off":
-                    modes = ["native"]
-                elif spec.extraction.replay == "on":
-                    modes = ["replay"]
-                else:
-                    modes = ["native", "replay"]
-                for mode in modes:
-                    deps: tuple[str, ...] = ()
-                    replay_from = None
-                    if mode == "replay":
-                        replay_from = ref_variant
-                        deps = (extract[(ref_variant, name, "native")].id,)
-                    job = Job(
-                        kind=JobKind.EXTRACT,
-                        run_id=run_id,
-                        name=f"extract {v.id} {name} {mode}",
-                        params={
-                            "variant": v.id,
-                            "model": _model_params(v.model),
-                            "precision": v.precision.value,
-                            "trait": _trait_params(spec, trait),
-                            "mode": mode,
-                            "replay_from": replay_from,
-                            "position": position,
-                            "layers": spec.layers,
-                            "methods": list(spec.methods),
-                            "extraction": extraction,
-                            "judge": judge,
-                        },
-                        deps=deps + after_quantize(v.id),
-                    )
-                    extract[(v.id, name, mode)] = job
-                    jobs.append(job)
-
-    def vector_job(variant: str, trait: str) -> tuple[Job, str]:
-        """The extraction whose vectors a variant uses: replay when it exists (controlled)."""
-        for mode in ("replay", "native"):
-            job = extract.get((variant, trait, mode))
-            if job is not None:
-                return job, mode
-        raise KeyError((variant, trait))
-
-    downstream: list[Job] = []
-    steering = spec.steering
-    steer_traits = steering.traits or [spec.trait_name(t) for t in spec.traits]
-    steer_methods = list(steering.methods or spec.methods[:1])
-    if steering.enabled:
-        for model in spec.models:
-            ref_variant = f"{model.name}@{spec.reference.value}"
-            for trait in spec.traits:
-                name = spec.trait_name(trait)
-                if name not in steer_traits:
-                    continue
-                for v in (x for x in variants if x.model.name == model.name):
-                    sources = [v.id]
-                    if steering.cross_precision and v.id != ref_variant:
-                        sources.append(ref_variant)
-                    for source in sources:
-                        source_job, vector_mode = vector_job(source, name)
-                        for method in steer_methods:
-                            settings: list[tuple[str, str]] = [
-                                ("add", d) for d in steering.directions
-                            ]
-                            if steering.ablation and trait.methodology == "arditi":
-                                settings.append(("ablate", "-"))
-                            for mode, direction in settings:
-                                downstream.append(
-                                    Job(
-                                        kind=JobKind.STEER,
-                                        run_id=run_id,
-                                        name=f"steer {v.id} {name} with {source} {method} {mode}{direction}",
-                                        params={
-                                            "target": v.id,
-                                            "model": _model_params(v.model),
-                                            "source": source,
-                                            "trait": _trait_params(spec, trait),
-                                            "method": method,
-                                            "vector_mode": vector_mode,
-                                            "mode": mode,
-                                            "direction": direction,
-                                            "steering": steering.model_dump(mode="json"),
-                                            "judge": judge,
-                                        },
-                                        deps=(source_job.id, *after_quantize(v.id)),
-                                    )
-                                )
+    b = _Builder(spec, run_id, variants_of(spec))
+    _plan_quantize(b)
+    _plan_extract(b)
+    steer_methods = list(spec.steering.methods or spec.methods[:1])
+    if spec.steering.enabled:
+        _plan_steer(b, steer_methods)
     if spec.logit_diff.enabled:
-        for model in spec.models:
-            for trait in spec.traits:
-                if trait.methodology != "caa":
-                    continue
-                name = spec.trait_name(trait)
-                for v in (x for x in variants if x.model.name == model.name):
-                    source_job, vector_mode = vector_job(v.id, name)
-                    for method in steer_methods:
-                        downstream.append(
-                            Job(
-                                kind=JobKind.LOGIT_DIFF,
-                                run_id=run_id,
-                                name=f"logit_diff {v.id} {name} {method}",
-                                params={
-                                    "variant": v.id,
-                                    "source": v.id,
-                                    "trait": _trait_params(spec, trait),
-                                    "method": method,
-                                    "vector_mode": vector_mode,
-                                    "logit_diff": spec.logit_diff.model_dump(mode="json"),
-                                },
-                                deps=(source_job.id,),
-                            )
-                        )
-    for v in variants:
-        for bench in spec.benchmarks:
-            downstream.append(
-                Job(
-                    kind=JobKind.BENCHMARK,
-                    run_id=run_id,
-                    name=f"benchmark {v.id} {bench.name}",
-                    params={"variant": v.id, "benchmark": bench.model_dump(mode="json")},
-                    deps=after_quantize(v.id),
-                )
-            )
-        if spec.probes.enabled:
-            downstream.append(
-                Job(
-                    kind=JobKind.PROBE,
-                    run_id=run_id,
-                    name=f"probe {v.id}",
-                    params={"variant": v.id, "probes": spec.probes.model_dump(mode="json")},
-                    deps=after_quantize(v.id),
-                )
-            )
-    jobs.extend(downstream)
-    if not spec.analysis.enabled:
-        return RunPlan(
-            run_id=run_id, spec_hash=spec.fingerprint(), jobs=jobs, description=spec.description
-        )
-    analyze = Job(
-        kind=JobKind.ANALYZE,
-        run_id=run_id,
-        name="analyze",
-        params={"spec": spec.model_dump(mode="json"), "variants": [v.id for v in variants]},
-        deps=tuple(sorted(j.id for j in jobs)),
-    )
-    jobs.append(analyze)
+        _plan_logit_diff(b, steer_methods)
+    _plan_capabilities(b)
+    if spec.analysis.enabled:
+        params = AnalyzeParams(spec=spec, variants=[v.id for v in b.variants])
+        b.add(JobKind.ANALYZE, "analyze", params, tuple(sorted(j.id for j in b.jobs)))
     return RunPlan(
-        run_id=run_id, spec_hash=spec.fingerprint(), jobs=jobs, description=spec.description
+        run_id=run_id, spec_hash=spec.fingerprint(), jobs=b.jobs, description=spec.description
     )
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from services.common.contracts.common import parse_params
+from services.common.contracts.extract import ExtractParams
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.jobs import Job, JobKind
 from services.common.natsconn import shared_connection
 from services.common.queue import JobContext
 from services.extractor.datasets import TraitDataset
-from services.extractor.pipeline import ExtractParams, run_extraction
+from services.extractor.pipeline import run_extraction
 from services.loader.client import LoaderClient
 
 __all__ = ["handle", "judge_over_nats"]
@@ -37,12 +39,9 @@ async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
     """Run one extraction."""
     if job.kind is not JobKind.EXTRACT:
         raise InvalidArgument("kind", f"the extractor handles extract jobs, not {job.kind}")
-    try:
-        params = ExtractParams.model_validate(job.params)
-    except Exception as exc:  # pydantic ValidationError: a malformed job is never retried
-        raise InvalidArgument("params", str(exc)) from None
+    params = parse_params(ExtractParams, job.params)
     address = await ctx.find_loader(params.variant)
-    expected = str(params.judge.get("backend", ""))
+    expected = params.judge.backend
 
     async def judge(
         pairs: Sequence[tuple[str, str]], dataset: TraitDataset, trait: str

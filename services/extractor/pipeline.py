@@ -17,12 +17,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.artefacts import ExtractSummary, VettingSummary, extract_key
+from services.common.artefacts import extract_key
+from services.common.contracts.extract import (
+    ExtractOutcome,
+    ExtractParams,
+    ExtractSummary,
+    VettingSummary,
+)
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.hashing import stable_hash
 from services.common.logging import get_logger
+from services.common.spec import ExtractionSpec, VettingSpec
 from services.common.store import AsyncS3Store
 from services.common.tensor_codec import save_safetensors
 from services.extractor.datasets import (
@@ -38,49 +44,6 @@ from services.loader.client import Chat, LoaderClient, PromptItem
 __all__ = ["ExtractParams", "JudgeLike", "run_extraction"]
 
 log = get_logger(__name__)
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class TraitParams(_Params):
-    ref: str
-    name: str
-    methodology: str
-
-
-class VettingParams(_Params):
-    enabled: bool = True
-    positive_min: float = 50.0
-    negative_max: float = 50.0
-    min_keep: int = 4
-
-
-class ExtractionParams(_Params):
-    n_train: int | None = None
-    n_val: int = 8
-    rollouts: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    seed: int = 0
-    vetting: VettingParams = Field(default_factory=VettingParams)
-    store_activations: bool = True
-
-
-class ExtractParams(_Params):
-    """The params of an ``extract`` job (built by the planner)."""
-
-    variant: str
-    precision: str = ""
-    trait: TraitParams
-    mode: str = "native"
-    replay_from: str | None = None
-    position: str
-    layers: list[int] | None = None
-    methods: list[str] = Field(default_factory=lambda: ["mean_diff", "probe"])
-    extraction: ExtractionParams = Field(default_factory=ExtractionParams)
-    judge: dict[str, Any] = Field(default_factory=dict)
 
 
 # (pairs, eval_prompt, positive exemplars, negative exemplars, trait name) -> judge results
@@ -128,7 +91,7 @@ def _row_seed(seed: int, key: str) -> int:
     return int(stable_hash([seed, key], 15), 16)
 
 
-async def _generate(rows: list[_Row], loader: LoaderClient, p: ExtractionParams) -> None:
+async def _generate(rows: list[_Row], loader: LoaderClient, p: ExtractionSpec) -> None:
     items = [PromptItem(_prompt(r.example), seed=_row_seed(p.seed, r.key)) for r in rows]
     outputs = await loader.generate(
         items, max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=p.seed
@@ -159,7 +122,7 @@ async def _replay(rows: list[_Row], store: AsyncS3Store, key: str) -> None:
 
 
 async def _vet(
-    rows: list[_Row], dataset: TraitDataset, vetting: VettingParams, judge: JudgeLike
+    rows: list[_Row], dataset: TraitDataset, vetting: VettingSpec, judge: JudgeLike
 ) -> VettingSummary:
     results = await judge(
         [(r.example.question, r.response or "") for r in rows], dataset, dataset.name
@@ -218,20 +181,20 @@ async def run_extraction(
     """Run one extraction job; returns a small summary for the job record."""
     started = time.perf_counter()
     trait = params.trait.name
-    mode = "replay" if params.mode == "replay" else "native"
+    mode = params.mode
 
     def key(*leaf: str) -> str:
-        return extract_key(run_id, params.variant, trait, mode, *leaf)  # type: ignore[arg-type]
+        return extract_key(run_id, params.variant, trait, mode, *leaf)
 
     if await store.exists(key("summary.json")):
         done = await store.get_json(key("summary.json"))
-        return {
-            "variant": params.variant,
-            "trait": trait,
-            "mode": mode,
-            "already_done": True,
-            "n_train_pos": done.get("n_train_pos"),
-        }
+        return ExtractOutcome(
+            variant=params.variant,
+            trait=trait,
+            mode=mode,
+            already_done=True,
+            n_train_pos=done.get("n_train_pos"),
+        ).model_dump(mode="json", exclude_unset=True)
     # An s3:// trait is downloaded by the reader: off the event loop, which serves the worker's
     # other jobs and its NATS heartbeats meanwhile.
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
@@ -374,12 +337,12 @@ async def run_extraction(
     )
     await store.put_json(key("summary.json"), json.loads(summary.model_dump_json()))
     mid = len(layers) // 2
-    return {
-        "variant": params.variant,
-        "trait": trait,
-        "mode": mode,
-        "n_train_pos": summary.n_train_pos,
-        "n_train_neg": summary.n_train_neg,
-        "auroc_mid": {m: v[mid] for m, v in summary.auroc.items()},
-        "seconds": round(summary.seconds, 2),
-    }
+    return ExtractOutcome(
+        variant=params.variant,
+        trait=trait,
+        mode=mode,
+        n_train_pos=summary.n_train_pos,
+        n_train_neg=summary.n_train_neg,
+        auroc_mid={m: v[mid] for m, v in summary.auroc.items()},
+        seconds=round(summary.seconds, 2),
+    ).model_dump(mode="json", exclude_unset=True)

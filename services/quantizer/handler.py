@@ -27,6 +27,7 @@ from typing import Any
 
 from services.common import settings as settings_mod
 from services.common.artefacts import quantize_key
+from services.common.contracts.quantize import QuantizeResult
 from services.common.errors import FailedPrecondition, InvalidArgument, QsensError
 from services.common.jobs import Job, JobKind
 from services.common.quantization import QuantizeRequest, manifest_key, parse_request
@@ -201,6 +202,7 @@ async def record_result(
         "calibration_request": request.calibration.model_dump(mode="json"),
         "result_key": key,
     }
+    QuantizeResult.model_validate(doc)  # the contract the analyzer reads
     if not await store.put_json(key, doc):
         stored: dict[str, Any] = await store.get_json(key)
         return stored

@@ -22,10 +22,12 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from services.common.artefacts import ExtractSummary, VectorMode, extract_key
+from services.common.artefacts import extract_key
+from services.common.contracts.common import VectorMode
+from services.common.contracts.extract import ExtractSummary
+from services.common.contracts.vectors import VectorSet
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import AsyncS3Store
-from services.extractor.methods import VectorSet
 
 __all__ = [
     "VectorSource",

@@ -35,6 +35,10 @@ class SteerParams(_Params):
     """``steer``: steer ``target`` with ``source``'s vectors and judge the answers."""
 
     target: str
+    model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The target model's spec entry (context for the job id).",
+    )
     source: str
     trait: TraitParams
     method: str
