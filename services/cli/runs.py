@@ -294,6 +294,7 @@ def status(
                         for r in records
                     ],
                     "loaders": loaders,
+                    "stack_restarts": stack_restarts(),
                 },
                 indent=2,
             )
@@ -310,6 +311,24 @@ def status(
         typer.echo("loaders:")
         for row in loaders:
             typer.echo("  " + loader_line(row))
+    restarted = stack_restarts()
+    if restarted:
+        typer.echo("restarted by the local stack's supervisor:")
+        for line in restarted:
+            typer.echo("  " + line)
+
+
+def stack_restarts() -> list[str]:
+    """Restart lines of the local stack under QSENS_HOME (none when there is no stack)."""
+    from services.common import settings as settings_mod
+    from services.common.localstack import load_stack
+    from services.common.localstack.supervisor import restart_lines
+
+    try:
+        stack = load_stack(settings_mod.get(settings_mod.CommonSettings).home.resolve())
+    except QsensError:
+        return []
+    return restart_lines(stack) if stack is not None else []
 
 
 def run_variants(records: list[Any]) -> list[str]:
@@ -559,6 +578,7 @@ LOCAL_CONCURRENCY = {"steerer": 2, "extractor": 2}
 
 def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
+    from services.cli import judge_key
     from services.common.planner import loader_source, quantize_request, variants_of
 
     spec = load_spec(spec_path)
@@ -609,6 +629,7 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
                 ready_timeout_s=900.0,
                 stop_timeout_s=40.0,
                 note=_waiting_note(request) if request else "",
+                variant=variant.id,  # the supervisor declares it (fail fast when none comes)
             )
         )
     judge = [
@@ -626,9 +647,16 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
             judge += ["--base-url", spec.judge.base_url]
     elif reference_port is not None:
         judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
+    # A spec's judge endpoint gets the API key only if allow-listed (see judge_key).
+    trusted = judge_key.key_allowed(spec.judge.base_url)
     children.append(
         ChildSpec(
-            name="judge", argv=judge, ready_file=str(ready / "judge.json"), ready_timeout_s=300.0
+            name="judge",
+            argv=judge,
+            ready_file=str(ready / "judge.json"),
+            ready_timeout_s=300.0,
+            unset_env=() if trusted else judge_key.KEY_VARIABLES,
+            note="" if trusted else judge_key.withheld_note(str(spec.judge.base_url)),
         )
     )
     services = ["extractor", "steerer", "analyzer"]
