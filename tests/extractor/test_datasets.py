@@ -90,7 +90,7 @@ def test_read_caa_real_dirs(trait: str, n_train: int, n_test: int) -> None:
     assert (len(ds.ab_train), len(ds.ab_test)) == (n_train, n_test)
     for item in (*ds.ab_train, *ds.ab_test):
         assert {item.matching_letter, item.not_matching_letter} == {"A", "B"}
-    assert len(ds.eval_questions) == 10
+    assert len(ds.eval_questions) == 20
     assert all("(A)" not in q and "(B)" not in q for q in ds.eval_questions)
     assert ds.exemplars.pos and ds.exemplars.neg
     if trait == "refusal":
@@ -110,7 +110,7 @@ def test_read_arditi_real_dir() -> None:
     assert ds.name == "arditi/refusal" and ds.position == "prompt[-1]"
     counts = [len(getattr(ds, f)) for f in datasets.readers.ARDITI_FILES]
     assert counts == [260, 39, 572, 600, 200, 200]
-    assert ds.eval_questions == ds.harmless_test[:10]
+    assert ds.eval_questions == ds.harmless_test[:20]
     assert "REFUSAL" not in ds.eval_prompt
 
 
@@ -271,7 +271,7 @@ def test_builtins_load_with_expected_sizes() -> None:
     for name in BUILTIN_TRAITS:
         ds = load_trait(name)
         assert ds.name == name and ds.source.startswith(f"qsens built-in ({name})")
-        assert len(ds.eval_questions) == 10 and len(ds.exemplars.pos) >= 5
+        assert len(ds.eval_questions) >= 20 and len(ds.exemplars.pos) >= 5
         if ds.methodology == "pv":
             assert len(ds.instructions) == 5 and len(ds.questions) == 20
             assert "REFUSAL" in ds.eval_prompt and "0 (no trace" in ds.eval_prompt
@@ -305,7 +305,7 @@ def test_published_builtins_read_like_local_data() -> None:
     assert not set(refusal.eval_questions) & {question_stem(i.question) for i in refusal.ab_test}
     assert load_trait("caa/sycophancy-full").eval_prompt == load_trait("caa/sycophancy").eval_prompt
     arditi = load_trait("arditi/refusal-full")
-    assert arditi.eval_questions == arditi.harmless_test[:10]
+    assert arditi.eval_questions == arditi.harmless_test[:20]
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TRAITS))
@@ -448,3 +448,59 @@ def test_public_surface() -> None:
     }  # fmt: skip
     assert set(datasets.__all__) == expected
     assert all(hasattr(datasets, name) for name in expected)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".?!")
+
+
+def _extraction_texts(ds: Any) -> set[str]:
+    """Every text a trait's extraction (or its logit-difference test) reads as a question."""
+    if ds.methodology == "pv":
+        texts = list(ds.questions)
+    elif ds.methodology == "caa":
+        texts = [question_stem(it.question) for it in (*ds.ab_train, *ds.ab_test)]
+    else:
+        texts = [
+            *ds.harmful_train,
+            *ds.harmful_val,
+            *ds.harmful_test,
+            *ds.harmless_train,
+            *ds.harmless_val,
+        ]
+    return {_norm(t) for t in texts}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TRAITS))
+def test_builtin_traits_hold_out_twenty_distinct_steering_questions(name: str) -> None:
+    """n = 20: the seeds judged 20 questions per cell; every built-in trait has at least 20
+    steering-evaluation questions, distinct, and none of them is read by its extraction."""
+    ds = load_trait(name)
+    evals = [_norm(q) for q in ds.eval_questions]
+    assert len(evals) >= 20, (name, len(evals))
+    assert len(set(evals)) == len(evals), name
+    assert all(len(q.split()) >= 3 for q in evals), name
+    overlap = set(evals) & _extraction_texts(ds)
+    assert not overlap, (name, sorted(overlap)[:3])
+
+
+def test_steering_evaluates_the_held_out_questions_twenty_at_a_time() -> None:
+    """The steerer's add-mode evaluation set is the trait's eval_questions, cut to the spec's
+    ``steering.questions``: 20 gives 20 distinct held-out questions for every built-in."""
+    from services.common.spec import SteeringSpec
+    from services.steerer import steer
+
+    for name in BUILTIN_TRAITS:
+        ds = load_trait(name)
+        params = _steer_params(SteeringSpec(questions=20))
+        chosen, selection = steer._questions(ds, params)
+        assert chosen.kind == "eval" and selection is None
+        assert chosen.questions == list(ds.eval_questions[:20])
+        assert len(set(chosen.questions)) == 20
+
+
+def _steer_params(steering: Any) -> Any:
+    # The two fields the steerer's question choice reads (its job contract is built elsewhere).
+    from types import SimpleNamespace
+
+    return SimpleNamespace(mode="add", steering=steering)

@@ -99,7 +99,10 @@ _TRAIT_DESCRIPTIONS = {
     ),
 }
 
-_N_DERIVED = 10
+_N_DERIVED = 10  # exemplars derived from data without an extras file
+# Steering-evaluation questions derived from held-out data without an extras file: the seeds
+# evaluated 20 questions per cell.
+_N_EVAL_DERIVED = 20
 _CHOICE_LINE = re.compile(r"^\s*\(([A-Za-z])\)\s*(.*?)\s*$", re.MULTILINE)
 _CHOICES_START = re.compile(r"\n\s*(?:Choices:\s*\n)?\s*\([A-Za-z]\)")
 _SLUG_BAD = re.compile(r"[^a-z0-9._-]+")
@@ -414,7 +417,7 @@ def read_caa(
     side, side_paths = _extras_for(Path(extras) if extras is not None else None, sidecar)
     trait_name = _name("caa", name, side, stem)
     eval_questions = side.eval_questions or tuple(
-        dict.fromkeys(question_stem(it.question) for it in (test or train)[:_N_DERIVED])
+        dict.fromkeys(question_stem(it.question) for it in (test or train)[:_N_EVAL_DERIVED])
     )
     exemplars = side.exemplars
     if exemplars is None:
@@ -486,7 +489,7 @@ def read_arditi(
         position=DEFAULT_POSITIONS["arditi"],
         source=f"{side.source or origin or f'arditi:{path}'} sha256:{_digest([*files, *side_paths])}",
         eval_prompt=side.eval_prompt or generic_rubric("refusal"),
-        eval_questions=side.eval_questions or harmless_pool[:_N_DERIVED],
+        eval_questions=side.eval_questions or harmless_pool[:_N_EVAL_DERIVED],
         exemplars=side.exemplars or Exemplars(pos=REFUSAL_EXEMPLARS, neg=COMPLIANCE_EXEMPLARS),
         **lists,
     )
