@@ -19,7 +19,7 @@ from tests.deploy.manifests import DEPLOY, DOCKER, K8S, REPO, container_env, dat
 MINIO_DEFAULT = "minio" + "admin"
 DEFAULTS = (MINIO_DEFAULT, "admin", "password", "changeme", "change-me", "secret", "qsens", "nats")
 CREDENTIAL_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|API_KEY|ACCESS_KEY|ROOT_USER|_USER)$")
-SECRET_FILES = ("nats.env", "s3.env", "minio-root.env", "judge.env", "hf.env")
+SECRET_FILES = ("nats.env", "s3.env", "minio-root.env", "loader-token.env", "judge.env", "hf.env")
 
 
 def _committed_files() -> list[Path]:
@@ -88,7 +88,7 @@ def test_secret_files_are_git_ignored() -> None:
 def test_generated_secrets_are_random_private_and_kept(k8s_copy: Path) -> None:
     folder = k8s_copy / "base" / "secrets"
     values: list[str] = []
-    for name in ("nats.env", "s3.env", "minio-root.env"):
+    for name in ("nats.env", "s3.env", "minio-root.env", "loader-token.env"):
         path = folder / name
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
         for line in path.read_text().splitlines():

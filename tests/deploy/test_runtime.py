@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.loader_registry import LoaderRegistry
 from services.common.localstack import free_ports
 from services.common.natsconn import connection
-from tests.deploy.manifests import REPO, container_env, expand_args, pods
+from tests.deploy.manifests import REPO, container_env, data_of, expand_args, pods
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +39,10 @@ def _launch(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen
         )
 
 
-def _get(url: str) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def _get(url: str, token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as resp:
         return resp.status, resp.read().decode(errors="replace")
 
 
@@ -55,10 +57,27 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int, float]:
     return proc.returncode, time.monotonic() - start
 
 
-def _local(env: dict[str, str], tmp: Path, plane: dict[str, str]) -> dict[str, str]:
-    """The container's environment with the cluster's addresses swapped for the test's."""
+def _loader_token(docs: list[dict[str, Any]]) -> str:
+    """The token of the rendered qsens-loader-token Secret (key `token`)."""
+    (secret,) = [
+        d
+        for d in docs
+        if d["kind"] == "Secret" and d["metadata"]["name"].startswith("qsens-loader-token-")
+    ]
+    return data_of(secret)["token"]
+
+
+def _local(
+    env: dict[str, str], tmp: Path, plane: dict[str, str], docs: list[dict[str, Any]]
+) -> dict[str, str]:
+    """The container's environment with the cluster's addresses swapped for the test's, and
+    the loader token file (a mounted Secret in the pod) written where the test can read it."""
     swapped = {k: v for k, v in env.items() if not k.startswith(("QSENS_NATS_", "QSENS_S3_"))}
     swapped.update(plane)
+    if "QSENS_LOADER_TOKEN_FILE" in env:
+        token_file = tmp / "loader-token"
+        token_file.write_text(_loader_token(docs))
+        swapped["QSENS_LOADER_TOKEN_FILE"] = str(token_file)
     swapped.update(
         QSENS_CACHE_DIR=str(tmp / "cache"),
         QSENS_HOME=str(tmp / "home"),
@@ -81,7 +100,7 @@ async def test_loader_serves_what_its_probes_check(
     manifest_env = container_env(docs, c)
     args = expand_args(c, manifest_env)
     port, http_port, metrics_port = free_ports(3)
-    env = _local(manifest_env, tmp_path, plane_env.env)
+    env = _local(manifest_env, tmp_path, plane_env.env, docs)
     env.update(
         QSENS_LOADER_HOST="127.0.0.1",
         QSENS_LOADER_ADVERTISE_HOST="127.0.0.1",
@@ -109,7 +128,8 @@ async def test_loader_serves_what_its_probes_check(
                 await asyncio.sleep(0.5)
         status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert status == 200 and "python_info" in body
-        status, _ = _get(f"http://127.0.0.1:{http_port}/health")
+        # The HTTP API requires the token the clients send (the mounted Secret's).
+        status, _ = _get(f"http://127.0.0.1:{http_port}/health", _loader_token(docs))
         assert status == 200
         variant = f"{manifest_env['VARIANT_MODEL_NAME']}@{manifest_env['VARIANT_PRECISION']}"
         async with connection(name="deploy-test") as nc:
@@ -131,7 +151,7 @@ def test_worker_serves_metrics_for_its_probes(
     (c,) = pod.spec["containers"]
     manifest_env = container_env(docs, c)
     (metrics_port,) = free_ports(1)
-    env = _local(manifest_env, tmp_path, plane_env.env)
+    env = _local(manifest_env, tmp_path, plane_env.env, docs)
     env["QSENS_METRICS_PORT"] = str(metrics_port)
     log = tmp_path / "worker.log"
     proc = _launch(expand_args(c, manifest_env), env, log)
@@ -182,7 +202,7 @@ async def test_quantized_loader_init_container_waits_then_fetches(
     request = parse_request(json.loads(pod.annotations["qsens.io/quantize"]))
     checkpoint, _ = resolve_checkpoint_id(request, S3Store())
     variant = f"{request.model}@{request.method}"
-    env = _local(manifest_env, tmp_path, plane_env.env)
+    env = _local(manifest_env, tmp_path, plane_env.env, docs)
     log = tmp_path / "init.log"
     proc = _launch(args, env, log)
     try:

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings
 from services.cli import main as cli_main
 from services.cli.worker import SERVICES
 from services.common import settings as settings_mod
-from services.common.queue import load_handler
+from services.common.worker import load_handler
 from services.common.variants import Variant
 from tests.deploy.manifests import K8S, container_env, expand_args, is_qsens, pods
 
@@ -26,6 +26,17 @@ NON_SETTINGS = {
     "VARIANT_DEVICE": "loader --device",
     "VARIANT_QUANTIZE": "loader --quantize (gptq/awq made by the platform), from an annotation",
     "HF_TOKEN": "huggingface_hub's token for gated models",
+}
+
+
+# The loader authentication contract's variables, read by services/common/auth.py (not a
+# settings class): the token (or the file holding it, as the manifests mount it) and TLS files.
+AUTH_ENV = {
+    "QSENS_LOADER_TOKEN",
+    "QSENS_LOADER_TOKEN_FILE",
+    "QSENS_LOADER_TLS_CERT",
+    "QSENS_LOADER_TLS_KEY",
+    "QSENS_LOADER_TLS_CA",
 }
 
 
@@ -45,7 +56,7 @@ def settings_env_names() -> set[str]:
             alias = field.validation_alias
             if isinstance(alias, AliasChoices):
                 names.update(a for a in alias.choices if isinstance(a, str) and a.isupper())
-    return names
+    return names | AUTH_ENV
 
 
 def test_settings_names_are_read_from_the_classes() -> None:

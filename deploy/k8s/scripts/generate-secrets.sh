@@ -1,6 +1,7 @@
 #!/bin/sh
 # Write the credential files that deploy/k8s/base/kustomization.yaml turns into Secrets:
 #   base/secrets/{nats,s3,minio-root}.env   random, generated here
+#   base/secrets/loader-token.env           random: the token loaders require of every client
 #   base/secrets/judge.env                  OPENAI_API_KEY from the environment (may be empty)
 #   base/secrets/hf.env                     HF_TOKEN from the environment (may be empty)
 # Existing files are kept (rotating a credential is deleting its file and re-running this,
@@ -36,5 +37,6 @@ write() {
 write nats.env "QSENS_NATS_USER=$(random_token 11)" "QSENS_NATS_PASSWORD=$(random_token 40)"
 write s3.env "QSENS_S3_ACCESS_KEY=$(random_token 19)" "QSENS_S3_SECRET_KEY=$(random_token 40)"
 write minio-root.env "MINIO_ROOT_USER=$(random_token 15)" "MINIO_ROOT_PASSWORD=$(random_token 40)"
+write loader-token.env "token=$(random_token 48)"
 write judge.env "OPENAI_API_KEY=${OPENAI_API_KEY:-}"
 write hf.env "HF_TOKEN=${HF_TOKEN:-}"
