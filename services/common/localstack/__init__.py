@@ -11,6 +11,7 @@ Everything lives under ``home`` (``QSENS_HOME``, default ``.qsens``)::
     nats/nats.conf      listen address, JetStream store, the generated user (0600)
     nats/jetstream/     JetStream data (kept across down/up)
     s3/identities.json  the generated S3 identity passed via -s3.config (0600)
+    s3/security.toml    JWT signing keys of SeaweedFS's volume server and filer (0600)
     s3/data/            SeaweedFS data (kept across down/up)
     logs/<name>.log     one log per process
 
@@ -20,8 +21,12 @@ SeaweedFS's ``weed server`` can take 15 s or more to exit on SIGINT (its filer k
 to flush a metadata log to the volume server it has already stopped); objects are durable
 once their PUT returned, so the SIGKILL after the grace period loses nothing.
 
+Only the S3 port takes requests for stored objects: SeaweedFS's filer and master HTTP APIs
+are off (S3 reaches them over gRPC) and its volume server takes writes only with a JWT.
+A supervisor process restarts whatever dies (``supervisor``).
+
 Modules: ``process`` (start, watch and stop one process), ``nats`` and ``s3`` (the two server
-launchers), ``state`` (stack.json, ``up``, ``down``, ``status``).
+launchers), ``state`` (stack.json, ``up``, ``down``, ``status``), ``supervisor`` (restarts).
 """
 
 from services.common.localstack.nats import NATS_BINARY, NatsServer, start_nats

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from services.common.localstack.process import (
     HOST,
@@ -41,6 +41,7 @@ class S3Server(BaseModel):
     bucket: str
     data_dir: str
     config_path: str
+    security_path: str = Field("", description="weed's security.toml (JWT signing keys).")
 
     @property
     def endpoint(self) -> str:
@@ -93,6 +94,22 @@ def _s3_probe(endpoint: str, access_key: str, secret_key: str, bucket: str) -> s
     except Exception as err:
         return repr(err)
     return None
+
+
+def _security_toml() -> str:
+    """weed's security.toml with fresh JWT signing keys: the master signs each write (and
+    delete) of a volume chunk, which the volume server then checks; S3 signs filer writes."""
+    lines = [
+        "[jwt.signing]",
+        f'key = "{secrets.token_hex(32)}"',
+        "expires_after_seconds = 10",
+        "[jwt.filer_signing]",
+        f'key = "{secrets.token_hex(32)}"',
+        "expires_after_seconds = 10",
+        "[access]",
+        "ui = false",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def start_seaweedfs(
@@ -157,8 +174,22 @@ def start_seaweedfs(
         "-master.volumeSizeLimitMB=1024",
         "-volume.max=0",
         "-volume.preStopSeconds=0",
+        # Only the S3 port takes requests for stored objects: the filer's and the master's
+        # HTTP APIs (unauthenticated PUT/DELETE of any file, /col/delete of the bucket's
+        # collection) are off; S3 reaches them over gRPC. The volume server's HTTP port, which
+        # S3 writes chunks to, takes writes and deletes only with a JWT (security.toml).
+        "-filer.disableHttp",
+        "-disableHttp",
     ]
-    spec = ChildSpec(name="s3", argv=argv, stop_signal=signal.SIGINT, stop_timeout_s=stop_timeout_s)
+    security = root / "security.toml"
+    write_secret(security, _security_toml())
+    spec = ChildSpec(
+        name="s3",
+        argv=argv,
+        stop_signal=signal.SIGINT,
+        stop_timeout_s=stop_timeout_s,
+        cwd=str(root),  # weed reads ./security.toml
+    )
     info = start_child(spec, home / "logs", dict(os.environ))
     server = S3Server(
         process=info,
@@ -169,6 +200,7 @@ def start_seaweedfs(
         bucket=bucket,
         data_dir=str(data_dir),
         config_path=str(config),
+        security_path=str(security),
     )
     # Client libraries load only when a server starts: `qsens --help` stays fast.
     from services.common.settings import S3Settings

@@ -190,7 +190,12 @@ def up(
             s3_ports=s3_server.ports,
             credentials_file=str(credentials),
             env=public_env,
-            secret_files=[str(credentials), nats_server.config_path, s3_server.config_path],
+            secret_files=[
+                str(credentials),
+                nats_server.config_path,
+                s3_server.config_path,
+                s3_server.security_path,
+            ],
         )
         _save(stack)
         child_env = {**os.environ, **public_env, **secret_env}
