@@ -6,7 +6,8 @@ QsensError                      base of everything qsens raises on purpose
 │                               methodology not applicable to the model)
 ├── NotFound                    a named thing (run, artefact, trait, loader) does not exist
 ├── Unavailable                 a dependency is missing or draining; retry later
-└── ResourceExhausted           out of memory or over a limit that may pass
+├── ResourceExhausted           out of memory or over a limit that may pass
+└── Unauthenticated             a call without the right credentials (the loader's token)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = [
     "NotFound",
     "QsensError",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
 ]
 
@@ -48,3 +50,7 @@ class Unavailable(QsensError):
 
 class ResourceExhausted(QsensError):
     """Out of memory or over a transient limit."""
+
+
+class Unauthenticated(QsensError):
+    """A call without valid credentials (e.g. a missing or wrong loader token)."""

@@ -40,12 +40,14 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter
 
+from services.common.auth import loader_channel
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     QsensError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from services.common.logging import get_logger
@@ -253,6 +255,10 @@ def _raise(exc: grpc.aio.AioRpcError) -> None:
         raise NotFound(message) from exc
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         raise ResourceExhausted(message) from exc
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        raise Unauthenticated(
+            f"loader: {message} (set QSENS_LOADER_TOKEN or QSENS_LOADER_TOKEN_FILE)"
+        ) from exc
     if code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -354,7 +360,8 @@ class LoaderClient:
         self.wait_s = wait_s
         self.expect_variant = expect_variant
         self._metadata = ((WORK_TIMEOUT_KEY, str(max(1, round(timeout_s * 1000)))),)
-        self._channel = grpc.aio.insecure_channel(
+        # Sends the loader token and dials TLS when the environment names them.
+        self._channel = loader_channel(
             address,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),

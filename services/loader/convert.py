@@ -16,6 +16,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.settings import LoaderSettings
 from services.common.tensor_codec import WIRE_DTYPES, decode_torch
 from services.common.variants import Variant
+from services.loader import guards
 from services.loader.engine import (
     CaptureResult,
     ChatPrompt,
@@ -179,7 +180,13 @@ def engine_items(
     out: list[EngineItem] = []
     for i, item in enumerate(items):
         field = f"items[{i}]"
-        prompt_ids = ctx.engine.encode_prompt(_prompt(item, field), field)
+        prompt = _prompt(item, field)
+        texts = [prompt] if isinstance(prompt, str) else [c for _r, c in prompt.messages]
+        if use_response and item.HasField("response"):
+            texts.append(item.response)
+        # Before tokenizing: megabytes of text take seconds to tokenize only to be refused.
+        guards.check_prompt_chars(ctx.engine, limit, texts, field)
+        prompt_ids = ctx.engine.encode_prompt(prompt, field)
         response_ids: list[int] = []
         if use_response and item.HasField("response"):
             response_ids = ctx.engine.encode_text(item.response)
@@ -189,9 +196,24 @@ def engine_items(
         if not prompt_ids:
             raise InvalidArgument(f"{field}.prompt", "the prompt encodes to no tokens")
         steering = shared + ctx.steering(item.steering, f"{field}.steering")
+        _check_strength(ctx, shared, steering, field)
         item_seed = int(item.seed) if item.HasField("seed") else row_seed(seed, i)
         out.append(EngineItem(prompt_ids, response_ids, steering, item_seed))
     return out
+
+
+def _check_strength(
+    ctx: RequestContext, shared: Sequence[SteerSpec], steering: Sequence[SteerSpec], field: str
+) -> None:
+    """Coefficient x vector of every spec item ``field`` runs with, checked together."""
+    named = [
+        (f"steering[{k}]" if k < len(shared) else f"{field}.steering[{k - len(shared)}]", spec)
+        for k, spec in enumerate(steering)
+    ]
+    dtype = getattr(ctx.engine, "dtype", torch.float32)
+    guards.check_steering_strength(
+        named, dtype if isinstance(dtype, torch.dtype) else torch.float32
+    )
 
 
 def gen_params(params: pb.GenerationParams, settings: LoaderSettings) -> GenParams:
@@ -292,6 +314,8 @@ def score_inputs(ctx: RequestContext, request: pb.ScoreRequest) -> list[ScoreInp
             prompt = str(item.text)
         else:
             raise InvalidArgument(f"{field}.context", "set chat or text")
+        texts = [prompt] if isinstance(prompt, str) else [c for _r, c in prompt.messages]
+        guards.check_prompt_chars(ctx.engine, limit, [*texts, *item.continuations], field)
         context_ids = (
             ctx.engine.encode_prompt(prompt, field) if (which == "chat" or item.text) else []
         )
@@ -313,6 +337,7 @@ def score_inputs(ctx: RequestContext, request: pb.ScoreRequest) -> list[ScoreInp
                 )
             conts.append(ids)
         steering = shared + ctx.steering(item.steering, f"{field}.steering")
+        _check_strength(ctx, shared, steering, field)
         out.append(ScoreInput(context_ids, conts, [len(t) for t in item.continuations], steering))
     return out
 

@@ -7,11 +7,17 @@ loader's model thread, so gRPC and HTTP calls queue on the same device in arriva
 share one bound: when the queue is full the answer is HTTP 429 with ``Retry-After`` (seconds)
 and ``retry-after-ms``. A request's work stops when its client disconnects (answer 499, which
 nobody reads) or after ``http_timeout_s`` (HTTP 504).
+
+With a loader token set (``services.common.auth``) every path but the probes (``/health``,
+``/healthz``, ``/readyz``) needs ``Authorization: Bearer <token>`` (HTTP 401 otherwise), and
+with TLS files the endpoint is HTTPS. Bodies over ``http_max_body_bytes`` get HTTP 413 before
+they are read whole, and a prompt too long for the token limit is refused before tokenizing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import socket
 import threading
@@ -23,7 +29,9 @@ from typing import Any, Literal, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common.auth import ServerTls, bearer_matches
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -41,6 +49,10 @@ T = TypeVar("T")
 RPC = "chat.completions"
 # How often a waiting request looks for its client having gone away.
 DISCONNECT_POLL_S = 0.1
+# Probes answer without the token (a kubelet or load balancer has none).
+OPEN_PATHS = frozenset({"/health", "/healthz", "/readyz"})
+# The body limit when the runtime's settings name none.
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 class ChatMessage(BaseModel):
@@ -52,7 +64,17 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(str(part["text"]) for part in self.content if part.get("type") == "text")
+
+    def check_parts(self, field: str) -> None:
+        """InvalidArgument naming the part when a content part is not ``{"type", "text"}``."""
+        if isinstance(self.content, str):
+            return
+        for j, part in enumerate(self.content):
+            if not isinstance(part.get("type"), str):
+                raise InvalidArgument(f"{field}.content.{j}.type", "must be a string")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise InvalidArgument(f"{field}.content.{j}.text", "must be a string")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -99,6 +121,55 @@ def _logprobs_payload(result: GenResult, runtime: Any) -> dict[str, Any]:
     return {"content": content}
 
 
+class _Guard:
+    """ASGI middleware: the bearer token on every path but the probes, and the body limit
+    declared by ``Content-Length`` (a streamed body is counted as it is read)."""
+
+    def __init__(self, app: ASGIApp, token: str | None, max_body: int) -> None:
+        self.app = app
+        self.token = token
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        refusal: JSONResponse | None = None
+        guarded = self.token is not None and scope.get("path") not in OPEN_PATHS
+        if guarded and not bearer_matches(headers.get(b"authorization"), str(self.token)):
+            refusal = _error(401, "missing or wrong loader token", None, "authentication_error")
+            refusal.headers["WWW-Authenticate"] = "Bearer"
+        if refusal is None:
+            declared = headers.get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > self.max_body:
+                refusal = _too_large(self.max_body)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error(413, f"the body is larger than {limit} bytes", None)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once more than ``limit`` bytes arrived (chunked bodies too)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _max_body(runtime: Any) -> int:
+    return int(getattr(runtime.settings, "http_max_body_bytes", DEFAULT_MAX_BODY_BYTES))
+
+
 def _busy(exc: Busy) -> JSONResponse:
     response = _error(429, str(exc), None, "rate_limit_error")
     response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
@@ -127,13 +198,24 @@ async def _run_model(runtime: Any, request: Request, fn: Callable[[], T]) -> T:
                 waiting.cancel()
 
 
-def build_app(runtime: Any) -> FastAPI:
-    """The FastAPI app for ``runtime`` (a LoaderRuntime)."""
-    app = FastAPI(title="qsens loader", docs_url=None, redoc_url=None)
+def build_app(runtime: Any, token: str | None = None) -> FastAPI:
+    """The FastAPI app for ``runtime`` (a LoaderRuntime); ``token`` guards all but probes."""
+    app = FastAPI(title="qsens loader", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, token=token, max_body=_max_body(runtime))
 
     @app.get("/health")
     async def health_check() -> dict[str, str]:
         return {"status": "draining" if runtime.draining else "ok", "variant": runtime.variant}
+
+    @app.get("/healthz")
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=None)
+    async def ready() -> JSONResponse:
+        if runtime.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok", "variant": runtime.variant})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -144,16 +226,23 @@ def build_app(runtime: Any) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse:
+        raw = await _read_body(request, _max_body(runtime))
+        if raw is None:
+            return _too_large(_max_body(runtime))
         try:
-            body = await request.json()
-        except Exception:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
             return _error(400, "the body is not valid JSON", None)
         try:
             req = ChatCompletionRequest.model_validate(body)
+            for i, message in enumerate(req.messages):
+                message.check_parts(f"messages.{i}")
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"])
             return _error(400, f"{param}: {first['msg']}", param)
+        except InvalidArgument as exc:
+            return _error(400, str(exc), exc.field)
         if req.stream:
             return _error(400, "stream: streaming is not supported", "stream")
         if runtime.draining:
@@ -222,8 +311,16 @@ def build_app(runtime: Any) -> FastAPI:
     return app
 
 
-def start_http(runtime: Any, host: str, port: int) -> tuple[Any, threading.Thread, int]:
-    """Serve the app on ``host:port`` (0 picks a free port) in a daemon thread."""
+def start_http(
+    runtime: Any,
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    tls: ServerTls | None = None,
+) -> tuple[Any, threading.Thread, int]:
+    """Serve the app on ``host:port`` (0 picks a free port) in a daemon thread; HTTPS with
+    ``tls``, the bearer ``token`` required when set."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -231,7 +328,12 @@ def start_http(runtime: Any, host: str, port: int) -> tuple[Any, threading.Threa
     sock.bind((host, port))
     bound = int(sock.getsockname()[1])
     config = uvicorn.Config(
-        build_app(runtime), log_level="warning", access_log=False, lifespan="off"
+        build_app(runtime, token),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=tls.cert_path if tls is not None else None,
+        ssl_keyfile=tls.key_path if tls is not None else None,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(

@@ -24,16 +24,18 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 import services
+from services.common import auth
 from services.common import settings as settings_mod
 from services.common.errors import (
     FailedPrecondition,
@@ -41,6 +43,7 @@ from services.common.errors import (
     NotFound,
     QsensError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from services.common.localstack import write_ready_file
@@ -53,9 +56,9 @@ from services.common.metrics import (
 )
 from services.common.settings import LoaderSettings
 from services.common.variants import Precision, parse_precision
-from services.loader import convert
+from services.loader import convert, guards
 from services.loader.backends.base import get_backend
-from services.loader.engine import Engine, GenParams, GenResult
+from services.loader.engine import CaptureResult, Engine, GenParams, GenResult
 from services.loader.model_source import resolve_source
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
@@ -332,6 +335,7 @@ class LoaderRuntime:
         )
         before = self.engine.tokens_processed
         results = self.engine.generate(items, params, max_rows=ctx.max_rows)
+        check_generations(results, [bool(it.steering) for it in items])
         return results, self.engine.tokens_processed - before
 
     def generate_chat(
@@ -341,13 +345,17 @@ class LoaderRuntime:
         from services.loader.engine import ChatPrompt, EngineItem
         from services.loader.seeds import row_seed
 
+        limit = self.settings.max_tokens_per_item
+        guards.check_prompt_chars(self.engine, limit, (c for _r, c in messages), "messages")
         prompt_ids = self.engine.encode_prompt(ChatPrompt(tuple(messages)), "messages")
         if len(prompt_ids) + params.max_new_tokens > self.settings.max_tokens_per_item:
             raise InvalidArgument(
                 "max_tokens", "prompt plus max_tokens exceed the loader's token limit"
             )
         items = [EngineItem(prompt_ids, [], [], row_seed(seed, i)) for i in range(n)]
-        return self.engine.generate(items, params)
+        results = self.engine.generate(items, params)
+        check_generations(results, [False] * n, "messages")
+        return results
 
 
 class LoaderServicer(pb_grpc.LoaderServiceServicer):
@@ -408,9 +416,11 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 max_rows=ctx.max_rows,
                 chunk_items=chunk,
             )
+            steered = [bool(it.steering) for it in items]
+            checked = (check_capture(chunk, steered, dtype) for chunk in gen)
             # Pull the first chunk here so that item validation errors come before any data.
-            first = next(gen, None)
-            return _prepend(first, gen), layers, dtype
+            first = next(checked, None)
+            return _prepend(first, checked), layers, dtype
 
         with self.rt.admit("Capture", call_token(context), call_priority(context)) as ticket:
             chunks, layers, dtype = await self.rt.run(prepare, ticket)
@@ -439,6 +449,9 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 padding_side=ctx.padding_side,
                 max_rows=ctx.max_rows,
             )
+            for i, (item, per_item) in enumerate(zip(inputs, scores, strict=True)):
+                values = [v for c in per_item for v in (c.logprob, *c.token_logprobs)]
+                guards.check_finite(values, "log-probs", f"items[{i}]", bool(item.steering))
             return (
                 pb.ScoreResponse(results=[convert.score_result(s) for s in scores]),
                 engine.tokens_processed - before,
@@ -469,6 +482,14 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 padding_side=ctx.padding_side,
                 max_rows=ctx.max_rows,
             )
+            for i, (item, r) in enumerate(zip(items, results, strict=True)):
+                values = [
+                    *(lp for _t, _s, lp in r.top),
+                    *r.stats.values(),
+                    *r.requested_logits,
+                    *r.requested_logprobs,
+                ]
+                guards.check_finite(values, "logits", f"items[{i}]", bool(item.steering))
             return (
                 pb.NextTokenResponse(results=[convert.next_token_result(r) for r in results]),
                 engine.tokens_processed - before,
@@ -482,6 +503,36 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
 
 def _never_cancelled() -> None:
     return None
+
+
+def check_generations(
+    results: list[GenResult], steered: list[bool], field: str = "items[{i}]"
+) -> None:
+    """Refuse generations whose log-probs are NaN/inf (an overflowing model or steering)."""
+    for i, (result, was_steered) in enumerate(zip(results, steered, strict=True)):
+        values = [
+            v
+            for step in result.logprobs or ()
+            for v in (step.chosen[2], *(lp for _t, _s, lp in step.top))
+        ]
+        guards.check_finite(values, "log-probs", field.format(i=i), was_steered)
+
+
+def check_capture(
+    chunk: list[CaptureResult], steered: list[bool], dtype: str
+) -> list[CaptureResult]:
+    """``chunk`` unchanged when its activations are finite in float32 and in ``dtype``."""
+    out_dtype = getattr(torch, dtype)
+    for res in chunk:
+        field = f"items[{res.index}]"
+        guards.check_finite(res.activations, "activations", field, steered[res.index])
+        if out_dtype != res.activations.dtype and not bool(
+            torch.isfinite(res.activations.to(out_dtype)).all()
+        ):
+            raise InvalidArgument(
+                "dtype", f"{field}: activations exceed the range of {dtype}; ask for float32"
+            )
+    return chunk
 
 
 def call_token(context: grpc.aio.ServicerContext) -> CancelToken:
@@ -547,6 +598,8 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, Unavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, ResourceExhausted | torch.OutOfMemoryError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, QsensError):
@@ -555,10 +608,26 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to status codes, refuses calls while draining, records metrics."""
+    """Checks the token, parses requests, maps exceptions to status codes, refuses calls while
+    draining and records metrics.
 
-    def __init__(self, runtime: LoaderRuntime) -> None:
+    With a token set, every call but gRPC health must carry ``authorization: Bearer <token>``
+    (UNAUTHENTICATED otherwise, before the request is even parsed). Requests are parsed here
+    rather than by gRPC so that bytes that are no valid message get INVALID_ARGUMENT, not the
+    UNKNOWN a failed deserializer gives.
+    """
+
+    def __init__(self, runtime: LoaderRuntime, token: str | None = None) -> None:
         self.rt = runtime
+        self.token = token
+
+    def authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        if self.token is None:
+            return True
+        return any(
+            key == auth.AUTH_KEY and auth.bearer_matches(value, self.token)
+            for key, value in details.invocation_metadata or ()
+        )
 
     async def intercept_service(
         self,
@@ -567,89 +636,97 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = str(handler_call_details.method)
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+        if handler is None or method.startswith(_HEALTH_PREFIX):
+            return handler  # probes stay open; unknown methods get UNIMPLEMENTED
+        if not method.startswith(f"/{SERVICE_NAME}/") and self.authorized(handler_call_details):
             return handler
-        rpc = method.rsplit("/", 1)[-1]
-        rt = self.rt
-        m = metrics()
-
-        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-            code, message = _status_for(exc)
-            trailing: tuple[tuple[str, str], ...] = ()
-            if isinstance(exc, Busy):
-                trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
-            elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("rpc failed", extra={"rpc": rpc})
-            m.requests.labels(rpc, code.name).inc()
-            m.errors.labels(rpc, code.name).inc()
-            await context.abort(code, message, trailing_metadata=trailing)
-
-        def check_draining() -> None:
-            if rt.draining:
-                raise Unavailable("the loader is shutting down")
-
-        def count_items(request: Any) -> None:
-            items = getattr(request, "items", None)
-            if items is not None:
-                m.items.labels(rpc).observe(len(items))
-
+        call = _GuardedCall(
+            self.rt, method.rsplit("/", 1)[-1], handler, self.authorized(handler_call_details)
+        )
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                m.inflight.inc()
-                try:
-                    check_draining()
-                    count_items(request)
-                    response = await inner(request, context)
-                    m.requests.labels(rpc, "OK").inc()
-                    return response
-                except asyncio.CancelledError:
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except BaseException as exc:
-                    await fail(context, exc)
-                finally:
-                    m.inflight.dec()
-                    m.latency.labels(rpc).observe(time.perf_counter() - started)
-
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                call.unary, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                m.inflight.inc()
-                try:
-                    check_draining()
-                    count_items(request)
-                    async for response in inner_stream(request, context):
-                        yield response
-                    m.requests.labels(rpc, "OK").inc()
-                except asyncio.CancelledError:
-                    raise
-                except grpc.aio.AbortError:
-                    raise
-                except BaseException as exc:
-                    await fail(context, exc)
-                finally:
-                    m.inflight.dec()
-                    m.latency.labels(rpc).observe(time.perf_counter() - started)
-
             return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                call.stream, response_serializer=handler.response_serializer
             )
         return handler
+
+
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class _GuardedCall:
+    """One call through ``ErrorInterceptor``: its checks, its handler and its metrics."""
+
+    def __init__(
+        self, runtime: LoaderRuntime, rpc: str, handler: grpc.RpcMethodHandler, authorized: bool
+    ) -> None:
+        self.rt = runtime
+        self.rpc = rpc
+        self.handler = handler
+        self.authorized = authorized
+        self.m = metrics()
+
+    def request(self, raw: Any) -> Any:
+        """The parsed request, once the call may run at all."""
+        if not self.authorized:
+            raise Unauthenticated("missing or wrong loader token (authorization: Bearer ...)")
+        if self.rt.draining:
+            raise Unavailable("the loader is shutting down")
+        parse = self.handler.request_deserializer
+        try:
+            request = parse(raw) if parse is not None else raw
+        except (DecodeError, ValueError, TypeError) as exc:
+            raise InvalidArgument("request", f"not a valid {self.rpc} request: {exc}") from None
+        items = getattr(request, "items", None)
+        if items is not None:
+            self.m.items.labels(self.rpc).observe(len(items))
+        return request
+
+    async def fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code, message = _status_for(exc)
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(exc, Busy):
+            trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+        elif code is grpc.StatusCode.RESOURCE_EXHAUSTED and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("rpc failed", extra={"rpc": self.rpc})
+        self.m.requests.labels(self.rpc, code.name).inc()
+        self.m.errors.labels(self.rpc, code.name).inc()
+        await context.abort(code, message, trailing_metadata=trailing)
+
+    async def unary(self, raw: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
+        self.m.inflight.inc()
+        try:
+            response = await self.handler.unary_unary(self.request(raw), context)
+            self.m.requests.labels(self.rpc, "OK").inc()
+            return response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except BaseException as exc:
+            await self.fail(context, exc)
+        finally:
+            self.m.inflight.dec()
+            self.m.latency.labels(self.rpc).observe(time.perf_counter() - started)
+
+    async def stream(self, raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        self.m.inflight.inc()
+        try:
+            async for response in self.handler.unary_stream(self.request(raw), context):
+                yield response
+            self.m.requests.labels(self.rpc, "OK").inc()
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except BaseException as exc:
+            await self.fail(context, exc)
+        finally:
+            self.m.inflight.dec()
+            self.m.latency.labels(self.rpc).observe(time.perf_counter() - started)
 
 
 def build_runtime(
@@ -699,6 +776,7 @@ class RunningServer:
     runtime: LoaderRuntime
     http_thread: threading.Thread | None = None
     http_server: Any = None
+    tls: bool = False
 
     async def drain(self, grace: float) -> None:
         """Refuse new calls and wait up to ``grace`` seconds for in-flight ones."""
@@ -714,12 +792,23 @@ class RunningServer:
 
 
 async def start_server(
-    runtime: LoaderRuntime, *, host: str, port: int, http_port: int = 0
+    runtime: LoaderRuntime,
+    *,
+    host: str,
+    port: int,
+    http_port: int = 0,
+    env: Mapping[str, str] | None = None,
 ) -> RunningServer:
-    """Start gRPC (and HTTP when ``http_port`` is set) for ``runtime``."""
+    """Start gRPC (and HTTP when ``http_port`` is set) for ``runtime``.
+
+    The token and TLS files come from ``env`` (default: the process environment; see
+    ``services.common.auth``); without a token both endpoints are open, as before.
+    """
+    token = auth.loader_token(env)
+    tls = auth.server_tls(env)
     limit = runtime.settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(runtime)],
+        interceptors=[ErrorInterceptor(runtime, token)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -729,22 +818,32 @@ async def start_server(
     pb_grpc.add_LoaderServiceServicer_to_server(LoaderServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound = server.add_secure_port(address, tls.grpc_credentials())
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise Unavailable(f"cannot bind gRPC on {host}:{port} (in use?)")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(server, health_servicer, bound, 0, runtime)
+    running = RunningServer(server, health_servicer, bound, 0, runtime, tls=tls is not None)
     if http_port:  # 0 disables; -1 picks a free port
         from services.loader.openai_http import start_http
 
         running.http_server, running.http_thread, running.http_port = start_http(
-            runtime, host, max(http_port, 0)
+            runtime, host, max(http_port, 0), token=token, tls=tls
         )
     log.info(
         "loader serving",
-        extra={"variant": runtime.variant, "port": bound, "http_port": running.http_port},
+        extra={
+            "variant": runtime.variant,
+            "port": bound,
+            "http_port": running.http_port,
+            "token": token is not None,
+            "tls": tls is not None,
+        },
     )
     return running
 
@@ -766,6 +865,9 @@ async def serve(
     """Run a loader until SIGTERM/SIGINT, then drain."""
     limits = settings_mod.get(LoaderSettings)
     common = settings_mod.get(settings_mod.CommonSettings)
+    # A bad token file or half a TLS pair fails now, not after minutes of loading weights.
+    auth.loader_token()
+    auth.server_tls()
     runtime = build_runtime(
         model, precision, backend=backend, device=device, name=name, settings=limits
     )
@@ -788,7 +890,10 @@ async def serve(
         bind = limits.advertise_host or host or limits.host
         if bind in ("0.0.0.0", "::", ""):
             bind = socket.getfqdn()
-        metadata = {"http": f"http://{bind}:{running.http_port}/v1"} if running.http_port else {}
+        scheme = "https" if running.tls else "http"
+        metadata = (
+            {"http": f"{scheme}://{bind}:{running.http_port}/v1"} if running.http_port else {}
+        )
         announcer = asyncio.create_task(
             announce_forever(runtime.variant, f"{bind}:{running.port}", metadata=metadata)
         )

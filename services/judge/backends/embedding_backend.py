@@ -170,9 +170,10 @@ class EmbeddingBackend(JudgeBackend):
     async def _connect_loader(self, address: str) -> None:
         import grpc
 
+        from services.common.auth import loader_channel
         from services.loader.pb import loader_pb2, loader_pb2_grpc
 
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = loader_channel(
             address,
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
