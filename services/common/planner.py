@@ -28,6 +28,7 @@ from services.common.contracts.steer import (
 from services.common.jobs import Job, JobKind, RunPlan, validate_run_id
 from services.common.methodologies import methodology_info, position_reads_response
 from services.common.quantization import QuantizeRequest
+from services.common.resultkeys import check_result_keys
 from services.common.spec import ExperimentSpec, ModelSpec, SteeringSpec, TraitRef
 from services.common.variants import Precision
 
@@ -290,6 +291,7 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
     if spec.analysis.enabled:
         params = AnalyzeParams(spec=spec, variants=[v.id for v in b.variants])
         b.add(JobKind.ANALYZE, "analyze", params, tuple(sorted(j.id for j in b.jobs)))
+    check_result_keys(spec, b.jobs)
     return RunPlan(
         run_id=run_id, spec_hash=spec.fingerprint(), jobs=b.jobs, description=spec.description
     )

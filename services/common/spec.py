@@ -3,16 +3,33 @@
 Validated by pydantic with unknown keys forbidden; ``load_spec`` turns any validation error into
 ``InvalidArgument`` whose field is the dotted path of the offending key
 (``steering.search.steps``). The spec's hash keys the run; the planner turns it into jobs.
+
+Bad input is refused here with a named error rather than later in a worker: files over
+``MAX_SPEC_BYTES``, text that is not UTF-8, YAML nested deeper than ``MAX_DEPTH`` or with a key
+given twice, non-finite numbers, ``true`` where a number is wanted, duplicated list entries,
+names that cannot be key parts, and layers outside a model whose layer count is known here.
 """
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from services.common.errors import InvalidArgument
 from services.common.hashing import stable_hash
@@ -21,6 +38,8 @@ from services.common.variants import Precision
 
 __all__ = [
     "BUILTIN_BENCHMARKS",
+    "MAX_DEPTH",
+    "MAX_SPEC_BYTES",
     "BenchmarkFormat",
     "BenchmarkSpec",
     "ExperimentSpec",
@@ -34,22 +53,61 @@ __all__ = [
     "TraitRef",
     "check_portable",
     "data_locations",
+    "known_layer_count",
     "load_spec",
     "model_locations",
     "parse_spec",
+    "spec_from_bytes",
 ]
 
 METHODS = ("mean_diff", "probe", "pca")
 DEFAULT_POSITIONS = {"pv": "response[:]", "caa": "prompt[-1]", "arditi": "prompt[-1]"}
 _POSITION = re.compile(
-    r"^(all|prompt\[-1\]|prompt\[:\]|response\[:\]|response\[:\d+\]|response\[-1\])$"
+    r"^(all|prompt\[-1\]|prompt\[:\]|response\[:\]|response\[:[1-9]\d{0,5}\]|response\[-1\])$"
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SUBKEY = re.compile(r"^[a-z_]+: ")
 
+#: A spec names its data (trait, benchmark, calibration files); it never holds it, so anything
+#: larger is a mistake, and every job record (the analyze job carries the whole spec) must fit
+#: in one NATS message.
+MAX_SPEC_BYTES = 256 * 1024
+#: Deepest YAML nesting a spec may have (a real one is under 10 levels).
+MAX_DEPTH = 64
+#: Layer indices beyond this are refused even when the model's layer count is not known here.
+MAX_LAYER = 4096
+#: Seeds feed numpy, torch and the loader's uint64 sampling seed.
+MAX_SEED = 2**63 - 1
+
+_T = TypeVar("_T")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value) or ".." in value:
+        raise ValueError("letters, digits, '.', '_' or '-' (at most 64), no '..'")
+    return value
+
+
+def _no_duplicates(values: list[_T]) -> list[_T]:
+    seen: dict[Any, int] = {}
+    for i, v in enumerate(values):
+        key = json.dumps(v, sort_keys=True, default=str) if isinstance(v, dict) else v
+        if key in seen:
+            shown = getattr(v, "value", v)
+            raise ValueError(f"{shown} is listed twice (items {seen[key]} and {i})")
+        seen[key] = i
+    return values
+
+
+# Strict: lax mode would read `true` as layer 1 (and then report a duplicate, not the bool).
+Layer = Annotated[int, Strict(), Field(ge=-MAX_LAYER, lt=MAX_LAYER)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+UniqueLayers = Annotated[list[Layer], AfterValidator(_no_duplicates)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: NaN and infinities in coefficients or search settings only fail later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -61,8 +119,8 @@ class ModelSpec(_Strict):
     size_b: float = Field(0.0, ge=0, description="Parameters in billions (for the size ranking).")
     backend: str | None = Field(None, description="Force a backend (default: the precision's).")
     device: str = Field("auto", description="Device for its loaders.")
-    precisions: list[Precision] | None = Field(
-        None, description="Precisions for this model only (default: the spec's)."
+    precisions: Annotated[list[Precision], AfterValidator(_no_duplicates)] | None = Field(
+        None, min_length=1, description="Precisions for this model only (default: the spec's)."
     )
     checkpoints: dict[Precision, str] = Field(
         default_factory=dict,
@@ -76,8 +134,20 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
+        return _check_name(value)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value.strip().startswith("tiny:"):
+            from services.loader.tiny import parse_tiny
+
+            try:
+                parse_tiny(value.strip())
+            except InvalidArgument as err:
+                option = err.field.removeprefix("model").lstrip(".")
+                where = f"tiny option {option}: " if option else ""
+                raise ValueError(f"{where}{err.message}") from None
         return value
 
     @field_validator("checkpoints")
@@ -101,7 +171,8 @@ class TraitRef(_Strict):
     def _position(cls, value: str | None) -> str | None:
         if value is not None and not _POSITION.match(value.replace(" ", "")):
             raise ValueError(
-                "bad position; expected prompt[-1], prompt[:], response[:], response[:k], response[-1] or all"
+                "bad position; expected prompt[-1], prompt[:], response[:], response[:k] "
+                "(k >= 1), response[-1] or all"
             )
         return value
 
@@ -130,7 +201,9 @@ class VettingSpec(_Strict):
     negative_max: float = Field(
         50.0, ge=0, le=100, description="Keep negatives scoring at most this."
     )
-    min_keep: int = Field(4, ge=1, description="Fail the job if fewer pairs survive per class.")
+    min_keep: int = Field(
+        4, ge=1, le=100_000, description="Fail the job if fewer pairs survive per class."
+    )
 
 
 class ExtractionSpec(_Strict):
@@ -141,7 +214,7 @@ class ExtractionSpec(_Strict):
     rollouts: int = Field(1, ge=1, le=20, description="Responses per pv question and instruction.")
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Tokens per generated response.")
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature for responses.")
-    seed: int = Field(0, description="Split and sampling seed.")
+    seed: Seed = Field(0, description="Split and sampling seed.")
     replay: Literal["off", "on", "both"] = Field(
         "on",
         description="Controlled extraction: non-reference variants replay the reference's responses "
@@ -179,25 +252,33 @@ class SearchSpec(_Strict):
     budget: Literal["adaptive", "equal"] = Field(
         "equal", description="equal: every cell spends exactly budget_runs settings."
     )
-    budget_runs: int | None = Field(None, ge=1, description="Runs per cell in equal mode.")
+    budget_runs: int | None = Field(
+        None, ge=1, le=10_000, description="Runs per cell in equal mode."
+    )
 
 
 class SteeringSpec(_Strict):
     """Steering evaluation."""
 
     enabled: bool = Field(True, description="Run steering jobs.")
-    traits: list[str] | None = Field(None, description="Trait names to steer (default: all).")
-    methods: list[Literal["mean_diff", "probe", "pca"]] | None = Field(
-        None, description="Vector methods to steer with (default: the first method)."
+    traits: Annotated[list[str], AfterValidator(_no_duplicates)] | None = Field(
+        None, description="Trait names to steer (default: all)."
     )
-    layers: list[int] | None = Field(None, description="Candidate layers (default: evenly spaced).")
+    methods: (
+        Annotated[list[Literal["mean_diff", "probe", "pca"]], AfterValidator(_no_duplicates)] | None
+    ) = Field(None, description="Vector methods to steer with (default: the first method).")
+    layers: UniqueLayers | None = Field(
+        None, description="Candidate layers (default: evenly spaced)."
+    )
     n_layers: int = Field(
         6, ge=1, le=128, description="Evenly spaced candidate layers if none given."
     )
     layer_range: tuple[float, float] = Field((0.2, 0.8), description="Depth range for candidates.")
     questions: int | None = Field(10, ge=1, description="Steering questions per trait (None: all).")
     max_new_tokens: int = Field(48, ge=1, le=1024, description="Tokens per steered answer.")
-    directions: list[Literal["+", "-"]] = Field(["+"], description="Steer towards (+) or away (-).")
+    directions: Annotated[list[Literal["+", "-"]], AfterValidator(_no_duplicates)] = Field(
+        ["+"], min_length=1, description="Steer towards (+) or away (-)."
+    )
     cross_precision: bool = Field(
         True, description="Also steer each variant with reference vectors."
     )
@@ -206,15 +287,19 @@ class SteeringSpec(_Strict):
     )
     search: SearchSpec = Field(default_factory=SearchSpec)
     bootstrap: int = Field(1000, ge=100, le=100000, description="Bootstrap resamples for CIs.")
-    seed: int = Field(0, description="Sampling and bootstrap seed.")
+    seed: Seed = Field(0, description="Sampling and bootstrap seed.")
 
 
 class LogitDiffSpec(_Strict):
     """CAA A/B logit difference under steering."""
 
     enabled: bool = Field(True, description="Run logit-difference jobs for caa traits.")
-    coefficients: list[float] = Field(
-        [-2.0, -1.0, 0.0, 1.0, 2.0], description="Multiples of the typical-norm unit coefficient."
+    coefficients: Annotated[list[Annotated[float, Strict()]], AfterValidator(_no_duplicates)] = (
+        Field(
+            [-2.0, -1.0, 0.0, 1.0, 2.0],
+            min_length=1,
+            description="Multiples of the typical-norm unit coefficient.",
+        )
     )
     layer_fraction: float = Field(0.5, ge=0, le=1, description="Layer (as depth) to steer at.")
     limit: int | None = Field(50, ge=1, description="A/B items (None: all).")
@@ -251,7 +336,7 @@ class BenchmarkSpec(_Strict):
         "built-in.",
     )
     limit: int | None = Field(None, ge=1, description="Deterministic subset size.")
-    seed: int = Field(0, description="Subset seed.")
+    seed: Seed = Field(0, description="Subset seed.")
 
     @model_validator(mode="before")
     @classmethod
@@ -292,9 +377,7 @@ class BenchmarkSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
-        return value
+        return _check_name(value)
 
     @property
     def location(self) -> str:
@@ -330,15 +413,17 @@ class ExperimentSpec(_Strict):
     """The whole study."""
 
     name: str = Field(description="Run name prefix.")
-    description: str = Field("", description="Free text for the report.")
+    description: str = Field("", max_length=65536, description="Free text for the report.")
     models: list[ModelSpec] = Field(min_length=1, description="Models of the study.")
-    precisions: list[Precision] = Field(min_length=1, description="Precisions of every model.")
+    precisions: Annotated[list[Precision], AfterValidator(_no_duplicates)] = Field(
+        min_length=1, description="Precisions of every model."
+    )
     reference: Precision = Field(Precision.BF16, description="Reference precision for comparisons.")
     traits: list[TraitRef] = Field(min_length=1, description="Traits to extract.")
-    methods: list[Literal["mean_diff", "probe", "pca"]] = Field(
-        ["mean_diff", "probe"], min_length=1, description="Extraction methods."
-    )
-    layers: list[int] | None = Field(None, description="Layers to capture (None: all).")
+    methods: Annotated[
+        list[Literal["mean_diff", "probe", "pca"]], AfterValidator(_no_duplicates)
+    ] = Field(["mean_diff", "probe"], min_length=1, description="Extraction methods.")
+    layers: UniqueLayers | None = Field(None, description="Layers to capture (None: all).")
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     steering: SteeringSpec = Field(default_factory=SteeringSpec)
@@ -361,28 +446,27 @@ class ExperimentSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("letters, digits, '.', '_' or '-' (at most 64)")
-        return value
+        return _check_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
-        bench_names = [b.name for b in self.benchmarks]
-        if len(set(bench_names)) != len(bench_names):
-            raise ValueError(
-                "benchmarks: benchmark names must be unique (results are keyed by name)"
-            )
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError("models: model names must be unique")
+        _first_repeat(
+            [b.name for b in self.benchmarks],
+            "benchmarks[{}].name",
+            "benchmark names must be unique (results are keyed by name)",
+        )
+        _first_repeat(
+            [m.name for m in self.models], "models[{}].name", "model names must be unique"
+        )
         for m in self.models:
             if self.reference not in self.precisions_for(m):
                 raise ValueError(
                     f"reference: {self.reference.value} is not among the precisions of {m.name}"
                 )
         trait_names = [self.trait_name(t) for t in self.traits]
-        if len(set(trait_names)) != len(trait_names):
-            raise ValueError("traits: trait names must be unique")
+        for i, (trait, name) in enumerate(zip(self.traits, trait_names, strict=True)):
+            _check_trait_name(name, f"traits[{i}].{'name' if trait.name else 'ref'}")
+        _first_repeat(trait_names, "traits[{}]", "trait names must be unique")
         if self.steering.traits:
             for t in self.steering.traits:
                 if t not in trait_names:
@@ -395,6 +479,7 @@ class ExperimentSpec(_Strict):
                     raise ValueError(
                         f"steering.methods: {method} is not extracted (methods: {self.methods})"
                     )
+        _check_layers(self)
         return self
 
     def precisions_for(self, model: ModelSpec) -> list[Precision]:
@@ -418,6 +503,67 @@ class ExperimentSpec(_Strict):
         return stable_hash(self.model_dump(mode="json"), 12)
 
 
+def _first_repeat(values: Sequence[str], field: str, message: str) -> None:
+    """ValueError naming the second of two equal ``values`` (``field`` formats its index)."""
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            raise ValueError(f"{field.format(i)}: {message} ({value!r} is used twice)")
+        seen.add(value)
+
+
+def _check_trait_name(name: str, field: str) -> None:
+    """A trait name is ``<methodology>/<name>``: two key parts (results live under both)."""
+    parts = name.split("/")
+    if len(parts) != 2 or not all(_NAME.match(p) and ".." not in p for p in parts):
+        raise ValueError(
+            f"{field}: trait names look like <methodology>/<name> (e.g. pv/evil), each part "
+            f"letters, digits, '.', '_' or '-' without '..', got {name!r}"
+        )
+
+
+def known_layer_count(source: str) -> int | None:
+    """Decoder layers of a model source when known without loading it: ``tiny:`` options, the
+    built-in SmolLM2-135M, or a local folder's ``config.json``; None otherwise (hub ids)."""
+    from services.loader.model_source import SMOLLM2_ALIASES
+    from services.loader.tiny import parse_tiny
+
+    text = source.strip()
+    if text.startswith("tiny:"):
+        return parse_tiny(text)[1]["layers"]
+    if text.lower() in SMOLLM2_ALIASES:
+        return 30  # SmolLM2-135M-Instruct
+    config = Path(text).expanduser() / "config.json"
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return None  # the loader reports an unreadable folder with its own error
+    n = raw.get("num_hidden_layers") if isinstance(raw, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _check_layers(spec: ExperimentSpec) -> None:
+    """Every listed layer exists in every model whose layer count is known, once."""
+    for model in spec.models:
+        n = known_layer_count(model.source)
+        if n is None:
+            continue
+        for field, layers in (("layers", spec.layers), ("steering.layers", spec.steering.layers)):
+            resolved: dict[int, int] = {}
+            for j, layer in enumerate(layers or ()):
+                if not -n <= layer < n:
+                    raise ValueError(
+                        f"{field}[{j}]: layer {layer} is out of range for model {model.name}, "
+                        f"which has {n} layers (0..{n - 1}, or -{n}..-1 from the end)"
+                    )
+                if layer % n in resolved:
+                    raise ValueError(
+                        f"{field}[{j}]: layer {layer} is layer {layers[resolved[layer % n]]} "
+                        f"again for model {model.name} ({n} layers)"
+                    )
+                resolved[layer % n] = j
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -428,18 +574,53 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "spec"
 
 
+# pydantic error types that, on a bool input, mean a number was wanted.
+_NUMBER_ERRORS = frozenset(
+    {
+        "int_type",
+        "float_type",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+    }
+)
+
+
+def _bool_as_number(raw: Any, validated: Any, path: tuple[int | str, ...] = ()) -> None:
+    """InvalidArgument where the input had ``true``/``false`` and the spec kept a number.
+
+    pydantic's lax mode turns ``true`` into 1 for int and float fields; walking the input beside
+    the validated dump finds every such place, in nested settings too, without a strict type on
+    each field (strict mode would also refuse the strings that name enums)."""
+    stack = [(raw, validated, path)]
+    while stack:
+        r, v, p = stack.pop()
+        if isinstance(r, bool):
+            if not isinstance(v, bool):
+                raise InvalidArgument(_loc(p), f"expected a number, got {str(r).lower()}")
+        elif isinstance(r, dict) and isinstance(v, dict):
+            stack.extend((r[k], v[k], (*p, k)) for k in r if isinstance(k, str) and k in v)
+        elif isinstance(r, list) and isinstance(v, list | tuple) and len(r) == len(v):
+            stack.extend((a, b, (*p, i)) for i, (a, b) in enumerate(zip(r, v, strict=True)))
+
+
 def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
     """Validate a parsed spec; InvalidArgument names the first bad key."""
     if not isinstance(data, dict):
         raise InvalidArgument(source, "the spec must be a mapping")
     try:
-        return ExperimentSpec.model_validate(data)
+        spec = ExperimentSpec.model_validate(data)
+    except RecursionError:
+        raise InvalidArgument(source, f"nested deeper than {MAX_DEPTH} levels") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = _loc(tuple(p for p in first["loc"] if p not in ("function-after",)))
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             message = "unknown key"
+        elif first["type"] in _NUMBER_ERRORS and isinstance(first.get("input"), bool):
+            message = f"expected a number, got {str(first['input']).lower()}"
         if ": " in message and loc == "spec":
             loc, message = message.split(": ", 1)
         elif first["type"] == "value_error" and _SUBKEY.match(message):
@@ -447,20 +628,123 @@ def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
             key, message = message.split(": ", 1)
             loc = f"{loc}.{key}"
         raise InvalidArgument(loc, message) from None
+    _bool_as_number(data, spec.model_dump(mode="python"))
+    return spec
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with nesting bounded (its composer recurses once per level, so a
+    deep document would end in RecursionError) and duplicate keys refused (YAML keeps the last
+    silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise InvalidArgument(
+                    "spec", f"nested deeper than {MAX_DEPTH} levels (line {line})"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_duplicate_keys(root: yaml.Node) -> None:
+    """InvalidArgument naming the dotted path of a key given twice in one mapping."""
+    stack: list[tuple[yaml.Node, tuple[int | str, ...]]] = [(root, ())]
+    seen_nodes: set[int] = set()  # aliases share nodes: each is walked once
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, (*path, i)) for i, child in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(
+                    key_node, yaml.ScalarNode
+                ):
+                    line = key_node.start_mark.line + 1
+                    if key in lines:
+                        raise InvalidArgument(
+                            _loc((*path, key)),
+                            f"duplicate key (lines {lines[key]} and {line}); YAML would keep "
+                            "only the last",
+                        )
+                    lines[key] = line
+                stack.append((value_node, (*path, key)))
+
+
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def _decode(data: bytes, source: str) -> str:
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise InvalidArgument("spec", f"{source} is {name} text; save it as UTF-8")
+    if b"\x00" in data:
+        raise InvalidArgument(
+            "spec",
+            f"{source} has NUL bytes (UTF-16 or UTF-32 text, or not text); save it as UTF-8",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(
+            "spec",
+            f"{source} is not UTF-8 text (byte {exc.start} is {data[exc.start : exc.start + 1]!r});"
+            " save it as UTF-8",
+        ) from None
+
+
+def spec_from_bytes(data: bytes, source: str = "spec") -> ExperimentSpec:
+    """Decode, parse and validate a YAML (or JSON) spec; every refusal is an InvalidArgument."""
+    if len(data) > MAX_SPEC_BYTES:
+        raise InvalidArgument(
+            "spec",
+            f"{source} is {len(data)} bytes, over the {MAX_SPEC_BYTES // 1024} KiB a spec may "
+            "have; a spec names its data (trait, benchmark and calibration files) rather than "
+            "holding it",
+        )
+    text = _decode(data, source)
+    loader = _SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_duplicate_keys(node)
+        tree = None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument("spec", f"{source} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("spec", f"{source} is nested too deeply") from None
+    finally:
+        loader.dispose()
+    return parse_spec(tree, source)
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
-    """Read and validate a YAML spec file."""
+    """Read and validate a YAML spec file (see :func:`spec_from_bytes`)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            # One byte over the bound is enough to refuse, whatever the file's size.
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise InvalidArgument("spec", f"cannot read {p}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument("spec", f"{p} is not valid YAML: {exc}") from None
-    return parse_spec(data, str(p))
+    return spec_from_bytes(data, str(p))
 
 
 def _is_remote(location: str) -> bool:

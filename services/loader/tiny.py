@@ -22,7 +22,14 @@ from urllib.parse import parse_qsl
 from services.common.errors import InvalidArgument
 from services.common.hashing import stable_hash
 
-__all__ = ["TINY_DEFAULTS", "build_tiny", "parse_tiny"]
+__all__ = [
+    "TINY_BOUNDS",
+    "TINY_DEFAULTS",
+    "TINY_MAX_PARAMETERS",
+    "build_tiny",
+    "parse_tiny",
+    "tiny_parameters",
+]
 
 TINY_DEFAULTS: dict[str, int] = {
     "layers": 4,
@@ -35,6 +42,22 @@ TINY_DEFAULTS: dict[str, int] = {
     "max_positions": 2048,
     "bf16": 0,
 }
+
+#: Inclusive range of each option (seeds and flags included), checked before the size bound.
+TINY_BOUNDS: dict[str, tuple[int, int]] = {
+    "layers": (1, 1024),
+    "hidden": (1, 65536),
+    "heads": (1, 1024),
+    "kv_heads": (1, 1024),
+    "intermediate": (1, 262144),
+    "seed": (0, 2**32 - 1),
+    "system_role": (0, 1),
+    "max_positions": (1, 1 << 20),
+    "bf16": (0, 1),
+}
+
+#: Largest tiny model: about twice the 8B benchmark shape (80 GB to build in float32).
+TINY_MAX_PARAMETERS = 20_000_000_000
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -69,9 +92,31 @@ def parse_tiny(source: str) -> tuple[str, dict[str, int]]:
             params[key] = int(value)
         except ValueError:
             raise InvalidArgument(f"model.{key}", f"expected an integer, got {value!r}") from None
+    for key, (low, high) in TINY_BOUNDS.items():
+        if not low <= params[key] <= high:
+            raise InvalidArgument(f"model.{key}", f"{params[key]} is outside {low}..{high}")
     if params["hidden"] % params["heads"] or params["heads"] % params["kv_heads"]:
         raise InvalidArgument("model.heads", "hidden must divide by heads and heads by kv_heads")
+    # The size bound comes from the options alone, before anything is allocated: a shape that
+    # cannot be built must fail at plan time, not exhaust memory when `qsens up` builds it.
+    n = tiny_parameters(params)
+    if n > TINY_MAX_PARAMETERS:
+        raise InvalidArgument(
+            "model",
+            f"tiny:{arch} with these options has {n:.3g} parameters (about {4 * n / 2**30:.0f} "
+            f"GiB to build in float32); the bound is {TINY_MAX_PARAMETERS:.0e}",
+        )
     return arch, params
+
+
+def tiny_parameters(params: dict[str, int]) -> int:
+    """Parameters of a tiny Llama with ``params`` (embeddings, attention, MLP, norms, head)."""
+    hidden, layers, inter = params["hidden"], params["layers"], params["intermediate"]
+    head_dim = hidden // params["heads"]
+    vocab = 256 + len(SPECIALS)
+    attention = 2 * hidden * hidden + 2 * hidden * params["kv_heads"] * head_dim
+    per_layer = attention + 3 * hidden * inter + 2 * hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden
 
 
 def _byte_tokenizer(system_role: bool) -> Any:

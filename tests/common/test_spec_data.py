@@ -72,7 +72,7 @@ def test_benchmarks_by_builtin_name() -> None:
             "either a built-in or a path",
         ),
         ([{"name": "mmlu_ab", "format": "mmlu"}], "benchmarks[0].format", "is caa_ab, not mmlu"),
-        (["mmlu_ab", {"name": "mmlu_ab", "limit": 2}], "benchmarks", "names must be unique"),
+        (["mmlu_ab", {"name": "mmlu_ab", "limit": 2}], "benchmarks[1].name", "must be unique"),
         ([{"name": "a/b", "path": "/a", "format": "arc"}], "benchmarks[0].name", "letters, digits"),
         ([{"name": "x", "wat": 1}], "benchmarks[0].wat", "unknown key"),
     ],

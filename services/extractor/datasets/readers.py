@@ -167,6 +167,9 @@ def _load_json(path: Path) -> Any:
         raise InvalidArgument(
             str(path), f"not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}"
         ) from None
+    except RecursionError:
+        # json.loads recurses once per nesting level; no trait file nests more than a few.
+        raise InvalidArgument(str(path), "JSON nested too deeply to be a trait file") from None
 
 
 def _where(path: Path, key: str) -> str:
