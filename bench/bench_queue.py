@@ -46,11 +46,12 @@ if str(REPO) not in sys.path:
 from services.common import localstack  # noqa: E402
 from services.common import settings as settings_mod  # noqa: E402
 from services.common.dag import submit_with  # noqa: E402
+from services.common.handlers import JobContext  # noqa: E402
 from services.common.jobs import Job, JobKind, RunPlan  # noqa: E402
 from services.common.natsconn import connection  # noqa: E402
-from services.common.queue import JobContext, serve_worker  # noqa: E402
 from services.common.settings import NatsSettings  # noqa: E402
 from services.common.state import JobRecord, StateStore  # noqa: E402
+from services.common.worker import serve_worker  # noqa: E402
 
 
 async def noop_handler(job: Job, ctx: JobContext) -> dict[str, Any] | None:

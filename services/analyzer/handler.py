@@ -36,7 +36,7 @@ from services.common.artefacts import analysis_key
 from services.common.errors import InvalidArgument
 from services.common.jobs import Job, JobKind
 from services.common.logging import get_logger
-from services.common.queue import JobContext
+from services.common.handlers import JobContext
 from services.common.spec import ExperimentSpec
 from services.common.store import AsyncS3Store
 

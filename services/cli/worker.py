@@ -11,15 +11,15 @@ from services.common.jobs import JobKind
 
 app = typer.Typer(help="Run job workers.", no_args_is_help=True)
 
-# service -> (job kinds, "module:handler")
+# service -> (job kinds, "module:handler or handler registry")
 SERVICES: dict[str, tuple[tuple[JobKind, ...], str]] = {
-    "extractor": ((JobKind.EXTRACT,), "services.extractor.handler:handle"),
+    "extractor": ((JobKind.EXTRACT,), "services.extractor.handler:HANDLERS"),
     "steerer": (
         (JobKind.STEER, JobKind.LOGIT_DIFF, JobKind.BENCHMARK, JobKind.PROBE),
-        "services.steerer.handler:handle",
+        "services.steerer.handler:HANDLERS",
     ),
     "analyzer": ((JobKind.ANALYZE,), "services.analyzer.handler:handle"),
-    "quantizer": ((JobKind.QUANTIZE,), "services.quantizer.handler:handle"),
+    "quantizer": ((JobKind.QUANTIZE,), "services.quantizer.handler:HANDLERS"),
 }
 
 
@@ -29,7 +29,7 @@ def run(
     concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 1,
 ) -> None:
     """Consume SERVICE's job kinds until SIGTERM."""
-    from services.common.queue import serve_worker
+    from services.common.worker import serve_worker
 
     if service not in SERVICES:
         typer.echo(f"error: service: unknown service {service!r} ({', '.join(SERVICES)})", err=True)

@@ -5,17 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from services.common.contracts.common import parse_params
-from services.common.contracts.extract import ExtractParams
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.contracts.extract import ExtractParams, ExtractSummary
+from services.common.errors import FailedPrecondition
+from services.common.handlers import JobContext, KindHandler, registry_handler
 from services.common.jobs import Job, JobKind
 from services.common.natsconn import shared_connection
-from services.common.queue import JobContext
 from services.extractor.datasets import TraitDataset
-from services.extractor.pipeline import run_extraction
+from services.extractor.pipeline import extract_result_key, extract_summary, run_extraction
 from services.loader.client import LoaderClient
 
-__all__ = ["handle", "judge_over_nats"]
+__all__ = ["HANDLERS", "handle", "judge_over_nats"]
 
 
 async def judge_over_nats(
@@ -35,11 +34,8 @@ async def judge_over_nats(
     return results
 
 
-async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
-    """Run one extraction."""
-    if job.kind is not JobKind.EXTRACT:
-        raise InvalidArgument("kind", f"the extractor handles extract jobs, not {job.kind}")
-    params = parse_params(ExtractParams, job.params)
+async def _extract(job: Job, params: ExtractParams, ctx: JobContext) -> dict[str, Any]:
+    """Run one extraction against the variant's loader and the judge service."""
     address = await ctx.find_loader(params.variant)
     expected = params.judge.backend
 
@@ -50,3 +46,19 @@ async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
 
     async with LoaderClient(address, expect_variant=params.variant) as loader:
         return await run_extraction(job.run_id, params, store=ctx.store, loader=loader, judge=judge)
+
+
+#: The extractor's one kind: params contract, ``summary.json`` (written last) and the work.
+HANDLERS: dict[JobKind, KindHandler[Any, Any]] = {
+    JobKind.EXTRACT: KindHandler(
+        JobKind.EXTRACT,
+        ExtractParams,
+        _extract,
+        ExtractSummary,
+        extract_result_key,
+        extract_summary,
+    )
+}
+
+handle = registry_handler(HANDLERS)
+"""Run one extraction (``dispatch`` over ``HANDLERS``)."""

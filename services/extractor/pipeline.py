@@ -4,7 +4,8 @@ vectors for every layer and method -> artefacts in S3.
 The extractor never loads weights: generation and activations come from the variant's loader
 over gRPC, judgements from the judge service. ``summary.json`` is written last, so its presence
 means the extraction is complete; a redelivered job that finds it returns at once, and every
-other object is write-once, so a crash at any point loses and duplicates nothing.
+other object is write-once, so a crash at any point loses and duplicates nothing (the worker
+runtime checks for it before the job runs: ``extract_result_key``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,21 @@ from services.extractor.datasets import (
 from services.extractor.methods import compute_vectors
 from services.loader.client import Chat, LoaderClient, PromptItem
 
-__all__ = ["ExtractParams", "JudgeLike", "run_extraction"]
+__all__ = ["ExtractParams", "JudgeLike", "TooFewVettedExamples", "run_extraction"]
 
 log = get_logger(__name__)
+
+
+class TooFewVettedExamples(FailedPrecondition):
+    """Vetting left fewer examples of a class than ``extraction.vetting.min_keep`` (train) or
+    none (held-out): a vector resting on so few pairs is not computed. Not retried."""
+
+    def __init__(self, split: str, label: str, have: int, need: int, where: str) -> None:
+        self.split, self.label, self.have, self.need = split, label, have, need
+        super().__init__(
+            f"{where}: only {have} {split} {label} examples survived vetting (need {need}); "
+            "relax extraction.vetting or add rollouts"
+        )
 
 
 # (pairs, eval_prompt, positive exemplars, negative exemplars, trait name) -> judge results
@@ -170,6 +183,22 @@ async def _vet(
     return summary
 
 
+def extract_result_key(run_id: str, params: ExtractParams) -> str:
+    """Where an extraction's ``summary.json`` goes (written last: its presence means done)."""
+    return extract_key(run_id, params.variant, params.trait.name, params.mode, "summary.json")
+
+
+def extract_summary(done: ExtractSummary, key: str) -> dict[str, Any]:
+    """The job-record summary of an extraction found complete (a redelivered job)."""
+    return ExtractOutcome(
+        variant=done.variant,
+        trait=done.trait,
+        mode=done.mode,
+        already_done=True,
+        n_train_pos=done.n_train_pos,
+    ).model_dump(mode="json", exclude_unset=True)
+
+
 async def run_extraction(
     run_id: str,
     params: ExtractParams,
@@ -186,15 +215,6 @@ async def run_extraction(
     def key(*leaf: str) -> str:
         return extract_key(run_id, params.variant, trait, mode, *leaf)
 
-    if await store.exists(key("summary.json")):
-        done = await store.get_json(key("summary.json"))
-        return ExtractOutcome(
-            variant=params.variant,
-            trait=trait,
-            mode=mode,
-            already_done=True,
-            n_train_pos=done.get("n_train_pos"),
-        ).model_dump(mode="json", exclude_unset=True)
     # An s3:// trait is downloaded by the reader: off the event loop, which serves the worker's
     # other jobs and its NATS heartbeats meanwhile.
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
@@ -238,9 +258,12 @@ async def run_extraction(
             have = sum(1 for r in kept if r.split == split and r.example.label == label)
             need = p.vetting.min_keep if split == "train" else (1 if p.n_val else 0)
             if have < need:
-                raise FailedPrecondition(
-                    f"{trait} on {params.variant}: only {have} {split} {'positive' if label else 'negative'} "
-                    f"examples survived vetting (need {need}); relax extraction.vetting or add rollouts"
+                raise TooFewVettedExamples(
+                    split,
+                    "positive" if label else "negative",
+                    have,
+                    need,
+                    f"{trait} on {params.variant}",
                 )
     await store.put_jsonl(key("responses.jsonl"), [r.to_json() for r in rows])
     await store.put_json(key("vetting.json"), vetting.model_dump(mode="json"))

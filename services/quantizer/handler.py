@@ -29,9 +29,9 @@ from services.common import settings as settings_mod
 from services.common.artefacts import quantize_key
 from services.common.contracts.quantize import QuantizeResult
 from services.common.errors import FailedPrecondition, InvalidArgument, QsensError
+from services.common.handlers import JobContext, KindHandler, registry_handler
 from services.common.jobs import Job, JobKind
-from services.common.quantization import QuantizeRequest, manifest_key, parse_request
-from services.common.queue import JobContext
+from services.common.quantization import QuantizeRequest, manifest_key
 from services.quantizer import run as runner
 from services.quantizer.calibration import CalibrationSet, load_calibration
 from services.quantizer.checkpoint import (
@@ -42,7 +42,7 @@ from services.quantizer.checkpoint import (
     verify_folder,
 )
 
-__all__ = ["handle", "quantize_request", "record_result"]
+__all__ = ["HANDLERS", "handle", "quantize_request", "record_result", "result_key"]
 
 HEARTBEAT_S = 10.0
 _ERRORS: dict[str, type[Exception]] = {
@@ -192,7 +192,7 @@ async def record_result(
     attempt of the job wrote it, that record stands (it may say ``reused: false`` where this
     attempt would say ``true``, because the earlier attempt made the checkpoint)."""
     variant = f"{request.model}@{request.method}"
-    key = quantize_key(run_id, variant, "result.json")
+    key = result_key(run_id, request)
     doc = {
         **result,
         "run_id": run_id,
@@ -209,10 +209,26 @@ async def record_result(
     return doc
 
 
-async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
-    """Run one quantize job and record its result under the run."""
-    if job.kind is not JobKind.QUANTIZE:
-        raise InvalidArgument("kind", f"the quantizer handles quantize jobs, not {job.kind}")
-    request = parse_request(job.params)
+def result_key(run_id: str, request: QuantizeRequest) -> str:
+    """Where the run's record of ``request``'s variant goes (``<model>@<method>``)."""
+    return quantize_key(run_id, f"{request.model}@{request.method}", "result.json")
+
+
+def _summary(stored: QuantizeResult, key: str) -> dict[str, Any]:
+    return stored.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+async def _quantize(job: Job, request: QuantizeRequest, ctx: JobContext) -> dict[str, Any]:
     result = await quantize_request(request, ctx.store, ctx)
     return await record_result(ctx.store, job.run_id, request, result)
+
+
+#: The quantizer's one kind: the request, the run's record of it, and the work.
+HANDLERS: dict[JobKind, KindHandler[Any, Any]] = {
+    JobKind.QUANTIZE: KindHandler(
+        JobKind.QUANTIZE, QuantizeRequest, _quantize, QuantizeResult, result_key, _summary
+    )
+}
+
+handle = registry_handler(HANDLERS)
+"""Run one quantize job and record its result under the run (``dispatch`` over ``HANDLERS``)."""

@@ -1,11 +1,11 @@
 """The steerer's job handler: ``steer``, ``logit_diff``, ``benchmark`` and ``probe`` jobs.
 
-``qsens worker run steerer`` consumes the four queues with ``handle``. For each job it parses
-the params (a malformed job is ``InvalidArgument`` and dead-lettered), returns at once when
-the job's ``result.json`` already exists (a redelivery after a crash), finds the variant's
-loader in the registry (``Unavailable`` when none is announced: the job is retried later) and
-runs the job. Judge calls go to the judge services over NATS through one connection per
-process (per event loop), opened on first use.
+``qsens worker run steerer`` consumes the four queues through ``HANDLERS``: the worker
+runtime parses each job's params (a malformed job is ``InvalidArgument`` and dead-lettered)
+and returns at once when the job's ``result.json`` already exists (a redelivery after a
+crash); the handler finds the variant's loader in the registry (``Unavailable`` when none is
+announced: the job is retried later) and runs the job. Judge calls go to the judge services
+over NATS through one connection per process (per event loop), opened on first use.
 """
 
 from __future__ import annotations
@@ -17,32 +17,32 @@ from typing import Any
 from nats.aio.client import Client
 
 from services.common.artefacts import probe_key
-from services.common.errors import InvalidArgument, NotFound
-from services.common.jobs import Job, JobKind
-from services.common.natsconn import connect
-from services.common.queue import JobContext
-from services.judge.client import JudgeClient
-from services.loader.client import LoaderClient
-from services.steerer.benchmarks import benchmark_summary, run_benchmark
-from services.steerer.logit_diff import logit_diff_summary, run_logit_diff
-from services.steerer.params import (
+from services.common.contracts.steer import (
     BenchmarkParams,
     LogitDiffParams,
     ProbeParams,
     SteerParams,
     benchmark_result_key,
     logit_diff_result_key,
-    parse_params,
     steer_result_key,
 )
+from services.common.contracts.steer_results import (
+    BenchmarkResult,
+    LogitDiffResult,
+    ProbeResult,
+    SteerResult,
+)
+from services.common.handlers import JobContext, KindHandler, registry_handler
+from services.common.jobs import Job, JobKind
+from services.common.natsconn import connect
+from services.judge.client import JudgeClient
+from services.loader.client import LoaderClient
+from services.steerer.benchmarks import benchmark_summary, run_benchmark
+from services.steerer.logit_diff import logit_diff_summary, run_logit_diff
 from services.steerer.probes import probe_name, probe_summary, run_probes
-from services.steerer.results import BenchmarkResult, LogitDiffResult, ProbeResult, SteerResult
 from services.steerer.steer import run_steer, steer_summary
 
-__all__ = ["KINDS", "handle", "judge_client"]
-
-#: The job kinds this handler serves.
-KINDS = (JobKind.STEER, JobKind.LOGIT_DIFF, JobKind.BENCHMARK, JobKind.PROBE)
+__all__ = ["HANDLERS", "KINDS", "handle", "judge_client", "probe_result_key"]
 
 _connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Client] = (
     weakref.WeakKeyDictionary()
@@ -64,56 +64,72 @@ async def judge_client() -> JudgeClient:
     return JudgeClient.over_nats(nc)
 
 
-async def _stored(ctx: JobContext, key: str) -> Any | None:
-    """The job's stored result (a redelivery of a finished job), or None: one S3 read."""
-    try:
-        return await ctx.store.get_json(key)
-    except NotFound:
-        return None
+def probe_result_key(run_id: str, params: ProbeParams) -> str:
+    """Where a probe job's ``result.json`` goes."""
+    return probe_key(run_id, params.variant, probe_name(params.probes.harmful), "result.json")
 
 
-async def handle(job: Job, ctx: JobContext) -> dict[str, Any] | None:
-    """Run one steerer job; returns the small summary kept in the job record."""
-    run_id = job.run_id
-    if job.kind is JobKind.STEER:
-        steer = parse_params(SteerParams, job.params)
-        key = steer_result_key(run_id, steer)
-        if (done := await _stored(ctx, key)) is not None:
-            return steer_summary(SteerResult.model_validate(done), key)
-        address = await ctx.find_loader(steer.target)
-        judge = await judge_client()
-        async with LoaderClient(address, expect_variant=steer.target) as loader:
-            return await run_steer(
-                run_id, steer, store=ctx.store, loader=loader, judge=judge, heartbeat=ctx.heartbeat
-            )
-    if job.kind is JobKind.LOGIT_DIFF:
-        ld = parse_params(LogitDiffParams, job.params)
-        key = logit_diff_result_key(run_id, ld)
-        if (done := await _stored(ctx, key)) is not None:
-            return logit_diff_summary(LogitDiffResult.model_validate(done), key)
-        address = await ctx.find_loader(ld.variant)
-        async with LoaderClient(address, expect_variant=ld.variant) as loader:
-            return await run_logit_diff(
-                run_id, ld, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
-            )
-    if job.kind is JobKind.BENCHMARK:
-        bench = parse_params(BenchmarkParams, job.params)
-        key = benchmark_result_key(run_id, bench)
-        if (done := await _stored(ctx, key)) is not None:
-            return benchmark_summary(BenchmarkResult.model_validate(done), key)
-        address = await ctx.find_loader(bench.variant)
-        async with LoaderClient(address, expect_variant=bench.variant) as loader:
-            return await run_benchmark(
-                run_id, bench, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
-            )
-    if job.kind is JobKind.PROBE:
-        probe = parse_params(ProbeParams, job.params)
-        key = probe_key(run_id, probe.variant, probe_name(probe.probes.harmful), "result.json")
-        if (done := await _stored(ctx, key)) is not None:
-            return probe_summary(ProbeResult.model_validate(done), key)
-        address = await ctx.find_loader(probe.variant)
-        async with LoaderClient(address, expect_variant=probe.variant) as loader:
-            return await run_probes(
-                run_id, probe, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
-            )
-    raise InvalidArgument("kind", f"the steerer handles {[k.value for k in KINDS]}, not {job.kind}")
+async def _steer(job: Job, steer: SteerParams, ctx: JobContext) -> dict[str, Any]:
+    address = await ctx.find_loader(steer.target)
+    judge = await judge_client()
+    async with LoaderClient(address, expect_variant=steer.target) as loader:
+        return await run_steer(
+            job.run_id, steer, store=ctx.store, loader=loader, judge=judge, heartbeat=ctx.heartbeat
+        )
+
+
+async def _logit_diff(job: Job, ld: LogitDiffParams, ctx: JobContext) -> dict[str, Any]:
+    address = await ctx.find_loader(ld.variant)
+    async with LoaderClient(address, expect_variant=ld.variant) as loader:
+        return await run_logit_diff(
+            job.run_id, ld, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
+        )
+
+
+async def _benchmark(job: Job, bench: BenchmarkParams, ctx: JobContext) -> dict[str, Any]:
+    address = await ctx.find_loader(bench.variant)
+    async with LoaderClient(address, expect_variant=bench.variant) as loader:
+        return await run_benchmark(
+            job.run_id, bench, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
+        )
+
+
+async def _probe(job: Job, probe: ProbeParams, ctx: JobContext) -> dict[str, Any]:
+    address = await ctx.find_loader(probe.variant)
+    async with LoaderClient(address, expect_variant=probe.variant) as loader:
+        return await run_probes(
+            job.run_id, probe, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
+        )
+
+
+#: The steerer's kinds: params contract, result document and where it lives, and the work.
+HANDLERS: dict[JobKind, KindHandler[Any, Any]] = {
+    JobKind.STEER: KindHandler(
+        JobKind.STEER, SteerParams, _steer, SteerResult, steer_result_key, steer_summary
+    ),
+    JobKind.LOGIT_DIFF: KindHandler(
+        JobKind.LOGIT_DIFF,
+        LogitDiffParams,
+        _logit_diff,
+        LogitDiffResult,
+        logit_diff_result_key,
+        logit_diff_summary,
+    ),
+    JobKind.BENCHMARK: KindHandler(
+        JobKind.BENCHMARK,
+        BenchmarkParams,
+        _benchmark,
+        BenchmarkResult,
+        benchmark_result_key,
+        benchmark_summary,
+    ),
+    JobKind.PROBE: KindHandler(
+        JobKind.PROBE, ProbeParams, _probe, ProbeResult, probe_result_key, probe_summary
+    ),
+}
+
+#: The job kinds this handler serves.
+KINDS = tuple(HANDLERS)
+
+handle = registry_handler(HANDLERS)
+"""Run one steerer job (``dispatch`` over ``HANDLERS``); returns the job-record summary."""

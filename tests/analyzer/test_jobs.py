@@ -12,9 +12,9 @@ from services.analyzer.handler import handle
 from services.analyzer.report_cmd import generate_report
 from services.common.artefacts import analysis_key, probe_key
 from services.common.errors import InvalidArgument, NotFound
+from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind
 from services.common.planner import build_plan
-from services.common.queue import JobContext
 from services.common.spec import ExperimentSpec
 from services.common.store import AsyncS3Store, S3Store
 from tests.analyzer.planted import SPEC_DICT, probe_document, write_planted_run

@@ -20,10 +20,10 @@ from services.analyzer.matrices import build_all
 from services.analyzer.report import build_blocks, render_html, render_markdown
 from services.analyzer.report_cmd import generate_report
 from services.common.artefacts import quantize_key
+from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind
 from services.common.planner import build_plan
 from services.common.quantization import CalibrationSpec, QuantizeRequest, checkpoint_id
-from services.common.queue import JobContext
 from services.common.spec import ExperimentSpec
 from services.common.store import AsyncS3Store, S3Store
 from services.quantizer.calibration import load_calibration

@@ -7,8 +7,8 @@ import os
 from typing import Any
 
 from services.common.errors import InvalidArgument
+from services.common.handlers import JobContext
 from services.common.jobs import Job
-from services.common.queue import JobContext
 
 
 async def record_execution(job: Job, ctx: JobContext) -> None:

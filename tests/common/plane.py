@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from services.common.handlers import Handler
 from services.common.jobs import JobKind
 from services.common.natsconn import connection
-from services.common.queue import Handler, JobQueue, WorkerStats, run_worker
+from services.common.queue import JobQueue
 from services.common.state import RunSummary, StateStore
 from services.common.store import S3Store
+from services.common.worker import WorkerStats, run_worker
 
 
 @dataclass

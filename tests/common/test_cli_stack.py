@@ -30,7 +30,7 @@ def hook() -> Iterator[list[Path]]:
     def children_for_spec(spec: Path, home: Path) -> list[ChildSpec]:
         seen.append(spec)
         code = (
-            "from services.common.queue import serve_worker; "
+            "from services.common.worker import serve_worker; "
             "serve_worker(['noop'], 'tests.common.handlers:parts')"
         )
         return [ChildSpec(name="worker-noop", argv=[sys.executable, "-c", code], cwd=str(REPO))]

@@ -11,9 +11,9 @@ import pytest
 from services.common import settings as settings_mod
 from services.common.dag import cancel_run, retry_dead, submit
 from services.common.errors import FailedPrecondition
+from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind, RunPlan
 from services.common.loader_registry import LoaderRegistry
-from services.common.queue import JobContext
 from services.common.state import JobState
 from services.common.store import S3Store
 from tests.common.handlers import behave

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def start_worker(log_path: Path) -> subprocess.Popen[bytes]:
     code = (
-        "from services.common.queue import serve_worker; "
+        "from services.common.worker import serve_worker; "
         "serve_worker(['noop'], 'tests.common.handlers:parts', concurrency=1)"
     )
     with open(log_path, "ab") as log:

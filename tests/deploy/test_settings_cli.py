@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings
 from services.cli import main as cli_main
 from services.cli.worker import SERVICES
 from services.common import settings as settings_mod
-from services.common.queue import load_handler
+from services.common.worker import load_handler
 from services.common.variants import Variant
 from tests.deploy.manifests import K8S, container_env, expand_args, is_qsens, pods
 

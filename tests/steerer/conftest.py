@@ -22,10 +22,11 @@ from services.common.dag import submit_with
 from services.common.jobs import Job, RunPlan
 from services.common.loader_registry import LoaderRegistry
 from services.common.natsconn import connect
-from services.common.queue import JobQueue, run_worker
+from services.common.queue import JobQueue
 from services.common.settings import JudgeSettings, NatsSettings, get
 from services.common.state import JobRecord, StateStore
 from services.common.store import S3Store
+from services.common.worker import run_worker
 from services.judge.backends.base import create_backend
 from services.judge.cache import KvJudgeCache
 from services.judge.engine import Judge

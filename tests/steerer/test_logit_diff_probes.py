@@ -10,8 +10,8 @@ import numpy as np
 
 from services.common.artefacts import logit_diff_key, probe_key
 from services.common.errors import Unavailable
+from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind
-from services.common.queue import JobContext
 from services.common.spec import LogitDiffSpec, ProbeSpec
 from services.common.state import JobState
 from services.common.store import AsyncS3Store
