@@ -82,7 +82,8 @@ def check_steering_strength(
 
     ``specs`` are every spec one item runs with, each with its field path. An added offset
     must fit the compute dtype element-wise, and the added offsets together (their norms
-    summed: a bound on any layer's total) must stay below ``MAX_STEER_NORM``.
+    times the layers each is added at, summed: a bound on what they add to the residual
+    stream by any layer) must stay below ``MAX_STEER_NORM``.
     """
     element_limit = min(_float_limit(compute_dtype), _float_limit(torch.float32))
     total = 0.0
@@ -105,7 +106,7 @@ def check_steering_strength(
                 f"{str(compute_dtype).removeprefix('torch.')} value ({element_limit:.3g}); "
                 "lower the coefficient or normalise the vector",
             )
-        total += norm
+        total += norm * max(1, len(spec.layers))
         if not total <= MAX_STEER_NORM:
             raise InvalidArgument(
                 f"{field}.coefficient",
