@@ -3,7 +3,8 @@
 It speaks the real JSON wire format over real HTTP (stdlib ``ThreadingHTTPServer``, HTTP/1.1
 keep-alive), so the official ``openai`` client talks to it unchanged. It stands in for the paid
 endpoint and injects faults: the answer inside ``[ANSWER START]``/``[ANSWER END]`` selects the
-first-token log-prob table (``tables``) and a queue of faults (``faults``) consumed one per
+first-token log-prob table (``tables``; else the question inside ``[QUESTION START]``/``[QUESTION
+END]`` selects one from ``by_question``) and a queue of faults (``faults``) consumed one per
 request: ``429`` / ``429:<retry-after>``, ``500``, ``503``, ``400``, ``sleep:<s>`` (answer after a
 delay, to trip client timeouts), ``truncated`` (a cut JSON body), ``nologprobs``. ``fail_all``
 applies one fault to every request. Every request is recorded in ``calls``.
@@ -25,6 +26,7 @@ from typing import Any
 __all__ = ["Call", "FakeOpenAI", "fake_openai", "table"]
 
 _ANSWER = re.compile(r"\[ANSWER START\]\n?(.*?)\n?\[ANSWER END\]", re.DOTALL)
+_QUESTION = re.compile(r"\[QUESTION START\]\n?(.*?)\n?\[QUESTION END\]", re.DOTALL)
 
 
 def table(probs: dict[str, float]) -> list[tuple[str, float]]:
@@ -47,6 +49,7 @@ class FakeOpenAI:
 
     latency_s: float = 0.0
     tables: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    by_question: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     default_table: list[tuple[str, float]] = field(
         default_factory=lambda: table({"70": 0.5, "80": 0.5})
     )
@@ -78,8 +81,10 @@ class FakeOpenAI:
             queue = self.faults.get(answer)
             return queue.pop(0) if queue else "ok"
 
-    def completion(self, answer: str, *, logprobs: bool = True) -> dict[str, Any]:
-        top = self.tables.get(answer, self.default_table)
+    def completion(
+        self, answer: str, *, logprobs: bool = True, question: str = ""
+    ) -> dict[str, Any]:
+        top = self.tables.get(answer) or self.by_question.get(question, self.default_table)
         best = max(top, key=lambda t: t[1])
         content = [
             {
@@ -141,6 +146,8 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             prompt = body["messages"][-1]["content"]
             match = _ANSWER.search(prompt)
             answer = match.group(1) if match else prompt
+            asked = _QUESTION.search(prompt)
+            question = asked.group(1) if asked else ""
             action = state._next_action(answer)
             with state.lock:
                 state.calls.append(
@@ -155,12 +162,12 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 state.active += 1
                 state.peak_active = max(state.peak_active, state.active)
             try:
-                self._respond(answer, action)
+                self._respond(answer, action, question)
             finally:
                 with state.lock:
                     state.active -= 1
 
-        def _respond(self, answer: str, action: str) -> None:
+        def _respond(self, answer: str, action: str, question: str = "") -> None:
             if state.latency_s:
                 time.sleep(state.latency_s)
             kind, _, arg = action.partition(":")
@@ -176,7 +183,8 @@ def _handler(state: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
             else:
                 if kind == "sleep":
                     time.sleep(float(arg))
-                self._send(200, json.dumps(state.completion(answer)).encode())
+                reply = state.completion(answer, question=question)
+                self._send(200, json.dumps(reply).encode())
 
     return Handler
 
