@@ -27,6 +27,7 @@ from services.common.contracts.steer import (
 )
 from services.common.jobs import Job, JobKind, RunPlan, validate_run_id
 from services.common.methodologies import methodology_info, position_reads_response
+from services.common.precisions import precision_info
 from services.common.quantization import QuantizeRequest
 from services.common.resultkeys import check_result_keys
 from services.common.spec import ExperimentSpec, ModelSpec, SteeringSpec, TraitRef
@@ -72,7 +73,7 @@ def quantize_request(
     spec: ExperimentSpec, model: ModelSpec, precision: Precision
 ) -> QuantizeRequest | None:
     """The platform quantization a variant needs: None unless gptq/awq without a checkpoint."""
-    if precision not in (Precision.GPTQ, Precision.AWQ) or precision in model.checkpoints:
+    if not precision_info(precision).platform_quantized or precision in model.checkpoints:
         return None
     settings = model.quantize or spec.quantize
     return settings.request(model.name, model.source, precision.value)

@@ -33,6 +33,8 @@ from pydantic import (
 
 from services.common.errors import InvalidArgument
 from services.common.hashing import stable_hash
+from services.common.methodologies import METHODOLOGIES
+from services.common.precisions import precision_info
 from services.common.quantization import BUILTIN_CALIBRATION, QuantizeSpec
 from services.common.variants import Precision
 
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 METHODS = ("mean_diff", "probe", "pca")
-DEFAULT_POSITIONS = {"pv": "response[:]", "caa": "prompt[-1]", "arditi": "prompt[-1]"}
+DEFAULT_POSITIONS = {name: facts.default_position for name, facts in METHODOLOGIES.items()}
 _POSITION = re.compile(
     r"^(all|prompt\[-1\]|prompt\[:\]|response\[:\]|response\[:[1-9]\d{0,5}\]|response\[-1\])$"
 )
@@ -154,7 +156,7 @@ class ModelSpec(_Strict):
     @classmethod
     def _checkpoints(cls, value: dict[Precision, str]) -> dict[Precision, str]:
         for precision in value:
-            if precision not in (Precision.GPTQ, Precision.AWQ):
+            if not precision_info(precision).platform_quantized:
                 raise ValueError(f"only gptq and awq take a checkpoint, not {precision.value}")
         return value
 
@@ -776,7 +778,7 @@ def _calibration_locations(spec: ExperimentSpec) -> list[tuple[str, str]]:
         quantized = [
             p
             for p in spec.precisions_for(model)
-            if p in (Precision.GPTQ, Precision.AWQ) and p not in model.checkpoints
+            if precision_info(p).platform_quantized and p not in model.checkpoints
         ]
         settings = model.quantize or spec.quantize
         field = f"models[{i}].quantize" if model.quantize else "quantize"
