@@ -120,6 +120,18 @@ def plan(
     Console().print(table)
     counts = Counter(job.kind.value for job in built.jobs)
     typer.echo("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    _print_estimate(parsed, built.jobs)
+
+
+def _print_estimate(parsed: ExperimentSpec, jobs: list[Any]) -> None:
+    from services.cli.estimate import estimate_gpu_hours
+
+    est = estimate_gpu_hours(parsed, jobs)
+    typer.echo(
+        f"{len(jobs)} jobs, {est.variants} variants; GPU-hour estimate: {est.gpu_hours:.1f} "
+        "(H100; per-job costs and their sources: services/cli/estimate.py)"
+    )
+    typer.echo("  ".join(f"{k}: {v:.2f} h" for k, v in est.by_kind.items()))
 
 
 async def _submit(parsed: ExperimentSpec, run_id: str | None) -> str:

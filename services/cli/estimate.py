@@ -1,0 +1,107 @@
+"""A GPU-hour estimate of a planned run, from parameter counts and stated per-job costs.
+
+The estimate is for planning a lease, not a measurement. Each GPU job costs
+``seconds(kind) x size_b / 8 x precision factor`` GPU-seconds, plus one loader start per variant.
+The per-kind seconds are for an 8B model at bf16 on one H100 (the shape ``bench/RESULTS.md``
+measured), cost scales linearly with parameters (compute and weight reads both do), and the
+analyzer and the judge's upstream calls are not counted (CPU workers; the judge is an API).
+
+Where the numbers come from:
+
+* ``steer`` 12 s: ``bench/RESULTS.md`` ("Not yet measured"): one trait's adaptive search at 32
+  layers, projected from the measured prefill and decode phases of the 8B shape on an H100.
+* ``extract`` 10 s: the same phases for one contrast set (about 200 rows x 128 new tokens in
+  one batch, then one capture of every layer); a replay extraction is counted the same.
+* ``logit_diff`` 2 s, ``benchmark`` 5 s, ``probe`` 3 s: a few hundred scored or generated
+  rows each, at the measured capture/prefill rates (assumptions, not measured).
+* ``quantize`` 900 s: GPTQ/AWQ of an 8B model with 128 x 512 calibration tokens on one GPU,
+  the order GPTQModel and AutoAWQ report (an assumption).
+* loader start 120 s: reading 16 GB of weights and warming up (an assumption).
+* precision factors: nf4 1.10x bf16 (measured, ``bench/RESULTS.md`` sweep); fp4 as nf4 (the same
+  bitsandbytes kernels); int8 2x (LLM.int8's outlier decomposition, an assumption); gptq and awq
+  1.1x (an assumption).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from services.common.jobs import Job
+from services.common.spec import ExperimentSpec
+
+__all__ = [
+    "JOB_SECONDS_8B",
+    "LOADER_START_SECONDS_8B",
+    "PRECISION_FACTOR",
+    "GpuEstimate",
+    "estimate_gpu_hours",
+]
+
+REFERENCE_SIZE_B = 8.0
+JOB_SECONDS_8B: dict[str, float] = {
+    "extract": 10.0,
+    "steer": 12.0,
+    "logit_diff": 2.0,
+    "benchmark": 5.0,
+    "probe": 3.0,
+    "quantize": 900.0,
+}
+LOADER_START_SECONDS_8B = 120.0
+PRECISION_FACTOR: dict[str, float] = {
+    "fp32": 2.0,
+    "bf16": 1.0,
+    "fp16": 1.0,
+    "nf4": 1.1,
+    "fp4": 1.1,
+    "int8": 2.0,
+    "gptq": 1.1,
+    "awq": 1.1,
+}
+
+
+@dataclass
+class GpuEstimate:
+    """GPU-hours in total and per job kind (``loader_start`` for the loaders' starts)."""
+
+    gpu_hours: float = 0.0
+    by_kind: dict[str, float] = field(default_factory=dict)
+    variants: int = 0
+
+
+def _variant_of(job: Job) -> str | None:
+    params = job.params
+    for key in ("variant", "target"):
+        value = params.get(key)
+        if isinstance(value, str) and "@" in value:
+            return value
+    return None
+
+
+def estimate_gpu_hours(spec: ExperimentSpec, jobs: list[Job]) -> GpuEstimate:
+    """The estimate for ``jobs`` planned from ``spec`` (see the module docstring)."""
+    size = {m.name: (m.size_b or REFERENCE_SIZE_B) / REFERENCE_SIZE_B for m in spec.models}
+    seconds: dict[str, float] = defaultdict(float)
+    variants: set[str] = set()
+    for job in jobs:
+        kind = job.kind.value
+        base = JOB_SECONDS_8B.get(kind)
+        if base is None:
+            continue  # CPU work (analyze)
+        if kind == "quantize":
+            model = str(job.params.get("model", ""))
+            seconds[kind] += base * size.get(model, 1.0)
+            continue
+        variant = _variant_of(job)
+        if variant is None:
+            continue
+        model, _, precision = variant.partition("@")
+        variants.add(variant)
+        seconds[kind] += base * size.get(model, 1.0) * PRECISION_FACTOR.get(precision, 1.0)
+    for variant in variants:
+        model, _, precision = variant.partition("@")
+        seconds["loader_start"] += (
+            LOADER_START_SECONDS_8B * size.get(model, 1.0) * PRECISION_FACTOR.get(precision, 1.0)
+        )
+    by_kind = {k: v / 3600.0 for k, v in sorted(seconds.items())}
+    return GpuEstimate(sum(by_kind.values()), by_kind, len(variants))
