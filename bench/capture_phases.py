@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-import services.loader.engine as engine_mod
+import services.loader.engines.hf.capture as engine_mod
 from bench.bench_loader import (
     _sync,
     add_model_args,

@@ -20,7 +20,7 @@ from typing import Any
 from services.common import settings
 from services.common.quantization import QuantizeSpec
 from services.common.variants import Precision
-from services.loader.backends.base import get_backend
+from services.loader.backends.registry import get_backend
 from services.loader.model_source import resolve_source
 from services.quantizer.calibration import BUILTIN_PATH, load_calibration
 from services.quantizer.run import quantize_folder

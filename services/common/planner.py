@@ -301,25 +301,25 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
 def check_precisions(spec: ExperimentSpec) -> None:
     """Preflight of what variants need on this machine: InvalidArgument names the spec key.
 
-    Every precision's backend packages are installed (``gptq``/``awq`` need gptqmodel, the
-    bitsandbytes precisions bitsandbytes), a published checkpoint given as a path exists, and
-    a calibration file named by path reads and is not empty.
+    Every variant has a registered backend that serves its precision and whose engine and
+    packages are installed (``gptq``/``awq`` need gptqmodel, the bitsandbytes precisions
+    bitsandbytes; ``services.loader.backends.registry``), a published checkpoint given as a
+    path exists, and a calibration file named by path reads and is not empty.
     """
     from pathlib import Path
 
     from services.common.errors import InvalidArgument
-    from services.loader.backends.base import missing_packages
+    from services.loader.backends.registry import check_variant
 
     for i, model in enumerate(spec.models):
         for precision in spec.precisions_for(model):
-            missing = missing_packages(precision, model.backend)
-            if missing:
+            try:
+                check_variant(precision, model.backend)
+            except InvalidArgument as err:
+                key = "backend" if err.field == "backend" else "precisions"
                 raise InvalidArgument(
-                    f"models[{i}].precisions",
-                    f"{model.name}@{precision.value} needs the package(s) "
-                    f"{', '.join(missing)}, which are not installed here "
-                    f"(pip install -e '.[quant]' or `make install`)",
-                )
+                    f"models[{i}].{key}", f"{model.name}@{precision.value}: {err.message}"
+                ) from None
         for precision, checkpoint in model.checkpoints.items():
             path = Path(checkpoint).expanduser()
             looks_local = checkpoint.startswith(("/", ".", "~")) or path.exists()

@@ -57,8 +57,8 @@ from services.common.metrics import (
 from services.common.settings import LoaderSettings
 from services.common.variants import Precision, parse_precision
 from services.loader import convert, guards
-from services.loader.backends.base import get_backend
-from services.loader.engine import CaptureResult, Engine, GenParams, GenResult
+from services.loader.backends.registry import load_engine, resolve_backend
+from services.loader.engine import CaptureResult, Engine, EngineCapabilities, GenParams, GenResult
 from services.loader.model_source import resolve_source
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
@@ -257,8 +257,8 @@ class LoaderRuntime:
             token.sleep(delay)
         elif delay:
             time.sleep(delay)
-        engine, graphs = self.engine, self.engine.graphs
-        before = (engine.oom_retries, graphs.recorded, graphs.replays)
+        engine = self.engine
+        before = engine.counters()
         started = time.perf_counter()
         engine.checkpoint = token.check if token is not None else _never_cancelled
         try:
@@ -274,14 +274,14 @@ class LoaderRuntime:
             engine.checkpoint = _never_cancelled
             if ticket is not None:
                 ticket.busy_s += time.perf_counter() - started
-            for counter, old, new in zip(
-                (m.oom, m.graphs_recorded, m.graph_replays),
-                before,
-                (engine.oom_retries, graphs.recorded, graphs.replays),
-                strict=True,
+            after = engine.counters()
+            for counter, key in (
+                (m.oom, "oom_retries"),
+                (m.graphs_recorded, "graphs_recorded"),
+                (m.graph_replays, "graph_replays"),
             ):
-                if new > old:
-                    counter.inc(new - old)
+                if after[key] > before[key]:
+                    counter.inc(after[key] - before[key])
 
     def _describe(self) -> pb.InfoResponse:
         d = self.engine.describe()
@@ -306,15 +306,15 @@ class LoaderRuntime:
             source=self.source,
             notes=d["notes"],
             server_version=services.__version__,
+            engine=self.engine.name,
+            capabilities=_capabilities(self.engine.capabilities),
         )
 
     def info(self) -> pb.InfoResponse:
         """Info without the model thread: load-time facts plus notes read without a lock."""
         reply = pb.InfoResponse()
         reply.CopyFrom(self._info)
-        disabled = self.engine.graphs.disabled  # may be switched off by a failed recording
-        if disabled and self.engine.device.type == "cuda":
-            note = f"capture CUDA graphs off: {disabled}"
+        for note in self.engine.live_notes():  # e.g. capture graphs off after a failed recording
             if note not in reply.notes:
                 reply.notes.append(note)
         return reply
@@ -503,6 +503,18 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
 
 def _never_cancelled() -> None:
     return None
+
+
+def _capabilities(caps: EngineCapabilities) -> pb.EngineCapabilities:
+    return pb.EngineCapabilities(
+        batch_invariant=caps.batch_invariant,
+        graphable=caps.graphable,
+        supports_steering=caps.supports_steering,
+        steering_modes=sorted(caps.steering_modes),
+        steering_positions=sorted(caps.steering_positions),
+        captures=sorted(f"{segment}:{reduction}" for segment, reduction in caps.captures),
+        rpcs=sorted(caps.rpcs),
+    )
 
 
 def check_generations(
@@ -737,21 +749,28 @@ def build_runtime(
     device: str = "auto",
     name: str | None = None,
     settings: LoaderSettings | None = None,
+    engine_name: str | None = None,
 ) -> LoaderRuntime:
-    """Resolve the source, load through the backend and wrap it in a runtime."""
+    """Resolve the source and load it through the registered engine of its backend
+    (``services.loader.backends.registry``) into a runtime."""
     prec = parse_precision(precision, "precision")
-    chosen = get_backend(backend, prec)
+    chosen = resolve_backend(prec, backend, engine_name)  # before any download
     common = settings_mod.get(settings_mod.CommonSettings)
     source = resolve_source(model, common.cache_dir, name)
     started = time.perf_counter()
-    loaded = chosen.load(source, prec, device)
     limits = settings or settings_mod.get(LoaderSettings)
-    engine = Engine(loaded, limits)
+    engine = load_engine(source, prec, backend=chosen.name, device=device, settings=limits)
+    health_now = engine.health()
+    if not health_now.ok:
+        raise Unavailable(
+            f"engine {engine.name!r} is not healthy after loading: {health_now.detail}"
+        )
     log.info(
         "model loaded",
         extra={
             "variant": f"{source.name}@{prec.value}",
             "backend": chosen.name,
+            "engine": engine.name,
             "seconds": round(time.perf_counter() - started, 2),
         },
     )

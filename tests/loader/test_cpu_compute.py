@@ -13,7 +13,7 @@ import torch
 from services.common import settings as settings_mod
 from services.common.variants import Precision
 from services.loader.backends import hf
-from services.loader.backends.base import get_backend
+from services.loader.backends.registry import get_backend
 from services.loader.model_source import resolve_source
 
 

@@ -22,7 +22,7 @@ import pytest
 from services.common.errors import InvalidArgument
 from services.common.quantization import QuantizeSpec
 from services.common.variants import Precision
-from services.loader.backends.base import get_backend
+from services.loader.backends.registry import get_backend
 from services.loader.client import Chat, LoaderClient, PromptItem, ScoreItem, Steer
 from services.loader.model_source import resolve_source
 from services.quantizer.calibration import load_calibration

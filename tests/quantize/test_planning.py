@@ -3,6 +3,7 @@ the local stack's children, and preflight refusing a precision whose package is 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from services.common.errors import InvalidArgument
 from services.common.jobs import JobKind
 from services.common.planner import build_plan, check_precisions, quantize_request
 from services.common.spec import parse_spec
-from services.loader.backends import base
+from services.loader.backends import registry
 
 SPEC: dict[str, Any] = {
     "name": "quant",
@@ -81,7 +82,10 @@ def test_preflight_names_a_missing_package(monkeypatch: pytest.MonkeyPatch) -> N
     spec = parse_spec(SPEC)
     check_precisions(spec)  # everything is installed here
     # Fault injection: pretend the backend needs a package this environment lacks.
-    monkeypatch.setitem(base.BACKEND_PACKAGES, "awq", ("gptqmodel", "autoawq_not_installed"))
+    awq = dataclasses.replace(
+        registry.BACKENDS["awq"], packages=("gptqmodel", "autoawq_not_installed")
+    )
+    monkeypatch.setitem(registry.BACKENDS, "awq", awq)
     with pytest.raises(InvalidArgument, match="autoawq_not_installed") as err:
         check_precisions(spec)
     assert err.value.field == "models[0].precisions"

@@ -1,8 +1,7 @@
-"""AWQ backend: checkpoints in AWQ GEMM format (4 bits) through gptqmodel's kernels."""
+"""AWQ weight loader: checkpoints in AWQ GEMM format (4 bits) through gptqmodel's kernels."""
 
 from __future__ import annotations
 
-from services.common.variants import Precision
 from services.loader.backends.quantized import QuantizedBackend
 
 __all__ = ["AWQBackend"]
@@ -13,4 +12,3 @@ class AWQBackend(QuantizedBackend):
 
     name = "awq"
     method = "awq"
-    precisions = frozenset({Precision.AWQ})

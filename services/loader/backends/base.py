@@ -1,67 +1,21 @@
-"""The backend interface and its registry of lazily imported implementations.
+"""The weight-loader interface of the transformers engine: (model folder, precision, device)
+-> a transformers model.
 
-A backend turns (model folder, precision, device) into a ``LoadedModel``; everything after
-loading (tokenising, hooks, batching) is shared by the engine. Backends are named in
-``BACKENDS`` as ``"module:Class"`` strings and imported only when selected, so bitsandbytes,
-gptqmodel, autoawq or vllm are never imported by a process that does not use them.
+A ``Backend`` only loads weights; everything after loading (tokenising, hooks, batching) is the
+engine's (``services.loader.engines.hf``). Which backend serves which precision, and what it
+needs installed, is in ``services.loader.backends.registry``.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import InvalidArgument
 from services.common.variants import Precision
 from services.loader.model_source import ResolvedSource
 
-__all__ = [
-    "BACKENDS",
-    "BACKEND_PACKAGES",
-    "DEFAULT_BACKEND",
-    "Backend",
-    "LoadedModel",
-    "get_backend",
-    "missing_packages",
-]
-
-BACKENDS: dict[str, str] = {
-    "hf": "services.loader.backends.hf:HFBackend",
-    "bnb": "services.loader.backends.bnb:BitsAndBytesBackend",
-    "gptq": "services.loader.backends.gptq:GPTQBackend",
-    "awq": "services.loader.backends.awq:AWQBackend",
-}
-
-DEFAULT_BACKEND: dict[Precision, str] = {
-    Precision.FP32: "hf",
-    Precision.BF16: "hf",
-    Precision.FP16: "hf",
-    Precision.NF4: "bnb",
-    Precision.FP4: "bnb",
-    Precision.INT8: "bnb",
-    Precision.GPTQ: "gptq",
-    Precision.AWQ: "awq",
-}
-
-
-# Import names a backend needs beyond the loader extra (what preflight checks before a run).
-BACKEND_PACKAGES: dict[str, tuple[str, ...]] = {
-    "bnb": ("bitsandbytes",),
-    "gptq": ("gptqmodel",),
-    "awq": ("gptqmodel",),
-}
-
-
-def missing_packages(precision: Precision, backend: str | None = None) -> list[str]:
-    """Packages the backend serving ``precision`` needs and this environment lacks."""
-    import importlib.util
-
-    chosen = backend or DEFAULT_BACKEND.get(precision, "")
-    return [
-        name for name in BACKEND_PACKAGES.get(chosen, ()) if importlib.util.find_spec(name) is None
-    ]
+__all__ = ["Backend", "LoadedModel"]
 
 
 @dataclass
@@ -77,10 +31,9 @@ class LoadedModel:
 
 
 class Backend(ABC):
-    """Loads a model at a precision; subclasses declare the precisions they serve."""
+    """Loads a model at a precision (the registry says which precisions it serves)."""
 
     name: str = ""
-    precisions: frozenset[Precision] = frozenset()
 
     @abstractmethod
     def load(self, source: ResolvedSource, precision: Precision, device: str) -> LoadedModel:
@@ -88,31 +41,3 @@ class Backend(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release resources held outside the model (none by default)."""
-
-
-def get_backend(name: str | None, precision: Precision) -> Backend:
-    """Instantiate the backend ``name`` (or the precision's default) after checking support."""
-    chosen = name or DEFAULT_BACKEND.get(precision)
-    if chosen is None:
-        raise InvalidArgument(
-            "precision",
-            f"no backend serves {precision.value} here (registered: {', '.join(sorted(BACKENDS))})",
-        )
-    target = BACKENDS.get(chosen)
-    if target is None:
-        raise InvalidArgument(
-            "backend", f"unknown backend {chosen!r} (known: {', '.join(sorted(BACKENDS))})"
-        )
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InvalidArgument("backend", f"backend {chosen!r} is not installed: {exc}") from exc
-    backend = getattr(module, class_name)()
-    assert isinstance(backend, Backend)
-    if precision not in backend.precisions:
-        served = " ".join(sorted(p.value for p in backend.precisions))
-        raise InvalidArgument(
-            "precision", f"backend {chosen!r} serves {served}, not {precision.value}"
-        )
-    return backend

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from services.common.precisions import is_8bit
 from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
 from services.loader.backends.hf import cpu_compute_dtype, load_tokenizer, resolve_device
@@ -24,7 +25,6 @@ class BitsAndBytesBackend(Backend):
     """Quantize at load time with ``BitsAndBytesConfig`` (the standard QLoRA / int8 settings)."""
 
     name = "bnb"
-    precisions = frozenset({Precision.NF4, Precision.FP4, Precision.INT8})
 
     def load(self, source: ResolvedSource, precision: Precision, device: str) -> LoadedModel:
         import torch
@@ -35,11 +35,9 @@ class BitsAndBytesBackend(Backend):
         dev = resolve_device(device)
         # On a CPU without native bf16/fp16 matmuls, the unquantized modules and the 4-bit
         # compute run in float32 (several times faster there); the quantized weights are the same.
-        half = (
-            torch.float16 if precision is Precision.INT8 and dev.type == "cuda" else torch.bfloat16
-        )
+        half = torch.float16 if is_8bit(precision) and dev.type == "cuda" else torch.bfloat16
         compute, note = cpu_compute_dtype(half, dev)
-        if precision is Precision.INT8:
+        if is_8bit(precision):
             # Non-quantized modules (embeddings, norms, head) stay fp16 on GPU as in the
             # LLM.int8() paper.
             config = BitsAndBytesConfig(load_in_8bit=True)

@@ -1,8 +1,7 @@
-"""GPTQ backend: checkpoints in GPTQ format (4 or 8 bits) through gptqmodel's kernels."""
+"""GPTQ weight loader: checkpoints in GPTQ format (4 or 8 bits) through gptqmodel's kernels."""
 
 from __future__ import annotations
 
-from services.common.variants import Precision
 from services.loader.backends.quantized import QuantizedBackend
 
 __all__ = ["GPTQBackend"]
@@ -13,4 +12,3 @@ class GPTQBackend(QuantizedBackend):
 
     name = "gptq"
     method = "gptq"
-    precisions = frozenset({Precision.GPTQ})

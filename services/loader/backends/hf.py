@@ -76,7 +76,6 @@ class HFBackend(Backend):
     """Unquantized weights through ``AutoModelForCausalLM.from_pretrained``."""
 
     name = "hf"
-    precisions = frozenset({Precision.FP32, Precision.BF16, Precision.FP16})
 
     def load(self, source: ResolvedSource, precision: Precision, device: str) -> LoadedModel:
         import torch

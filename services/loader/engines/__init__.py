@@ -1,0 +1,1 @@
+"""Engines behind the loader API (``services.loader.engine.Engine``), one package each."""

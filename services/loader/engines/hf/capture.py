@@ -1,0 +1,160 @@
+"""Capture for the transformers engine: the residual stream after chosen layers at a position
+of each item, reduced (mean, last) or per token (none), streamed in chunks of items. A batch
+without steering replays a recorded capture graph where one fits (``capture_graphs``); the
+rest run eagerly through fastgen's layer loop or transformers' forward with capture hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from services.common.errors import InvalidArgument
+from services.loader.engine import CaptureResult, EngineItem, PaddingSide, Reduction
+from services.loader.engines.hf.core import HFCore
+from services.loader.hooks import CaptureSink, ForwardState, capture_forward, reduction_inputs
+from services.loader.positions import Position
+from services.loader.steering import SteeringPlan
+from services.loader.transfer import to_host
+
+__all__ = ["capture"]
+
+
+def capture(
+    core: HFCore,
+    items: Sequence[EngineItem],
+    layers: Sequence[int],
+    position: Position,
+    reduction: Reduction,
+    *,
+    padding_side: PaddingSide = "left",
+    max_rows: int = 0,
+    chunk_items: int = 64,
+) -> Iterator[list[CaptureResult]]:
+    """Yield results in request order, ``chunk_items`` at a time (validated up front)."""
+    for i, item in enumerate(items):
+        start, end = position.span(len(item.prompt_ids), len(item.response_ids))
+        if end <= start or start < 0:
+            where = "response" if position.needs_response else "prompt"
+            raise InvalidArgument(
+                f"items[{i}].{where}", f"position {position} selects no tokens of this item"
+            )
+    layer_list = sorted(set(layers))
+    chunk = max(1, chunk_items)
+    for window_start in range(0, len(items), chunk):
+        window = list(range(window_start, min(len(items), window_start + chunk)))
+        results: dict[int, CaptureResult] = {}
+        lengths = [items[i].length for i in window]
+        for batch in core._micro_batches(lengths, 0, max_rows, core.capture_split_tokens):
+            rows = [window[j] for j in batch]
+
+            def run(sub: list[int]) -> list[CaptureResult]:
+                return _capture_batch(
+                    core,
+                    [items[i] for i in sub],
+                    sub,
+                    layer_list,
+                    position,
+                    reduction,
+                    padding_side,
+                )
+
+            for res in core._adaptive(rows, run):
+                results[res.index] = res
+        yield [results[i] for i in window]
+
+
+@torch.inference_mode()
+def _capture_batch(
+    core: HFCore,
+    batch: Sequence[EngineItem],
+    indices: Sequence[int],
+    layers: list[int],
+    position: Position,
+    reduction: Reduction,
+    side: PaddingSide,
+) -> list[CaptureResult]:
+    seqs = [(it.prompt_ids + it.response_ids, len(it.prompt_ids)) for it in batch]
+    # Spans relative to each row's first token; built on the host and copied once:
+    # per-row slice assignments on a GPU tensor would each be a kernel launch.
+    spans = np.array(
+        [position.span(len(it.prompt_ids), len(it.response_ids)) for it in batch],
+        dtype=np.int64,
+    ).reshape(len(batch), 2)
+    counts = spans[:, 1] - spans[:, 0]  # spans lie within their item
+    plan = core._plan([it.steering for it in batch])
+    graph_key = (
+        core.graphs.key(len(batch), max(it.length for it in batch), layers, reduction)
+        if plan.empty
+        else None
+    )
+    result: torch.Tensor | None = None
+    if graph_key is not None:
+        result = core.graphs.run(graph_key, seqs, spans, side)
+    if result is None:
+        result = _capture_eager(core, seqs, spans, plan, layers, reduction, side)
+    core._count(len(batch), sum(it.length for it in batch))
+    out: list[CaptureResult] = []
+    stacked = to_host(result, pinned=core.pinned_results)
+    if reduction == "none":
+        per_row = torch.split(stacked, [int(c) for c in counts])  # [N, L, H] -> rows
+        for b, item in enumerate(batch):
+            acts = per_row[b].transpose(0, 1)  # [L, n_b, H]
+            out.append(
+                CaptureResult(
+                    indices[b],
+                    acts,
+                    int(counts[b]),
+                    len(item.prompt_ids),
+                    len(item.response_ids),
+                )
+            )
+    else:  # stacked: [B, L, H]
+        for b, item in enumerate(batch):
+            out.append(
+                CaptureResult(
+                    indices[b],
+                    stacked[b],
+                    int(counts[b]),
+                    len(item.prompt_ids),
+                    len(item.response_ids),
+                )
+            )
+    return out
+
+
+def _capture_eager(
+    core: HFCore,
+    seqs: list[tuple[list[int], int]],
+    spans: np.ndarray,
+    plan: SteeringPlan,
+    layers: list[int],
+    reduction: Reduction,
+    side: PaddingSide,
+) -> torch.Tensor:
+    """The hooked forward of one micro-batch: [B, L, H] (mean, last) or [N, L, H] (none)."""
+    padded = core._pad(seqs, side)
+    spans = spans + np.asarray(padded.offsets, dtype=np.int64)[:, None]
+    col = np.arange(padded.input_ids.shape[1], dtype=np.int64)[None, :]
+    select = torch.from_numpy((col >= spans[:, :1]) & (col < spans[:, 1:]))
+    sink = CaptureSink(
+        frozenset(layers),
+        reduction,
+        reduction_inputs(select, reduction).to(core.device),
+        stop_after=layers[-1],
+        fuse_bytes=core._capture_fuse_bytes(),
+    )
+    state = ForwardState(padded.prompt_mask, padded.response_mask, plan, sink)
+    if core.fast is not None:
+        return core.fast.capture_forward(
+            padded.input_ids, padded.attention_mask.bool(), padded.position_ids, state
+        )
+    return capture_forward(
+        core.base,
+        core.layers,
+        state,
+        input_ids=padded.input_ids,
+        attention_mask=padded.attention_mask,
+        position_ids=padded.position_ids,
+    )
