@@ -25,6 +25,7 @@ __all__ = [
     "Contrast",
     "Methodology",
     "MethodologyFacts",
+    "SteerPositions",
     "default_position",
     "methodology_info",
     "position_reads_response",

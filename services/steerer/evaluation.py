@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from services.common.errors import FailedPrecondition
+from services.common.methodologies import SteerPositions
 from services.judge.client import JudgeClient
 from services.judge.models import COHERENCE, JudgeItem, JudgeResult, JudgeStatus, Rubric
 from services.judge.rubrics import coherence_rubric, rubric_hash
@@ -49,6 +50,7 @@ class Setting:
     coefficient: float
     vector_index: int = 0
     mode: Literal["add", "ablate"] = "add"
+    positions: SteerPositions = "all"  # the methodology's (``MethodologyFacts.steer_positions``)
 
     def steering(self) -> list[Steer]:
         if self.coefficient == 0.0 or not self.layers:
@@ -59,7 +61,7 @@ class Setting:
                 coefficient=self.coefficient,
                 vector_ref=self.vector_index,
                 mode=self.mode,
-                positions="all",
+                positions=self.positions,
             )
         ]
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from services.common.artefacts import probe_key
 from services.common.errors import FailedPrecondition
+from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import load_trait
 from services.loader.client import Chat, LoaderClient, PromptItem
@@ -181,7 +182,7 @@ async def run_probes(
     key = probe_key(run_id, params.variant, name, "result.json")
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, spec.harmful)
-    if dataset.methodology != "arditi":
+    if not methodology_info(dataset.methodology).harmful_instructions:
         raise FailedPrecondition(
             f"safety probes need harmful instructions; {dataset.name} is a "
             f"{dataset.methodology} trait (use an arditi trait such as arditi/refusal)"

@@ -38,6 +38,7 @@ from services.common.artefacts import baseline_key, steer_key
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.hashing import stable_hash
 from services.common.logging import get_logger
+from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import TraitDataset, load_trait
 from services.judge.client import JudgeClient, trait_rubric
@@ -91,7 +92,7 @@ def _questions(dataset: TraitDataset, params: SteerParams) -> tuple[_Questions, 
     n = params.steering.questions
     if params.mode == "add":
         return _Questions("eval", _limit(dataset.eval_questions, n)), None
-    if dataset.methodology != "arditi":
+    if not methodology_info(dataset.methodology).ablation:
         raise FailedPrecondition(
             f"directional ablation is evaluated on harmful instructions; {dataset.name} is a "
             f"{dataset.methodology} trait without them (ablation applies to arditi traits)"
@@ -217,6 +218,7 @@ async def run_search(
         starts[layer] = start_coefficient(spec.init_fraction, act, source.norm(layer))
     threshold = params.judge.coherence_threshold
     search = CoefficientSearch(starts, spec, threshold=threshold, maximize=params.direction == "+")
+    positions = methodology_info(params.trait.methodology).steer_positions
     runs: list[SteerRun] = []
     baseline: Evaluation | None = None
     pending_baseline = with_baseline
@@ -224,7 +226,10 @@ async def run_search(
         candidates: list[Candidate] = search.propose()
         if not candidates:
             break
-        settings = [Setting((c.layer,), c.coefficient, index[c.layer]) for c in candidates]
+        settings = [
+            Setting((c.layer,), c.coefficient, index[c.layer], positions=positions)
+            for c in candidates
+        ]
         if pending_baseline:
             settings.insert(0, UNSTEERED)
         evaluations = await evaluator.evaluate(settings, vectors)
@@ -322,7 +327,7 @@ async def run_steer(
     rubric = trait_rubric(dataset.eval_prompt, dataset.exemplars.pos, dataset.exemplars.neg)
     steering = params.steering
     threshold = params.judge.coherence_threshold
-    refusal_is_trait = dataset.methodology == "arditi"
+    refusal_is_trait = methodology_info(dataset.methodology).harmful_instructions
 
     def evaluator(qs: _Questions) -> SteeringEvaluator:
         return SteeringEvaluator(

@@ -14,11 +14,13 @@ steerer's logit difference (assistant message ``"("``; compare the two letters' 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.methodologies import Contrast, methodology_info
 from services.extractor.datasets.schema import (
     ChatMessage,
     ContrastExample,
@@ -46,13 +48,14 @@ def check_methodology(
     pv needs a chat template with a system role (the contrast is the system prompt); caa and
     arditi need a chat template (the answer prefix and post-instruction tokens come from it).
     """
+    system_role = methodology_info(dataset.methodology).needs_system_role
     if not supports_chat_template:
         raise FailedPrecondition(
             f"{dataset.name} needs a chat template"
-            + (" with a system role" if dataset.methodology == "pv" else "")
+            + (" with a system role" if system_role else "")
             + f"; model {model} has none"
         )
-    if dataset.methodology == "pv" and not supports_system_role:
+    if system_role and not supports_system_role:
         raise FailedPrecondition(
             f"{dataset.name} needs a chat template with a system role (persona vectors contrast "
             f"system prompts); model {model}'s template has no system role"
@@ -77,69 +80,96 @@ def build_contrast_set(
     _check_split(dataset, split)
     if rollouts < 1:
         raise InvalidArgument("rollouts", f"must be >= 1, got {rollouts}")
+    build = _BUILDERS[methodology_info(dataset.methodology).contrast]
+    return build(dataset, split, rollouts)
+
+
+def _system_prompt_rows(
+    dataset: TraitDataset, split: TraitSplit, rollouts: int
+) -> list[ContrastExample]:
+    """pv: each question under the positive and the negative system prompt of every pair."""
     out: list[ContrastExample] = []
-    if dataset.methodology == "pv":
-        for item in split.items:
-            for i, pair in enumerate(dataset.instructions):
-                for r in range(rollouts):
-                    for label, system in ((1, pair.pos), (0, pair.neg)):
-                        out.append(
-                            ContrastExample(
-                                pair_id=f"{item.uid}/instruction[{i}]/rollout[{r}]",
-                                label=1 if label else 0,
-                                messages=(
-                                    ChatMessage(role="system", content=system),
-                                    ChatMessage(role="user", content=item.text),
-                                ),
-                                continue_final_message=False,
-                                generate=True,
-                                position=dataset.position,
-                                question=item.text,
-                                meta={
-                                    "split": split.part,
-                                    "item": item.uid,
-                                    "instruction": i,
-                                    "rollout": r,
-                                },
-                            )
+    for item in split.items:
+        for i, pair in enumerate(dataset.instructions):
+            for r in range(rollouts):
+                for label, system in ((1, pair.pos), (0, pair.neg)):
+                    out.append(
+                        ContrastExample(
+                            pair_id=f"{item.uid}/instruction[{i}]/rollout[{r}]",
+                            label=1 if label else 0,
+                            messages=(
+                                ChatMessage(role="system", content=system),
+                                ChatMessage(role="user", content=item.text),
+                            ),
+                            continue_final_message=False,
+                            generate=True,
+                            position=dataset.position,
+                            question=item.text,
+                            meta={
+                                "split": split.part,
+                                "item": item.uid,
+                                "instruction": i,
+                                "rollout": r,
+                            },
                         )
-    elif dataset.methodology == "caa":
-        for item in split.items:
-            ab = item.ab
-            if ab is None:
-                raise InvalidArgument(f"split.items[{item.uid}].ab", "missing for a caa dataset")
-            for label, letter in ((1, ab.matching_letter), (0, ab.not_matching_letter)):
-                out.append(
-                    ContrastExample(
-                        pair_id=item.uid,
-                        label=1 if label else 0,
-                        messages=(
-                            ChatMessage(role="user", content=ab.question),
-                            ChatMessage(role="assistant", content=f"({letter}"),
-                        ),
-                        continue_final_message=True,
-                        generate=False,
-                        position=dataset.position,
-                        question=ab.question,
-                        meta={"split": split.part, "item": item.uid, "letter": letter},
                     )
-                )
-    else:
-        # Harmful and harmless instructions are not paired: each row has its own pair_id.
-        for item in split.items:
+    return out
+
+
+def _answer_letter_rows(
+    dataset: TraitDataset, split: TraitSplit, rollouts: int
+) -> list[ContrastExample]:
+    """caa: each A/B question answered with the matching and the not-matching letter."""
+    out: list[ContrastExample] = []
+    for item in split.items:
+        ab = item.ab
+        if ab is None:
+            raise InvalidArgument(f"split.items[{item.uid}].ab", "missing for a caa dataset")
+        for label, letter in ((1, ab.matching_letter), (0, ab.not_matching_letter)):
             out.append(
                 ContrastExample(
                     pair_id=item.uid,
-                    label=1 if item.kind == "harmful" else 0,
-                    messages=(ChatMessage(role="user", content=item.text),),
-                    continue_final_message=False,
+                    label=1 if label else 0,
+                    messages=(
+                        ChatMessage(role="user", content=ab.question),
+                        ChatMessage(role="assistant", content=f"({letter}"),
+                    ),
+                    continue_final_message=True,
                     generate=False,
                     position=dataset.position,
-                    question=item.text,
-                    meta={"split": split.part, "item": item.uid, "kind": item.kind},
+                    question=ab.question,
+                    meta={"split": split.part, "item": item.uid, "letter": letter},
                 )
             )
     return out
+
+
+def _instruction_kind_rows(
+    dataset: TraitDataset, split: TraitSplit, rollouts: int
+) -> list[ContrastExample]:
+    """arditi: harmful against harmless instructions."""
+    # Harmful and harmless instructions are not paired: each row has its own pair_id.
+    return [
+        ContrastExample(
+            pair_id=item.uid,
+            label=1 if item.kind == "harmful" else 0,
+            messages=(ChatMessage(role="user", content=item.text),),
+            continue_final_message=False,
+            generate=False,
+            position=dataset.position,
+            question=item.text,
+            meta={"split": split.part, "item": item.uid, "kind": item.kind},
+        )
+        for item in split.items
+    ]
+
+
+#: The contrast builder of each contrast kind (``services.common.methodologies``).
+_BUILDERS: dict[Contrast, Callable[[TraitDataset, TraitSplit, int], list[ContrastExample]]] = {
+    "system_prompt": _system_prompt_rows,
+    "answer_letter": _answer_letter_rows,
+    "instruction_kind": _instruction_kind_rows,
+}
 
 
 class LogitDiffItem(BaseModel):
@@ -163,7 +193,7 @@ def logit_diff_items(
     dataset: TraitDataset, part: Literal["test", "train"] = "test"
 ) -> list[LogitDiffItem]:
     """The A/B prompts of a caa dataset for logit difference (held-out ``ab_test`` by default)."""
-    if dataset.methodology != "caa":
+    if not methodology_info(dataset.methodology).logit_diff:
         raise FailedPrecondition(
             f"{dataset.name} is a {dataset.methodology} dataset; logit difference needs caa A/B items"
         )

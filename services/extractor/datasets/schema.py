@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.errors import InvalidArgument
 from services.common.hashing import stable_hash
+from services.common.methodologies import METHODOLOGIES as _REGISTRY
+from services.common.methodologies import Contrast, Methodology, methodology_info
 
 __all__ = [
     "DEFAULT_POSITIONS",
@@ -42,15 +45,10 @@ __all__ = [
     "parse_answer_letter",
 ]
 
-Methodology = Literal["pv", "caa", "arditi"]
-METHODOLOGIES: tuple[Methodology, ...] = ("pv", "caa", "arditi")
+METHODOLOGIES: tuple[Methodology, ...] = tuple(_REGISTRY)
 
 #: Where each methodology reads activations (DESIGN.md, "Study vocabulary").
-DEFAULT_POSITIONS: dict[Methodology, str] = {
-    "pv": "response[:]",
-    "caa": "prompt[-1]",
-    "arditi": "prompt[-1]",
-}
+DEFAULT_POSITIONS: dict[Methodology, str] = {m: f.default_position for m, f in _REGISTRY.items()}
 
 _POSITION = re.compile(r"^(?:all|prompt\[(?:-1|:)\]|response\[(?:-1|:|:[1-9][0-9]*)\])$")
 _TRAIT_NAME = re.compile(r"^(pv|caa|arditi)/[a-z0-9][a-z0-9._-]{0,63}$")
@@ -120,23 +118,8 @@ class Exemplars(_Frozen):
     neg: tuple[str, ...] = Field(min_length=1, description="Answers that do not.")
 
 
-_CONTENT_FIELDS: dict[Methodology, tuple[str, ...]] = {
-    "pv": ("instructions", "questions"),
-    "caa": ("ab_train", "ab_test"),
-    "arditi": (
-        "harmful_train",
-        "harmful_val",
-        "harmful_test",
-        "harmless_train",
-        "harmless_val",
-        "harmless_test",
-    ),
-}
-_REQUIRED_FIELDS: dict[Methodology, tuple[str, ...]] = {
-    "pv": ("instructions", "questions"),
-    "caa": ("ab_train",),
-    "arditi": ("harmful_train", "harmless_train"),
-}
+_CONTENT_FIELDS = {m: f.content_parts for m, f in _REGISTRY.items()}
+_REQUIRED_FIELDS = {m: f.required_parts for m, f in _REGISTRY.items()}
 
 
 class SplitItem(_Frozen):
@@ -248,38 +231,7 @@ class TraitDataset(_Frozen):
             raise InvalidArgument("n_val", f"must be >= 0, got {n_val}")
         if n_train is not None and n_train < 1:
             raise InvalidArgument("n_train", f"must be >= 1, got {n_train}")
-        pools: list[tuple[str, list[SplitItem], list[SplitItem] | None]]
-        if self.methodology == "pv":
-            items = [
-                SplitItem(uid=f"questions[{i}]", kind="question", text=q)
-                for i, q in enumerate(self.questions)
-            ]
-            pools = [("questions", items, None)]
-        elif self.methodology == "caa":
-            items = [
-                SplitItem(uid=f"ab_train[{i}]", kind="ab", text=it.question, ab=it)
-                for i, it in enumerate(self.ab_train)
-            ]
-            pools = [("ab_train", items, None)]
-        else:
-            pools = []
-            for kind in ("harmful", "harmless"):
-                train_texts: tuple[str, ...] = getattr(self, f"{kind}_train")
-                val_texts: tuple[str, ...] = getattr(self, f"{kind}_val")
-                pools.append(
-                    (
-                        f"{kind}_train",
-                        [
-                            SplitItem(uid=f"{kind}_train[{i}]", kind=kind, text=t)
-                            for i, t in enumerate(train_texts)
-                        ],
-                        [
-                            SplitItem(uid=f"{kind}_val[{i}]", kind=kind, text=t)
-                            for i, t in enumerate(val_texts)
-                        ]
-                        or None,
-                    )
-                )
+        pools = _POOLS[methodology_info(self.methodology).contrast](self)
         train: list[SplitItem] = []
         val: list[SplitItem] = []
         for source, pool, val_pool in pools:
@@ -345,3 +297,53 @@ class ContrastExample(_Frozen):
     def message_dicts(self) -> list[dict[str, str]]:
         """The messages as ``[{"role": ..., "content": ...}]`` for chat templates."""
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+# (source name, items, held-out items or None) of each contrast's split units.
+_Pools = list[tuple[str, list[SplitItem], list[SplitItem] | None]]
+
+
+def _question_pools(dataset: TraitDataset) -> _Pools:
+    items = [
+        SplitItem(uid=f"questions[{i}]", kind="question", text=q)
+        for i, q in enumerate(dataset.questions)
+    ]
+    return [("questions", items, None)]
+
+
+def _ab_pools(dataset: TraitDataset) -> _Pools:
+    items = [
+        SplitItem(uid=f"ab_train[{i}]", kind="ab", text=it.question, ab=it)
+        for i, it in enumerate(dataset.ab_train)
+    ]
+    return [("ab_train", items, None)]
+
+
+def _instruction_pools(dataset: TraitDataset) -> _Pools:
+    pools: _Pools = []
+    for kind in ("harmful", "harmless"):
+        train_texts: tuple[str, ...] = getattr(dataset, f"{kind}_train")
+        val_texts: tuple[str, ...] = getattr(dataset, f"{kind}_val")
+        pools.append(
+            (
+                f"{kind}_train",
+                [
+                    SplitItem(uid=f"{kind}_train[{i}]", kind=kind, text=t)
+                    for i, t in enumerate(train_texts)
+                ],
+                [
+                    SplitItem(uid=f"{kind}_val[{i}]", kind=kind, text=t)
+                    for i, t in enumerate(val_texts)
+                ]
+                or None,
+            )
+        )
+    return pools
+
+
+#: The split units of each contrast kind (``services.common.methodologies``).
+_POOLS: dict[Contrast, Callable[[TraitDataset], _Pools]] = {
+    "system_prompt": _question_pools,
+    "answer_letter": _ab_pools,
+    "instruction_kind": _instruction_pools,
+}
