@@ -57,6 +57,8 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
         "QSENS_NATS_UNAVAILABLE_DELAY_S": "0.5",
     }.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.delenv("QSENS_LOADER_TOKEN", raising=False)
+    monkeypatch.delenv("QSENS_LOADER_TOKEN_FILE", raising=False)
     children = [
         ChildSpec(name="loader-sleepy@fp32", argv=SLEEP, variant="sleepy@fp32"),
         ChildSpec(name="loader-crashy@fp32", argv=CRASH, variant="crashy@fp32"),
@@ -73,11 +75,16 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
         outcomes = dict(localstack.down(home, timeout_s=3))
         settings_mod.reset()
         assert outcomes["supervisor"] == "stopped"
+        assert not (home / "loader-token").exists()  # a secret: removed by down
 
 
 def test_restarts_children_and_nats_and_records_them(stack: Stack) -> None:
     home = Path(stack.home)
     assert stack.supervisor is not None and localstack.process_alive(stack.supervisor)
+    # The stack made a loader token for its loaders and clients (the loader-guard contract).
+    token_file = Path(stack.env["QSENS_LOADER_TOKEN_FILE"])
+    assert token_file == home / "loader-token" and oct(token_file.stat().st_mode)[-3:] == "600"
+    assert len(token_file.read_text().strip()) >= 40
 
     sleeper = current(home, "worker-sleep")
     os.kill(sleeper.pid, signal.SIGKILL)

@@ -8,6 +8,7 @@ Everything lives under ``home`` (``QSENS_HOME``, default ``.qsens``)::
 
     stack.json          pids, ports, log paths, the non-secret environment (no secrets)
     credentials.env     QSENS_NATS_PASSWORD, QSENS_S3_ACCESS_KEY/SECRET_KEY (mode 0600)
+    loader-token        the loaders' bearer token (QSENS_LOADER_TOKEN_FILE names it; 0600)
     nats/nats.conf      listen address, JetStream store, the generated user (0600)
     nats/jetstream/     JetStream data (kept across down/up)
     s3/identities.json  the generated S3 identity passed via -s3.config (0600)

@@ -43,6 +43,7 @@ log = get_logger(__name__)
 
 STACK_FILE = "stack.json"
 CREDENTIALS_FILE = "credentials.env"
+LOADER_TOKEN_FILE = "loader-token"
 
 
 class Stack(BaseModel):
@@ -181,6 +182,7 @@ def up(
             "QSENS_S3_ENDPOINT": s3_server.endpoint,
             "QSENS_S3_BUCKET": s3_server.bucket,
             "QSENS_S3_SECURE": "false",
+            **_loader_token(home),
         }
         stack = Stack(
             home=str(home),
@@ -195,29 +197,14 @@ def up(
                 nats_server.config_path,
                 s3_server.config_path,
                 s3_server.security_path,
+                *([str(home / LOADER_TOKEN_FILE)] if (home / LOADER_TOKEN_FILE).exists() else []),
             ],
         )
         _save(stack)
         child_env = {**os.environ, **public_env, **secret_env}
-        for spec in children:
-            info = start_child(spec, home / "logs", child_env)
-            stack.children.append(info)
-            _save(stack)
-            if spec.ready_file:
-                wait_ready(
-                    info, f"child {spec.name}", file_probe(spec.ready_file), spec.ready_timeout_s
-                )
+        _start_children(stack, children, child_env)
         if supervise:
-            stack.supervisor = start_child(
-                ChildSpec(
-                    name="supervisor",
-                    argv=[sys.executable, "-m", "services.common.localstack.supervisor", str(home)],
-                    stop_timeout_s=10.0,
-                ),
-                home / "logs",
-                child_env,
-            )
-            _save(stack)
+            _start_supervisor(stack, child_env)
         return stack
     except BaseException:
         if _stack_path(home).exists():
@@ -226,6 +213,54 @@ def up(
             for info in reversed(started):
                 stop_process(info, timeout_s=5.0)
         raise
+
+
+def _loader_token(home: Path) -> dict[str, str]:
+    """A fresh loader token in ``home/loader-token`` (0600) for the stack's loaders and their
+    clients, named by QSENS_LOADER_TOKEN_FILE; nothing when the caller has set a token."""
+    from services.common import auth
+
+    (home / LOADER_TOKEN_FILE).unlink(missing_ok=True)
+    if os.environ.get(auth.TOKEN_ENV) or os.environ.get(auth.TOKEN_FILE_ENV):
+        return {}
+    write_secret(home / LOADER_TOKEN_FILE, auth.new_token() + "\n")
+    return {auth.TOKEN_FILE_ENV: str(home / LOADER_TOKEN_FILE)}
+
+
+def _start_children(stack: Stack, children: Iterable[ChildSpec], env: dict[str, str]) -> None:
+    """Start ``children`` in order, each after the previous ones are ready; loaders (children
+    with a variant) next to each other start together, as they depend on nothing but S3."""
+    waiting: list[tuple[ProcessInfo, str, float]] = []
+
+    def wait_all() -> None:
+        for info, ready_file, timeout_s in waiting:
+            wait_ready(info, f"child {info.name}", file_probe(ready_file), timeout_s)
+        waiting.clear()
+
+    for spec in children:
+        if spec.variant is None:
+            wait_all()
+        info = start_child(spec, Path(stack.home) / "logs", env)
+        stack.children.append(info)
+        _save(stack)
+        if spec.ready_file:
+            waiting.append((info, spec.ready_file, spec.ready_timeout_s))
+            if spec.variant is None:
+                wait_all()
+    wait_all()
+
+
+def _start_supervisor(stack: Stack, env: dict[str, str]) -> None:
+    stack.supervisor = start_child(
+        ChildSpec(
+            name="supervisor",
+            argv=[sys.executable, "-m", "services.common.localstack.supervisor", stack.home],
+            stop_timeout_s=10.0,
+        ),
+        Path(stack.home) / "logs",
+        env,
+    )
+    _save(stack)
 
 
 def save_stack(stack: Stack) -> None:
