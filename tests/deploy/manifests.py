@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,9 +42,11 @@ TARGETS = {
     "base": "base",
     "example-study": "overlays/example-study",
     "example-study-submit": "overlays/example-study-submit",
+    "example-study-plain": "overlays/example-study-plain",
     "local-kind": "overlays/local-kind",
     "base+hpa-cpu": "test/hpa-cpu",
     "base+retained-storage": "test/retained-storage",
+    "base+gpu-feature-discovery": "test/gpu-feature-discovery",
 }
 # Targets of one study (or the shared part of studies): everything but the cluster-wide objects
 # that a platform team applies once (deploy/k8s/cluster).
@@ -117,6 +120,13 @@ def copy_with_secrets(dest: Path) -> Path:
     (retained / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../../base]\ncomponents: [../../components/retained-storage]\n"
+    )
+    gfd = k8s / "test" / "gpu-feature-discovery"
+    gfd.mkdir(parents=True)
+    (gfd / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../../base, ../../overlays/example-study/loaders/llama-3.1-8b-bf16]\n"
+        "components: [../../components/gpu-feature-discovery]\n"
     )
     return k8s
 
@@ -239,3 +249,33 @@ def expand_args(container: dict[str, Any], env: dict[str, str]) -> list[str]:
     """The container's command line with $(VAR) references expanded as the kubelet does."""
     args = [*container.get("command", []), *container.get("args", [])]
     return [_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), a) for a in args]
+
+
+# A qsens container either runs the image's entrypoint (`qsens ARGS`) or, for a Job that chains
+# commands, a POSIX shell script whose lines call `qsens`.
+SHELL = ["/bin/sh", "-c"]
+_SHELL_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")
+
+
+def qsens_invocations(container: dict[str, Any], env: dict[str, str]) -> list[list[str]]:
+    """The `qsens` command lines a container runs (without the leading ``qsens``), variables
+    expanded as the kubelet ($(VAR)) and the shell ($VAR) would."""
+    if "command" not in container:
+        return [expand_args(container, env)]
+    assert container["command"] == SHELL, f"{container['name']}: {container['command']}"
+    (script,) = container["args"]
+    found = []
+    for line in script.splitlines():
+        words = shlex.split(_SHELL_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), line))
+        while words and words[0] in ("if", "!", "then", "else"):
+            words = words[1:]
+        if words and words[0] == "qsens":
+            args: list[str] = []
+            for word in words[1:]:  # up to the end of the command (`; then`, ...)
+                if word.endswith(";"):
+                    args.extend([word[:-1]] if word != ";" else [])
+                    break
+                args.append(word)
+            found.append(args)
+    assert found, f"{container['name']}: the script runs no qsens command"
+    return found

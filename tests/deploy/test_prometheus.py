@@ -153,3 +153,15 @@ def test_rules_use_metrics_the_services_export() -> None:
     for metric in used:
         base = metric.removesuffix("_total")
         assert metric in exported or base in exported or f"{base}_total" in exported, metric
+
+
+def test_operator_objects_carry_the_release_label(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    """kube-prometheus-stack's Prometheus selects PodMonitors and PrometheusRules by the label
+    `release: <Helm release>` (by default): every one carries it."""
+    docs = renders["example-study"]
+    objects = of_kind(docs, "PodMonitor") + of_kind(docs, "PrometheusRule")
+    assert len(objects) >= 3
+    for obj in objects:
+        assert obj["metadata"]["labels"].get("release") == "kube-prometheus-stack", obj["kind"]

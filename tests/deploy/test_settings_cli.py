@@ -16,7 +16,7 @@ from services.cli.worker import SERVICES
 from services.common import settings as settings_mod
 from services.common.worker import load_handler
 from services.common.variants import Variant
-from tests.deploy.manifests import K8S, container_env, expand_args, is_qsens, pods
+from tests.deploy.manifests import K8S, container_env, is_qsens, pods, qsens_invocations
 
 # Variables a qsens container may carry that are not QSENS_* settings, and why.
 NON_SETTINGS = {
@@ -26,6 +26,7 @@ NON_SETTINGS = {
     "VARIANT_DEVICE": "loader --device",
     "VARIANT_QUANTIZE": "loader --quantize (gptq/awq made by the platform), from an annotation",
     "HF_TOKEN": "huggingface_hub's token for gated models",
+    "RUN_ID": "the submit Job's run id, used by its script's `qsens run` and `qsens report`",
 }
 
 
@@ -105,6 +106,8 @@ def test_container_variables_are_settings(renders: dict[str, list[dict[str, Any]
                         assert key in NON_SETTINGS, f"{target}: {pod.name}: unexpected {key}"
                         if key.startswith("VARIANT_"):
                             assert f"$({key})" in args, f"{target}: {pod.name}: {key} unused"
+                        if key == "RUN_ID":
+                            assert f'"${key}"' in args, f"{target}: {pod.name}: {key} unused"
     assert {"QSENS_NATS_PASSWORD", "QSENS_S3_SECRET_KEY", "VARIANT_PRECISION"} <= seen
 
 
@@ -170,9 +173,10 @@ def _command_lines(
         for pod in pods(docs):
             for c in pod.containers():
                 if is_qsens(c):
-                    assert "command" not in c, "qsens images have `qsens` as entrypoint"
+                    # `qsens` is the entrypoint, or a Job's shell script calls it.
                     env = container_env(docs, c)
-                    out.append((target, pod.name, expand_args(c, env)))
+                    for args in qsens_invocations(c, env):
+                        out.append((target, pod.name, args))
     return out
 
 

@@ -13,7 +13,15 @@ import yaml
 from services.common.jobs import validate_run_id
 from services.common.planner import quantize_request, variants_of
 from services.common.spec import check_portable, load_spec
-from tests.deploy.manifests import DEPLOY, K8S, container_env, expand_args, find, pods
+from tests.deploy.manifests import (
+    DEPLOY,
+    K8S,
+    container_env,
+    expand_args,
+    find,
+    pods,
+    qsens_invocations,
+)
 
 # overlay rendered -> the study spec it serves
 STUDIES = {
@@ -99,12 +107,16 @@ def test_studies_read_no_local_files(target: str) -> None:
 
 
 def test_submit_job_submits_the_study(renders: dict[str, list[dict[str, Any]]]) -> None:
+    """The Job runs the study and waits for it (no --detach), then exports that run's report."""
     docs = renders["example-study-submit"]
     job = next(p for p in pods(docs) if p.labels.get("app.kubernetes.io/component") == "submit")
     (c,) = job.spec["containers"]
-    args = c["args"]
-    assert args[0] == "run" and "--detach" in args
-    validate_run_id(args[args.index("--run-id") + 1])
+    run, report = qsens_invocations(c, container_env(docs, c))
+    assert run[0] == "run" and "--detach" not in run
+    run_id = run[run.index("--run-id") + 1]
+    validate_run_id(run_id)
+    assert report[:2] == ["report", run_id]
+    args = run
     # The spec file it names is the generated ConfigMap's study.yaml, mounted there.
     mount = next(m for m in c["volumeMounts"] if args[1].startswith(m["mountPath"] + "/"))
     volume = next(v for v in job.spec["volumes"] if v["name"] == mount["name"])
