@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings
 from services.cli import main as cli_main
 from services.cli.worker import SERVICES
 from services.common import settings as settings_mod
-from services.common.worker import load_handler
 from services.common.variants import Variant
+from services.common.worker import load_handler
 from tests.deploy.manifests import K8S, container_env, is_qsens, pods, qsens_invocations
 
 # Variables a qsens container may carry that are not QSENS_* settings, and why.
