@@ -53,6 +53,10 @@ def loader(
     ],
     precision: Annotated[str, typer.Option(help="fp32 bf16 fp16 nf4 fp4 int8 gptq awq.")] = "bf16",
     backend: Annotated[str | None, typer.Option(help="Backend (default: the precision's).")] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="Engine (hf; others where registered). Default: the backend's."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     name: Annotated[str | None, typer.Option(help="Model name in the variant id.")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
@@ -111,6 +115,7 @@ def loader(
                 model,
                 precision,
                 backend=backend,
+                engine=engine,
                 device=device,
                 name=name,
                 host=host,

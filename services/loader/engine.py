@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument
+from services.loader.capabilities import EngineCapabilities, Reduction
 from services.loader.positions import Position
 from services.loader.seeds import row_seed
 from services.loader.steering import SteerSpec
@@ -39,9 +40,6 @@ if TYPE_CHECKING:
     from services.loader.model_source import ResolvedSource
 
 __all__ = [
-    "CAPTURE_SEGMENTS",
-    "REDUCTIONS",
-    "RPCS",
     "CaptureResult",
     "ChatPrompt",
     "ContinuationScore",
@@ -60,11 +58,6 @@ __all__ = [
 ]
 
 PaddingSide = Literal["left", "right"]
-Reduction = Literal["mean", "last", "none"]
-REDUCTIONS: tuple[Reduction, ...] = ("mean", "last", "none")
-# Position segments (``services.loader.positions``) and steering positions share these names.
-CAPTURE_SEGMENTS = ("prompt", "response", "all")
-RPCS = ("generate", "capture", "score", "next_token")
 
 
 @dataclass(frozen=True)
@@ -154,59 +147,6 @@ class NextTokenResult:
     requested_ids: list[int]
     requested_logits: list[float]
     requested_logprobs: list[float]
-
-
-def _every_capture() -> frozenset[tuple[str, str]]:
-    return frozenset((s, r) for s in CAPTURE_SEGMENTS for r in REDUCTIONS)
-
-
-@dataclass(frozen=True)
-class EngineCapabilities:
-    """What an engine computes exactly (reported in ``Info``; the planner routes by it)."""
-
-    engine: str
-    # A row's result does not depend on the other rows of its batch: same seed, same sample;
-    # padding and position ids make left/right padding and batch composition give the same
-    # numbers (up to the kernels' rounding).
-    batch_invariant: bool
-    # Decode steps and captures are replayed from CUDA graphs on this device.
-    graphable: bool
-    # Steering specs are applied per request and per batch row.
-    supports_steering: bool
-    steering_modes: frozenset[str] = frozenset({"add", "ablate"})
-    steering_positions: frozenset[str] = frozenset(CAPTURE_SEGMENTS)
-    # (position segment, reduction) pairs ``capture`` computes, e.g. ("response", "mean").
-    captures: frozenset[tuple[str, str]] = field(default_factory=_every_capture)
-    rpcs: frozenset[str] = frozenset(RPCS)
-
-    def check_steering(self, steering: Sequence[SteerSpec], field: str) -> None:
-        """FailedPrecondition when ``steering`` needs what this engine cannot do."""
-        if not steering:
-            return
-        if not self.supports_steering:
-            raise FailedPrecondition(f"{field}: engine {self.engine!r} does not steer")
-        for spec in steering:
-            if (
-                spec.mode not in self.steering_modes
-                or spec.positions not in self.steering_positions
-            ):
-                raise FailedPrecondition(
-                    f"{field}: engine {self.engine!r} cannot steer with mode {spec.mode!r} at "
-                    f"{spec.positions!r} positions"
-                )
-
-    def check_capture(self, position: Position, reduction: str) -> None:
-        """FailedPrecondition when ``capture`` at ``position`` with ``reduction`` is not exact."""
-        if (position.segment, reduction) not in self.captures:
-            raise FailedPrecondition(
-                f"engine {self.engine!r} cannot capture {position} with reduction {reduction!r}; "
-                f"an engine that can (hf) serves it"
-            )
-
-    def check_rpc(self, rpc: str) -> None:
-        """FailedPrecondition when this engine does not serve ``rpc``."""
-        if rpc not in self.rpcs:
-            raise FailedPrecondition(f"engine {self.engine!r} does not serve {rpc}")
 
 
 @dataclass(frozen=True)

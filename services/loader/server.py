@@ -58,7 +58,8 @@ from services.common.settings import LoaderSettings
 from services.common.variants import Precision, parse_precision
 from services.loader import convert, guards
 from services.loader.backends.registry import load_engine, resolve_backend
-from services.loader.engine import CaptureResult, Engine, EngineCapabilities, GenParams, GenResult
+from services.loader.capabilities import capabilities_to_proto
+from services.loader.engine import CaptureResult, Engine, GenParams, GenResult
 from services.loader.model_source import resolve_source
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
@@ -307,7 +308,7 @@ class LoaderRuntime:
             notes=d["notes"],
             server_version=services.__version__,
             engine=self.engine.name,
-            capabilities=_capabilities(self.engine.capabilities),
+            capabilities=capabilities_to_proto(self.engine.capabilities),
         )
 
     def info(self) -> pb.InfoResponse:
@@ -503,18 +504,6 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
 
 def _never_cancelled() -> None:
     return None
-
-
-def _capabilities(caps: EngineCapabilities) -> pb.EngineCapabilities:
-    return pb.EngineCapabilities(
-        batch_invariant=caps.batch_invariant,
-        graphable=caps.graphable,
-        supports_steering=caps.supports_steering,
-        steering_modes=sorted(caps.steering_modes),
-        steering_positions=sorted(caps.steering_positions),
-        captures=sorted(f"{segment}:{reduction}" for segment, reduction in caps.captures),
-        rpcs=sorted(caps.rpcs),
-    )
 
 
 def check_generations(
@@ -872,6 +861,7 @@ async def serve(
     precision: str,
     *,
     backend: str | None = None,
+    engine: str | None = None,
     device: str = "auto",
     name: str | None = None,
     host: str | None = None,
@@ -888,7 +878,13 @@ async def serve(
     auth.loader_token()
     auth.server_tls()
     runtime = build_runtime(
-        model, precision, backend=backend, device=device, name=name, settings=limits
+        model,
+        precision,
+        backend=backend,
+        device=device,
+        name=name,
+        settings=limits,
+        engine_name=engine,
     )
     mport = common.metrics_port if metrics_port is None else metrics_port
     bound_metrics = start_metrics_server(mport, common.metrics_host) if mport else 0

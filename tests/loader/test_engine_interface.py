@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -22,19 +24,16 @@ from services.common.spec import parse_spec
 from services.common.variants import Precision
 from services.loader.backends import registry
 from services.loader.backends.base import LoadedModel
-from services.loader.engine import (
-    Engine,
-    EngineCapabilities,
-    EngineItem,
-    GenParams,
-    ScoreInput,
-)
+from services.loader.capabilities import EngineCapabilities
+from services.loader.client import LoaderClient
+from services.loader.engine import Engine, EngineItem, GenParams, ScoreInput
 from services.loader.engines.hf.engine import HFEngine
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.positions import parse_position
 from services.loader.server import RunningServer, build_runtime, start_server
 from services.loader.steering import SteerSpec
+from tests.loader_procs import REPO
 
 TINY = "tiny:llama?layers=4"
 
@@ -199,8 +198,12 @@ def test_rows_are_batch_invariant_as_claimed(hf_engine: Engine) -> None:
 
 async def test_info_reports_the_engine_and_its_capabilities() -> None:
     runtime = build_runtime(TINY, "fp32", device="cpu")
-    async with _serve(runtime) as (_running, stub):
+    async with _serve(runtime) as (running, stub):
         info = await stub.Info(pb.InfoRequest())
+        async with LoaderClient(f"127.0.0.1:{running.port}") as client:
+            read_back = await client.info()
+    # The client reads back exactly what the engine declared.
+    assert read_back.engine == "hf" and read_back.capabilities == runtime.engine.capabilities
     assert info.engine == "hf" and info.backend == "hf"
     caps = info.capabilities
     assert caps.batch_invariant and caps.supports_steering and not caps.graphable
@@ -262,6 +265,7 @@ async def test_a_registered_engine_serves_through_the_unchanged_server(
 
 
 def test_capability_checks_name_what_is_missing() -> None:
+    """The checks every engine's computations run first (engine.Engine.generate etc.)."""
     caps = EngineCapabilities(
         engine="e",
         batch_invariant=True,
@@ -288,3 +292,19 @@ def test_engine_items_with_steering_reach_a_steering_engine(hf_engine: Engine) -
         GenParams(max_new_tokens=6, ignore_eos=True),
     )
     assert plain.token_ids != steered.token_ids
+
+
+def test_serve_names_an_unknown_engine_before_loading() -> None:
+    """`qsens serve loader --engine` goes through the registry (exit 2, the field named)."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.cli.main", "serve", "loader", "--model", TINY),
+            *("--precision", "fp32", "--engine", "vllm-not-registered", "--port", "0"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "engine: unknown engine 'vllm-not-registered' (known: hf)" in done.stderr
