@@ -41,6 +41,11 @@ Steering is applied by the same functions as the hooks (``hooks.apply_plan`` on 
 output, ``hooks.ablate_only`` on its input and attention output), so it means the same on
 both paths. A failure to record a graph switches graphs off for the engine (logged); the call
 goes on eagerly.
+
+Why one module of about 680 lines (above the project's ~500): the layer loop
+(``FastGenerator``) and the per-call state it prefills and steps (``FastRun``) share the cache
+layout, the stream composition and the graph buffers; apart, each half reads only against the
+other. It belongs to the transformers engine (``services.loader.engines.hf``).
 """
 
 from __future__ import annotations
