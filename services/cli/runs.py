@@ -135,17 +135,10 @@ def _print_estimate(parsed: ExperimentSpec, jobs: list[Any]) -> None:
 
 
 async def _submit(parsed: ExperimentSpec, run_id: str | None) -> str:
-    from services.common.dag import submit
-    from services.common.planner import build_plan, new_run_id
-    from services.common.store import AsyncS3Store, run_key
+    # Sizes and the run id are checked before anything is written; a failed submit is undone.
+    from services.common.submission import submit_run
 
-    rid = run_id or new_run_id(parsed)
-    built = build_plan(parsed, rid)
-    store = AsyncS3Store()
-    await store.ensure_bucket()
-    await store.put_json(run_key(rid, "spec.json"), parsed.model_dump(mode="json"))
-    await submit(built, store=store)
-    return rid
+    return await submit_run(parsed, run_id)
 
 
 def _kind_counts(records: list[Any]) -> dict[str, dict[str, int]]:

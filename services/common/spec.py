@@ -416,12 +416,12 @@ class ExperimentSpec(_Strict):
 
     name: str = Field(description="Run name prefix.")
     description: str = Field("", max_length=65536, description="Free text for the report.")
-    models: list[ModelSpec] = Field(min_length=1, description="Models of the study.")
+    models: list[ModelSpec] = Field(min_length=1, max_length=64, description="Models of the study.")
     precisions: Annotated[list[Precision], AfterValidator(_no_duplicates)] = Field(
         min_length=1, description="Precisions of every model."
     )
     reference: Precision = Field(Precision.BF16, description="Reference precision for comparisons.")
-    traits: list[TraitRef] = Field(min_length=1, description="Traits to extract.")
+    traits: list[TraitRef] = Field(min_length=1, max_length=256, description="Traits to extract.")
     methods: Annotated[
         list[Literal["mean_diff", "probe", "pca"]], AfterValidator(_no_duplicates)
     ] = Field(["mean_diff", "probe"], min_length=1, description="Extraction methods.")
@@ -430,7 +430,7 @@ class ExperimentSpec(_Strict):
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     steering: SteeringSpec = Field(default_factory=SteeringSpec)
     logit_diff: LogitDiffSpec = Field(default_factory=LogitDiffSpec)
-    benchmarks: list[BenchmarkSpec] = Field(default_factory=list)
+    benchmarks: list[BenchmarkSpec] = Field(default_factory=list, max_length=64)
     probes: ProbeSpec = Field(default_factory=ProbeSpec)
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     quantize: QuantizeSpec = Field(
@@ -634,30 +634,15 @@ def parse_spec(data: Any, source: str = "spec") -> ExperimentSpec:
     return spec
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with nesting bounded (its composer recurses once per level, so a
-    deep document would end in RecursionError) and duplicate keys refused (YAML keeps the last
-    silently)."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                line = self.peek_event().start_mark.line + 1
-                raise InvalidArgument(
-                    "spec", f"nested deeper than {MAX_DEPTH} levels (line {line})"
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
+# libyaml when present: the pure-Python scanner takes seconds over a 256 KiB spec, and its
+# composer recurses once per level (RecursionError on deep input); libyaml bounds nesting
+# at 1000 levels itself. Either way _check_tree bounds it at MAX_DEPTH.
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _check_duplicate_keys(root: yaml.Node) -> None:
-    """InvalidArgument naming the dotted path of a key given twice in one mapping."""
+def _check_tree(root: yaml.Node) -> None:
+    """InvalidArgument for nesting deeper than ``MAX_DEPTH`` or a key given twice in one
+    mapping (dotted path and both lines; YAML would silently keep the last)."""
     stack: list[tuple[yaml.Node, tuple[int | str, ...]]] = [(root, ())]
     seen_nodes: set[int] = set()  # aliases share nodes: each is walked once
     while stack:
@@ -665,6 +650,9 @@ def _check_duplicate_keys(root: yaml.Node) -> None:
         if id(node) in seen_nodes:
             continue
         seen_nodes.add(id(node))
+        if len(path) > MAX_DEPTH:
+            line = node.start_mark.line + 1
+            raise InvalidArgument("spec", f"nested deeper than {MAX_DEPTH} levels (line {line})")
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*path, i)) for i, child in enumerate(node.value))
         elif isinstance(node, yaml.MappingNode):
@@ -722,13 +710,17 @@ def spec_from_bytes(data: bytes, source: str = "spec") -> ExperimentSpec:
             "holding it",
         )
     text = _decode(data, source)
-    loader = _SpecLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is not None:
-            _check_duplicate_keys(node)
+            _check_tree(node)
         tree = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own bound (1000 levels)
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise InvalidArgument("spec", f"nested deeper than {MAX_DEPTH} levels{where}") from None
         raise InvalidArgument("spec", f"{source} is not valid YAML: {exc}") from None
     except RecursionError:
         raise InvalidArgument("spec", f"{source} is nested too deeply") from None
