@@ -29,6 +29,7 @@ Retries are logged at debug level and counted in
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -52,11 +53,10 @@ from services.common.errors import (
 )
 from services.common.logging import get_logger
 from services.common.tensor_codec import decode_numpy, encode
-from services.loader.capabilities import EngineCapabilities, capabilities_from_proto
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.seeds import row_seed
-from services.loader.work import RETRY_AFTER_KEY, WORK_TIMEOUT_KEY
+from services.loader.work import PRIORITY_KEY, RETRY_AFTER_KEY, WORK_TIMEOUT_KEY
 
 __all__ = [
     "CaptureOutput",
@@ -188,10 +188,6 @@ class LoaderInfo:
     max_batch_items: int
     source: str
     notes: list[str]
-    # The engine ("hf", ...) and what it computes exactly (None from a loader that predates
-    # engine capabilities).
-    engine: str = ""
-    capabilities: EngineCapabilities | None = None
 
 
 @dataclass
@@ -348,7 +344,10 @@ class LoaderClient:
     """Async client for one loader address (``host:port``).
 
     ``timeout_s`` bounds each call's work, counted from when the loader starts it; ``wait_s``
-    bounds how long a call waits for a busy loader (see the module docstring).
+    bounds how long a call waits for a busy loader (see the module docstring). ``priority``
+    (``low``, ``normal``) is sent with every call: the judge's calls to a study's loader go
+    low, so the loader starts every queued call of the study before them. ``attempts``
+    counts the calls sent per RPC, refused attempts of a busy loader included.
     """
 
     def __init__(
@@ -359,12 +358,17 @@ class LoaderClient:
         wait_s: float = 3600.0,
         expect_variant: str | None = None,
         max_message_bytes: int = 512 * 1024 * 1024,
+        priority: str | None = None,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.wait_s = wait_s
         self.expect_variant = expect_variant
-        self._metadata = ((WORK_TIMEOUT_KEY, str(max(1, round(timeout_s * 1000)))),)
+        self.attempts: collections.Counter[str] = collections.Counter()
+        work_timeout = (WORK_TIMEOUT_KEY, str(max(1, round(timeout_s * 1000))))
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (work_timeout, (PRIORITY_KEY, priority)) if priority else (work_timeout,)
+        )
         # Sends the loader token and dials TLS when the environment names them.
         self._channel = loader_channel(
             address,
@@ -403,7 +407,11 @@ class LoaderClient:
             await asyncio.sleep(0.2)
 
     async def _call(self, rpc: str, attempt: Callable[[float], Awaitable[R]]) -> R:
-        return await with_backpressure(rpc, attempt, timeout_s=self.timeout_s, wait_s=self.wait_s)
+        async def counted(timeout: float) -> R:
+            self.attempts[rpc] += 1
+            return await attempt(timeout)
+
+        return await with_backpressure(rpc, counted, timeout_s=self.timeout_s, wait_s=self.wait_s)
 
     def _options(self, padding_side: str | None, max_batch_size: int) -> pb.RunOptions:
         return pb.RunOptions(
@@ -441,10 +449,6 @@ class LoaderClient:
             max_batch_items=r.max_batch_items,
             source=r.source,
             notes=list(r.notes),
-            engine=r.engine,
-            capabilities=capabilities_from_proto(r.engine, r.capabilities)
-            if r.HasField("capabilities")
-            else None,
         )
         return self._info
 

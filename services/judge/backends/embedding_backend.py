@@ -20,7 +20,7 @@ Sharing the loader
     The perplexity loader is usually the study's reference loader, so the judge's Score calls
     are sent at low priority (``qsens-priority: low``): the loader starts every queued call of
     the study before them. A busy loader's refusals are waited out on back-pressure
-    (``services.loader.client.with_backpressure``, for up to ``loader_wait_s``), and
+    (``services.loader.client.LoaderClient``, for up to ``loader_wait_s``), and
     ``loader_timeout_s`` bounds only the work, counted from when the loader starts it, so
     time queued never fails a judgment.
 
@@ -49,13 +49,14 @@ from typing import Any
 
 import numpy as np
 
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, QsensError
 from services.common.logging import get_logger
 from services.common.settings import JudgeSettings
 from services.judge.backends.base import JudgeBackend, WorkItem
 from services.judge.backends.text_stats import text_stats
 from services.judge.metrics import judge_metrics
 from services.judge.models import JudgeStatus, Reason, Verdict
+from services.loader.client import Chat, LoaderClient, ScoreItem
 
 __all__ = ["REFUSAL_EXEMPLARS", "EmbeddingBackend", "load_embedding_model"]
 
@@ -123,11 +124,11 @@ class EmbeddingBackend(JudgeBackend):
         self._encode_lock = threading.Lock()
         self._start_lock = asyncio.Lock()
         self._started = False
-        self._channel: Any = None
-        self._stub: Any = None
+        self._loader: LoaderClient | None = None
         self._loader_variant: str | None = None
-        self._loader_batch_items = 1
+        self._loader_batch_items = 1  # items per Score call (LoaderClient chunks likewise)
         self._chat = True
+        self._scored_chunks = 0  # Score calls that succeeded (stats.retries: the others)
         self._metrics = judge_metrics()
 
     @property
@@ -168,37 +169,30 @@ class EmbeddingBackend(JudgeBackend):
             self._started = True
 
     async def _connect_loader(self, address: str) -> None:
-        import grpc
-
-        from services.common.auth import loader_channel
-        from services.loader.pb import loader_pb2, loader_pb2_grpc
-
-        self._channel = loader_channel(
+        # Low priority: the loader starts every queued call of the study before the judge's.
+        loader = LoaderClient(
             address,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ],
+            timeout_s=self.settings.loader_timeout_s,
+            wait_s=self.settings.loader_wait_s,
+            max_message_bytes=64 * 1024 * 1024,
+            priority="low",
         )
-        self._stub = loader_pb2_grpc.LoaderServiceStub(self._channel)
         try:
-            info = await self._stub.Info(
-                loader_pb2.InfoRequest(), timeout=self.settings.loader_timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            await self._channel.close()
-            self._channel = self._stub = None
+            info = await loader.info()
+        except QsensError as exc:
+            await loader.close()
             raise FailedPrecondition(
-                f"judge: loader at {address} for perplexity is unreachable: {exc.code().name}"
+                f"judge: loader at {address} for perplexity is unreachable: {exc}"
             ) from None
-        self._loader_variant = str(info.variant)
-        self._loader_batch_items = max(1, int(info.max_batch_items))
-        self._chat = bool(info.supports_chat_template)
+        self._loader = loader
+        self._loader_variant = info.variant
+        self._loader_batch_items = max(1, info.max_batch_items)
+        self._chat = info.supports_chat_template
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = self._stub = None
+        if self._loader is not None:
+            await self._loader.close()
+            self._loader = None
 
     # -- embedding ---------------------------------------------------------------------------
 
@@ -356,9 +350,9 @@ class EmbeddingBackend(JudgeBackend):
                 }
             )
         failure: str | None = None
-        if self._stub is not None:
+        if self._loader is not None:
             try:
-                nlls = await self._perplexity(items)
+                nlls = await self._perplexity(self._loader, items)
             except Exception as exc:
                 failure = f"loader Score failed: {type(exc).__name__}: {exc}"[:2000]
                 self._metrics.errors.labels(self.name, Reason.UPSTREAM_ERROR.value).inc()
@@ -390,60 +384,39 @@ class EmbeddingBackend(JudgeBackend):
             verdicts.append(Verdict(status=JudgeStatus.SCORED, score=round(score, 4), signals=sig))
         return verdicts
 
-    async def _perplexity(self, items: Sequence[WorkItem]) -> list[float | None]:
-        """Mean NLL (nats/token) of each answer given its question; None for empty answers."""
-        from services.loader.pb import loader_pb2
+    async def _perplexity(
+        self, loader: LoaderClient, items: Sequence[WorkItem]
+    ) -> list[float | None]:
+        """Mean NLL (nats/token) of each answer given its question; None for empty answers.
 
-        score_items = []
+        One low-priority Score call per loader batch, waiting out a busy loader (module
+        docstring); ``stats`` counts every call sent and, as retries, the refused ones."""
+        score_items: list[ScoreItem] = []
         index: list[int] = []
         for i, w in enumerate(items):
             answer = self._clip(w.answer)
             if not answer.strip():
                 continue
             index.append(i)
-            if self._chat:
-                context = loader_pb2.Conversation(
-                    messages=[loader_pb2.Message(role="user", content=w.question)]
-                )
-                score_items.append(loader_pb2.ScoreItem(chat=context, continuations=[answer]))
-            else:
-                score_items.append(
-                    loader_pb2.ScoreItem(text=w.question + "\n", continuations=[answer])
-                )
+            context: Chat | str = (
+                Chat.of([{"role": "user", "content": w.question}])
+                if self._chat
+                else w.question + "\n"
+            )
+            score_items.append(ScoreItem(context, [answer]))
         out: list[float | None] = [None] * len(items)
-        size = self._loader_batch_items
-        for start in range(0, len(score_items), size):
-            request = loader_pb2.ScoreRequest(items=score_items[start : start + size])
-            reply = await self._score(request)
-            for i, result in zip(index[start : start + size], reply.results, strict=True):
-                cont = result.continuations[0]
-                out[i] = -float(cont.logprob) / max(1, int(cont.num_tokens))
+        if not score_items:
+            return out
+        try:
+            scores = await loader.score(score_items)
+        finally:
+            self.stats.upstream_calls = loader.attempts["Score"]
+        self._scored_chunks += -(-len(score_items) // self._loader_batch_items)
+        self.stats.retries = max(0, self.stats.upstream_calls - self._scored_chunks)
+        for i, conts in zip(index, scores, strict=True):
+            cont = conts[0]
+            out[i] = -float(cont.logprob) / max(1, int(cont.num_tokens))
         return out
-
-    async def _score(self, request: Any) -> Any:
-        """One low-priority Score call, waiting out a busy loader (module docstring)."""
-        from services.loader.client import with_backpressure
-        from services.loader.work import PRIORITY_KEY, WORK_TIMEOUT_KEY
-
-        timeout_s = self.settings.loader_timeout_s
-        metadata = (
-            (WORK_TIMEOUT_KEY, str(max(1, round(timeout_s * 1000)))),
-            (PRIORITY_KEY, "low"),
-        )
-
-        attempts = 0
-
-        async def attempt(deadline_s: float) -> Any:
-            nonlocal attempts
-            attempts += 1
-            self.stats.upstream_calls += 1
-            if attempts > 1:  # a busy loader refused the one before
-                self.stats.retries += 1
-            return await self._stub.Score(request, timeout=deadline_s, metadata=metadata)
-
-        return await with_backpressure(
-            "Score", attempt, timeout_s=timeout_s, wait_s=self.settings.loader_wait_s
-        )
 
 
 def _internal(exc: BaseException) -> Verdict:
