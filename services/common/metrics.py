@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import resource
 import threading
+from collections.abc import Callable, Iterable, Mapping
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, make_wsgi_app, start_http_server
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -25,16 +28,58 @@ _lock = threading.Lock()
 _started: dict[tuple[str, int], int] = {}
 
 
+# A check answers (healthy, one line of text): 200 or 503 on its path.
+Check = Callable[[], tuple[bool, str]]
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Probes and scrapes every few seconds would flood the log."""
+
+
+def _with_checks(app: Any, checks: Mapping[str, Check]) -> Any:
+    """A WSGI app that answers each check's path itself and passes the rest to ``app``."""
+
+    def routed(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return app(environ, start_response)  # type: ignore[no-any-return]
+        try:
+            ok, text = check()
+        except Exception as err:  # a failing check is an unhealthy answer, not a 500
+            ok, text = False, f"check failed: {err!r}"
+        status = "200 OK" if ok else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [text.encode() + b"\n"]
+
+    return routed
+
+
 def start_metrics_server(
-    port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY
+    port: int,
+    host: str = "127.0.0.1",
+    registry: CollectorRegistry = REGISTRY,
+    *,
+    checks: Mapping[str, Check] | None = None,
 ) -> int:
-    """Serve ``/metrics`` on ``host:port`` (0 picks a free port); returns the bound port."""
+    """Serve ``/metrics`` on ``host:port`` (0 picks a free port); returns the bound port.
+
+    ``checks`` adds paths (``/livez``) answered 200 or 503 by a function of this process."""
     with _lock:
         key = (host, port)
         if port and key in _started:
             return _started[key]
         server: Any
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        if checks:
+            app = _with_checks(make_wsgi_app(registry), checks)
+            server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+            threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        else:
+            server, _thread = start_http_server(port, addr=host, registry=registry)
         bound = int(server.server_port)
         _started[(host, bound)] = bound
         return bound

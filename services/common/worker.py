@@ -76,6 +76,7 @@ from services.common.handlers import (
     registry_handler,
 )
 from services.common.jobs import Job, JobKind, parse_job
+from services.common.liveness import Heartbeat
 from services.common.loader_registry import LoaderRegistry, LoaderStarting
 from services.common.logging import configure_logging, get_logger
 from services.common.metrics import start_metrics_server
@@ -571,8 +572,12 @@ def serve_worker(
     common = settings_mod.get(CommonSettings)
     configure_logging("worker", common.log_level, common.log_format)
     resolved = load_handler(handler) if isinstance(handler, str) else handler
+    # /livez on the metrics port: stale when the event loop that runs the consumer is stuck.
+    heartbeat = Heartbeat()
     if common.metrics_port:
-        bound = start_metrics_server(common.metrics_port, common.metrics_host)
+        bound = start_metrics_server(
+            common.metrics_port, common.metrics_host, checks={"/livez": heartbeat.check}
+        )
         log.info("worker metrics on %s:%d", common.metrics_host, bound)
 
     async def main() -> WorkerStats:
@@ -580,6 +585,10 @@ def serve_worker(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await run_worker(kinds, resolved, concurrency=concurrency, stop=stop)
+        beating = asyncio.create_task(heartbeat.run())
+        try:
+            return await run_worker(kinds, resolved, concurrency=concurrency, stop=stop)
+        finally:
+            beating.cancel()
 
     return asyncio.run(main())

@@ -312,3 +312,24 @@ def test_quantized_loaders_wait_for_their_checkpoint(
             if pod.labels["qsens.io/precision"] not in QUANTIZED:
                 assert "initContainers" not in pod.spec, pod.name
                 assert "--quantize" not in pod.spec["containers"][0]["args"], pod.name
+
+
+def test_worker_liveness_reflects_the_consumer_loop(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Job workers (`qsens worker run`) are probed for liveness on /livez, the heartbeat of
+    their consumer's event loop (services/common/liveness.py), not on /metrics, which a hung
+    loop still serves; readiness stays on /metrics."""
+    checked = 0
+    for name, _, pod in _all_pods(renders):
+        for c in pod.spec["containers"]:
+            if not is_qsens(c) or c.get("args", [])[:2] != ["worker", "run"]:
+                continue
+            for probe in ("startupProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": "/livez", "port": "metrics"}, (name, probe)
+            assert c["readinessProbe"]["httpGet"]["path"] == "/metrics"
+            # The kubelet restarts only after the heartbeat has been stale for a while.
+            live = c["livenessProbe"]
+            assert live["periodSeconds"] * live["failureThreshold"] >= 60, (name, pod.name)
+            checked += 1
+    assert checked >= 4 * 5

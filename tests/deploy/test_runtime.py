@@ -144,8 +144,8 @@ async def test_loader_serves_what_its_probes_check(
 def test_worker_serves_metrics_for_its_probes(
     renders: dict[str, list[dict[str, Any]]], plane_env: Any, tmp_path: Path
 ) -> None:
-    """The extractor Deployment's process, once consuming, answers GET /metrics on
-    QSENS_METRICS_PORT (its startup, liveness and readiness probes and the scrape)."""
+    """The extractor Deployment's process, once consuming, answers GET /metrics (readiness and
+    the scrape) and its liveness path (the consumer loop's heartbeat) on QSENS_METRICS_PORT."""
     docs = renders["base"]
     pod = next(p for p in pods(docs) if p.labels["app.kubernetes.io/component"] == "extractor")
     (c,) = pod.spec["containers"]
@@ -173,6 +173,10 @@ def test_worker_serves_metrics_for_its_probes(
                 f"no /metrics on QSENS_METRICS_PORT={metrics_port}: {err}"
             ) from err
         assert status == 200 and "python_info" in body
+        # Its liveness probe's path: the consumer loop's heartbeat, fresh while it consumes.
+        probe = c["livenessProbe"]["httpGet"]
+        status, body = _get(f"http://127.0.0.1:{metrics_port}{probe['path']}")
+        assert status == 200 and "consumer loop alive" in body
     finally:
         code, _ = _stop(proc, pod.spec["terminationGracePeriodSeconds"])
     assert code == 0, log.read_text()[-3000:]
