@@ -13,7 +13,18 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from services.cli import data, demo, judge_cmd, models, report, runs, serve, stack, worker
+    from services.cli import (
+        data,
+        demo,
+        judge_cmd,
+        models,
+        report,
+        runs,
+        serve,
+        stack,
+        vectors,
+        worker,
+    )
 
     app.add_typer(serve.app, name="serve")
     app.add_typer(stack.app)  # top level: qsens up / down / env / status-stack
@@ -24,6 +35,7 @@ def _register() -> None:
     app.add_typer(report.app)  # top level: qsens report
     app.add_typer(data.app, name="data")
     app.add_typer(models.app, name="models")
+    app.add_typer(vectors.app, name="vectors")
     stack.set_children_hook(runs.children_for_spec)
 
 
