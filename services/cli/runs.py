@@ -641,16 +641,11 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
         *python,
         "judge",
         "serve",
-        "--backend",
-        spec.judge.backend,
+        *spec.judge.serve_args(),
         "--ready-file",
         str(ready / "judge.json"),
     ]
-    if spec.judge.backend == "openai":
-        judge += ["--model", spec.judge.model]
-        if spec.judge.base_url:
-            judge += ["--base-url", spec.judge.base_url]
-    elif reference_port is not None:
+    if spec.judge.backend == "embedding" and reference_port is not None:
         judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
     # A spec's judge endpoint gets the API key only if allow-listed (see judge_key).
     trusted = judge_key.key_allowed(spec.judge.base_url)

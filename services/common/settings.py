@@ -26,6 +26,8 @@ from typing import Literal, TypeVar
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.judging import JudgeChoice
+
 __all__ = [
     "CommonSettings",
     "JudgeSettings",
@@ -245,14 +247,12 @@ class LoaderSettings(BaseSettings):
     )
 
 
-class JudgeSettings(BaseSettings):
-    """The judge's upstream and limits."""
+class JudgeSettings(BaseSettings, JudgeChoice):
+    """The judge service: which judge (``JudgeChoice``, shared with the spec), its upstream
+    and limits. ``QSENS_JUDGE_BACKEND``/``_MODEL``/``_BASE_URL`` set the choice."""
 
     model_config = SettingsConfigDict(env_prefix="QSENS_JUDGE_", extra="ignore")
 
-    backend: Literal["openai", "embedding"] = Field("embedding", description="Scoring backend.")
-    base_url: str | None = Field(None, description="OpenAI-compatible base URL (None: OpenAI).")
-    model: str = Field("gpt-4.1-mini", description="Judge model name.")
     api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("api_key", "QSENS_JUDGE_API_KEY", "OPENAI_API_KEY"),
@@ -336,6 +336,11 @@ class JudgeSettings(BaseSettings):
     price_output_per_mtok: float = Field(
         1.60, ge=0, description="USD per million completion tokens (cost estimate only)."
     )
+
+    @classmethod
+    def for_choice(cls, choice: JudgeChoice, **overrides: object) -> JudgeSettings:
+        """Settings from the environment with ``choice`` (a spec's ``judge``) on top."""
+        return cls(**{**choice.choice().model_dump(), **overrides})  # type: ignore[arg-type]
 
 
 _S = TypeVar("_S", bound=BaseSettings)

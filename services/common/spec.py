@@ -33,6 +33,7 @@ from pydantic import (
 
 from services.common.errors import InvalidArgument
 from services.common.hashing import stable_hash
+from services.common.judging import JudgeChoice
 from services.common.methodologies import METHODOLOGIES
 from services.common.precisions import precision_info
 from services.common.quantization import BUILTIN_CALIBRATION, QuantizeSpec
@@ -184,12 +185,9 @@ class TraitRef(_Strict):
         return head
 
 
-class JudgeSpec(_Strict):
-    """Which judge scores trait expression and coherence."""
+class JudgeSpec(_Strict, JudgeChoice):
+    """Which judge scores trait expression and coherence (``services.common.judging``)."""
 
-    backend: Literal["embedding", "openai"] = Field("embedding", description="Judge backend.")
-    model: str = Field("gpt-4.1-mini", description="Judge model (openai backend).")
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (None: OpenAI).")
     coherence_threshold: float = Field(70.0, ge=0, le=100, description="Minimum mean coherence.")
 
 
