@@ -450,19 +450,12 @@ def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     console.print(f"run {run_id} cancelled")
 
 
-def _cosine(a: Any, b: Any) -> float:
-    import numpy as np
-
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
-
-
 async def collect_results(run_id: str) -> dict[str, Any]:
     """Job outcomes, extraction summaries and per-layer cosine to the reference (from S3)."""
+    from services.common.contracts.vectors import VectorSet, layer_cosines
     from services.common.natsconn import connection
     from services.common.state import StateStore
     from services.common.store import AsyncS3Store, run_key, run_prefix
-    from services.extractor.methods import VectorSet
 
     store = AsyncS3Store()
     async with connection(name="qsens-cli") as nc:
@@ -489,9 +482,7 @@ async def collect_results(run_id: str) -> dict[str, Any]:
                 ref = VectorSet.from_safetensors(
                     await store.get_bytes(ref_doc["vector_keys"][method])
                 )
-                per_layer = [
-                    _cosine(mine.vector(layer), ref.vector(layer)) for layer in mine.layers
-                ]
+                per_layer = layer_cosines(ref, mine)  # None where undefined (zero norm)
                 cosines.append(
                     {
                         "variant": variant,
@@ -499,8 +490,8 @@ async def collect_results(run_id: str) -> dict[str, Any]:
                         "trait": trait,
                         "mode": mode,
                         "method": method,
-                        "layers": list(mine.layers),
-                        "cosine": per_layer,
+                        "layers": [c.layer for c in per_layer],
+                        "cosine": [c.cosine for c in per_layer],
                     }
                 )
     return {
@@ -521,6 +512,10 @@ async def collect_results(run_id: str) -> dict[str, Any]:
     }
 
 
+def _cell(cosine: float | None) -> str:
+    return "" if cosine is None else f"{cosine:.3f}"
+
+
 def cosine_table(results: dict[str, Any], columns: int = 6) -> Table:
     """Per-layer cosine to the reference, sampled at ``columns`` evenly spaced layers."""
     rows = results["cosine_to_reference"]
@@ -536,7 +531,7 @@ def cosine_table(results: dict[str, Any], columns: int = 6) -> Table:
         table.add_column(column, justify="right" if column.startswith("L") else "left")
     for row in rows:
         values = dict(zip(row["layers"], row["cosine"], strict=True))
-        cells = [f"{values[layer]:.3f}" if layer in values else "" for layer in picks]
+        cells = [_cell(values.get(layer)) for layer in picks]
         label = row["variant"].split("@")[-1] + (" replay" if row["mode"] == "replay" else "")
         table.add_row(row["trait"], row["method"], label, *cells)
     return table

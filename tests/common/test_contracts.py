@@ -86,3 +86,23 @@ def test_a_malformed_job_names_the_bad_field() -> None:
 
 def test_every_kind_but_noop_has_a_params_contract() -> None:
     assert set(PARAMS) == set(JobKind) - {JobKind.NOOP}
+
+
+def test_layer_cosines_agree_with_the_analyzers_vector_comparison() -> None:
+    import numpy as np
+
+    from services.analyzer.matrices import compare_vectors
+    from services.common.contracts.vectors import layer_cosines
+    from tests.analyzer.planted import L, vector_set
+
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(L, 16))
+    var = ref + 0.3 * rng.normal(size=(L, 16))
+    var[1] = 0.0  # zero-norm variant layer: no cosine, with the reason
+    a, b = vector_set(ref, "mean_diff"), vector_set(var, "mean_diff")
+    mine = layer_cosines(a, b)
+    theirs = compare_vectors(a, b, window=list(range(L)))
+    assert [c.layer for c in mine] == list(range(L))
+    assert [c.cosine for c in mine] == theirs["cosine"]
+    assert mine[1].cosine is None and mine[1].reasons == ("zero-norm variant vector",)
+    assert all(c.cosine is not None and 0.5 < c.cosine <= 1.0 for c in mine if c.layer != 1)

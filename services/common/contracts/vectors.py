@@ -3,6 +3,7 @@ per-layer diagnostics, and its safetensors form (``vectors/<method>.safetensors`
 
 The extractor writes it (``services.extractor.methods`` computes it); the steerer, the
 analyzer and ``qsens results`` read it. ``from_safetensors`` refuses any other format.
+``layer_cosines`` is the one per-layer cosine between two sets.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from numpy.typing import NDArray
 from services.common.errors import InvalidArgument
 from services.common.tensor_codec import load_safetensors, save_safetensors
 
-__all__ = ["FORMAT", "VectorSet"]
+__all__ = ["FORMAT", "LayerCosine", "VectorSet", "layer_cosines"]
 
 FORMAT = "qsens.vectorset/1"
 _TENSORS = (
@@ -133,3 +134,43 @@ class VectorSet:
             },
             meta=dict(decoded["meta"]),
         )
+
+
+@dataclass(frozen=True)
+class LayerCosine:
+    """The cosine of two sets' vectors at one layer; None, with the reasons, when undefined."""
+
+    layer: int
+    cosine: float | None
+    reasons: tuple[str, ...] = ()
+
+
+def layer_cosines(reference: VectorSet, variant: VectorSet) -> list[LayerCosine]:
+    """Cosine of ``variant``'s vector to ``reference``'s at every layer both captured.
+
+    In float64, clipped to [-1, 1]. A layer where either vector came from non-finite
+    activations or has zero norm has no cosine (None) and says why; it never raises. The
+    analyzer's vector comparison and ``qsens results`` both use this.
+    """
+    out: list[LayerCosine] = []
+    for layer in (layer for layer in reference.layers if layer in variant.layers):
+        i, j = reference.layers.index(layer), variant.layers.index(layer)
+        a = reference.vectors[i].astype(np.float64)
+        b = variant.vectors[j].astype(np.float64)
+        finite_a, finite_b = bool(np.isfinite(a).all()), bool(np.isfinite(b).all())
+        na = float(np.linalg.norm(a)) if finite_a and finite_b else 0.0
+        nb = float(np.linalg.norm(b)) if finite_a and finite_b else 0.0
+        reasons = []
+        if bool(reference.nonfinite[i]) or not finite_a:
+            reasons.append("non-finite reference activations")
+        if bool(variant.nonfinite[j]) or not finite_b:
+            reasons.append("non-finite variant activations")
+        if bool(reference.zero_norm[i]) or na == 0.0:
+            reasons.append("zero-norm reference vector")
+        if bool(variant.zero_norm[j]) or nb == 0.0:
+            reasons.append("zero-norm variant vector")
+        if reasons:
+            out.append(LayerCosine(layer, None, tuple(dict.fromkeys(reasons))))
+        else:
+            out.append(LayerCosine(layer, float(np.clip(np.dot(a, b) / (na * nb), -1.0, 1.0))))
+    return out
