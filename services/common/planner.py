@@ -11,6 +11,7 @@ needs (no worker reads the spec file), so a job is reproducible from its own JSO
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -195,7 +196,7 @@ def _steer_settings(steering: SteeringSpec, methodology: str) -> list[tuple[Stee
     return settings
 
 
-def _plan_steer(b: _Builder, methods: list[str]) -> None:
+def _plan_steer(b: _Builder, methods: Sequence[str]) -> None:
     spec, steering = b.spec, b.spec.steering
     steer_traits = steering.traits or [spec.trait_name(t) for t in spec.traits]
     for model in spec.models:
@@ -232,7 +233,7 @@ def _plan_steer(b: _Builder, methods: list[str]) -> None:
                             )
 
 
-def _plan_logit_diff(b: _Builder, methods: list[str]) -> None:
+def _plan_logit_diff(b: _Builder, methods: Sequence[str]) -> None:
     spec = b.spec
     for model in spec.models:
         for trait in spec.traits:

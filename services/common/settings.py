@@ -340,7 +340,7 @@ class JudgeSettings(BaseSettings, JudgeChoice):
     @classmethod
     def for_choice(cls, choice: JudgeChoice, **overrides: object) -> JudgeSettings:
         """Settings from the environment with ``choice`` (a spec's ``judge``) on top."""
-        return cls(**{**choice.choice().model_dump(), **overrides})  # type: ignore[arg-type]
+        return cls(**{**choice.choice().model_dump(), **overrides})
 
 
 _S = TypeVar("_S", bound=BaseSettings)

@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 METHODS = ("mean_diff", "probe", "pca")
-DEFAULT_POSITIONS = {name: facts.default_position for name, facts in METHODOLOGIES.items()}
+DEFAULT_POSITIONS: dict[str, str] = {m: f.default_position for m, f in METHODOLOGIES.items()}
 _POSITION = re.compile(
     r"^(all|prompt\[-1\]|prompt\[:\]|response\[:\]|response\[:[1-9]\d{0,5}\]|response\[-1\])$"
 )
