@@ -53,6 +53,7 @@ from services.common.errors import (
 )
 from services.common.logging import get_logger
 from services.common.tensor_codec import decode_numpy, encode
+from services.loader.capabilities import EngineCapabilities, capabilities_from_proto
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.seeds import row_seed
@@ -188,6 +189,10 @@ class LoaderInfo:
     max_batch_items: int
     source: str
     notes: list[str]
+    # The engine ("hf", ...) and what it computes exactly (None from a loader that predates
+    # engine capabilities).
+    engine: str = ""
+    capabilities: EngineCapabilities | None = None
 
 
 @dataclass
@@ -449,6 +454,10 @@ class LoaderClient:
             max_batch_items=r.max_batch_items,
             source=r.source,
             notes=list(r.notes),
+            engine=r.engine,
+            capabilities=capabilities_from_proto(r.engine, r.capabilities)
+            if r.HasField("capabilities")
+            else None,
         )
         return self._info
 

@@ -45,6 +45,7 @@ __all__ = [
     "ContinuationScore",
     "Engine",
     "EngineCapabilities",
+    "EngineDescription",
     "EngineHealth",
     "EngineItem",
     "GenParams",
@@ -147,6 +148,22 @@ class NextTokenResult:
     requested_ids: list[int]
     requested_logits: list[float]
     requested_logprobs: list[float]
+
+
+@dataclass
+class EngineDescription:
+    """Load-time facts of an engine's model, as ``Info`` reports them."""
+
+    num_layers: int
+    hidden_size: int
+    dtype: str  # of activations, e.g. "bfloat16"
+    device: str  # e.g. "cpu", "cuda:0"
+    parameter_bytes: int
+    supports_chat_template: bool
+    supports_system_role: bool
+    vocab_size: int
+    quantization_config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -325,10 +342,8 @@ class Engine(ABC):
         """Whether the engine can serve now (cheap: called by probes)."""
 
     @abstractmethod
-    def describe(self) -> dict[str, Any]:
-        """Load-time facts for ``Info``: num_layers, hidden_size, dtype, device,
-        parameter_bytes, supports_chat_template, supports_system_role, vocab_size,
-        quantization_config, notes."""
+    def describe(self) -> EngineDescription:
+        """Load-time facts for ``Info``."""
 
     def live_notes(self) -> list[str]:
         """Notes that may appear while serving (e.g. a fast path switched off); none here."""

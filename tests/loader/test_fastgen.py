@@ -351,12 +351,12 @@ def test_fused_projections_share_the_modules_weights_and_respect_hooks(engine: E
 
 
 def test_info_notes_say_when_the_fast_path_is_off(engine: Engine) -> None:
-    assert not any("fast generation" in n for n in engine.describe()["notes"])
+    assert not any("fast generation" in n for n in engine.describe().notes)
     saved = engine.fast_disabled
     engine.fast_disabled = "model type 'gemma2'"
     try:
         assert any(
-            "fast generation path off" in n and "gemma2" in n for n in engine.describe()["notes"]
+            "fast generation path off" in n and "gemma2" in n for n in engine.describe().notes
         )
     finally:
         engine.fast_disabled = saved
