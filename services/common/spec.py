@@ -409,6 +409,34 @@ class AnalysisSpec(_Strict):
     refusal_depth: float = Field(0.65, ge=0, le=1, description="Depth of the refusal direction.")
 
 
+def _check_vectors(spec: ExperimentSpec, trait_names: list[str]) -> None:
+    _first_repeat([v.name for v in spec.vectors], "vectors[{}].name", "names must be unique")
+    models = [m.name for m in spec.models]
+    for i, v in enumerate(spec.vectors):
+        if v.model not in models:
+            raise ValueError(f"vectors[{i}].model: unknown model {v.model!r} (spec has {models})")
+        if v.trait not in trait_names:
+            raise ValueError(f"vectors[{i}].trait: unknown trait {v.trait!r} ({trait_names})")
+
+
+class ImportedVectorsSpec(_Strict):
+    """A vector set made elsewhere (``qsens vectors import``), steered like an extracted one."""
+
+    name: str = Field(description="Names its steering results (source imported-<name>).")
+    location: str = Field(
+        description="s3://bucket/key (cluster) or a local path: a qsens vector set, a repeng "
+        ".gguf, a persona-vectors .pt or plain safetensors."
+    )
+    model: str = Field(description="The spec model whose variants it steers.")
+    trait: str = Field(description="The spec trait it expresses (questions, judge rubric).")
+    steer: bool = Field(True, description="Steer every variant of the model with it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value)
+
+
 class ExperimentSpec(_Strict):
     """The whole study."""
 
@@ -434,6 +462,9 @@ class ExperimentSpec(_Strict):
     quantize: QuantizeSpec = Field(
         default_factory=QuantizeSpec,
         description="How the platform quantizes gptq/awq variants without a published checkpoint.",
+    )
+    vectors: list[ImportedVectorsSpec] = Field(
+        default_factory=list, max_length=256, description="Imported vector sets to steer with."
     )
 
     @field_validator("traits", mode="before")
@@ -480,6 +511,7 @@ class ExperimentSpec(_Strict):
                         f"steering.methods: {method} is not extracted (methods: {self.methods})"
                     )
         _check_layers(self)
+        _check_vectors(self, trait_names)
         return self
 
     def precisions_for(self, model: ModelSpec) -> list[Precision]:
@@ -549,7 +581,7 @@ def _check_layers(spec: ExperimentSpec) -> None:
         if n is None:
             continue
         for field, layers in (("layers", spec.layers), ("steering.layers", spec.steering.layers)):
-            resolved: dict[int, int] = {}
+            resolved: dict[int, int] = {}  # layer index in [0, n) -> the value first listed
             for j, layer in enumerate(layers or ()):
                 if not -n <= layer < n:
                     raise ValueError(
@@ -558,10 +590,10 @@ def _check_layers(spec: ExperimentSpec) -> None:
                     )
                 if layer % n in resolved:
                     raise ValueError(
-                        f"{field}[{j}]: layer {layer} is layer {layers[resolved[layer % n]]} "
+                        f"{field}[{j}]: layer {layer} is layer {resolved[layer % n]} "
                         f"again for model {model.name} ({n} layers)"
                     )
-                resolved[layer % n] = j
+                resolved[layer % n] = layer
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
