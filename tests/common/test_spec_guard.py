@@ -288,3 +288,17 @@ def test_qsens_plan_prints_the_named_error_without_a_traceback(tmp_path: Path) -
         text = " ".join(out.stderr.split())
         assert expected[name] in text, (name, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_qsens_up_refuses_an_oversized_tiny_model_before_building_it(tmp_path: Path) -> None:
+    from services.cli.runs import children_for_spec
+
+    spec = tmp_path / "huge.yaml"
+    spec.write_text(BASE.replace("tiny:llama", "tiny:llama?layers=1000&hidden=65536&heads=64"))
+    start = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        children_for_spec(spec, tmp_path / "home")
+    assert err.value.field == "models[0].source"
+    assert "parameters" in err.value.message
+    assert time.monotonic() - start < 10  # refused from the options, nothing allocated
+    assert not (tmp_path / "home").exists()
