@@ -36,7 +36,6 @@ from services.loader.steering import SteerSpec
 if TYPE_CHECKING:
     from services.common.settings import LoaderSettings
     from services.common.variants import Precision
-    from services.loader.backends.registry import BackendEntry
     from services.loader.model_source import ResolvedSource
 
 __all__ = [
@@ -197,12 +196,13 @@ class Engine(ABC):
         cls,
         source: ResolvedSource,
         precision: Precision,
-        backend: BackendEntry,
+        backend: str,
         *,
         device: str,
         settings: LoaderSettings,
     ) -> Engine:
-        """Load ``source`` at ``precision`` through ``backend`` on ``device``."""
+        """Load ``source`` at ``precision`` on ``device``; ``backend`` is the registered
+        backend name it is served under (``services.loader.backends.registry``)."""
 
     # ------------------------------------------------------------------ tokens
     @abstractmethod

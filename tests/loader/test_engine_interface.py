@@ -308,3 +308,18 @@ def test_serve_names_an_unknown_engine_before_loading() -> None:
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "engine: unknown engine 'vllm-not-registered' (known: hf)" in done.stderr
+
+
+def test_registry_and_capabilities_import_without_torch() -> None:
+    """Preflight, clients and the planner read them without loading torch or an engine."""
+    code = (
+        "import sys\n"
+        "import services.loader.backends.registry, services.loader.capabilities\n"
+        "loaded = sorted(m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules)\n"
+        "print(','.join(loaded) or 'none')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "none"

@@ -229,10 +229,11 @@ def load_engine(
     settings: LoaderSettings,
 ) -> Engine:
     """Resolve the backend, import its engine and load ``source`` through it."""
+    # Here, not at the top: the interface imports torch, and preflight imports this module.
     from services.loader.engine import Engine
 
     entry = resolve_backend(precision, backend, engine)
     engine_class = import_target(ENGINES[entry.engine].target, "engine", f"engine {entry.engine!r}")
     if not (isinstance(engine_class, type) and issubclass(engine_class, Engine)):
         raise InvalidArgument("engine", f"{ENGINES[entry.engine].target} is not an Engine")
-    return engine_class.load(source, precision, entry, device=device, settings=settings)
+    return engine_class.load(source, precision, entry.name, device=device, settings=settings)

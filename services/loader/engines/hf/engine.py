@@ -11,7 +11,7 @@ import torch
 from services.common.settings import LoaderSettings
 from services.common.variants import Precision
 from services.loader.backends.base import LoadedModel
-from services.loader.backends.registry import BackendEntry, get_backend
+from services.loader.backends.registry import get_backend
 from services.loader.engine import (
     CaptureResult,
     ContinuationScore,
@@ -58,13 +58,13 @@ class HFEngine(HFCore, Engine):
         cls,
         source: ResolvedSource,
         precision: Precision,
-        backend: BackendEntry,
+        backend: str,
         *,
         device: str,
         settings: LoaderSettings,
     ) -> HFEngine:
         """Build the model with the backend's weight loader, then wrap it."""
-        weights = get_backend(backend.name, precision)
+        weights = get_backend(backend, precision)
         return cls(weights.load(source, precision, device), settings, precision)
 
     def _graphable(self) -> bool:
