@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from services.cli import runs as runs_cli
 from services.cli import stack as stack_cli
 from services.common import localstack
 from services.common import settings as settings_mod
@@ -108,6 +109,12 @@ def test_restarts_children_and_nats_and_records_them(stack: Stack) -> None:
     assert current(home, "loader-crashy@fp32").last_exit == "exit code 3"
     lines = restart_lines(localstack.load_stack(home) or stack)
     assert any(line.startswith("worker-sleep") and "1 restart " in line for line in lines)
+    # What `qsens status RUN` adds, read from QSENS_HOME (the crashing loader moves on).
+    shown_in_status = runs_cli.stack_restarts()
+    assert [x for x in shown_in_status if x.startswith("worker-sleep")] == [
+        x for x in lines if x.startswith("worker-sleep")
+    ]
+    assert any(x.startswith("loader-crashy@fp32") for x in shown_in_status)
 
     shown = CliRunner().invoke(stack_cli.app, ["status-stack", "--home", str(home)])
     assert "restarts" in shown.output and "last exit: exit code 3" in shown.output
