@@ -91,7 +91,7 @@ def test_every_kind_but_noop_has_a_params_contract() -> None:
 def test_layer_cosines_agree_with_the_analyzers_vector_comparison() -> None:
     import numpy as np
 
-    from services.analyzer.matrices import compare_vectors
+    from services.analyzer.documents.vectors import compare_vectors
     from services.common.contracts.vectors import layer_cosines
     from tests.analyzer.planted import L, vector_set
 
@@ -106,3 +106,24 @@ def test_layer_cosines_agree_with_the_analyzers_vector_comparison() -> None:
     assert [c.cosine for c in mine] == theirs["cosine"]
     assert mine[1].cosine is None and mine[1].reasons == ("zero-norm variant vector",)
     assert all(c.cosine is not None and 0.5 < c.cosine <= 1.0 for c in mine if c.layer != 1)
+
+
+def test_every_planned_job_has_its_own_result_key() -> None:
+    from services.extractor.handler import HANDLERS as EXTRACT
+    from services.quantizer.handler import HANDLERS as QUANTIZE
+    from services.steerer.handler import HANDLERS as STEER
+
+    registry = {**EXTRACT, **STEER, **QUANTIZE}
+    plan = build_plan(parse_spec(_specs()["wide"]), "golden-wide")
+    keys: dict[str, str] = {}
+    for job in plan.jobs:
+        entry = registry.get(job.kind)
+        if entry is None:
+            assert job.kind is JobKind.ANALYZE
+            continue
+        assert entry.result_key is not None
+        key = entry.result_key(job.run_id, parse_job_params(job))
+        assert key.startswith(f"runs/{job.run_id}/") and key.endswith(".json"), key
+        assert key not in keys, f"{job.label} and {keys[key]} would share {key}"
+        keys[key] = job.label
+    assert len(keys) == len(plan.jobs) - 1
