@@ -233,6 +233,42 @@ def _plan_steer(b: _Builder, methods: Sequence[str]) -> None:
                             )
 
 
+def _plan_imported(b: _Builder) -> None:
+    """Steer every variant of a model with each imported vector set made for it (spec
+    ``vectors``). The target's own extraction of the trait gives the activation norms that
+    scale the coefficients, so the job waits for it."""
+    spec = b.spec
+    traits = {spec.trait_name(t): t for t in spec.traits}
+    for imported in spec.vectors:
+        trait = traits[imported.trait]
+        model = next(m for m in spec.models if m.name == imported.model)
+        if not imported.steer:
+            continue
+        for v in b.of_model(model):
+            norms_job, vector_mode = b.vector_job(v.id, imported.trait)
+            source = f"imported-{imported.name}"
+            for mode, direction in _steer_settings(spec.steering, trait.methodology):
+                params = SteerParams(
+                    target=v.id,
+                    model=_model_params(v.model),
+                    source=source,
+                    trait=_trait_params(spec, trait),
+                    method="imported",
+                    vector_mode=vector_mode,
+                    mode=mode,
+                    direction=direction,
+                    steering=spec.steering,
+                    judge=spec.judge,
+                    vectors_location=imported.location,
+                )
+                b.add(
+                    JobKind.STEER,
+                    f"steer {v.id} {imported.trait} with {source} {mode}{direction}",
+                    params,
+                    (norms_job.id, *b.after_quantize(v.id)),
+                )
+
+
 def _plan_logit_diff(b: _Builder, methods: Sequence[str]) -> None:
     spec = b.spec
     for model in spec.models:
@@ -287,6 +323,7 @@ def build_plan(spec: ExperimentSpec, run_id: str) -> RunPlan:
     steer_methods = list(spec.steering.methods or spec.methods[:1])
     if spec.steering.enabled:
         _plan_steer(b, steer_methods)
+        _plan_imported(b)
     if spec.logit_diff.enabled:
         _plan_logit_diff(b, steer_methods)
     _plan_capabilities(b)

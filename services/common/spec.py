@@ -25,9 +25,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     Strict,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -466,6 +468,14 @@ class ExperimentSpec(_Strict):
     vectors: list[ImportedVectorsSpec] = Field(
         default_factory=list, max_length=256, description="Imported vector sets to steer with."
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_vectors(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # A spec without imported vectors dumps (and hashes: job ids) as before they existed.
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("vectors"):
+            data.pop("vectors", None)
+        return data
 
     @field_validator("traits", mode="before")
     @classmethod

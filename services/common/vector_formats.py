@@ -75,7 +75,7 @@ def from_layers(
     if len(sizes) != 1 or 0 in sizes:
         raise InvalidArgument("vectors", f"layers have different or empty sizes {sorted(sizes)}")
     vectors = np.stack(rows)
-    finite = np.isfinite(vectors).all(axis=1)
+    finite: NDArray[np.bool_] = np.asarray(np.isfinite(vectors).all(axis=1), dtype=bool)
     norms = np.linalg.norm(np.where(finite[:, None], vectors, 0.0).astype(np.float64), axis=1)
     n = len(layers)
     nan = np.full(n, np.nan)

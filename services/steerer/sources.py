@@ -4,7 +4,8 @@ The extractor writes, per (variant, trait, vector mode), ``summary.json`` (``Ext
 captured ``layers``, ``activation_norm`` per layer, ``vector_keys`` method -> key) and
 ``vectors/<method>.safetensors`` (``VectorSet``). The source may be another variant than the
 one steered (cross-precision steering): vectors and activation norms are always the
-source's. A missing or malformed artefact is ``FailedPrecondition`` (the DAG only starts a
+source's. An imported vector set (spec ``vectors``, ``qsens vectors import``) is read from its
+location instead, with the steered variant's own activation norms. A missing or malformed artefact is ``FailedPrecondition`` (the DAG only starts a
 steer job once its extraction is done, so it will not appear by waiting).
 
 Coefficients are in units of the vector's own norm: the loader adds ``coefficient * v``. The
@@ -14,6 +15,7 @@ search starts where ``||c * v||`` is ``init_fraction`` of the mean activation no
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ __all__ = [
     "candidate_layers",
     "layer_at_depth",
     "load_vector_source",
+    "read_imported",
     "start_coefficient",
 ]
 
@@ -88,6 +91,20 @@ class VectorSource:
         return None
 
 
+def read_imported(location: str) -> VectorSet:
+    """An imported vector set (spec ``vectors[].location``: a path or ``s3://``, any format
+    ``qsens vectors import`` reads). Blocking: call it off the event loop."""
+    from services.common.datafiles import resolve_location
+    from services.common.vector_formats import detect_format, read_vectors
+
+    try:
+        path = resolve_location(location, "vectors_location")
+        blob = path.read_bytes()
+        return read_vectors(blob, detect_format(path, blob), name=path.name)
+    except (InvalidArgument, OSError) as exc:
+        raise FailedPrecondition(f"imported vectors at {location}: {exc}") from None
+
+
 async def load_vector_source(
     store: AsyncS3Store,
     run_id: str,
@@ -95,8 +112,11 @@ async def load_vector_source(
     trait: str,
     method: str,
     vector_mode: VectorMode,
+    *,
+    location: str | None = None,
 ) -> VectorSource:
-    """Read ``variant``'s extraction summary and ``method`` vectors for ``trait``."""
+    """Read ``variant``'s extraction summary and ``method`` vectors for ``trait``; with
+    ``location``, the imported vectors there, scaled by ``variant``'s activation norms."""
     summary_key = extract_key(run_id, variant, trait, vector_mode, "summary.json")
     try:
         raw = await store.get_json(summary_key)
@@ -109,6 +129,11 @@ async def load_vector_source(
         summary = ExtractSummary.model_validate(raw)
     except ValidationError as exc:
         raise FailedPrecondition(f"malformed extraction summary at {summary_key}: {exc}") from None
+    if location is not None:
+        imported = await asyncio.to_thread(read_imported, location)
+        return VectorSource(
+            variant, trait, method, vector_mode, summary, imported, summary_key, location
+        )
     key = summary.vector_keys.get(method)
     if key is None:
         raise FailedPrecondition(

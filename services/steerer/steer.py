@@ -315,8 +315,15 @@ async def run_steer(
     started = time.monotonic()
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
     info = await loader.info()
+    imported = params.vectors_location
     source = await load_vector_source(
-        store, run_id, params.source, params.trait.name, params.method, params.vector_mode
+        store,
+        run_id,
+        params.target if imported else params.source,  # imported: the target's norms
+        params.trait.name,
+        params.method,
+        params.vector_mode,
+        location=imported,
     )
     if source.vectors.hidden_size != info.hidden_size:
         raise FailedPrecondition(
@@ -549,7 +556,8 @@ async def run_steer(
             "sign": -1 if params.direction == "-" else 1,
             "norms": {str(layer): source.norm(layer) for layer in layers},
             "activation_norm": {str(layer): source.activation_norm(layer) for layer in layers},
-            "source_precision": source.summary.precision,
+            "source_precision": "imported" if imported else source.summary.precision,
+            "imported_from": imported,
         },
         judge=provenance,
         baseline=baseline,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from services.common.artefacts import benchmark_key, logit_diff_key, steer_key
 from services.common.contracts.common import Params as _Params
@@ -47,6 +47,19 @@ class SteerParams(_Params):
     direction: Literal["+", "-"] = "+"
     steering: SteeringSpec = Field(default_factory=SteeringSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    vectors_location: str | None = Field(
+        None,
+        description="An imported vector set (spec vectors[].location) to steer with instead of "
+        "an extraction; source is then imported-<name> and activation norms are the target's.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_location(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Jobs that steer with an extraction keep the params (and ids) they had before.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("vectors_location") is None:
+            data.pop("vectors_location", None)
+        return data
 
 
 class LogitDiffParams(_Params):

@@ -1,0 +1,117 @@
+"""A spec steers with an imported vector set: the planner emits the jobs, the steerer reads the
+set from S3 (a repeng GGUF here) and scales it by the target's own activation norms.
+
+Real parts: the toy loader, the NATS job plane with its judge service, SeaweedFS S3 (see
+tests/steerer/toy.py for the toy model's known response to steering along ``v``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.common.datafiles import put_data
+from services.common.errors import InvalidArgument
+from services.common.jobs import Job
+from services.common.planner import build_plan
+from services.common.spec import ExperimentSpec, load_spec
+from services.common.state import JobState
+from services.common.vector_formats import from_layers, write_vectors
+from tests.loader_procs import LoaderProc
+from tests.steerer.conftest import Plane
+from tests.steerer.test_steer import C_STAR, search_spec, steer_job, toy_vectors
+from tests.steerer.toy import DEAD_DIM, V_DIM, write_extraction
+
+SPEC_WITH_VECTORS = """
+name: imported
+models:
+  - {name: tiny, source: "tiny:llama", device: cpu}
+precisions: [fp32, nf4]
+reference: fp32
+traits: [pv/evil, caa/sycophancy]
+vectors:
+  - name: repeng-evil
+    location: s3://qsens/data/abc/evil.gguf
+    model: tiny
+    trait: pv/evil
+"""
+
+
+def _spec(tmp_path: Path, text: str) -> ExperimentSpec:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+def test_the_planner_steers_every_variant_of_the_model_with_an_imported_set(
+    tmp_path: Path,
+) -> None:
+    spec = _spec(tmp_path, SPEC_WITH_VECTORS)
+    plan = build_plan(spec, "run-imported")
+    by_id = {j.id: j for j in plan.jobs}
+    imported = [j for j in plan.jobs if j.params.get("source") == "imported-repeng-evil"]
+    assert {j.params["target"] for j in imported} == {"tiny@fp32", "tiny@nf4"}
+    for job in imported:
+        p = job.params
+        assert p["vectors_location"] == "s3://qsens/data/abc/evil.gguf"
+        assert p["method"] == "imported" and p["trait"]["name"] == "pv/evil"
+        # It waits for the target's own extraction of the trait (the activation norms).
+        deps = [by_id[d] for d in job.deps]
+        assert any(d.kind.value == "extract" and d.params["variant"] == p["target"] for d in deps)
+    analyze = next(j for j in plan.jobs if j.kind.value == "analyze")
+    assert {j.id for j in imported} <= set(analyze.deps)
+    # A set for a model or trait the spec does not have is refused, naming the field.
+    for bad, field in [("model: tiny", "model: other"), ("trait: pv/evil", "trait: pv/nope")]:
+        with pytest.raises(InvalidArgument) as err:
+            _spec(tmp_path, SPEC_WITH_VECTORS.replace(f"    {bad}\n", f"    {field}\n"))
+        assert err.value.field.startswith("vectors[0].")
+
+
+async def test_an_imported_gguf_steers_the_toy_with_the_targets_norms(
+    plane: Plane, toy_loader: LoaderProc, run_id: str
+) -> None:
+    await plane.announce(toy_loader)
+    # The target's own vectors point along a dead dimension; the imported ones along v.
+    write_extraction(plane.store, run_id, "toy@fp32", "pv/evil", toy_vectors(DEAD_DIM))
+    vectors = toy_vectors(V_DIM)
+    gguf = write_vectors(from_layers(dict(enumerate(vectors))), "repeng-gguf", model_hint="toy")
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "evil.gguf"
+        file.write_bytes(gguf)
+        location = put_data(file)
+    job = steer_job(
+        run_id,
+        source="imported-evil",
+        search=search_spec(steps=9, fine_points=0, budget="equal"),
+        layers=[2],
+    )
+    # A job's id is the hash of its params: build it anew with the imported set's.
+    job = Job(
+        kind=job.kind,
+        run_id=run_id,
+        name=job.name,
+        params={**job.params, "method": "imported", "vectors_location": location},
+    )
+    [record] = await plane.run(run_id, [job])
+    assert record.state == JobState.DONE, record.error
+    p = job.params
+    parts = (run_id, p["target"], "pv/evil", "imported-evil", "imported", "native", "add", "+")
+    result, _ = read_result_for(plane, parts)
+    assert result.vector["imported_from"] == location
+    assert result.vector["source_precision"] == "imported"
+    assert "/toy@fp32/extract/" in result.vector["summary_key"]  # the target's norms
+    lo, hi = result.brackets["2"]
+    assert lo is not None and hi is not None and lo < C_STAR <= hi
+    assert result.best is not None and result.best.mean_trait == 80
+
+
+def read_result_for(plane: Plane, parts: tuple[str, ...]) -> tuple[Any, list[Any]]:
+    from services.common.artefacts import steer_key
+    from services.steerer.results import SteerResult, SteerRun
+
+    result = SteerResult.model_validate(plane.store.get_json(steer_key(*parts, "result.json")))
+    rows = plane.store.get_jsonl(steer_key(*parts, "runs.jsonl"))
+    return result, [SteerRun.model_validate(r) for r in rows]
