@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import signal
 import socket
@@ -333,8 +334,16 @@ class LoaderRuntime:
             use_response=False,
         )
         before = self.engine.tokens_processed
-        results = self.engine.generate(items, params, max_rows=ctx.max_rows)
-        check_generations(results, [bool(it.steering) for it in items])
+        steered = [bool(it.steering) for it in items]
+        # Overflowing steering makes NaN logits that sampling turns into plausible token ids;
+        # the chosen tokens' log-probs (cheap next to a decode step) show it.
+        watch = any(steered) and not params.logprobs
+        run = dataclasses.replace(params, logprobs=True, top_logprobs=0) if watch else params
+        results = self.engine.generate(items, run, max_rows=ctx.max_rows)
+        check_generations(results, steered)
+        if watch:
+            for result in results:
+                result.logprobs = None
         return results, self.engine.tokens_processed - before
 
     def generate_chat(

@@ -207,3 +207,26 @@ def test_non_finite_outputs_are_named_errors() -> None:
     assert check_capture([big], [False], "float32") == [big]
     with pytest.raises(InvalidArgument, match=r"^dtype: items\[0\]: activations exceed"):
         check_capture([big], [False], "float16")
+
+
+async def test_watching_steered_generation_changes_nothing(tiny_loader: LoaderProc) -> None:
+    # Steered generation records log-probs internally (to catch NaN logits) and drops them.
+    replies = []
+    for logprobs in (False, True):
+        request = pb.GenerateRequest(
+            items=[_item(), _item("other")],
+            steering=[_steer(_vec(1.0), 4.0)],
+            params=pb.GenerationParams(
+                max_new_tokens=5, temperature=0.8, seed=3, logprobs=logprobs
+            ),
+        )
+        code, details, reply = await _call(tiny_loader.address, "Generate", request)
+        assert code == grpc.StatusCode.OK, details
+        assert isinstance(reply, pb.GenerateResponse)
+        replies.append(reply)
+    plain, watched = replies
+    assert [list(g.token_ids) for g in plain.generations] == [
+        list(g.token_ids) for g in watched.generations
+    ]
+    assert all(not g.logprobs for g in plain.generations)
+    assert all(len(g.logprobs) == len(g.token_ids) for g in watched.generations)
