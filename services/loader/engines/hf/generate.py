@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from services.loader.cache_arg import cache_kwargs
 from services.loader.engine import EngineItem, GenParams, GenResult, StepLogprob
 from services.loader.engines.hf.core import HFCore
 from services.loader.engines.hf.sampling import M32, record_logprobs, sample
@@ -106,7 +107,7 @@ class _CachedDecode:
             input_ids=self.padded.input_ids,
             attention_mask=self.attention[:, : self.length],
             position_ids=self.padded.position_ids,
-            past_key_values=self.cache,
+            **cache_kwargs(self.core.model, self.cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -141,7 +142,7 @@ class _CachedDecode:
             input_ids=tokens[:, None],
             attention_mask=self.attention[:, : self.length],
             position_ids=self.next_pos[:, None],
-            past_key_values=self.cache,
+            **cache_kwargs(self.core.model, self.cache),
             use_cache=True,
         )
         self.next_pos = self.next_pos + 1

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from services.loader.cache_arg import cache_kwargs
 from services.loader.engine import ContinuationScore, PaddingSide, ScoreInput
 from services.loader.engines.hf.core import HFCore
 from services.loader.hooks import ForwardState, install_hooks
@@ -95,7 +96,7 @@ def _forward(
             input_ids=ctx.input_ids,
             attention_mask=ctx.attention_mask,
             position_ids=ctx.position_ids,
-            past_key_values=cache,
+            **cache_kwargs(core.base, cache),
             use_cache=True,
         ).last_hidden_state
         last = torch.tensor(
@@ -121,7 +122,7 @@ def _forward(
             input_ids=cont_ids,
             attention_mask=attention,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs(core.base, cache),
             use_cache=True,
         ).last_hidden_state
     return first_logprobs, cont_hidden, owner_t, conts
