@@ -40,6 +40,7 @@ SLOW_MODULES = frozenset(
         "tests/quantize/test_quantize_job.py",  # quantize jobs (gptqmodel)
         "tests/steerer/test_benchmarks.py",  # benchmarks checked against transformers
         "tests/steerer/test_steer.py",  # whole coefficient searches over a loader
+        "tests/steerer/test_imported_vectors.py",  # a whole search with an imported vector
         "tests/common/test_cli_stack.py",  # qsens up / down with every child process
         "tests/loader/test_faults.py",  # SIGTERM drains and OOM halving of loader processes
         "tests/loader/test_backpressure.py",  # loaders kept busy for seconds on purpose
