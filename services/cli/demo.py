@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -183,6 +184,16 @@ async def _fetch_report(run_id: str, target: Path) -> list[Path]:
     return await download_folder(run_prefix(run_id) + "analysis/", target)
 
 
+def _print_restarts(home: Path) -> None:
+    """What the stack's supervisor restarted during the demo (nothing, normally)."""
+    from services.common.localstack.supervisor import restart_lines
+
+    with contextlib.suppress(QsensError):
+        stack = localstack.load_stack(home.resolve())
+        for line in restart_lines(stack) if stack is not None else []:
+            console.print(f"[yellow]restarted by the supervisor:[/yellow] {line}")
+
+
 @app.command("demo")
 def demo(
     spec: Annotated[Path, typer.Option(help="The spec to run.")] = DEMO_SPEC,
@@ -257,6 +268,7 @@ def demo(
             console.print("[yellow]no report was written (see the analyzer log)[/yellow]")
         phases.lap("results and report")
     finally:
+        _print_restarts(home)
         if not keep:
             localstack.down(home)
             phases.lap("stack down")

@@ -102,6 +102,7 @@ def up(
             force=force,
         )
     except QsensError as err:
+        _echo_restarts(folder)  # a stack already running: what its supervisor restarted
         raise _fail(err) from err
     typer.echo(f"NATS  {stack.env['QSENS_NATS_URL']}  (pid {stack.nats.pid})")
     typer.echo(
@@ -120,6 +121,17 @@ def up(
         )
     typer.echo(f"state and logs in {stack.home}")
     typer.echo(f'use it from a shell: eval "$(qsens env --home {stack.home})"')
+
+
+def _echo_restarts(folder: Path) -> None:
+    from services.common.localstack.supervisor import restart_lines
+
+    try:
+        stack = localstack.load_stack(folder.resolve())
+    except QsensError:
+        return
+    for line in restart_lines(stack) if stack is not None else []:
+        typer.echo(f"restarted: {line}")
 
 
 @app.command("down")

@@ -119,6 +119,9 @@ def test_restarts_children_and_nats_and_records_them(stack: Stack) -> None:
     shown = CliRunner().invoke(stack_cli.app, ["status-stack", "--home", str(home)])
     assert "restarts" in shown.output and "last exit: exit code 3" in shown.output
     assert "supervisor" in shown.output
+    again = CliRunner().invoke(stack_cli.app, ["up", "--home", str(home)])
+    assert again.exit_code == 1 and "already running" in again.output
+    assert "restarted: worker-sleep" in again.output
 
 
 def _try(probe: Callable[[], bool]) -> bool:

@@ -125,7 +125,9 @@ def _check_not_running(home: Path, force: bool) -> None:
     if stack is None:
         return
     alive = [(p, process_alive(p)) for p in stack.processes()]
-    if all(ok for _, ok in alive):
+    # A live supervisor restarts what is gone: the stack is running, not stale.
+    supervised = stack.supervisor is not None and process_alive(stack.supervisor)
+    if supervised or all(ok for _, ok in alive):
         raise FailedPrecondition(
             f"a stack is already running from {home} (NATS {stack.env.get('QSENS_NATS_URL')}, "
             f"S3 {stack.env.get('QSENS_S3_ENDPOINT')}); `qsens down` stops it"
