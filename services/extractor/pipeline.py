@@ -26,6 +26,7 @@ from services.common.contracts.extract import (
     ExtractSummary,
     VettingSummary,
 )
+from services.common.contracts.vectors import VectorSet
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.hashing import stable_hash
 from services.common.logging import get_logger
@@ -40,9 +41,16 @@ from services.extractor.datasets import (
     load_trait,
 )
 from services.extractor.methods import compute_vectors
-from services.loader.client import Chat, LoaderClient, PromptItem
+from services.loader.client import Chat, LoaderClient, LoaderInfo, PromptItem
 
-__all__ = ["ExtractParams", "JudgeLike", "TooFewVettedExamples", "run_extraction"]
+__all__ = [
+    "ExtractParams",
+    "JudgeLike",
+    "TooFewVettedExamples",
+    "extract_result_key",
+    "extract_summary",
+    "run_extraction",
+]
 
 log = get_logger(__name__)
 
@@ -199,60 +207,63 @@ def extract_summary(done: ExtractSummary, key: str) -> dict[str, Any]:
     ).model_dump(mode="json", exclude_unset=True)
 
 
-async def run_extraction(
-    run_id: str,
-    params: ExtractParams,
-    *,
-    store: AsyncS3Store,
-    loader: LoaderClient,
-    judge: JudgeLike | None,
-) -> dict[str, Any]:
-    """Run one extraction job; returns a small summary for the job record."""
-    started = time.perf_counter()
-    trait = params.trait.name
-    mode = params.mode
+@dataclass(frozen=True)
+class _Job:
+    """One extraction's identity and where its artefacts go."""
 
-    def key(*leaf: str) -> str:
-        return extract_key(run_id, params.variant, trait, mode, *leaf)
+    run_id: str
+    params: ExtractParams
+    store: AsyncS3Store
 
-    # An s3:// trait is downloaded by the reader: off the event loop, which serves the worker's
-    # other jobs and its NATS heartbeats meanwhile.
-    dataset = await asyncio.to_thread(load_trait, params.trait.ref)
-    info = await loader.info()
-    check_methodology(
-        dataset, info.supports_system_role, info.supports_chat_template, model=params.variant
-    )
-    p = params.extraction
+    def key(self, *leaf: str) -> str:
+        p = self.params
+        return extract_key(self.run_id, p.variant, p.trait.name, p.mode, *leaf)
+
+    def reference_key(self, leaf: str) -> str:
+        """An artefact of the native extraction this replay takes its responses from."""
+        p = self.params
+        if not p.replay_from:
+            raise InvalidArgument("params.replay_from", "replay mode needs a reference variant")
+        return extract_key(self.run_id, p.replay_from, p.trait.name, "native", leaf)
+
+
+def _contrast_rows(dataset: TraitDataset, p: ExtractionSpec) -> list[_Row]:
     splits = dataset.split(p.seed, p.n_train, p.n_val)
     rows = [
         _Row(ex, "train") for ex in build_contrast_set(dataset, splits.train, rollouts=p.rollouts)
     ]
     rows += [_Row(ex, "val") for ex in build_contrast_set(dataset, splits.val, rollouts=p.rollouts)]
+    return rows
+
+
+async def _responses(
+    job: _Job,
+    rows: list[_Row],
+    dataset: TraitDataset,
+    loader: LoaderClient,
+    judge: JudgeLike | None,
+) -> VettingSummary:
+    """Fill the rows' responses (generated, or the reference's when replaying) and vet them."""
+    params, p = job.params, job.params.extraction
     needs_response = any(r.example.generate for r in rows) or params.position.startswith("response")
-    vetting = VettingSummary(enabled=False)
-    if needs_response:
-        if mode == "replay":
-            if not params.replay_from:
-                raise InvalidArgument("params.replay_from", "replay mode needs a reference variant")
-            await _replay(
-                rows,
-                store,
-                extract_key(run_id, params.replay_from, trait, "native", "responses.jsonl"),
-            )
-            vetting = VettingSummary.model_validate(
-                await store.get_json(
-                    extract_key(run_id, params.replay_from, trait, "native", "vetting.json")
-                )
-            )
-        else:
-            await _generate(rows, loader, p)
-            if p.vetting.enabled and judge is not None:
-                vetting = await _vet(rows, dataset, p.vetting, judge)
-                vetting.positive_min, vetting.negative_max = (
-                    p.vetting.positive_min,
-                    p.vetting.negative_max,
-                )
-    kept = [r for r in rows if r.kept]
+    if not needs_response:
+        return VettingSummary(enabled=False)
+    if params.mode == "replay":
+        await _replay(rows, job.store, job.reference_key("responses.jsonl"))
+        return VettingSummary.model_validate(
+            await job.store.get_json(job.reference_key("vetting.json"))
+        )
+    await _generate(rows, loader, p)
+    if not (p.vetting.enabled and judge is not None):
+        return VettingSummary(enabled=False)
+    vetting = await _vet(rows, dataset, p.vetting, judge)
+    vetting.positive_min, vetting.negative_max = p.vetting.positive_min, p.vetting.negative_max
+    return vetting
+
+
+def _check_kept(kept: list[_Row], params: ExtractParams) -> None:
+    """TooFewVettedExamples when vetting left a split's class short."""
+    p = params.extraction
     for split in ("train", "val"):
         for label in (1, 0):
             have = sum(1 for r in kept if r.split == split and r.example.label == label)
@@ -263,26 +274,32 @@ async def run_extraction(
                     "positive" if label else "negative",
                     have,
                     need,
-                    f"{trait} on {params.variant}",
+                    f"{params.trait.name} on {params.variant}",
                 )
-    await store.put_jsonl(key("responses.jsonl"), [r.to_json() for r in rows])
-    await store.put_json(key("vetting.json"), vetting.model_dump(mode="json"))
-    capture = await loader.capture(
-        [PromptItem(_prompt(r.example), response=r.response) for r in kept],
-        position=params.position,
-        layers=params.layers,
-        reduction="mean",
-    )
-    acts = capture.stacked().astype(np.float32)  # [N, L, H]
-    layers = list(capture.layers)
-    groups: dict[str, tuple[np.ndarray, list[str]]] = {}
+
+
+_Groups = dict[str, tuple[np.ndarray, list[str]]]
+
+
+def _groups(kept: list[_Row], acts: np.ndarray) -> _Groups:
+    """``train_pos`` ... ``val_neg``: activations [n, L, H] and pair ids of each part."""
+    groups: _Groups = {}
     for split in ("train", "val"):
         for label, name in ((1, "pos"), (0, "neg")):
             idx = [i for i, r in enumerate(kept) if r.split == split and r.example.label == label]
             groups[f"{split}_{name}"] = (acts[idx], [kept[i].example.pair_id for i in idx])
-    activation_norm = np.linalg.norm(acts, axis=-1).mean(axis=0).astype(float).tolist()
-    meta = {"variant": params.variant, "trait": trait, "mode": mode, "position": params.position}
-    vectors = await asyncio.to_thread(
+    return groups
+
+
+async def _vectors(job: _Job, groups: _Groups, layers: list[int]) -> dict[str, VectorSet]:
+    params = job.params
+    meta = {
+        "variant": params.variant,
+        "trait": params.trait.name,
+        "mode": params.mode,
+        "position": params.position,
+    }
+    return await asyncio.to_thread(
         compute_vectors,
         groups["train_pos"][0],
         groups["train_neg"][0],
@@ -291,37 +308,95 @@ async def run_extraction(
         methods=params.methods,
         pos_ids=groups["train_pos"][1],
         neg_ids=groups["train_neg"][1],
-        seed=p.seed,
+        seed=params.extraction.seed,
         layers=layers,
         meta=meta,
     )
+
+
+async def _store_arrays(
+    job: _Job, groups: _Groups, layers: list[int], vectors: dict[str, VectorSet]
+) -> tuple[str | None, dict[str, str]]:
+    """Write the activations (if kept) and every method's vector set; returns their keys."""
     activations_key = None
-    if p.store_activations:
-        activations_key = key("activations.safetensors")
+    if job.params.extraction.store_activations:
+        activations_key = job.key("activations.safetensors")
         blob = save_safetensors(
             {name: arr for name, (arr, _ids) in groups.items()},
             {
                 "layers": layers,
-                "position": params.position,
+                "position": job.params.position,
                 "pair_ids": {n: ids for n, (_a, ids) in groups.items()},
             },
         )
-        await store.put_bytes(activations_key, blob, content_type="application/octet-stream")
+        await job.store.put_bytes(activations_key, blob, content_type="application/octet-stream")
     vector_keys: dict[str, str] = {}
     for method, vs in vectors.items():
-        vector_keys[method] = key("vectors", f"{method}.safetensors")
-        await store.put_bytes(
+        vector_keys[method] = job.key("vectors", f"{method}.safetensors")
+        await job.store.put_bytes(
             vector_keys[method], vs.to_safetensors(), content_type="application/octet-stream"
         )
+    return activations_key, vector_keys
+
+
+def _loader_provenance(info: LoaderInfo) -> dict[str, Any]:
+    return {
+        "variant": info.variant,
+        "backend": info.backend,
+        "dtype": info.dtype,
+        "device": info.device,
+        "parameter_bytes": info.parameter_bytes,
+        "quantization_config": info.quantization_config,
+        "source": info.source,
+        "notes": info.notes,
+    }
+
+
+async def run_extraction(
+    run_id: str,
+    params: ExtractParams,
+    *,
+    store: AsyncS3Store,
+    loader: LoaderClient,
+    judge: JudgeLike | None,
+) -> dict[str, Any]:
+    """Run one extraction job; returns a small summary for the job record."""
+    started = time.perf_counter()
+    job = _Job(run_id, params, store)
+    # An s3:// trait is downloaded by the reader: off the event loop, which serves the worker's
+    # other jobs and its NATS heartbeats meanwhile.
+    dataset = await asyncio.to_thread(load_trait, params.trait.ref)
+    info = await loader.info()
+    check_methodology(
+        dataset, info.supports_system_role, info.supports_chat_template, model=params.variant
+    )
+    p = params.extraction
+    rows = _contrast_rows(dataset, p)
+    vetting = await _responses(job, rows, dataset, loader, judge)
+    kept = [r for r in rows if r.kept]
+    _check_kept(kept, params)
+    await store.put_jsonl(job.key("responses.jsonl"), [r.to_json() for r in rows])
+    await store.put_json(job.key("vetting.json"), vetting.model_dump(mode="json"))
+    capture = await loader.capture(
+        [PromptItem(_prompt(r.example), response=r.response) for r in kept],
+        position=params.position,
+        layers=params.layers,
+        reduction="mean",
+    )
+    acts = capture.stacked().astype(np.float32)  # [N, L, H]
+    layers = list(capture.layers)
+    groups = _groups(kept, acts)
+    vectors = await _vectors(job, groups, layers)
+    activations_key, vector_keys = await _store_arrays(job, groups, layers, vectors)
     summary = ExtractSummary(
         run_id=run_id,
         variant=params.variant,
         model=info.model,
         precision=info.precision,
-        trait=trait,
+        trait=params.trait.name,
         methodology=dataset.methodology,
-        mode=mode,
-        replay_from=params.replay_from if mode == "replay" else None,
+        mode=params.mode,
+        replay_from=params.replay_from if params.mode == "replay" else None,
         position=params.position,
         layers=layers,
         methods=list(vectors),
@@ -329,26 +404,17 @@ async def run_extraction(
         n_train_neg=len(groups["train_neg"][1]),
         n_val_pos=len(groups["val_pos"][1]),
         n_val_neg=len(groups["val_neg"][1]),
-        activation_norm=activation_norm,
+        activation_norm=np.linalg.norm(acts, axis=-1).mean(axis=0).astype(float).tolist(),
         vector_keys=vector_keys,
         activations_key=activations_key,
-        responses_key=key("responses.jsonl"),
+        responses_key=job.key("responses.jsonl"),
         vetting=vetting,
         auroc={
             m: [None if not np.isfinite(x) else float(x) for x in vs.auroc]
             for m, vs in vectors.items()
         },
         norms={m: [float(x) for x in vs.norms] for m, vs in vectors.items()},
-        loader={
-            "variant": info.variant,
-            "backend": info.backend,
-            "dtype": info.dtype,
-            "device": info.device,
-            "parameter_bytes": info.parameter_bytes,
-            "quantization_config": info.quantization_config,
-            "source": info.source,
-            "notes": info.notes,
-        },
+        loader=_loader_provenance(info),
         generation={
             "max_new_tokens": p.max_new_tokens,
             "temperature": p.temperature,
@@ -358,12 +424,12 @@ async def run_extraction(
         dataset_fingerprint=dataset.fingerprint(),
         seconds=time.perf_counter() - started,
     )
-    await store.put_json(key("summary.json"), json.loads(summary.model_dump_json()))
+    await store.put_json(job.key("summary.json"), json.loads(summary.model_dump_json()))
     mid = len(layers) // 2
     return ExtractOutcome(
         variant=params.variant,
-        trait=trait,
-        mode=mode,
+        trait=params.trait.name,
+        mode=params.mode,
         n_train_pos=summary.n_train_pos,
         n_train_neg=summary.n_train_neg,
         auroc_mid={m: v[mid] for m, v in summary.auroc.items()},
