@@ -79,6 +79,7 @@ class _Row:
     score: float | None = None
     status: str | None = None
     reason: str | None = None
+    refusal_over_score: bool = False
     kept: bool = True
 
     @property
@@ -99,7 +100,12 @@ class _Row:
             "response": self.response,
             "judge": None
             if self.status is None
-            else {"score": self.score, "status": self.status, "reason": self.reason},
+            else {
+                "score": self.score,
+                "status": self.status,
+                "reason": self.reason,
+                "refusal_over_score": self.refusal_over_score,
+            },
             "kept": self.kept,
         }
 
@@ -157,6 +163,8 @@ async def _vet(
         row.status = str(getattr(res.status, "value", res.status))
         row.score = res.score
         row.reason = None if res.reason is None else str(getattr(res.reason, "value", res.reason))
+        row.refusal_over_score = bool(getattr(res, "refusal_over_score", False))
+        summary.refusal_over_score += int(row.refusal_over_score)
         summary.judge_backend, summary.judge_model, summary.rubric_hash = (
             res.backend,
             res.model,

@@ -33,6 +33,7 @@ from tests.loader_procs import LoaderProc
 TRAIT = "pv/evil"
 KEEP_BOTH = table({"50": 1.0})  # between negative_max and positive_min: every row kept
 LOW = table({"30": 1.0})  # a positive that shows no trait: dropped; a negative: kept
+CONTESTED = table({"REFUSAL": 0.55, "30": 0.45})  # REFUSAL by the refusal-over-score rule
 
 
 @pytest.fixture
@@ -110,10 +111,12 @@ async def test_judge_drops_pairs_and_the_vector_follows(
     assert all(r["kept"] for r in rows)
     train_pos = [r for r in rows if r["split"] == "train" and r["label"] == 1]
     assert len(train_pos) >= 4
-    # The judge now finds no trait in the answers to two training questions: their positives go.
-    dropped_questions = {r["question"] for r in train_pos[:2]}
-    for q in dropped_questions:
-        fake.by_question[q] = LOW
+    # The judge now finds no trait in the answers to one training question, and calls those to
+    # another REFUSAL over a scorable number (refusal-over-score): their positives go.
+    low_q, contested_q = list(dict.fromkeys(r["question"] for r in train_pos))[:2]
+    fake.by_question[low_q] = LOW
+    fake.by_question[contested_q] = CONTESTED
+    dropped_questions = {low_q, contested_q}
     vetted = "run-" + uuid.uuid4().hex[:12]
     await _extract(vetted, tiny_loader, judge, min_keep=2)
     after = await _read(vetted, variant, "responses.jsonl")
@@ -123,11 +126,15 @@ async def test_judge_drops_pairs_and_the_vector_follows(
     }
     assert expect_dropped and {r["key"] for r in after if not r["kept"]} == expect_dropped
     for r in after:
-        assert r["judge"]["score"] == pytest.approx(
-            30.0 if r["question"] in dropped_questions else 50.0
-        )
+        if r["question"] == contested_q:
+            assert r["judge"]["status"] == "refusal" and r["judge"]["refusal_over_score"]
+        else:
+            assert r["judge"]["score"] == pytest.approx(30.0 if r["question"] == low_q else 50.0)
+            assert not r["judge"]["refusal_over_score"]
     vetting = await _read(vetted, variant, "vetting.json")
     assert vetting["dropped_pos"] == len(expect_dropped) and vetting["dropped_neg"] == 0
+    # The vetting summary reports how many judgments the refusal-over-score rule decided.
+    assert vetting["refusal_over_score"] == sum(r["question"] == contested_q for r in after) > 0
     summary = await _read(vetted, variant, "summary.json")
     n_dropped_train = sum(1 for r in after if r["key"] in expect_dropped and r["split"] == "train")
     assert summary["n_train_pos"] == len(train_pos) - n_dropped_train

@@ -67,6 +67,9 @@ class VettingSummary(BaseModel):
     dropped_pos: int = 0
     dropped_neg: int = 0
     unscorable: int = 0
+    # Judgments the judge's refusal-over-score setting decided (REFUSAL mass above a numeric
+    # mass that alone would score: services.judge.aggregate).
+    refusal_over_score: int = 0
     refusal_rate_pos: float = 0.0
     refusal_rate_neg: float = 0.0
     mean_score_pos: float | None = None
