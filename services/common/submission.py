@@ -11,13 +11,16 @@ the rest (e.g. an analyze job depending on a very large number of jobs).
 When a fresh submit fails part-way before any job could have been published, what it wrote is
 removed (``spec.json``, ``plan.json``, the run and job records), so the run id can be used
 again, with this spec or another. A resubmit of the same plan is left as it is: submitting it
-again finishes it (the DAG submit is idempotent).
+again finishes it (the DAG submit is idempotent). What older submits left when they failed
+(objects without a run record, or a run record whose job records were never all written,
+``ABANDONED_S`` ago) no longer holds the run id either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -34,13 +37,17 @@ from services.common.spec import ExperimentSpec
 from services.common.state import JobRecord, JobState, RunRecord, StateStore
 from services.common.store import AsyncS3Store, run_key
 
-__all__ = ["RECORD_HEADROOM", "check_payloads", "submit_run", "undo_submit"]
+__all__ = ["ABANDONED_S", "RECORD_HEADROOM", "check_payloads", "submit_run", "undo_submit"]
 
 log = get_logger(__name__)
 
 #: Bytes a job record keeps free for what it gains while it runs (attempts, worker, error
 #: text, the handler's result summary): this much, or a quarter of a smaller server's limit.
 RECORD_HEADROOM = 64 * 1024
+
+#: A run record older than this whose job records were never all written is an abandoned
+#: submit (it crashed half-way), not one still in progress: its run id may be taken over.
+ABANDONED_S = 600.0
 
 # The spec field that makes a job of each kind large (analyze carries the whole spec).
 _FIELD = {
@@ -99,14 +106,20 @@ def _run_record(plan: RunPlan) -> RunRecord:
     )
 
 
-async def _existing(state: StateStore, plan: RunPlan) -> bool:
+async def _existing(state: StateStore, plan: RunPlan, store: AsyncS3Store) -> bool:
     """True when the run id already holds this plan (a resubmit); FailedPrecondition when it
-    holds another; False when it is free."""
+    holds another; False when it is free, or held by a submit that failed half-way (before
+    this module undid such failures) more than ``ABANDONED_S`` ago, which is removed."""
     try:
         run = await state.get_run(plan.run_id)
     except NotFound:
         return False
     if run.spec_hash != plan.spec_hash or run.job_count != len(plan.jobs):
+        records = await state.list_jobs(plan.run_id)
+        if len(records) < run.job_count and time.time() - run.created_at > ABANDONED_S:
+            log.info("removing an abandoned half-made run", extra={"run_id": plan.run_id})
+            await _remove(state, store, plan.run_id, records)
+            return False
         raise FailedPrecondition(
             f"run id {plan.run_id!r} is already used by another run (spec {run.spec_hash}, "
             f"{run.job_count} jobs); choose another run id"
@@ -140,16 +153,25 @@ async def undo_submit(
     (roots may have been published; submitting again finishes the run). True when removed."""
     state = await StateStore.open(js, settings)
     rid = plan.run_id
+    records: list[JobRecord] = []
     with contextlib.suppress(NotFound):
         await state.get_run(rid)
         records = await state.list_jobs(rid)
         if len(records) >= len(plan.jobs):
             return False
-        for record in records:
-            await state.jobs.purge(f"{rid}.{record.job.id}")
+    await _remove(state, store, rid, records)
+    return True
+
+
+async def _remove(
+    state: StateStore, store: AsyncS3Store, rid: str, records: list[JobRecord]
+) -> None:
+    """Purge a run's job records and run record, and delete its spec.json and plan.json."""
+    for record in records:
+        await state.jobs.purge(f"{rid}.{record.job.id}")
+    with contextlib.suppress(Exception):  # no run record: nothing to purge
         await state.runs.purge(rid)
     await asyncio.to_thread(store.sync.delete, [run_key(rid, "spec.json"), plan_key(rid)])
-    return True
 
 
 async def submit_run(
@@ -167,7 +189,7 @@ async def submit_run(
     async with connection(cfg, name="qsens-submit") as nc:
         check_payloads(plan, int(nc.max_payload))
         js = nc.jetstream()
-        resubmit = await _existing(await StateStore.open(js, cfg), plan)
+        resubmit = await _existing(await StateStore.open(js, cfg), plan, s3)
         await s3.ensure_bucket()
         if not resubmit:
             await _clear_leftovers(s3, spec, plan)

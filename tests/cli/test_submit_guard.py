@@ -31,7 +31,7 @@ from services.common.settings import NatsSettings
 from services.common.spec import ExperimentSpec, parse_spec
 from services.common.state import JobRecord, JobState, StateStore
 from services.common.store import AsyncS3Store, S3Store, run_key, run_prefix
-from services.common.submission import _run_record, submit_run, undo_submit
+from services.common.submission import ABANDONED_S, _run_record, submit_run, undo_submit
 from tests.analyzer.conftest import store_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,3 +209,28 @@ def test_qsens_run_refuses_a_spec_over_1_mb_and_the_run_id_stays_free(
     out = _cli("run", str(small), "--run-id", run_id, "--detach", "--local", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == run_id
+
+
+@pytest.mark.usefixtures("small_env")
+def test_a_half_made_run_left_by_an_old_submit_frees_its_id_once_abandoned(run_id: str) -> None:
+    # What the old `qsens run` left when MaxPayloadError hit the job records: spec.json,
+    # plan.json, the run record and some of the job records.
+    store = AsyncS3Store()
+    old = build_plan(_spec(precisions=["bf16", "nf4"]), run_id)
+
+    async def leave(age_s: float) -> None:
+        async with connection() as nc:
+            state = await StateStore.open(nc.jetstream(), settings_mod.get(NatsSettings))
+            record = _run_record(old).model_copy(update={"created_at": time.time() - age_s})
+            await state.runs.put(run_id, record.model_dump_json().encode())
+            await state.create_job(JobRecord(job=old.jobs[0], state=JobState.PENDING))
+        await store.put_json(run_key(run_id, "spec.json"), {"name": "old"})
+        await store.put_json(plan_key(run_id), {"spec_hash": old.spec_hash})
+
+    asyncio.run(leave(age_s=5))  # recent: may be a submit still under way
+    with pytest.raises(Exception, match="already used by another run"):
+        asyncio.run(submit_run(_spec(), run_id, store=store))
+    asyncio.run(leave(age_s=ABANDONED_S + 60))
+    assert asyncio.run(submit_run(_spec(), run_id, store=store)) == run_id
+    sync = S3Store()
+    assert sync.get_json(run_key(run_id, "spec.json")) == _spec().model_dump(mode="json")
