@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import InvalidArgument
+from services.common.methodologies import Methodology
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -43,7 +44,7 @@ class TraitParams(Params):
 
     ref: str = Field(description="Built-in name or methodology:path for load_trait.")
     name: str = Field(description="<methodology>/<name>, used in keys.")
-    methodology: Literal["pv", "caa", "arditi"]
+    methodology: Methodology
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

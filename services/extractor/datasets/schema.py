@@ -51,7 +51,7 @@ METHODOLOGIES: tuple[Methodology, ...] = tuple(_REGISTRY)
 DEFAULT_POSITIONS: dict[Methodology, str] = {m: f.default_position for m, f in _REGISTRY.items()}
 
 _POSITION = re.compile(r"^(?:all|prompt\[(?:-1|:)\]|response\[(?:-1|:|:[1-9][0-9]*)\])$")
-_TRAIT_NAME = re.compile(r"^(pv|caa|arditi)/[a-z0-9][a-z0-9._-]{0,63}$")
+_TRAIT_NAME = re.compile(rf"^({'|'.join(_REGISTRY)})/[a-z0-9][a-z0-9._-]{{0,63}}$")
 # "(A)", " (B)", "A", "(A) Yes", "A)" -> the letter; CAA answers are "(A)"/"(B)".
 _ANSWER_LETTER = re.compile(r"^\s*\(?\s*([A-Za-z])\s*(?:\)|$|[\s.:,])")
 
@@ -182,7 +182,7 @@ class TraitDataset(_Frozen):
     def _consistent(self) -> TraitDataset:
         if not _TRAIT_NAME.match(self.name):
             raise InvalidArgument(
-                "name", f"{self.name!r} is not '<pv|caa|arditi>/<lowercase name>'"
+                "name", f"{self.name!r} is not '<{'|'.join(_REGISTRY)}>/<lowercase name>'"
             )
         if self.name.split("/", 1)[0] != self.methodology:
             raise InvalidArgument(
