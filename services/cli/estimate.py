@@ -9,9 +9,11 @@ analyzer and the judge's upstream calls are not counted (CPU workers; the judge 
 Where the numbers come from:
 
 * ``steer`` 12 s: ``bench/RESULTS.md`` ("Not yet measured"): one trait's adaptive search at 32
-  layers, projected from the measured prefill and decode phases of the 8B shape on an H100.
+  layers (20 questions, 64 new tokens), projected from the measured prefill and decode phases
+  of the 8B shape on an H100; scaled by the job's questions / 20 and max_new_tokens / 64.
 * ``extract`` 10 s: the same phases for one contrast set (about 200 rows x 128 new tokens in
-  one batch, then one capture of every layer); a replay extraction is counted the same.
+  one batch, then one capture of every layer), scaled by rollouts and max_new_tokens / 128; a
+  replay extraction generates nothing: 2 s (the capture).
 * ``logit_diff`` 2 s, ``benchmark`` 5 s, ``probe`` 3 s: a few hundred scored or generated
   rows each, at the measured capture/prefill rates (assumptions, not measured).
 * ``quantize`` 900 s: GPTQ/AWQ of an 8B model with 128 x 512 calibration tokens on one GPU,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.jobs import Job
 from services.common.spec import ExperimentSpec
@@ -48,6 +51,7 @@ JOB_SECONDS_8B: dict[str, float] = {
     "quantize": 900.0,
 }
 LOADER_START_SECONDS_8B = 120.0
+REPLAY_SECONDS_8B = 2.0
 PRECISION_FACTOR: dict[str, float] = {
     "fp32": 2.0,
     "bf16": 1.0,
@@ -78,6 +82,21 @@ def _variant_of(job: Job) -> str | None:
     return None
 
 
+def _workload(kind: str, params: dict[str, Any]) -> float:
+    """The job's work relative to the one its per-kind seconds were stated for."""
+    if kind == "steer":
+        steering = params.get("steering") or {}
+        questions = steering.get("questions") or 20  # None: all (the built-ins hold 20)
+        return float(questions) / 20.0 * float(steering.get("max_new_tokens", 64)) / 64.0
+    if kind == "extract":
+        if params.get("mode") == "replay":
+            return REPLAY_SECONDS_8B / JOB_SECONDS_8B["extract"]
+        extraction = params.get("extraction") or {}
+        tokens = float(extraction.get("max_new_tokens", 128)) / 128.0
+        return float(extraction.get("rollouts", 1)) * tokens
+    return 1.0
+
+
 def estimate_gpu_hours(spec: ExperimentSpec, jobs: list[Job]) -> GpuEstimate:
     """The estimate for ``jobs`` planned from ``spec`` (see the module docstring)."""
     size = {m.name: (m.size_b or REFERENCE_SIZE_B) / REFERENCE_SIZE_B for m in spec.models}
@@ -97,7 +116,8 @@ def estimate_gpu_hours(spec: ExperimentSpec, jobs: list[Job]) -> GpuEstimate:
             continue
         model, _, precision = variant.partition("@")
         variants.add(variant)
-        seconds[kind] += base * size.get(model, 1.0) * PRECISION_FACTOR.get(precision, 1.0)
+        factor = size.get(model, 1.0) * PRECISION_FACTOR.get(precision, 1.0)
+        seconds[kind] += base * _workload(kind, job.params) * factor
     for variant in variants:
         model, _, precision = variant.partition("@")
         seconds["loader_start"] += (

@@ -82,3 +82,18 @@ def test_qsens_plan_prints_the_job_count_and_the_gpu_hours(tmp_path: Path) -> No
     expected = estimate_gpu_hours(spec, plan.jobs).gpu_hours
     assert float(match.group(3)) == pytest.approx(expected, abs=0.05)
     assert expected > 1.0
+
+
+def test_the_estimate_follows_the_specs_workload() -> None:
+    """Steering cost scales with questions x new tokens; replay extractions generate nothing."""
+    spec = load_spec(SEEDS)
+    full = estimate_gpu_hours(spec, build_plan(spec, "run-seeds").jobs)
+    half = spec.model_copy(update={"steering": spec.steering.model_copy(update={"questions": 10})})
+    halved = estimate_gpu_hours(half, build_plan(half, "run-seeds").jobs)
+    assert halved.by_kind["steer"] == pytest.approx(full.by_kind["steer"] / 2)
+    assert halved.by_kind["extract"] == pytest.approx(full.by_kind["extract"])
+    off = spec.model_copy(
+        update={"extraction": spec.extraction.model_copy(update={"replay": "off"})}
+    )
+    native = estimate_gpu_hours(off, build_plan(off, "run-seeds").jobs)
+    assert native.by_kind["extract"] > full.by_kind["extract"]
