@@ -268,13 +268,17 @@ def _plan_cli(spec: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_qsens_plan_prints_the_named_error_without_a_traceback(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
     cases = {
+        "deep-trait.yaml": BASE.replace("[pv/evil]", f"['pv:{deep}']").encode(),
         "deep.yaml": ("a: " + "[" * 50_000 + "]" * 50_000).encode(),
         "utf16.yaml": BASE.encode("utf-16"),
         "layers.yaml": (BASE + "layers: [-1, -99]\n").encode(),
         "tiny.yaml": BASE.replace("tiny:llama", "tiny:llama?layers=100000&hidden=1000000").encode(),
     }
     expected = {
+        "deep-trait.yaml": "traits[0]: pv/deep: JSON nested too deeply",
         "deep.yaml": "spec: nested deeper than 64 levels",
         "utf16.yaml": "is UTF-16 text",
         "layers.yaml": "layers[1]: layer -99 is out of range",
