@@ -6,6 +6,9 @@ kernel. RTN is gptqmodel's round-to-nearest in GPTQ format: the control that GPT
 should beat. Every checkpoint is made once into --out and reused on a second call.
 
     python bench/quantize_quality.py --model smollm2-135m --group-size 64 --samples 32 --seq-len 256
+
+On a GPU (``--device cuda``) gptqmodel quantizes on the card and the checkpoints are served by
+its CUDA kernels; the kernel and compute dtype of each are printed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
 
     nll, count = 0.0, 0
     for text in texts:
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        ids = torch.tensor([tokenizer(text)["input_ids"]], device=model.device)
         with torch.no_grad():
             logits = model(ids).logits.float()
         logp = torch.log_softmax(logits[0, :-1], dim=-1)
@@ -43,13 +47,27 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str]) -> float:
 def tokens_per_second(model: Any, tokenizer: Any, new_tokens: int) -> float:
     import torch
 
-    ids = tokenizer("The history of the printing press", return_tensors="pt")
+    ids = tokenizer("The history of the printing press", return_tensors="pt").to(model.device)
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     with torch.no_grad():
         model.generate(**ids, max_new_tokens=4, do_sample=False)  # warm-up
+        _sync(model)
         started = time.perf_counter()
         model.generate(**ids, **kwargs)
+        _sync(model)
     return new_tokens / (time.perf_counter() - started)
+
+
+def _slug(source: str) -> str:
+    """A folder name for a model source (``tiny:llama?layers=16&...`` has URL characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", source)
+
+
+def _sync(model: Any) -> None:
+    import torch
+
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -61,6 +79,8 @@ def main() -> None:
     parser.add_argument("--methods", default="gptq,awq,rtn")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path(".qsens/bench-quantize"))
+    parser.add_argument("--device", default="cpu", help="where the models are served: cpu, cuda")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 reference")
     args = parser.parse_args()
     import torch
 
@@ -80,18 +100,22 @@ def main() -> None:
         if line.strip()
     ]
     results: dict[str, Any] = {"model": args.model, "settings": spec.model_dump(mode="json")}
-    reference = get_backend(None, Precision.BF16).load(
-        resolve_source(args.model, cache), Precision.BF16, "cpu"
-    )
-    results["bf16"] = {
-        "perplexity": perplexity(reference.model, reference.tokenizer, heldout),
-        "tokens_per_s": tokens_per_second(reference.model, reference.tokenizer, args.new_tokens),
-        "kernel": "torch bf16 linear",
-    }
-    del reference
+    if not args.no_bf16:
+        reference = get_backend(None, Precision.BF16).load(
+            resolve_source(args.model, cache), Precision.BF16, args.device
+        )
+        results["bf16"] = {
+            "perplexity": perplexity(reference.model, reference.tokenizer, heldout),
+            "tokens_per_s": tokens_per_second(
+                reference.model, reference.tokenizer, args.new_tokens
+            ),
+            "kernel": "torch bf16 linear",
+        }
+        del reference
     for method in args.methods.split(","):
         folder = (
-            args.out / f"{args.model}-{method}-g{args.group_size}-{args.samples}x{args.seq_len}"
+            args.out
+            / f"{_slug(args.model)}-{method}-g{args.group_size}-{args.samples}x{args.seq_len}"
         )
         base = "awq" if method == "awq" else "gptq"
         request = spec.request(args.model, args.model, base)
@@ -101,10 +125,12 @@ def main() -> None:
         info = json.loads((folder / "qsens-quantize.json").read_text())
         precision = Precision.AWQ if base == "awq" else Precision.GPTQ
         loaded = get_backend(None, precision).load(
-            resolve_source(str(folder), cache), precision, "cpu"
+            resolve_source(str(folder), cache), precision, args.device
         )
         results[method] = {
             "quantize_seconds": info["quantize_seconds"],
+            "quantize_device": info.get("device"),
+            "folder": str(folder),
             "calibration": info["calibration"],
             "perplexity": perplexity(loaded.model, loaded.tokenizer, heldout),
             "tokens_per_s": tokens_per_second(loaded.model, loaded.tokenizer, args.new_tokens),

@@ -37,7 +37,17 @@ CARDS = (
 )
 
 # Bytes per decoder weight by precision (nf4: 4 bits plus a one-byte absmax per 64 weights).
-WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8": 1.0, "nf4": 0.5 + 1 / 64}
+WEIGHT_BYTES = {
+    "bf16": 2.0,
+    "fp16": 2.0,
+    "fp32": 4.0,
+    "int8": 1.0,
+    "nf4": 0.5 + 1 / 64,
+    "fp4": 0.5 + 1 / 64,
+    # 4-bit codes plus a 16-bit scale and a 4-bit zero per group of 128
+    "gptq": 0.5 + 2.5 / 128,
+    "awq": 0.5 + 2.5 / 128,
+}
 
 
 def card_for(device_name: str) -> Card | None:

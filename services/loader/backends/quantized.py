@@ -14,12 +14,14 @@ method   device      kernels, in order of preference
 gptq 4   CPU         aten int4pack (``_weight_int4pack_mm_for_cpu``), then plain torch (slow)
 gptq 8   CPU         torch int8 (CPU fused), then plain torch
 awq 4    CPU         aten int4pack, then plain torch
-gptq     CUDA        Marlin (symmetric), Machete (Hopper), then gptqmodel's automatic choice
-awq      CUDA        AWQ Marlin, then gptqmodel's automatic choice
+gptq     CUDA        Marlin (symmetric), Machete (Hopper), Triton, then plain torch
+awq      CUDA        AWQ Marlin, Triton GEMM (float16 only), then plain torch
 =======  ==========  =========================================================================
 
-Activations are computed in bfloat16 on both devices (the study's reference precision; every
-kernel above accepts it); ``Info.dtype`` reports it.
+Marlin and Machete are CUDA extensions that gptqmodel's PyPI wheel does not carry (they come
+with its source build); the Triton kernels compile at first use wherever Triton runs.
+Activations are computed in bfloat16 (the study's reference precision) except where a kernel
+takes float16 only (AWQ's Triton GEMM): ``Info.dtype`` and ``compute_dtype`` report which.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ _CPU_KERNELS: dict[tuple[str, int], tuple[str, ...]] = {
     ("awq", 4): ("AWQ_TORCH_ATEN", "AWQ_TORCH"),
 }
 _CUDA_KERNELS: dict[str, tuple[str, ...]] = {
-    "gptq": ("GPTQ_MARLIN", "GPTQ_MACHETE", "AUTO"),
-    "awq": ("AWQ_MARLIN", "AUTO"),
+    "gptq": ("GPTQ_MARLIN", "GPTQ_MACHETE", "GPTQ_TRITON", "GPTQ_TORCH"),
+    "awq": ("AWQ_MARLIN", "AWQ_GEMM_TRITON", "AWQ_TORCH"),
 }
+# Kernels that take float16 activations only; every other one runs in bfloat16.
+_FLOAT16_KERNELS = frozenset({"AWQ_GEMM_TRITON"})
 _ATEN_GROUPS = (32, 64, 128, 256)
 
 
@@ -116,9 +120,9 @@ class QuantizedBackend(Backend):
         bits = int(qconfig.get("bits", 4))
         group_size = int(qconfig.get("group_size", 128))
         sym = bool(qconfig.get("sym", not qconfig.get("zero_point", False)))
-        dtype = torch.bfloat16
         errors: list[str] = []
         for name in kernel_candidates(self.method, dev.type, bits, group_size, sym):
+            dtype = torch.float16 if name in _FLOAT16_KERNELS else torch.bfloat16
             try:
                 self._wrapper = gptqmodel.GPTQModel.load(
                     str(source.folder),
