@@ -34,6 +34,7 @@ from services.common.store import AsyncS3Store
 __all__ = [
     "VectorSource",
     "candidate_layers",
+    "compare_with_extraction",
     "layer_at_depth",
     "load_vector_source",
     "read_imported",
@@ -149,6 +150,33 @@ async def load_vector_source(
     except InvalidArgument as exc:
         raise FailedPrecondition(f"malformed vector set at {key}: {exc}") from None
     return VectorSource(variant, trait, method, vector_mode, summary, vectors, summary_key, key)
+
+
+async def compare_with_extraction(
+    store: AsyncS3Store, run_id: str, source: VectorSource
+) -> dict[str, dict[str, float | None]]:
+    """For an imported source: per method of the extraction whose norms it uses, the cosine
+    of the imported vector with the extracted one at every layer both have (None where either
+    is zero)."""
+    out: dict[str, dict[str, float | None]] = {}
+    summary = source.summary
+    for method, key in sorted(summary.vector_keys.items()):
+        if not key.startswith("runs/"):
+            key = extract_key(
+                run_id, summary.variant, source.trait, source.vector_mode, *key.split("/")
+            )
+        try:
+            extracted = VectorSet.from_safetensors(await store.get_bytes(key))
+        except (NotFound, InvalidArgument) as exc:
+            raise FailedPrecondition(f"vector set {key} for the comparison: {exc}") from None
+        cosines: dict[str, float | None] = {}
+        for layer in sorted(set(extracted.layers) & set(source.layers)):
+            a = extracted.vector(layer).astype(np.float64)
+            b = source.vector(layer).astype(np.float64)
+            denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+            cosines[str(layer)] = float(a @ b) / denom if denom > 0 else None
+        out[method] = cosines
+    return out
 
 
 def layer_at_depth(fraction: float, num_layers: int, available: Sequence[int]) -> int:

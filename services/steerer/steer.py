@@ -65,6 +65,7 @@ from services.steerer.search import Candidate, CoefficientSearch, Outcome, best_
 from services.steerer.sources import (
     VectorSource,
     candidate_layers,
+    compare_with_extraction,
     load_vector_source,
     start_coefficient,
 )
@@ -325,6 +326,8 @@ async def run_steer(
         params.vector_mode,
         location=imported,
     )
+    # An imported set is compared with the target's own extraction (cosine per layer).
+    compared = await compare_with_extraction(store, run_id, source) if imported else None
     if source.vectors.hidden_size != info.hidden_size:
         raise FailedPrecondition(
             f"{params.source}'s vectors have {source.vectors.hidden_size} dimensions; "
@@ -558,6 +561,7 @@ async def run_steer(
             "activation_norm": {str(layer): source.activation_norm(layer) for layer in layers},
             "source_precision": "imported" if imported else source.summary.precision,
             "imported_from": imported,
+            "cosine_to_extracted": compared,
         },
         judge=provenance,
         baseline=baseline,

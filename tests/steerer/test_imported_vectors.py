@@ -55,6 +55,9 @@ async def test_an_imported_gguf_steers_the_toy_with_the_targets_norms(
     assert result.vector["imported_from"] == location
     assert result.vector["source_precision"] == "imported"
     assert "/toy@fp32/extract/" in result.vector["summary_key"]  # the target's norms
+    # Compared with the target's own extraction: along v vs along a dead dimension.
+    cosines = result.vector["cosine_to_extracted"]["mean_diff"]
+    assert set(cosines) == {"0", "1", "2", "3"} and all(c == 0.0 for c in cosines.values())
     lo, hi = result.brackets["2"]
     assert lo is not None and hi is not None and lo < C_STAR <= hi
     assert result.best is not None and result.best.mean_trait == 80
