@@ -266,7 +266,8 @@ def qsens_invocations(container: dict[str, Any], env: dict[str, str]) -> list[li
     (script,) = container["args"]
     found = []
     for line in script.splitlines():
-        words = shlex.split(_SHELL_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), line))
+        expanded = _SHELL_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), line)
+        words = shlex.split(expanded, comments=True)
         while words and words[0] in ("if", "!", "then", "else"):
             words = words[1:]
         if words and words[0] == "qsens":

@@ -7,8 +7,12 @@ ephemeral storage; a Job stages reference weights into the cache and S3."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -115,3 +119,61 @@ def test_stage_job_puts_the_studys_model_into_cache_and_s3(
     cache = next(v for v in job.spec["volumes"] if v["name"] == "cache")
     assert cache["persistentVolumeClaim"]["claimName"] == "qsens-model-cache"
     assert "QSENS_S3_SECRET_KEY" in env and "HF_HUB_OFFLINE" not in env
+
+
+def test_stage_job_script_puts_the_download_into_s3(
+    renders: dict[str, list[dict[str, Any]]], s3_env: Any, tmp_path: Path
+) -> None:
+    """The stage Job's script, run through /bin/sh with the real `qsens` against a real S3
+    server: the folder `hf download` reports goes to S3 under the Job's MODEL_NAME, and a loader
+    fetches it back intact. `hf` is a stand-in here (no hub access in tests) that records its
+    arguments and prints a local folder's path, as `hf download --quiet` prints the snapshot's."""
+    from services.common.s3folders import fetch_model_folder
+    from services.common.tensor_codec import save_safetensors
+
+    docs = renders["example-study"]
+    (job,) = [p for p in pods(docs) if p.labels["app.kubernetes.io/component"] == "models-stage"]
+    (c,) = job.spec["containers"]
+    env = container_env(docs, c)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    weights = save_safetensors({"w": np.arange(12, dtype=np.float32)}, {})
+    (snapshot / "model.safetensors").write_bytes(weights)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "hf-calls"
+    (bin_dir / "hf").write_text(
+        f'#!/bin/sh\necho "$*" > {calls}\necho "Fetching 2 files" >&2\necho {snapshot}\n'
+    )
+    (bin_dir / "hf").chmod(0o755)
+    run_env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "QSENS_HOME": str(tmp_path / "home"),
+        "MODEL_ID": env["MODEL_ID"],
+        "MODEL_NAME": env["MODEL_NAME"],
+        **s3_env.env,
+    }
+    out = subprocess.run(
+        [*c["command"], *c["args"]], env=run_env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert calls.read_text().split() == [
+        "download",
+        env["MODEL_ID"],
+        "--exclude",
+        "original/*",
+        "--quiet",
+    ]
+    uri = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(rf"s3://[^/]+/models/{re.escape(env['MODEL_NAME'])}-[0-9a-f]{{16}}/", uri)
+    folder, notes = fetch_model_folder(uri, tmp_path / "cache")
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert "sha256 of every file checked" in notes[0]
+    # A failed download (no token for a gated model, no egress) fails the Job before any upload.
+    (bin_dir / "hf").write_text(f"#!/bin/sh\necho 401 Unauthorized >&2\necho {snapshot}\nexit 1\n")
+    out = subprocess.run(
+        [*c["command"], *c["args"]], env=run_env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0 and "s3://" not in out.stdout
