@@ -4,12 +4,17 @@ SeaweedFS also listens with its filer, master and volume servers; before, an uns
 ``curl -X PUT http://127.0.0.1:<filer>/buckets/<bucket>/<key>`` overwrote a result and DELETE
 removed it. Each such request is sent here to the real server and must be refused, with the
 stored object unchanged afterwards.
+
+Their gRPC ports (which S3 itself uses) take only connections with a client certificate of the
+stack's own CA.
 """
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
+import grpc
 import pytest
 import urllib3
 
@@ -84,3 +89,34 @@ def test_signed_writes_still_work(stored: tuple[S3Store, str]) -> None:
     store.put_bytes(key.replace("result.json", "big.bin"), big)
     assert store.get_bytes(key.replace("result.json", "big.bin")) == big
     assert store.get_bytes(key) == b'{"score": 1}'
+
+
+def _connects(address: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    channel = (
+        grpc.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    try:
+        grpc.channel_ready_future(channel).result(timeout=3)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("port", ["filer_grpc", "master_grpc", "volume_grpc", "s3_grpc"])
+def test_grpc_ports_want_a_client_certificate(s3_server: localstack.S3Server, port: str) -> None:
+    assert s3_server.tls_dir, "no gRPC certificates were made (is openssl installed?)"
+    address = f"{s3_server.host}:{s3_server.ports[port]}"
+    ca = (Path(s3_server.tls_dir) / "ca.crt").read_bytes()
+    assert not _connects(address, None)  # plaintext
+    assert not _connects(address, grpc.ssl_channel_credentials(root_certificates=ca))
+    node = Path(s3_server.tls_dir)
+    with_cert = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=(node / "node.key").read_bytes(),
+        certificate_chain=(node / "node.crt").read_bytes(),
+    )
+    assert _connects(address, with_cert)  # the stack's own certificate is let in

