@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -22,7 +23,13 @@ from services.common import settings as settings_mod
 from services.common.dag import submit
 from services.common.errors import Unavailable
 from services.common.jobs import Job, JobKind, RunPlan
-from services.common.loader_registry import LoaderRegistry, LoaderStarting, NoLoader
+from services.common.loader_registry import (
+    LoaderEntry,
+    LoaderRegistry,
+    LoaderStarting,
+    NoLoader,
+    variant_token,
+)
 from services.common.localstack import ChildSpec, ProcessInfo, Stack
 from services.common.localstack.supervisor import restart_lines
 from services.common.natsconn import connection
@@ -94,6 +101,14 @@ def test_restarts_children_and_nats_and_records_them(stack: Stack) -> None:
     assert again.pid != sleeper.pid and localstack.process_alive(again)
     assert again.last_exit is not None  # 'gone': up(), not the supervisor, was its parent
 
+    # A killed loader's announcement is withdrawn at once (not left to expire with the TTL),
+    # so jobs stop dialling its dead address.
+    loader = current(home, "loader-sleepy@fp32")
+    asyncio.run(announce_as(loader.pid))
+    assert asyncio.run(announced("sleepy@fp32")) == 1
+    os.kill(loader.pid, signal.SIGKILL)
+    wait_for("withdrawn", lambda: asyncio.run(announced("sleepy@fp32")) == 0, timeout_s=15)
+
     os.kill(stack.nats.pid, signal.SIGKILL)
     wait_for("nats restart", lambda: current(home, "nats").restarts == 1)
 
@@ -122,6 +137,28 @@ def test_restarts_children_and_nats_and_records_them(stack: Stack) -> None:
     again = CliRunner().invoke(stack_cli.app, ["up", "--home", str(home)])
     assert again.exit_code == 1 and "already running" in again.output
     assert "restarted: worker-sleep" in again.output
+
+
+async def announce_as(pid: int) -> None:
+    """A 'ready' registry entry as the loader process ``pid`` would put it (TTL 30 s)."""
+    entry = LoaderEntry(
+        variant="sleepy@fp32",
+        address="127.0.0.1:1",
+        instance="test",
+        host=socket.gethostname(),
+        pid=pid,
+        announced_at=time.time(),
+    )
+    async with connection(name="test") as nc:
+        registry = await LoaderRegistry.open(nc.jetstream())
+        await registry.kv.put(
+            f"{variant_token('sleepy@fp32')}.test", entry.model_dump_json().encode()
+        )
+
+
+async def announced(variant: str) -> int:
+    async with connection(name="test") as nc:
+        return len(await (await LoaderRegistry.open(nc.jetstream())).entries(variant))
 
 
 def _try(probe: Callable[[], bool]) -> bool:
