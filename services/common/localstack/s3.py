@@ -162,31 +162,8 @@ def _grpc_certificates(folder: Path, host: str) -> Path | None:
     return folder
 
 
-def start_seaweedfs(
-    home: Path,
-    *,
-    port: int = 0,
-    host: str = HOST,
-    bucket: str = DEFAULT_BUCKET,
-    bin_dir: Path | None = None,
-    ready_timeout_s: float = 90.0,
-    stop_timeout_s: float = 20.0,
-) -> S3Server:
-    """Start ``weed server -s3`` under ``home/s3`` with a generated identity; wait until it serves.
-
-    Every port is set explicitly, gRPC ones included (weed otherwise uses port+10000, which
-    may be taken or collide with a second stack).
-    """
-    binary = find_binary(*WEED_BINARY, bin_dir=bin_dir)
-    if port:
-        check_port_free(port, host, "--s3-port")
-    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"]
-    chosen = free_ports(len(names) + (0 if port else 1), host)
-    ports = dict(zip(names, chosen, strict=False))
-    ports["s3"] = port or chosen[-1]
-    root = home / "s3"
-    data_dir = root / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+def _write_identity(root: Path) -> tuple[str, str, Path]:
+    """A fresh S3 identity (access key, secret key) in ``root/identities.json`` (0600)."""
     access_key = "QS" + secrets.token_hex(9).upper()
     secret_key = secrets.token_urlsafe(30)
     config = root / "identities.json"
@@ -200,7 +177,14 @@ def start_seaweedfs(
         ]
     }
     write_secret(config, json.dumps(identities, indent=2))
-    argv = [
+    return access_key, secret_key, config
+
+
+def _weed_argv(
+    binary: str, data_dir: Path, host: str, ports: dict[str, int], config: Path
+) -> list[str]:
+    """``weed server`` with every port set, and only what S3 needs open (see below)."""
+    return [
         binary,
         "server",
         f"-dir={data_dir}",
@@ -231,6 +215,35 @@ def start_seaweedfs(
         "-filer.disableHttp",
         "-disableHttp",
     ]
+
+
+def start_seaweedfs(
+    home: Path,
+    *,
+    port: int = 0,
+    host: str = HOST,
+    bucket: str = DEFAULT_BUCKET,
+    bin_dir: Path | None = None,
+    ready_timeout_s: float = 90.0,
+    stop_timeout_s: float = 20.0,
+) -> S3Server:
+    """Start ``weed server -s3`` under ``home/s3`` with a generated identity; wait until it serves.
+
+    Every port is set explicitly, gRPC ones included (weed otherwise uses port+10000, which
+    may be taken or collide with a second stack).
+    """
+    binary = find_binary(*WEED_BINARY, bin_dir=bin_dir)
+    if port:
+        check_port_free(port, host, "--s3-port")
+    names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc"]
+    chosen = free_ports(len(names) + (0 if port else 1), host)
+    ports = dict(zip(names, chosen, strict=False))
+    ports["s3"] = port or chosen[-1]
+    root = home / "s3"
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    access_key, secret_key, config = _write_identity(root)
+    argv = _weed_argv(binary, data_dir, host, ports, config)
     security = root / "security.toml"
     tls = _grpc_certificates(root / "tls", host)
     write_secret(security, _security_toml(tls))
