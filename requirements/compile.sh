@@ -31,8 +31,9 @@ cd "$root"
 "$uv" pip compile $common $cpu_torch pyproject.toml --extra worker -c constraints.txt \
     -c requirements/dev.lock -o requirements/worker.lock
 # dev.lock's versions (without its CPU torch) hold the loader image to what the tests ran.
-pins="$(mktemp)"
-trap 'rm -f "$pins"' EXIT
+# A fixed, git-ignored path: the lock names it in its `# via` comments.
+mkdir -p build
+pins=build/dev-pins.txt
 grep -E '^[A-Za-z0-9]' requirements/dev.lock | sed 's/ *\\$//' | grep -v '^torch==' >"$pins"
 # shellcheck disable=SC2086
 "$uv" pip compile $common pyproject.toml --extra loader --extra quant \
