@@ -70,9 +70,23 @@ def preflight(spec: ExperimentSpec, *, cluster: bool | None = None) -> None:
             raise InvalidArgument("probes.harmful", err.message) from None
     for i, bench in enumerate(spec.benchmarks):
         benchmark_file(bench, f"benchmarks[{i}].path")
+    _check_vectors(spec)
     from services.common.planner import check_precisions
 
     check_precisions(spec)
+
+
+def _check_vectors(spec: ExperimentSpec) -> None:
+    """Every imported vector set reads (``qsens vectors import`` formats); InvalidArgument
+    names ``vectors[i].location``."""
+    from services.common.errors import FailedPrecondition, InvalidArgument
+    from services.steerer.sources import read_imported
+
+    for i, imported in enumerate(spec.vectors):
+        try:
+            read_imported(imported.location)
+        except FailedPrecondition as err:
+            raise InvalidArgument(f"vectors[{i}].location", str(err)) from None
 
 
 ClusterOpt = Annotated[

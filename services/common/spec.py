@@ -799,6 +799,7 @@ def data_locations(spec: ExperimentSpec) -> list[tuple[str, str]]:
     for i, bench in enumerate(spec.benchmarks):
         if bench.path is not None:
             out.append((f"benchmarks[{i}].path", bench.path))
+    out += [(f"vectors[{i}].location", v.location) for i, v in enumerate(spec.vectors)]
     return out + _calibration_locations(spec)
 
 

@@ -54,3 +54,33 @@ def test_the_planner_steers_every_variant_of_the_model_with_an_imported_set(
         with pytest.raises(InvalidArgument) as err:
             _spec(tmp_path, SPEC_WITH_VECTORS.replace(f"    {bad}\n", f"    {field}\n"))
         assert err.value.field.startswith("vectors[0].")
+
+
+def test_preflight_reads_each_imported_set_and_a_cluster_refuses_local_paths(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from services.cli.runs import preflight
+    from services.common.vector_formats import from_layers, write_vectors
+
+    gguf = tmp_path / "evil.gguf"
+    gguf.write_bytes(write_vectors(from_layers({1: np.ones(8, np.float32)}), "repeng-gguf"))
+    text = SPEC_WITH_VECTORS.replace("[fp32, nf4]", "[fp32]")
+    spec = _spec(tmp_path, text.replace("s3://qsens/data/abc/evil.gguf", str(gguf)))
+    preflight(spec, cluster=False)  # reads
+    with pytest.raises(InvalidArgument) as err:
+        preflight(spec, cluster=True)
+    assert err.value.field == "vectors[0].location" and "s3://" in err.value.message
+    missing = _spec(
+        tmp_path, text.replace("s3://qsens/data/abc/evil.gguf", str(tmp_path / "no.gguf"))
+    )
+    with pytest.raises(InvalidArgument) as err:
+        preflight(missing, cluster=False)
+    assert err.value.field == "vectors[0].location"
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF but not really")
+    broken = _spec(
+        tmp_path, text.replace("s3://qsens/data/abc/evil.gguf", str(tmp_path / "bad.gguf"))
+    )
+    with pytest.raises(InvalidArgument, match="not a GGUF"):
+        preflight(broken, cluster=False)
