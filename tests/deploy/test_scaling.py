@@ -266,3 +266,23 @@ def test_monitoring_port_matches_the_service(renders: dict[str, list[dict[str, A
     )
     assert common["QSENS_NATS_URL"] == f"nats://qsens-nats:{ports['client']}"
     assert Path(common["QSENS_CACHE_DIR"]).is_absolute()
+
+
+def test_plain_overlay_needs_neither_keda_nor_the_operator(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    """overlays/example-study-plain: only built-in kinds (a cluster without KEDA or the
+    Prometheus Operator applies it), CPU HPAs for the workers, the same five loaders."""
+    docs = renders["example-study-plain"]
+    groups = {d["apiVersion"].rpartition("/")[0] for d in docs}
+    assert not {"keda.sh", "monitoring.coreos.com"} & groups
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    assert scaled == {"qsens-extractor", "qsens-steerer", "qsens-analyzer", "qsens-judge"}
+    for name in scaled:
+        assert "replicas" not in find(docs, "Deployment", name)["spec"], name
+    loaders = {
+        p.labels["qsens.io/precision"]
+        for p in pods(docs)
+        if p.labels["app.kubernetes.io/component"] == "loader"
+    }
+    assert loaders == {"bf16", "nf4", "int8", "gptq", "awq"}
