@@ -47,6 +47,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from services.common.contracts.common import TraitParams  # noqa: E402
+from services.common.contracts.steer import SteerParams  # noqa: E402
 from services.common.localstack import free_ports  # noqa: E402
 from services.common.spec import JudgeSpec, SearchSpec, SteeringSpec  # noqa: E402
 from services.extractor.datasets import load_trait  # noqa: E402
@@ -56,7 +58,6 @@ from services.judge.models import JudgeResult, JudgeStatus, Rubric  # noqa: E402
 from services.judge.rubrics import coherence_rubric, rubric_hash  # noqa: E402
 from services.loader.client import Chat, LoaderClient, PromptItem  # noqa: E402
 from services.steerer.evaluation import Setting, SteeringEvaluator  # noqa: E402
-from services.steerer.params import SteerParams, TraitParams  # noqa: E402
 from services.steerer.steer import run_search  # noqa: E402
 
 BACKEND = "bench-surface"

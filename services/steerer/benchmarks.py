@@ -45,14 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common.contracts.steer import BenchmarkParams, benchmark_result_key
+from services.common.contracts.steer_results import BenchmarkItem, BenchmarkResult, CallCounts
 from services.common.errors import InvalidArgument
 from services.common.spec import BenchmarkSpec
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import benchmark_file
 from services.loader.client import Chat, ContinuationScore, LoaderClient, ScoreItem
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
-from services.steerer.params import BenchmarkParams, benchmark_result_key
-from services.steerer.results import BenchmarkItem, BenchmarkResult, CallCounts
 from services.steerer.stats import bootstrap_mean, wilson
 
 __all__ = [

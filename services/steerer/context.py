@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from services.common.contracts.steer_results import CallCounts
 from services.loader.client import LoaderInfo
-from services.steerer.results import CallCounts
 
 __all__ = ["Heartbeat", "add_calls", "loader_record", "no_calls", "no_heartbeat"]
 

@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 
+from services.common.contracts.steer_results import Answer, JudgeProvenance, RunStats, Verdict
 from services.common.errors import FailedPrecondition
 from services.common.methodologies import SteerPositions
 from services.judge.client import JudgeClient
@@ -30,7 +31,6 @@ from services.judge.models import COHERENCE, JudgeItem, JudgeResult, JudgeStatus
 from services.judge.rubrics import coherence_rubric, rubric_hash
 from services.loader.client import Chat, Generation, LoaderClient, PromptItem, Steer
 from services.steerer.context import add_calls, no_calls
-from services.steerer.results import Answer, JudgeProvenance, RunStats, Verdict
 
 __all__ = [
     "UNSTEERED",

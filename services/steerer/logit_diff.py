@@ -22,19 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from services.common.contracts.steer import LogitDiffParams, logit_diff_result_key
+from services.common.contracts.steer_results import (
+    CallCounts,
+    LogitDiffCoefficient,
+    LogitDiffItemResult,
+    LogitDiffResult,
+)
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import LogitDiffItem, TraitDataset, load_trait, logit_diff_items
 from services.loader.client import Chat, LoaderClient, PromptItem, Steer
 from services.steerer.benchmarks import deterministic_subset
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
-from services.steerer.params import LogitDiffParams, logit_diff_result_key
-from services.steerer.results import (
-    CallCounts,
-    LogitDiffCoefficient,
-    LogitDiffItemResult,
-    LogitDiffResult,
-)
 from services.steerer.sources import layer_at_depth, load_vector_source
 from services.steerer.stats import bootstrap_mean, bootstrap_slope
 

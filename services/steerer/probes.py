@@ -32,14 +32,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.common.artefacts import probe_key
+from services.common.contracts.steer import ProbeParams
+from services.common.contracts.steer_results import (
+    CallCounts,
+    ProbeItem,
+    ProbeResult,
+    RefusalTemplates,
+)
 from services.common.errors import FailedPrecondition
 from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import load_trait
 from services.loader.client import Chat, LoaderClient, PromptItem
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
-from services.steerer.params import ProbeParams
-from services.steerer.results import CallCounts, ProbeItem, ProbeResult, RefusalTemplates
 from services.steerer.stats import bootstrap_mean, wilson
 
 __all__ = [

@@ -35,6 +35,16 @@ from typing import Any, Literal
 import numpy as np
 
 from services.common.artefacts import baseline_key, steer_key
+from services.common.contracts.steer import SteerParams, steer_parts, steer_result_key
+from services.common.contracts.steer_results import (
+    BaselineRow,
+    BaselineSummary,
+    BestRun,
+    Budget,
+    QuestionSet,
+    SteerResult,
+    SteerRun,
+)
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.hashing import stable_hash
 from services.common.logging import get_logger
@@ -50,16 +60,6 @@ from services.steerer.evaluation import (
     Setting,
     SteeringEvaluator,
     run_stats,
-)
-from services.steerer.params import SteerParams, steer_parts, steer_result_key
-from services.steerer.results import (
-    BaselineRow,
-    BaselineSummary,
-    BestRun,
-    Budget,
-    QuestionSet,
-    SteerResult,
-    SteerRun,
 )
 from services.steerer.search import Candidate, CoefficientSearch, Outcome, best_outcome
 from services.steerer.sources import (

@@ -2,7 +2,7 @@
 
 ``write_planted_run`` walks the planner's jobs for :data:`SPEC` and writes, for each, what its
 worker would write: extraction summaries, vector sets (``VectorSet.to_safetensors``) and
-activations (``save_safetensors``), and the steerer's documents (``services.steerer.results``
+activations (``save_safetensors``), and the steerer's documents (``services.common.contracts.steer_results``
 models). The numbers are planted so the analysis has known answers:
 
 * vectors: at every layer the variant's vector has cosine :data:`COSINE` [precision] and norm
@@ -33,14 +33,7 @@ from services.common.artefacts import (
     probe_key,
     steer_key,
 )
-from services.common.hashing import stable_hash
-from services.common.jobs import JobKind
-from services.common.planner import build_plan
-from services.common.spec import ExperimentSpec, parse_spec
-from services.common.store import S3Store, run_key
-from services.common.tensor_codec import save_safetensors
-from services.extractor.methods import VectorSet
-from services.steerer.results import (
+from services.common.contracts.steer_results import (
     Answer,
     BaselineRow,
     BaselineSummary,
@@ -61,6 +54,13 @@ from services.steerer.results import (
     SteerRun,
     Verdict,
 )
+from services.common.hashing import stable_hash
+from services.common.jobs import JobKind
+from services.common.planner import build_plan
+from services.common.spec import ExperimentSpec, parse_spec
+from services.common.store import S3Store, run_key
+from services.common.tensor_codec import save_safetensors
+from services.extractor.methods import VectorSet
 from services.steerer.stats import Interval, Slope
 
 SPEC_DICT: dict[str, Any] = {

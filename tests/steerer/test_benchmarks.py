@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.common.artefacts import benchmark_key
+from services.common.contracts.steer_results import BenchmarkResult
 from services.common.jobs import Job, JobKind
 from services.common.settings import CommonSettings, get
 from services.common.spec import BenchmarkSpec
@@ -17,7 +18,6 @@ from services.common.state import JobState
 from services.loader.client import Chat
 from services.loader.model_source import resolve_source
 from services.steerer.benchmarks import deterministic_subset, read_benchmark
-from services.steerer.results import BenchmarkResult
 from tests.loader_procs import LoaderProc, start_loader
 from tests.steerer.conftest import Plane
 from tests.steerer.test_readers import DATA, HELLASWAG, write_jsonl

@@ -65,7 +65,7 @@ async def test_an_imported_gguf_steers_the_toy_with_the_targets_norms(
 
 def read_result_for(plane: Plane, parts: tuple[str, ...]) -> tuple[Any, list[Any]]:
     from services.common.artefacts import steer_key
-    from services.steerer.results import SteerResult, SteerRun
+    from services.common.contracts.steer_results import SteerResult, SteerRun
 
     result = SteerResult.model_validate(plane.store.get_json(steer_key(*parts, "result.json")))
     rows = plane.store.get_jsonl(steer_key(*parts, "runs.jsonl"))

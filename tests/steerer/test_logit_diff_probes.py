@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.artefacts import logit_diff_key, probe_key
+from services.common.contracts.steer_results import LogitDiffResult, ProbeResult
 from services.common.errors import Unavailable
 from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind
@@ -17,7 +18,6 @@ from services.common.state import JobState
 from services.common.store import AsyncS3Store
 from services.steerer.handler import handle
 from services.steerer.probes import REFUSAL_MARKERS
-from services.steerer.results import LogitDiffResult, ProbeResult
 from tests.loader_procs import LoaderProc
 from tests.steerer.conftest import Plane
 from tests.steerer.toy import CAA_DIM, LAYERS, unit, write_extraction

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from services.common.artefacts import baseline_key, steer_key
+from services.common.contracts.steer_results import BaselineRow, SteerResult, SteerRun
 from services.common.jobs import Job, JobKind
 from services.common.spec import JudgeSpec, SearchSpec, SteeringSpec
 from services.common.state import JobState
-from services.steerer.results import BaselineRow, SteerResult, SteerRun
 from tests.loader_procs import LoaderProc
 from tests.steerer.conftest import Plane
 from tests.steerer.toy import COLLAPSE_X, DEAD_DIM, LAYERS, V_DIM, unit, write_extraction
