@@ -30,6 +30,7 @@ from typing import Any
 from services.analyzer.handler import DOCUMENTS
 from services.common import settings
 from services.common.artefacts import analysis_key
+from services.common.spec import load_spec
 from services.common.store import S3Store
 from tests.loader_procs import REPO, LoaderProc, start_loader
 
@@ -176,10 +177,23 @@ def differences(
     return out
 
 
+def spec_fingerprint() -> str:
+    """The golden spec's fingerprint: with ``steering.seed`` it seeds every bootstrap, so a
+    change of the spec's schema (a new field with a default) moves every interval."""
+    return load_spec(SPEC).fingerprint()
+
+
 def record(docs: Mapping[str, Any], keys: list[str]) -> None:
-    """Write the fixture (documents.json, keys.json) from a run."""
+    """Write the fixture (documents.json, keys.json, meta.json) from a run."""
     (GOLDEN / "documents.json").write_text(json.dumps(docs, indent=1, sort_keys=True) + "\n")
     (GOLDEN / "keys.json").write_text(json.dumps(keys, indent=1) + "\n")
+    meta = {"spec_fingerprint": spec_fingerprint()}
+    (GOLDEN / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def recorded_fingerprint() -> str:
+    """The spec fingerprint the fixture's intervals were recorded under."""
+    return str(json.loads((GOLDEN / "meta.json").read_text())["spec_fingerprint"])
 
 
 def load_fixture() -> tuple[dict[str, Any], list[str]]:

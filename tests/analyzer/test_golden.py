@@ -3,10 +3,13 @@ stack (NATS, SeaweedFS, two loader processes, the embedding judge, one worker pe
 must write the same artefact keys and analysis documents with the same numbers as the run
 recorded before the refactor.
 
-Recorded from commit 7b8676f (before the analyzer split). Point estimates and every other
-number are compared to float tolerance; bootstrap interval bounds are compared in a separate
-assertion because issue 15 item 7 changes their seed scheme once (from the run to the content):
-when that lands, re-record once with ``QSENS_GOLDEN_RECORD=1`` and say so in the commit.
+Recorded at 7b8676f (before the analyzer split; two runs there agreed exactly). Every number
+is compared to float tolerance; bootstrap interval bounds are compared in a separate assertion
+because their seeds come from the spec's content (issue 15 item 7, de8f46f), so they were
+re-recorded once at fe00208 for that change. ``meta.json`` keeps the spec fingerprint they were
+recorded under: any change of the spec's schema re-seeds every bootstrap, and the failure says
+so (re-record then with ``QSENS_GOLDEN_RECORD=1`` and say why in the commit). The split itself
+was checked at 36709cb: the analyzer before and after it wrote identical documents.
 """
 
 from __future__ import annotations
@@ -42,9 +45,15 @@ def test_golden_run_same_keys_and_numbers(plane_env: PlaneEnv, tmp_path: Path) -
     for name in want_docs:
         want, got = golden.flatten(want_docs[name]), golden.flatten(docs[name])
         diff = golden.differences(want, got, intervals=True)
-        assert not diff, (
-            f"{name}: bootstrap intervals differ ({len(diff)}); re-record only if their seed "
-            "scheme changed on purpose:\n" + "\n".join(diff[:40])
+        was, now = golden.recorded_fingerprint(), golden.spec_fingerprint()
+        why = (
+            f"the spec's fingerprint changed ({was} -> {now}), which re-seeds every bootstrap: "
+            "re-record"
+            if was != now
+            else "same spec fingerprint, so this is a real change"
+        )
+        assert not diff, f"{name}: bootstrap intervals differ ({len(diff)}); {why}:\n" + "\n".join(
+            diff[:40]
         )
 
 
