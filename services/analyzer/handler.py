@@ -28,30 +28,23 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from services.analyzer.documents import DOCUMENTS, SCHEMA, build_all
 from services.analyzer.figures import build_figures
 from services.analyzer.loading import RunArtefacts, load_run
-from services.analyzer.matrices import SCHEMA, build_all
-from services.analyzer.report import build_blocks, render_html, render_markdown
+from services.analyzer.render_html import render_html
+from services.analyzer.render_markdown import render_markdown
+from services.analyzer.report import build_blocks
 from services.common.artefacts import analysis_key
 from services.common.errors import InvalidArgument
+from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind
 from services.common.logging import get_logger
-from services.common.handlers import JobContext
 from services.common.spec import ExperimentSpec
 from services.common.store import AsyncS3Store
 
 __all__ = ["DOCUMENTS", "handle", "jsonable", "run_analysis"]
 
 log = get_logger(__name__)
-
-DOCUMENTS = (
-    "vector_comparison.json",
-    "steering_comparison.json",
-    "logit_diff_comparison.json",
-    "benchmark_comparison.json",
-    "robustness_ranking.json",
-    "probe_statistics.json",
-)
 
 
 def jsonable(value: Any) -> Any:

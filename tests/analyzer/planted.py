@@ -54,6 +54,7 @@ from services.common.contracts.steer_results import (
     SteerRun,
     Verdict,
 )
+from services.common.dag import plan_key
 from services.common.hashing import stable_hash
 from services.common.jobs import JobKind
 from services.common.planner import build_plan
@@ -68,7 +69,7 @@ SPEC_DICT: dict[str, Any] = {
     "description": "planted data for the analyzer tests",
     "models": [
         {"name": "toy", "source": "smollm2-135m", "family": "llama", "size_b": 0.135},
-        {"name": "toy2", "source": "tiny:qwen", "family": "qwen", "size_b": 0.5},
+        {"name": "toy2", "source": "tiny:llama?seed=1", "family": "qwen", "size_b": 0.5},
     ],
     "precisions": ["bf16", "nf4", "int8"],
     "reference": "bf16",
@@ -664,8 +665,13 @@ def write_planted_run(
     sp = spec_obj or spec()
     planted = Planted(run_id, sp)
     store.put_json(run_key(run_id, "spec.json"), sp.model_dump(mode="json"))
+    # The plan as submission stores it (``services.common.dag.submit_with``).
+    plan = build_plan(sp, run_id)
+    store.put_json(
+        plan_key(run_id), {**plan.model_dump(mode="json"), "job_ids": [j.id for j in plan.jobs]}
+    )
     multiples = list(sp.logit_diff.coefficients)
-    for job in build_plan(sp, run_id).jobs:
+    for job in plan.jobs:
         if any(s in job.name for s in skip):
             continue
         p = job.params

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from services.analyzer.handler import handle
+from services.analyzer.loading import load_run
 from services.analyzer.report_cmd import generate_report
 from services.common.artefacts import analysis_key, probe_key
+from services.common.dag import plan_key
 from services.common.errors import InvalidArgument, NotFound
 from services.common.handlers import JobContext
 from services.common.jobs import Job, JobKind
@@ -137,3 +139,33 @@ async def test_bad_jobs_are_invalid_arguments(store: S3Store) -> None:
         await handle(job, _ctx(job, store))
     with pytest.raises(NotFound, match=r"spec\.json"):
         await generate_report(run_id, AsyncS3Store(store))
+
+
+async def test_the_stored_plan_decides_what_is_expected(store: S3Store) -> None:
+    """load_run reads plan.json (listed among its inputs): a job the stored plan does not have
+    is not expected; without a plan.json the plan is rebuilt from the spec and a note says so."""
+    run_id = _rid()
+    write_planted_run(store, run_id, skip=("benchmark",))
+    run = await load_run(AsyncS3Store(store), run_id)
+    assert plan_key(run_id) in run.inputs
+    assert set(run.missing) == {"benchmark"}
+
+    stored = store.get_json(plan_key(run_id))
+    gone = {
+        i
+        for i, j in zip(stored["job_ids"], stored["jobs"], strict=True)
+        if j["kind"] == "benchmark"
+    }
+    kept = [
+        {**j, "deps": [d for d in j["deps"] if d not in gone]}
+        for j in stored["jobs"]
+        if j["kind"] != "benchmark"
+    ]
+    store.delete([plan_key(run_id)])
+    store.put_json(plan_key(run_id), {**stored, "jobs": kept, "job_ids": []})
+    assert (await load_run(AsyncS3Store(store), run_id)).missing == {}
+
+    store.delete([plan_key(run_id)])
+    rebuilt = await load_run(AsyncS3Store(store), run_id)
+    assert set(rebuilt.missing) == {"benchmark"}
+    assert any("no plan.json" in note for note in rebuilt.notes)

@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from services.analyzer.loading import Activations, SteerRun, SteerView, depth_layer
-from services.analyzer.matrices import (
-    _degradation,
-    _matched_coherence,
-    compare_vectors,
-    layer_window,
-    refusal_direction,
-    safety_layers,
-    safety_neuron_errors,
-    snap_layer,
-)
+from services.analyzer.documents.safety_neurons import refusal_direction, safety_neuron_errors
+from services.analyzer.documents.steering_cells import degradation, matched_coherence
+from services.analyzer.documents.vectors import compare_vectors
+from services.analyzer.geometry import depth_layer, layer_window, safety_layers, snap_layer
+from services.analyzer.loading import Activations
+from services.analyzer.views import SteerRun, SteerView
 from tests.analyzer.planted import vector_set
 
 
@@ -226,16 +221,16 @@ def test_degradation_math_and_its_paired_interval() -> None:
         best_per_question={"0": 80.0, "1": 78.0, "2": 82.0, "3": 80.0},
         baseline_per_question=base,
     )
-    out = _degradation(ref, var, 500, 0)
+    out = degradation(ref, var, 500, 0)
     assert out["value"] == pytest.approx(25.0)
     assert out["low"] <= 25.0 <= out["high"]
     assert out["n"] == 4
     # Steering away (objective min): a delta of -40 is an effect of 40.
-    away = _degradation(
+    away = degradation(
         _view(delta=-40.0, objective="min"), _view(delta=-10.0, objective="min"), 100, 0
     )
     assert away["value"] == pytest.approx(75.0) and away["low"] is None
-    none = _degradation(_view(delta=-5.0), _view(delta=3.0), 100, 0)
+    none = degradation(_view(delta=-5.0), _view(delta=3.0), 100, 0)
     assert none["value"] is None and "not positive" in none["reason"]
 
 
@@ -250,27 +245,25 @@ def test_matched_coherence_uses_the_added_norm_at_the_reference_best_layer() -> 
             SteerRun(2, 5, 3.0, 70.0, 10.0, added_norm=6.0),
         ]
     )
-    out = _matched_coherence(ref, var)
+    out = matched_coherence(ref, var)
     assert out["matched_on"] == "added_norm"
     assert out["coherence"] == 95.0 and out["relative_gap"] == pytest.approx(0.05)
     far = _view(runs=[SteerRun(0, 4, 2.0, 50.0, 95.0, added_norm=9.0)])
-    assert _matched_coherence(ref, far)["coherence"] is None
+    assert matched_coherence(ref, far)["coherence"] is None
     assert (
-        _matched_coherence(ref, _view(runs=[]))["reason"] == "the variant has no run at that layer"
+        matched_coherence(ref, _view(runs=[]))["reason"] == "the variant has no run at that layer"
     )
 
 
 def test_degradation_needs_a_reference_effect_distinguishable_from_zero() -> None:
-    from services.analyzer.matrices import _degradation
-
     def view(delta: float, low: float, high: float) -> SteerView:
         return _view(delta=delta, delta_low=low, delta_high=high, objective="min", mode="ablate",
                      direction="-", best_per_question=None, baseline_per_question=None)  # fmt: skip
 
     var = view(13.0, 5.0, 20.0)
     # Ablation (objective min): a reference delta of -1.8 with CI [-11, 8] is no effect.
-    out = _degradation(view(-1.8, -11.0, 8.0), var, resamples=200, seed=0)
+    out = degradation(view(-1.8, -11.0, 8.0), var, resamples=200, seed=0)
     assert out["value"] is None and "includes 0" in out["reason"]
     # A clear reference effect gives a percentage: effects 20 vs -13 -> 165% degradation.
-    out = _degradation(view(-20.0, -30.0, -10.0), var, resamples=200, seed=0)
+    out = degradation(view(-20.0, -30.0, -10.0), var, resamples=200, seed=0)
     assert out["value"] == pytest.approx((20.0 - (-13.0)) / 20.0 * 100.0)

@@ -9,7 +9,12 @@ import sys
 
 import pytest
 
-from services.analyzer.loading import parse_steer
+from services.analyzer.views import parse_steer, validate_result
+from services.common.contracts.steer_results import SteerResult
+from services.common.errors import FailedPrecondition
+from services.common.jobs import JobKind
+from services.common.planner import build_plan
+from tests.analyzer.planted import spec, steer_documents
 
 EXPECTED = {
     "services.analyzer.stats": {
@@ -53,8 +58,32 @@ def test_exports(module: str) -> None:
         assert hasattr(mod, name), name
 
 
+ANALYZER_MODULES = (
+    "loading",
+    "views",
+    "quantize_view",
+    "geometry",
+    "documents",
+    "documents.common",
+    "documents.vectors",
+    "documents.steering",
+    "documents.steering_cells",
+    "documents.logit_diff",
+    "documents.benchmarks",
+    "documents.safety",
+    "documents.safety_neurons",
+    "documents.ranking",
+    "figures",
+    "blocks",
+    "report",
+    "report_methods",
+    "render_markdown",
+    "render_html",
+)
+
+
 def test_every_module_exports_only_what_it_defines() -> None:
-    for name in ("loading", "matrices", "figures", "report"):
+    for name in ANALYZER_MODULES:
         mod = importlib.import_module(f"services.analyzer.{name}")
         for attr in mod.__all__:
             assert hasattr(mod, attr), (name, attr)
@@ -74,26 +103,15 @@ def test_import_is_light_and_side_effect_free() -> None:
 
 
 def test_a_steer_result_without_a_coherent_run_is_read() -> None:
+    sp = spec()
+    job = next(j for j in build_plan(sp, "r1").jobs if j.kind is JobKind.STEER)
+    result, _, _, _ = steer_documents("r1", job.params)
+    runs = [r.model_copy(update={"coherent": False, "mean_coherence": 10.0}) for r in result.runs]
+    doc = result.model_copy(update={"best": None, "status": "no_coherent_run", "runs": runs})
+    raw = doc.model_dump(mode="json")
+    typed = validate_result(raw, "steer", "k", SteerResult)
     view = parse_steer(
-        {
-            "schema_version": "qsens.steer/1",
-            "best": None,
-            "status": "no_coherent_run",
-            "objective": "max",
-            "baseline": {
-                "mean_trait": 20.0,
-                "trait_ci": {"value": 20.0, "low": 18.0, "high": 22.0},
-            },
-            "runs": [
-                {
-                    "run_index": 0,
-                    "layer": 3,
-                    "coefficient": 2.0,
-                    "mean_trait": 50.0,
-                    "mean_coherence": 10.0,
-                }
-            ],
-        },
+        typed,
         key="k",
         target="m@nf4",
         source="m@nf4",
@@ -104,5 +122,19 @@ def test_a_steer_result_without_a_coherent_run_is_read() -> None:
         direction="+",
     )
     assert view.status == "no_coherent_run" and view.best_score is None and view.delta is None
-    assert view.baseline_score == 20.0 and view.baseline_low == 18.0
-    assert view.runs[0].coherence == 10.0
+    assert view.baseline_score == result.baseline.mean_trait
+    assert view.baseline_low == result.baseline.trait_ci.low
+    assert [r.coherence for r in view.runs] == [10.0] * len(result.runs)
+
+
+def test_a_result_that_breaks_its_contract_is_refused_by_name() -> None:
+    sp = spec()
+    job = next(j for j in build_plan(sp, "r1").jobs if j.kind is JobKind.STEER)
+    raw = steer_documents("r1", job.params)[0].model_dump(mode="json")
+    del raw["baseline"]["trait_ci"]
+    with pytest.raises(
+        FailedPrecondition, match=r"k: not a valid steer result \(baseline\.trait_ci"
+    ):
+        validate_result(raw, "steer", "k", SteerResult)
+    with pytest.raises(FailedPrecondition, match=r"schema_version 'qsens\.steer/2'"):
+        validate_result({**raw, "schema_version": "qsens.steer/2"}, "steer", "k", SteerResult)

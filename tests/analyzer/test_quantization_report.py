@@ -15,9 +15,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from services.analyzer.documents import build_all
 from services.analyzer.loading import load_run
-from services.analyzer.matrices import build_all
-from services.analyzer.report import build_blocks, render_html, render_markdown
+from services.analyzer.render_html import render_html
+from services.analyzer.render_markdown import render_markdown
+from services.analyzer.report import build_blocks
 from services.analyzer.report_cmd import generate_report
 from services.common.artefacts import quantize_key
 from services.common.handlers import JobContext
