@@ -323,3 +323,21 @@ def test_registry_and_capabilities_import_without_torch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "none"
+
+
+def test_loading_names_an_engine_that_is_missing_or_not_an_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.common import settings as settings_mod
+    from services.loader.model_source import resolve_source
+
+    source = resolve_source(TINY, settings_mod.get(settings_mod.CommonSettings).cache_dir, None)
+    limits = settings_mod.get(LoaderSettings)
+    for target, message in (
+        ("services.loader.no_such_engine:Engine", "engine 'hf' is not installed"),
+        ("services.loader.backends.hf:HFBackend", "is not an Engine"),
+    ):
+        monkeypatch.setitem(registry.ENGINES, "hf", registry.EngineEntry(target))
+        with pytest.raises(InvalidArgument, match=message) as err:
+            registry.load_engine(source, Precision.FP32, device="cpu", settings=limits)
+        assert err.value.field == "engine"
