@@ -115,9 +115,10 @@ async def run_analysis(
     generated_at = await _started(store, key("started.json"))
     if run is None:
         run = await load_run(store, run_id, spec=spec, variants=variants)
-    docs = await asyncio.to_thread(build_all, run)
+    typed = await asyncio.to_thread(build_all, run)
+    docs = {name: doc.to_json() for name, doc in typed.by_name().items()}
     figures = await asyncio.to_thread(build_figures, docs)
-    blocks = build_blocks(run, docs, figures, generated_at=generated_at)
+    blocks = build_blocks(run, typed, figures, generated_at=generated_at)
     markdown = render_markdown(blocks, "figures")
     page = await asyncio.to_thread(render_html, blocks, f"qsens report — {run_id}")
 

@@ -10,8 +10,7 @@ say the same thing; every number in a table is copied from the document its sect
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.analyzer.blocks import (
     Block,
@@ -24,6 +23,7 @@ from services.analyzer.blocks import (
     fmt_num,
 )
 from services.analyzer.classify import THRESHOLDS
+from services.analyzer.documents import Documents
 from services.analyzer.documents.benchmarks import benchmarks_section
 from services.analyzer.documents.logit_diff import logit_diff_section
 from services.analyzer.documents.ranking import ranking_section
@@ -37,18 +37,18 @@ from services.analyzer.report_methods import SMOLLM2_NOTE, methods_section
 __all__ = ["build_blocks"]
 
 
-def _summary(docs: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+def _summary(docs: Documents) -> list[Block]:
     sources = {
-        "vector_cosine": ("vector_comparison.json", "entries"),
-        "steering_degradation_pct": ("steering_comparison.json", "entries"),
-        "logit_diff_correlation": ("logit_diff_comparison.json", "entries"),
-        "benchmark_drop_pp": ("benchmark_comparison.json", "entries"),
+        "vector_cosine": docs.vectors.entries,
+        "steering_degradation_pct": docs.steering.entries,
+        "logit_diff_correlation": docs.logit_diff.entries,
+        "benchmark_drop_pp": docs.benchmarks.entries,
     }
     rows: list[tuple[Cell, ...]] = []
     worst: list[str] = []
-    for metric, (doc, part) in sources.items():
+    for metric, entries in sources.items():
         counts: Counter[str] = Counter()
-        for e in docs[doc].get(part, []):
+        for e in entries:
             c = e.get("classification")
             if not c:
                 continue
@@ -119,7 +119,7 @@ def _provenance(run: RunArtefacts) -> list[Block]:
 
 def build_blocks(
     run: RunArtefacts,
-    docs: Mapping[str, Mapping[str, Any]],
+    docs: Documents,
     figures: Sequence[FigureImage],
     *,
     generated_at: str,
@@ -139,12 +139,12 @@ def build_blocks(
     if smol:
         blocks.append(Paragraph("Note: " + SMOLLM2_NOTE))
     blocks += _summary(docs)
-    blocks += vectors_section(docs["vector_comparison.json"], figures)
-    blocks += steering_section(docs["steering_comparison.json"], figures)
-    blocks += logit_diff_section(docs["logit_diff_comparison.json"])
-    blocks += benchmarks_section(docs["benchmark_comparison.json"], figures)
-    blocks += safety_section(docs["probe_statistics.json"])
-    blocks += ranking_section(docs["robustness_ranking.json"])
-    blocks += methods_section(run, docs)
+    blocks += vectors_section(docs.vectors, figures)
+    blocks += steering_section(docs.steering, figures)
+    blocks += logit_diff_section(docs.logit_diff)
+    blocks += benchmarks_section(docs.benchmarks, figures)
+    blocks += safety_section(docs.safety)
+    blocks += ranking_section(docs.ranking)
+    blocks += methods_section(run, docs.steering)
     blocks += _provenance(run)
     return blocks

@@ -7,8 +7,7 @@ checkpoint was made, on which calibration set).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from services.analyzer.blocks import (
     Block,
@@ -21,6 +20,7 @@ from services.analyzer.blocks import (
     fmt_num,
 )
 from services.analyzer.classify import THRESHOLDS
+from services.analyzer.documents.models import SteeringComparison
 from services.analyzer.loading import RunArtefacts
 from services.analyzer.quantize_view import QuantizeView
 from services.common.precisions import is_8bit, precision_info
@@ -41,7 +41,7 @@ SMOLLM2_NOTE = (
 __all__ = ["INT8_NOTE", "SMOLLM2_NOTE", "methods_section", "quantization_section"]
 
 
-def methods_section(run: RunArtefacts, docs: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+def methods_section(run: RunArtefacts, steering: SteeringComparison) -> list[Block]:
     """Methods and limitations: what was studied, numerics, sizes, budgets, judge, statistics."""
     blocks: list[Block] = [Heading(2, "Methods and limitations", "methods")]
     blocks += _study(run)
@@ -50,7 +50,7 @@ def methods_section(run: RunArtefacts, docs: Mapping[str, Mapping[str, Any]]) ->
     blocks += _sample_sizes(run)
     blocks += _budgets(run)
     blocks += _judge(run)
-    blocks += _statistics(run, docs["steering_comparison.json"])
+    blocks += _statistics(run, steering)
     blocks += _thresholds()
     blocks += _missing(run)
     return blocks
@@ -275,7 +275,7 @@ def _judge(run: RunArtefacts) -> list[Block]:
     return blocks
 
 
-def _statistics(run: RunArtefacts, steer: Mapping[str, Any]) -> list[Block]:
+def _statistics(run: RunArtefacts, steer: SteeringComparison) -> list[Block]:
     """How intervals and tests were computed."""
     resamples, seed = run.spec.steering.bootstrap, run.spec.steering.seed
     blocks: list[Block] = []
@@ -295,7 +295,7 @@ def _statistics(run: RunArtefacts, steer: Mapping[str, Any]) -> list[Block]:
                 "Vector cosines are point estimates of one extraction per variant (no "
                 "resampling interval); the held-out AUROC per layer is reported beside them.",
                 "Steering delta intervals come from the steerer (paired bootstrap over "
-                f"questions, {steer.get('bootstrap', {}).get('resamples', resamples)} resamples); "
+                f"questions, {steer.bootstrap.resamples} resamples); "
                 "degradation intervals resample questions shared by the two variants.",
                 "Rankings average over conditions that share models, traits and questions: "
                 "their intervals describe the spread of those conditions, not independent samples.",

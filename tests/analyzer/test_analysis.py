@@ -9,8 +9,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from scipy import stats as sp
 
+from services.analyzer.documents.models import (
+    BenchmarkComparison,
+    LogitDiffComparison,
+    ProbeStatistics,
+    RobustnessRanking,
+    SteeringComparison,
+    VectorComparison,
+)
 from tests.analyzer.conftest import Analysed
 from tests.analyzer.planted import (
     COSINE,
@@ -267,3 +276,21 @@ def test_report_says_what_a_reader_needs(analysed: Analysed) -> None:
     html = analysed.store.get_bytes(outputs["report.html"]).decode()
     assert html.count("data:image/png;base64,") == len(refs)
     assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def test_every_written_document_validates_as_its_typed_model(analysed: Analysed) -> None:
+    """What the analyze job wrote reads back into the models the report renders."""
+    models = {
+        "vector_comparison.json": VectorComparison,
+        "steering_comparison.json": SteeringComparison,
+        "logit_diff_comparison.json": LogitDiffComparison,
+        "benchmark_comparison.json": BenchmarkComparison,
+        "robustness_ranking.json": RobustnessRanking,
+        "probe_statistics.json": ProbeStatistics,
+    }
+    for name, model in models.items():
+        doc = model.model_validate(analysed.doc(name))
+        assert doc.run_id == analysed.planted.run_id and doc.schema_ == "qsens.analysis/1"
+        assert doc.kind == name.removesuffix(".json")
+    with pytest.raises(ValidationError, match="unexpected"):
+        VectorComparison.model_validate({**analysed.doc("vector_comparison.json"), "unexpected": 1})

@@ -65,6 +65,7 @@ ANALYZER_MODULES = (
     "geometry",
     "documents",
     "documents.common",
+    "documents.models",
     "documents.vectors",
     "documents.steering",
     "documents.steering_cells",

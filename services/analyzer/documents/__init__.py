@@ -32,18 +32,27 @@ Conventions shared by every builder:
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from services.analyzer.documents.benchmarks import benchmark_comparison
-from services.analyzer.documents.common import SCHEMA
 from services.analyzer.documents.logit_diff import logit_diff_comparison
+from services.analyzer.documents.models import (
+    SCHEMA,
+    AnalysisDocument,
+    BenchmarkComparison,
+    LogitDiffComparison,
+    ProbeStatistics,
+    RobustnessRanking,
+    SteeringComparison,
+    VectorComparison,
+)
 from services.analyzer.documents.ranking import robustness_ranking
 from services.analyzer.documents.safety import probe_statistics
 from services.analyzer.documents.steering import steering_comparison
 from services.analyzer.documents.vectors import vector_comparison
 from services.analyzer.loading import RunArtefacts
 
-__all__ = ["DOCUMENTS", "SCHEMA", "build_all"]
+__all__ = ["DOCUMENTS", "SCHEMA", "Documents", "build_all"]
 
 DOCUMENTS = (
     "vector_comparison.json",
@@ -55,19 +64,33 @@ DOCUMENTS = (
 )
 
 
-def build_all(run: RunArtefacts) -> dict[str, dict[str, Any]]:
-    """Every analysis document, keyed by file name."""
+@dataclass(frozen=True)
+class Documents:
+    """The six documents of one analysis, typed."""
+
+    vectors: VectorComparison
+    steering: SteeringComparison
+    logit_diff: LogitDiffComparison
+    benchmarks: BenchmarkComparison
+    ranking: RobustnessRanking
+    safety: ProbeStatistics
+
+    def by_name(self) -> dict[str, AnalysisDocument]:
+        """File name -> document, in :data:`DOCUMENTS` order."""
+        docs = (self.vectors, self.steering, self.logit_diff, self.benchmarks, self.ranking)
+        return dict(zip(DOCUMENTS, (*docs, self.safety), strict=True))
+
+
+def build_all(run: RunArtefacts) -> Documents:
+    """Every analysis document."""
     vectors = vector_comparison(run)
     steering = steering_comparison(run)
-    logit = logit_diff_comparison(run)
-    bench = benchmark_comparison(run)
-    probes = probe_statistics(run)
-    ranking = robustness_ranking(run, vectors, steering, bench)
-    return {
-        "vector_comparison.json": vectors,
-        "steering_comparison.json": steering,
-        "logit_diff_comparison.json": logit,
-        "benchmark_comparison.json": bench,
-        "robustness_ranking.json": ranking,
-        "probe_statistics.json": probes,
-    }
+    benchmarks = benchmark_comparison(run)
+    return Documents(
+        vectors=vectors,
+        steering=steering,
+        logit_diff=logit_diff_comparison(run),
+        benchmarks=benchmarks,
+        ranking=robustness_ranking(run, vectors, steering, benchmarks),
+        safety=probe_statistics(run),
+    )

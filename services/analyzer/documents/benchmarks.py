@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from services.analyzer import stats
@@ -25,13 +25,13 @@ from services.analyzer.classify import (
     classify_benchmark_drop,
 )
 from services.analyzer.documents.common import (
-    SCHEMA,
     against_reference,
     cell_id,
     content_seed,
     precision_of,
     seed_of,
 )
+from services.analyzer.documents.models import BenchmarkComparison
 from services.analyzer.figures import FigureImage
 from services.analyzer.loading import RunArtefacts
 from services.analyzer.views import BenchmarkView
@@ -71,7 +71,7 @@ def _accuracy(view: BenchmarkView) -> dict[str, Any]:
     }
 
 
-def benchmark_comparison(run: RunArtefacts) -> dict[str, Any]:
+def benchmark_comparison(run: RunArtefacts) -> BenchmarkComparison:
     """``benchmark_comparison.json``: accuracy and Δpp vs the reference, with intervals."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, content_seed(run)
@@ -127,21 +127,21 @@ def benchmark_comparison(run: RunArtefacts) -> dict[str, Any]:
         entry["drop_pp"] = drop
         entry["classification"] = classify_benchmark_drop(drop, low, high).to_json()
         entries.append(entry)
-    return {
-        "schema": SCHEMA,
-        "kind": "benchmark_comparison",
-        "run_id": run.run_id,
-        "reference_precision": run.reference,
-        "threshold": THRESHOLDS["benchmark_drop_pp"].to_json(),
-        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
-        "entries": entries,
-    }
+    return BenchmarkComparison.model_validate(
+        {
+            "run_id": run.run_id,
+            "reference_precision": run.reference,
+            "threshold": THRESHOLDS["benchmark_drop_pp"].to_json(),
+            "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
+            "entries": entries,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def benchmarks_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -> list[Block]:
+def benchmarks_section(doc: BenchmarkComparison, figures: Sequence[FigureImage]) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Capability benchmarks", "benchmarks"),
         Paragraph(
@@ -152,7 +152,7 @@ def benchmarks_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -
     ]
     blocks += figure_blocks(figures, "benchmark-accuracy")
     rows: list[tuple[Cell, ...]] = []
-    for e in doc.get("entries", []):
+    for e in doc.entries:
         acc = e["accuracy"]
         mc = e.get("mcnemar")
         rows.append(

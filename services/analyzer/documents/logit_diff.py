@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,6 @@ from services.analyzer.classify import (
 )
 from services.analyzer.documents.common import (
     F64,
-    SCHEMA,
     against_reference,
     cell_id,
     content_seed,
@@ -33,6 +31,7 @@ from services.analyzer.documents.common import (
     precision_of,
     seed_of,
 )
+from services.analyzer.documents.models import LogitDiffComparison
 from services.analyzer.loading import RunArtefacts
 from services.analyzer.views import LogitDiffView
 
@@ -125,7 +124,7 @@ def _compare_logit_diff(
     }
 
 
-def logit_diff_comparison(run: RunArtefacts) -> dict[str, Any]:
+def logit_diff_comparison(run: RunArtefacts) -> LogitDiffComparison:
     """``logit_diff_comparison.json``: per-question logit differences vs the reference."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, content_seed(run)
@@ -160,21 +159,21 @@ def logit_diff_comparison(run: RunArtefacts) -> dict[str, Any]:
                 c["value"], c["low"], c["high"]
             ).to_json()
         entries.append(entry)
-    return {
-        "schema": SCHEMA,
-        "kind": "logit_diff_comparison",
-        "run_id": run.run_id,
-        "reference_precision": run.reference,
-        "threshold": THRESHOLDS["logit_diff_correlation"].to_json(),
-        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
-        "entries": entries,
-    }
+    return LogitDiffComparison.model_validate(
+        {
+            "run_id": run.run_id,
+            "reference_precision": run.reference,
+            "threshold": THRESHOLDS["logit_diff_correlation"].to_json(),
+            "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
+            "entries": entries,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def logit_diff_section(doc: Mapping[str, Any]) -> list[Block]:
+def logit_diff_section(doc: LogitDiffComparison) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Logit difference (CAA A/B)", "logit-diff"),
         Paragraph(
@@ -185,7 +184,7 @@ def logit_diff_section(doc: Mapping[str, Any]) -> list[Block]:
         ),
     ]
     rows: list[tuple[Cell, ...]] = []
-    for e in doc.get("entries", []):
+    for e in doc.entries:
         cmp = e.get("comparison") or {}
         corr = cmp.get("correlation") or {}
         rows.append(

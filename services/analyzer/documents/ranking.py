@@ -18,11 +18,16 @@ from services.analyzer.blocks import (
     fmt_test,
 )
 from services.analyzer.documents.common import (
-    SCHEMA,
     content_seed,
     model_of,
     precision_of,
     seed_of,
+)
+from services.analyzer.documents.models import (
+    BenchmarkComparison,
+    RobustnessRanking,
+    SteeringComparison,
+    VectorComparison,
 )
 from services.analyzer.loading import (
     RunArtefacts,
@@ -79,18 +84,21 @@ def _rank(rows: list[dict[str, Any]], key: str, higher_is_better: bool) -> list[
     return ranked
 
 
+_Inputs = tuple[VectorComparison, SteeringComparison, BenchmarkComparison]
+
+
 def _conditions(
-    vectors: Mapping[str, Any], steering: Mapping[str, Any]
+    vectors: VectorComparison, steering: SteeringComparison
 ) -> tuple[dict[tuple[Any, ...], dict[str, float]], dict[tuple[Any, ...], dict[str, float]]]:
     """Vector cosine per (model, trait, variant) and steering degradation per steering
     condition, each by method (primary vector mode only)."""
     cos_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
-    for e in vectors["entries"]:
+    for e in vectors.entries:
         mc = e["window"]["mean_cosine"]
         if e["primary"] and mc is not None:
             cos_cond[(e["model"], e["trait"], e["variant"])][e["method"]] = mc
     deg_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
-    for e in steering["entries"]:
+    for e in steering.entries:
         d = (e.get("degradation_pct") or {}).get("value")
         if d is not None:
             cond = (e["model"], e["trait"], e["target"], e["steering"], e["mode"], e["direction"])
@@ -121,21 +129,21 @@ def _compare_methods(
 
 
 def _collect(
-    group_of: Callable[[str], str | None], docs: tuple[Mapping[str, Any], ...]
+    group_of: Callable[[str], str | None], docs: _Inputs
 ) -> dict[str, dict[str, list[float]]]:
     """Cosines, degradations and benchmark drops of every group (``group_of(variant)``)."""
     vectors, steering, benchmarks = docs
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for e in vectors["entries"]:
+    for e in vectors.entries:
         g = group_of(e["variant"])
         if g is not None and e["primary"] and e["window"]["mean_cosine"] is not None:
             out[g]["cosine"].append(e["window"]["mean_cosine"])
-    for e in steering["entries"]:
+    for e in steering.entries:
         g = group_of(e["target"])
         d = (e.get("degradation_pct") or {}).get("value")
         if g is not None and d is not None:
             out[g]["degradation"].append(d)
-    for e in benchmarks["entries"]:
+    for e in benchmarks.entries:
         g = group_of(e["variant"])
         if g is not None and e.get("drop_pp") is not None:
             out[g]["drop"].append(e["drop_pp"])
@@ -161,7 +169,7 @@ def _summarise(
 
 
 def _rankings(
-    run: RunArtefacts, docs: tuple[Mapping[str, Any], ...], resamples: int, base_seed: int
+    run: RunArtefacts, docs: _Inputs, resamples: int, base_seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Precisions, models and families ranked by mean cosine (non-reference variants)."""
 
@@ -215,10 +223,10 @@ def _rankings(
 
 def robustness_ranking(
     run: RunArtefacts,
-    vectors: Mapping[str, Any],
-    steering: Mapping[str, Any],
-    benchmarks: Mapping[str, Any],
-) -> dict[str, Any]:
+    vectors: VectorComparison,
+    steering: SteeringComparison,
+    benchmarks: BenchmarkComparison,
+) -> RobustnessRanking:
     """``robustness_ranking.json``: probe vs mean_diff (and pca), precisions, models, families."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, content_seed(run)
@@ -242,31 +250,31 @@ def robustness_ranking(
             [m["size_b"] for m in sized], [m["mean_cosine"]["value"] for m in sized]
         ).to_json(),
     }
-    return {
-        "schema": SCHEMA,
-        "kind": "robustness_ranking",
-        "run_id": run.run_id,
-        "reference_precision": run.reference,
-        "note": (
-            "Means are over conditions (model x trait x variant, primary vector mode; for "
-            "steering also steering kind, mode and direction); conditions share models and "
-            "questions, so their intervals are descriptive, not independent-sample inference."
-        ),
-        "method_comparison": method_comparison,
-        "precisions": precisions,
-        "models": models,
-        "families": families,
-        "size": size,
-    }
+    return RobustnessRanking.model_validate(
+        {
+            "run_id": run.run_id,
+            "reference_precision": run.reference,
+            "note": (
+                "Means are over conditions (model x trait x variant, primary vector mode; for "
+                "steering also steering kind, mode and direction); conditions share models and "
+                "questions, so their intervals are descriptive, not independent-sample inference."
+            ),
+            "method_comparison": method_comparison,
+            "precisions": precisions,
+            "models": models,
+            "families": families,
+            "size": size,
+        }
+    )
 
 
-def ranking_section(doc: Mapping[str, Any]) -> list[Block]:
+def ranking_section(doc: RobustnessRanking) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Robustness ranking", "ranking"),
-        Paragraph(doc.get("note", "") + " Source: analysis/robustness_ranking.json."),
+        Paragraph(doc.note + " Source: analysis/robustness_ranking.json."),
     ]
     rows: list[tuple[Cell, ...]] = []
-    for metric, comp in doc["method_comparison"].items():
+    for metric, comp in doc.method_comparison.items():
         for p in comp["pairs"]:
             rows.append(
                 (
@@ -311,12 +319,12 @@ def ranking_section(doc: Mapping[str, Any]) -> list[Block]:
         )
 
     blocks.append(Heading(3, "Precisions", "precision-ranking"))
-    blocks.append(ranked(doc["precisions"], "precision", ("bits",)))
+    blocks.append(ranked(doc.precisions, "precision", ("bits",)))
     blocks.append(Heading(3, "Models, families and size", "model-ranking"))
-    blocks.append(ranked(doc["models"], "model", ("family", "size_b")))
-    if doc["families"]:
-        blocks.append(ranked(doc["families"], "family", ()))
-    size = doc["size"]
+    blocks.append(ranked(doc.models, "model", ("family", "size_b")))
+    if doc.families:
+        blocks.append(ranked(doc.families, "family", ()))
+    size = doc.size
     blocks.append(
         Paragraph(
             f"Model size vs mean cosine over {len(size['models'])} model(s) with a size: "

@@ -22,7 +22,6 @@ from services.analyzer.classify import (
     classify_cosine,
 )
 from services.analyzer.documents.common import (
-    SCHEMA,
     against_reference,
     cell_id,
     content_seed,
@@ -30,6 +29,7 @@ from services.analyzer.documents.common import (
     seed_of,
     trait_names,
 )
+from services.analyzer.documents.models import ProbeStatistics
 from services.analyzer.documents.safety_neurons import (
     SAFETY_TOP_FRACTION,
     refusal_direction,
@@ -278,37 +278,37 @@ def _across_variants(
     return across, groups
 
 
-def probe_statistics(run: RunArtefacts) -> dict[str, Any]:
+def probe_statistics(run: RunArtefacts) -> ProbeStatistics:
     """``probe_statistics.json``: probe shifts, refusal direction, safety neurons, correlations."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, content_seed(run)
     probes = _probe_entries(run, resamples, base_seed)
     refusal, neurons = _refusal_and_neurons(run, resamples, base_seed)
     across, groups = _across_variants(probes, refusal, neurons)
-    return {
-        "schema": SCHEMA,
-        "kind": "probe_statistics",
-        "run_id": run.run_id,
-        "reference_precision": run.reference,
-        "refusal_depth": spec.analysis.refusal_depth,
-        "safety_neurons": {
-            "depths": list(SAFETY_DEPTHS),
-            "layers": SAFETY_N_LAYERS,
-            "top_fraction": SAFETY_TOP_FRACTION,
-        },
-        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
-        "probes": probes,
-        "refusal_direction": refusal,
-        "safety_neuron_errors": neurons,
-        "across_variants": across,
-        "precision_groups": groups,
-    }
+    return ProbeStatistics.model_validate(
+        {
+            "run_id": run.run_id,
+            "reference_precision": run.reference,
+            "refusal_depth": spec.analysis.refusal_depth,
+            "safety_neurons": {
+                "depths": list(SAFETY_DEPTHS),
+                "layers": SAFETY_N_LAYERS,
+                "top_fraction": SAFETY_TOP_FRACTION,
+            },
+            "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
+            "probes": probes,
+            "refusal_direction": refusal,
+            "safety_neuron_errors": neurons,
+            "across_variants": across,
+            "precision_groups": groups,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def safety_section(doc: Mapping[str, Any]) -> list[Block]:
+def safety_section(doc: ProbeStatistics) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Safety", "safety"),
         Paragraph(
@@ -319,7 +319,7 @@ def safety_section(doc: Mapping[str, Any]) -> list[Block]:
         ),
     ]
     rows: list[tuple[Cell, ...]] = []
-    for e in doc.get("probes", []):
+    for e in doc.probes:
         cmp = e.get("comparison")
         if not cmp:
             continue
@@ -371,10 +371,10 @@ def safety_section(doc: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def _refusal_blocks(doc: Mapping[str, Any]) -> list[Block]:
+def _refusal_blocks(doc: ProbeStatistics) -> list[Block]:
     """The refusal-direction table."""
     blocks: list[Block] = []
-    refusal = doc.get("refusal_direction", [])
+    refusal = doc.refusal_direction
     blocks.append(Heading(3, "Refusal direction", "refusal-direction"))
     if refusal:
         blocks.append(
@@ -385,7 +385,7 @@ def _refusal_blocks(doc: Mapping[str, Any]) -> list[Block]:
                         r["model"],
                         r["trait"],
                         r["variant"],
-                        f"{r['layer']} (depth {doc['refusal_depth']:g})",
+                        f"{r['layer']} (depth {doc.refusal_depth:g})",
                         fmt_num(r["cosine"]),
                         fmt_num(r["norm_ratio"]),
                         badge(r["classification"]),
@@ -401,10 +401,10 @@ def _refusal_blocks(doc: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def _neuron_blocks(doc: Mapping[str, Any]) -> list[Block]:
+def _neuron_blocks(doc: ProbeStatistics) -> list[Block]:
     """The safety-neuron error table."""
     blocks: list[Block] = []
-    neurons = doc.get("safety_neuron_errors", [])
+    neurons = doc.safety_neuron_errors
     blocks.append(Heading(3, "Safety-neuron quantization error", "safety-neurons"))
     if neurons:
         blocks.append(
@@ -450,10 +450,10 @@ def _neuron_blocks(doc: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def _across_blocks(doc: Mapping[str, Any]) -> list[Block]:
+def _across_blocks(doc: ProbeStatistics) -> list[Block]:
     """Correlations across variants and the precision groups."""
     blocks: list[Block] = []
-    across = doc.get("across_variants", [])
+    across = doc.across_variants
     if across:
         blocks.append(Heading(3, "Across variants", "across-variants"))
         blocks.append(
@@ -481,7 +481,7 @@ def _across_blocks(doc: Mapping[str, Any]) -> list[Block]:
                         f"{g['groups']['4-bit']} / {g['groups']['8-bit and wider']}",
                         fmt_test(g["mann_whitney"]),
                     )
-                    for g in doc.get("precision_groups", [])
+                    for g in doc.precision_groups
                 ),
                 "Variants grouped by bit width (GPTQ and AWQ counted as 4-bit); the test needs "
                 "both groups.",

@@ -25,13 +25,13 @@ from services.analyzer.classify import (
     classify_steering_degradation,
 )
 from services.analyzer.documents.common import (
-    SCHEMA,
     cell_id,
     content_seed,
     model_of,
     precision_of,
     seed_of,
 )
+from services.analyzer.documents.models import SteeringComparison
 from services.analyzer.documents.steering_cells import (
     degradation,
     effect_sign,
@@ -227,7 +227,7 @@ def _spreads(
     return spreads
 
 
-def steering_comparison(run: RunArtefacts) -> dict[str, Any]:
+def steering_comparison(run: RunArtefacts) -> SteeringComparison:
     """``steering_comparison.json``: best score, delta, degradation vs the reference, shifts."""
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, content_seed(run)
@@ -245,18 +245,18 @@ def steering_comparison(run: RunArtefacts) -> dict[str, Any]:
             _compare_entry(run, entry, v, ref, base_seed)
             entries.append(entry)
         spreads += _spreads(run, key, views, base_seed)
-    return {
-        "schema": SCHEMA,
-        "kind": "steering_comparison",
-        "run_id": run.run_id,
-        "reference_precision": run.reference,
-        "threshold": THRESHOLDS["steering_degradation_pct"].to_json(),
-        "coherence_threshold": spec.judge.coherence_threshold,
-        "judge": {"backend": spec.judge.backend, "model": spec.judge.model},
-        "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
-        "entries": entries,
-        "spread": spreads,
-    }
+    return SteeringComparison.model_validate(
+        {
+            "run_id": run.run_id,
+            "reference_precision": run.reference,
+            "threshold": THRESHOLDS["steering_degradation_pct"].to_json(),
+            "coherence_threshold": spec.judge.coherence_threshold,
+            "judge": {"backend": spec.judge.backend, "model": spec.judge.model},
+            "bootstrap": {"resamples": resamples, "seed": spec.steering.seed},
+            "entries": entries,
+            "spread": spreads,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +288,10 @@ def _entry_row(e: Mapping[str, Any]) -> tuple[Cell, ...]:
     )
 
 
-def _spread_blocks(doc: Mapping[str, Any]) -> list[Block]:
+def _spread_blocks(doc: SteeringComparison) -> list[Block]:
     """The across-precision spread table."""
     blocks: list[Block] = []
-    spread = doc.get("spread", [])
+    spread = doc.spread
     if spread:
         blocks.append(
             Table(
@@ -332,12 +332,12 @@ def _spread_blocks(doc: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def steering_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -> list[Block]:
+def steering_section(doc: SteeringComparison, figures: Sequence[FigureImage]) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Steering", "steering"),
         Paragraph(
             "Best score: mean trait score (0–100) of the best setting whose mean coherence "
-            f"reaches {fmt_num(doc.get('coherence_threshold'), 0)}; delta: paired mean (steered − "
+            f"reaches {fmt_num(doc.coherence_threshold, 0)}; delta: paired mean (steered − "
             "unsteered) over questions; degradation: loss of the steering effect relative to "
             "the reference's own steering, in %. 'self': a variant steered with its own "
             "vectors; 'reference_vectors': steered with the reference's vectors "
@@ -347,7 +347,7 @@ def steering_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -> 
         ),
     ]
     blocks += figure_blocks(figures, "steering-bars")
-    rows: list[tuple[Cell, ...]] = [_entry_row(e) for e in doc.get("entries", [])]
+    rows: list[tuple[Cell, ...]] = [_entry_row(e) for e in doc.entries]
     blocks.append(
         Table(
             (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,12 +23,12 @@ from services.analyzer.classify import (
     classify_cosine,
 )
 from services.analyzer.documents.common import (
-    SCHEMA,
     finite,
     mean_of,
     precision_of,
     trait_names,
 )
+from services.analyzer.documents.models import VectorComparison
 from services.analyzer.figures import FigureImage
 from services.analyzer.geometry import (
     layer_window,
@@ -209,7 +209,7 @@ def _pair_entries(
     return pairs
 
 
-def vector_comparison(run: RunArtefacts) -> dict[str, Any]:
+def vector_comparison(run: RunArtefacts) -> VectorComparison:
     """``vector_comparison.json``: every model x trait x method x position, every variant pair."""
     spec = run.spec
     entries: list[dict[str, Any]] = []
@@ -251,29 +251,29 @@ def vector_comparison(run: RunArtefacts) -> dict[str, Any]:
                 entries += _variant_entries(run, base, ref_ex, others, window, missing)
                 # How quantized variants agree with each other.
                 pairs += _pair_entries(run, base, [ref, *others], window)
-    return {
-        "schema": SCHEMA,
-        "kind": "vector_comparison",
-        "run_id": run.run_id,
-        "reference_precision": run.reference,
-        "layer_range": list(spec.analysis.layer_range),
-        "threshold": THRESHOLDS["vector_cosine"].to_json(),
-        "entries": entries,
-        "pairs": pairs,
-        "missing": missing,
-    }
+    return VectorComparison.model_validate(
+        {
+            "run_id": run.run_id,
+            "reference_precision": run.reference,
+            "layer_range": list(spec.analysis.layer_range),
+            "threshold": THRESHOLDS["vector_cosine"].to_json(),
+            "entries": entries,
+            "pairs": pairs,
+            "missing": missing,
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def vectors_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -> list[Block]:
-    lo, hi = doc.get("layer_range", [0.2, 0.8])
+def vectors_section(doc: VectorComparison, figures: Sequence[FigureImage]) -> list[Block]:
+    lo, hi = doc.layer_range
     blocks: list[Block] = [
         Heading(2, "Vector geometry", "vectors"),
         Paragraph(
             f"Cosine between each variant's trait vector and the reference's "
-            f"({doc['reference_precision']}) per layer; the mean is over captured layers at "
+            f"({doc.reference_precision}) per layer; the mean is over captured layers at "
             f"depths {lo:g}–{hi:g}. Norm ratio is variant / reference. Massive-dimension energy "
             "is the share of the vector's squared norm in the layer's four largest-activation "
             "dimensions. Source: analysis/vector_comparison.json (`entries`; inputs in "
@@ -282,7 +282,7 @@ def vectors_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -> l
     ]
     blocks += figure_blocks(figures, "cosine-heatmap")
     rows: list[tuple[Cell, ...]] = []
-    for e in doc.get("entries", []):
+    for e in doc.entries:
         w = e["window"]
         rows.append(
             (
@@ -326,7 +326,7 @@ def vectors_section(doc: Mapping[str, Any], figures: Sequence[FigureImage]) -> l
     )
     blocks += figure_blocks(figures, "layer-cosine")
     blocks += figure_blocks(figures, "model-spread")
-    pairs = doc.get("pairs", [])
+    pairs = doc.pairs
     if pairs:
         blocks.append(
             Details(

@@ -1,0 +1,122 @@
+"""The analysis documents as typed models: what each ``analysis/*.json`` holds at its top level.
+
+Builders return these (validated on construction, ``extra="forbid"``), the report's sections
+render them, and :meth:`AnalysisDocument.to_json` is what the analyze job writes. Rows of the
+tables (``entries``, ``pairs``, ``probes`` ...) are JSON objects whose fields are documented
+beside their builders and in docs/ARTEFACTS.md (``## analyzer``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "SCHEMA",
+    "AnalysisDocument",
+    "BenchmarkComparison",
+    "Bootstrap",
+    "LogitDiffComparison",
+    "ProbeStatistics",
+    "RobustnessRanking",
+    "Row",
+    "SteeringComparison",
+    "VectorComparison",
+]
+
+SCHEMA: Literal["qsens.analysis/1"] = "qsens.analysis/1"
+
+Row = dict[str, Any]
+"""One row of a document's table (a cell of the study matrix, with its ``sources``)."""
+
+
+class Bootstrap(BaseModel):
+    """Resampling settings a document's intervals used (``steering.bootstrap``/``seed``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resamples: int = Field(ge=0)
+    seed: int
+
+
+class AnalysisDocument(BaseModel):
+    """What every analysis document carries."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["qsens.analysis/1"] = Field(SCHEMA, alias="schema")
+    kind: str
+    run_id: str
+    reference_precision: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The document as written to ``analysis/<kind>.json`` (before float cleaning)."""
+        return self.model_dump(by_alias=True)
+
+
+class VectorComparison(AnalysisDocument):
+    """``vector_comparison.json``: per-layer cosines of every variant against its reference."""
+
+    kind: Literal["vector_comparison"] = "vector_comparison"
+    layer_range: list[float]
+    threshold: dict[str, Any]
+    entries: list[Row]
+    pairs: list[Row]
+    missing: list[Row]
+
+
+class SteeringComparison(AnalysisDocument):
+    """``steering_comparison.json``: best score, delta and degradation per steer result."""
+
+    kind: Literal["steering_comparison"] = "steering_comparison"
+    threshold: dict[str, Any]
+    coherence_threshold: float
+    judge: dict[str, Any]
+    bootstrap: Bootstrap
+    entries: list[Row]
+    spread: list[Row]
+
+
+class LogitDiffComparison(AnalysisDocument):
+    """``logit_diff_comparison.json``: CAA logit differences against the reference."""
+
+    kind: Literal["logit_diff_comparison"] = "logit_diff_comparison"
+    threshold: dict[str, Any]
+    bootstrap: Bootstrap
+    entries: list[Row]
+
+
+class BenchmarkComparison(AnalysisDocument):
+    """``benchmark_comparison.json``: capability accuracy against the reference."""
+
+    kind: Literal["benchmark_comparison"] = "benchmark_comparison"
+    threshold: dict[str, Any]
+    bootstrap: Bootstrap
+    entries: list[Row]
+
+
+class ProbeStatistics(AnalysisDocument):
+    """``probe_statistics.json``: safety probes, refusal direction, safety neurons."""
+
+    kind: Literal["probe_statistics"] = "probe_statistics"
+    refusal_depth: float
+    safety_neurons: dict[str, Any]
+    bootstrap: Bootstrap
+    probes: list[Row]
+    refusal_direction: list[Row]
+    safety_neuron_errors: list[Row]
+    across_variants: list[Row]
+    precision_groups: list[Row]
+
+
+class RobustnessRanking(AnalysisDocument):
+    """``robustness_ranking.json``: methods, precisions, models and families ranked."""
+
+    kind: Literal["robustness_ranking"] = "robustness_ranking"
+    note: str
+    method_comparison: dict[str, Any]
+    precisions: list[Row]
+    models: list[Row]
+    families: list[Row]
+    size: dict[str, Any]
