@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from services.common.precisions import by_display_order, display_rank
+
 __all__ = [
     "FigureImage",
     "benchmark_bars",
@@ -69,17 +71,14 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-_ORDER = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "gptq", "awq")
-
-
 def _precision_order(precisions: Sequence[str]) -> list[str]:
-    return sorted(set(precisions), key=lambda p: (_ORDER.index(p) if p in _ORDER else 99, p))
+    """Display order of the precision table (services.common.precisions)."""
+    return by_display_order(precisions)
 
 
 def _color(precision: str) -> str:
-    """One colour per precision across every figure."""
-    k = _ORDER.index(precision) if precision in _ORDER else len(_ORDER)
-    return _COLORS[k % len(_COLORS)]
+    """One colour per precision across every figure (by its display rank)."""
+    return _COLORS[display_rank(precision) % len(_COLORS)]
 
 
 def _bar_group(
