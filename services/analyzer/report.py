@@ -39,7 +39,7 @@ __all__ = ["build_blocks"]
 
 def _summary(docs: Documents) -> list[Block]:
     sources = {
-        "vector_cosine": docs.vectors.entries,
+        "vector_cosine": [e.model_dump() for e in docs.vectors.entries],
         "steering_degradation_pct": docs.steering.entries,
         "logit_diff_correlation": docs.logit_diff.entries,
         "benchmark_drop_pp": docs.benchmarks.entries,

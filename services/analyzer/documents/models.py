@@ -23,6 +23,9 @@ __all__ = [
     "Row",
     "SteeringComparison",
     "VectorComparison",
+    "VectorEntry",
+    "VectorPair",
+    "VectorWindow",
 ]
 
 SCHEMA: Literal["qsens.analysis/1"] = "qsens.analysis/1"
@@ -55,14 +58,83 @@ class AnalysisDocument(BaseModel):
         return self.model_dump(by_alias=True)
 
 
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PairOf(_Row):
+    """A value of the reference and of the variant."""
+
+    reference: Any
+    variant: Any
+
+
+class VectorWindow(_Row):
+    """Means over the captured layers in ``analysis.layer_range``."""
+
+    layers: list[int]
+    n_layers_with_cosine: int
+    mean_cosine: float | None
+    min_cosine: float | None
+    mean_norm_ratio: float | None
+    mean_massive_dim_energy: PairOf
+    mean_auroc: PairOf
+
+
+class VectorCell(_Row):
+    """Which vectors a row compares (model x trait x method x position)."""
+
+    model: str
+    trait: str
+    methodology: str
+    method: str
+    position: str
+    reference: str
+    num_layers: int
+    layers: list[int]
+    cosine: list[float | None]
+    norm_ratio: list[float | None]
+    sources: dict[str, str]
+
+
+class VectorEntry(VectorCell):
+    """A variant's vectors against its reference's, per layer, classified on the window."""
+
+    variant: str
+    precision: str
+    mode: str
+    primary: bool = Field(description="The vector mode the variant's steering used.")
+    reference_norm: list[float | None]
+    variant_norm: list[float | None]
+    massive_dim_energy: PairOf
+    massive_dims_shared: list[float | None]
+    auroc: PairOf
+    null_layers: list[Row]
+    window: VectorWindow
+    classification: dict[str, Any] | None
+    n_train: list[int]
+    n_val: list[int]
+
+
+class VectorPair(VectorCell):
+    """Two non-reference variants (primary modes), unclassified."""
+
+    a: str
+    a_mode: str
+    b: str
+    b_mode: str
+    mean_cosine: float | None
+    mean_norm_ratio: float | None
+
+
 class VectorComparison(AnalysisDocument):
     """``vector_comparison.json``: per-layer cosines of every variant against its reference."""
 
     kind: Literal["vector_comparison"] = "vector_comparison"
     layer_range: list[float]
     threshold: dict[str, Any]
-    entries: list[Row]
-    pairs: list[Row]
+    entries: list[VectorEntry]
+    pairs: list[VectorPair]
     missing: list[Row]
 
 

@@ -93,10 +93,10 @@ def _conditions(
     """Vector cosine per (model, trait, variant) and steering degradation per steering
     condition, each by method (primary vector mode only)."""
     cos_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
-    for e in vectors.entries:
-        mc = e["window"]["mean_cosine"]
-        if e["primary"] and mc is not None:
-            cos_cond[(e["model"], e["trait"], e["variant"])][e["method"]] = mc
+    for v in vectors.entries:
+        mc = v.window.mean_cosine
+        if v.primary and mc is not None:
+            cos_cond[(v.model, v.trait, v.variant)][v.method] = mc
     deg_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     for e in steering.entries:
         d = (e.get("degradation_pct") or {}).get("value")
@@ -134,10 +134,10 @@ def _collect(
     """Cosines, degradations and benchmark drops of every group (``group_of(variant)``)."""
     vectors, steering, benchmarks = docs
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for e in vectors.entries:
-        g = group_of(e["variant"])
-        if g is not None and e["primary"] and e["window"]["mean_cosine"] is not None:
-            out[g]["cosine"].append(e["window"]["mean_cosine"])
+    for v in vectors.entries:
+        g = group_of(v.variant)
+        if g is not None and v.primary and v.window.mean_cosine is not None:
+            out[g]["cosine"].append(v.window.mean_cosine)
     for e in steering.entries:
         g = group_of(e["target"])
         d = (e.get("degradation_pct") or {}).get("value")

@@ -283,23 +283,23 @@ def vectors_section(doc: VectorComparison, figures: Sequence[FigureImage]) -> li
     blocks += figure_blocks(figures, "cosine-heatmap")
     rows: list[tuple[Cell, ...]] = []
     for e in doc.entries:
-        w = e["window"]
+        w = e.window
         rows.append(
             (
-                e["model"],
-                e["trait"],
-                e["method"],
-                e["position"],
-                e["variant"],
-                e["mode"] + ("" if e["primary"] else " (2nd)"),
-                fmt_num(w["mean_cosine"]),
-                fmt_num(w["min_cosine"]),
-                fmt_num(w["mean_norm_ratio"]),
-                f"{fmt_num(w['mean_massive_dim_energy']['reference'], 2)} / "
-                f"{fmt_num(w['mean_massive_dim_energy']['variant'], 2)}",
-                f"{fmt_num(w['mean_auroc']['reference'], 2)} / {fmt_num(w['mean_auroc']['variant'], 2)}",
-                str(len(e["null_layers"])),
-                badge(e["classification"]),
+                e.model,
+                e.trait,
+                e.method,
+                e.position,
+                e.variant,
+                e.mode + ("" if e.primary else " (2nd)"),
+                fmt_num(w.mean_cosine),
+                fmt_num(w.min_cosine),
+                fmt_num(w.mean_norm_ratio),
+                f"{fmt_num(w.mean_massive_dim_energy.reference, 2)} / "
+                f"{fmt_num(w.mean_massive_dim_energy.variant, 2)}",
+                f"{fmt_num(w.mean_auroc.reference, 2)} / {fmt_num(w.mean_auroc.variant, 2)}",
+                str(len(e.null_layers)),
+                badge(e.classification),
             )
         )
     blocks.append(
@@ -336,13 +336,13 @@ def vectors_section(doc: VectorComparison, figures: Sequence[FigureImage]) -> li
                         ("model", "trait", "method", "a", "b", "mean cos", "norm ratio"),
                         tuple(
                             (
-                                p["model"],
-                                p["trait"],
-                                p["method"],
-                                f"{p['a']} ({p['a_mode']})",
-                                f"{p['b']} ({p['b_mode']})",
-                                fmt_num(p["mean_cosine"]),
-                                fmt_num(p["mean_norm_ratio"]),
+                                p.model,
+                                p.trait,
+                                p.method,
+                                f"{p.a} ({p.a_mode})",
+                                f"{p.b} ({p.b_mode})",
+                                fmt_num(p.mean_cosine),
+                                fmt_num(p.mean_norm_ratio),
                             )
                             for p in pairs
                         ),
