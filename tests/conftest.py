@@ -30,6 +30,7 @@ SLOW_MODULES = frozenset(
         "tests/bench/test_bench_scripts.py",  # every bench script end to end
         "tests/cli/test_fresh_clone.py",  # git clone + a CLI process per spec
         "tests/cli/test_run_extraction.py",  # whole studies on a local stack
+        "tests/analyzer/test_golden.py",  # the golden study on a local stack (issue 14)
         "tests/common/test_chaos.py",  # a whole study under kills and a frozen S3
         "tests/deploy/test_runtime.py",  # the rendered manifests' processes, for real
         "tests/deploy/test_settings_cli.py",  # every container command line, parsed by the CLI
