@@ -3,6 +3,10 @@
 Requests larger than the server's item limit are split transparently; every call can pin the
 variant it expects (``expect_variant``) so a worker never reads from the wrong model.
 
+Every call (Info and health included) carries the loader token and dials TLS when the
+environment names them (``QSENS_LOADER_TOKEN[_FILE]``, ``QSENS_LOADER_TLS_CA``; see
+``services.common.auth``); a refused token raises ``Unauthenticated``.
+
 Busy loaders and deadlines
 --------------------------
 A loader runs one model pass at a time for every caller, admits a bounded number of requests
