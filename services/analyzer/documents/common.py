@@ -1,4 +1,4 @@
-"""What every analysis document builder shares: the schema tag, cell seeds, reference cells."""
+"""What every analysis document builder shares: cell seeds, reference cells, small readers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from services.common.hashing import stable_hash
 
 __all__ = [
     "F64",
-    "SCHEMA",
     "OfVariant",
     "against_reference",
     "cell_id",
@@ -29,7 +28,6 @@ __all__ = [
 ]
 
 
-SCHEMA = "qsens.analysis/1"
 F64 = NDArray[np.float64]
 
 
