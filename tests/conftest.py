@@ -9,6 +9,7 @@ subprocesses) and reset the cached settings before and after the test.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.nodeid.split("::", 1)[0]
         if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# A shell pointed at a running stack (`eval "$(qsens env)"`) exports its loader token and TLS
+# files; tests start their own loaders and must not inherit them.
+for _name in [n for n in os.environ if n.startswith(("QSENS_LOADER_TOKEN", "QSENS_LOADER_TLS_"))]:
+    del os.environ[_name]
 
 
 # Job-plane timings short enough for tests; each can be overridden with monkeypatch.setenv
