@@ -238,6 +238,20 @@ class LoaderSettings(BaseSettings):
         "they are read whole.",
     )
     grace_period_s: float = Field(30.0, ge=0, description="SIGTERM drain time for in-flight calls.")
+    gpus: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs one variant spans (layer-wise placement, from the device's index "
+        "on). Default: one when the weights fit it with headroom, else the fewest that hold "
+        "them; what was chosen is in Info's notes.",
+    )
+    gpu_headroom: float = Field(
+        0.15,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each GPU's free memory kept out of the weights' budget (KV cache, "
+        "activations) when a variant is placed over several GPUs.",
+    )
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="gRPC message limit.")
     fault_oom_above_batch: int = Field(
         0, ge=0, description="Fault injection for tests: raise OOM for passes with more rows."

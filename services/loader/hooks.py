@@ -98,6 +98,14 @@ class ReductionInputs:
     last: torch.Tensor | None = None
     select: torch.Tensor | None = None
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where the inputs live (None when there are none)."""
+        for tensor in (self.weights, self.rows, self.last, self.select):
+            if tensor is not None:
+                return tensor.device
+        return None
+
     def to(self, device: torch.device) -> ReductionInputs:
         """On ``device``, one copy per tensor (rows and last share one)."""
         if self.rows is not None and self.last is not None:
@@ -151,10 +159,15 @@ class CaptureSink:
         self._groups: list[torch.Tensor] = []  # [B or N, layers of the group, H], layer order
         self.recorded: list[int] = []
         self._weights = self.inputs.weights
+        self._device = self.inputs.device
 
     def record(self, layer: int, hidden: torch.Tensor) -> None:
-        """Hold ``hidden`` [B, T, H], the output of ``layer`` (layers arrive in order)."""
+        """Hold ``hidden`` [B, T, H], the output of ``layer`` (layers arrive in order); a layer
+        on another device than the reduction inputs (a model over several GPUs) is copied to
+        theirs."""
         self.recorded.append(layer)
+        if self._device is not None and hidden.device != self._device:
+            hidden = hidden.to(self._device)
         self._pending.append(hidden)
         self._pending_bytes += hidden.numel() * hidden.element_size()
         if self._pending_bytes >= self.fuse_bytes:
@@ -201,15 +214,20 @@ class ForwardState:
     capture: CaptureSink | None = None
 
     def __post_init__(self) -> None:
-        self._masks: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+        self._masks: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
-    def masks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masks in ``dtype``, converted once per forward pass and reused by every layer
-        (the engine swaps ``prompt``/``response`` between decode steps: the cache follows)."""
-        cached = self._masks.get(dtype)
+    def masks(
+        self, dtype: torch.dtype, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The masks in ``dtype`` on ``device`` (default: theirs), converted once per forward
+        pass and reused by every layer on that device (the engine swaps ``prompt``/``response``
+        between decode steps: the cache follows)."""
+        key = (dtype, self.prompt.device if device is None else device)
+        cached = self._masks.get(key)
         if cached is None or cached[0] is not self.prompt or cached[1] is not self.response:
-            cached = (self.prompt, self.response, self.prompt.to(dtype), self.response.to(dtype))
-            self._masks[dtype] = cached
+            converted = (self.prompt.to(key[1], dtype), self.response.to(key[1], dtype))
+            cached = (self.prompt, self.response, *converted)
+            self._masks[key] = cached
         return cached[2], cached[3]
 
 
@@ -217,7 +235,7 @@ def apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> to
     """``plan`` applied to ``hidden`` [B, T, H] (a layer's output; the hooks and the fast
     generation path share it, so both steer the same way)."""
     if plan.ablations:
-        pm32, rm32 = state.masks(torch.float32)
+        pm32, rm32 = state.masks(torch.float32, hidden.device)
         h32 = hidden.float()
         for dirs, c_prompt, c_response in plan.ablations:
             proj = torch.einsum("bth,bh->bt", h32, dirs)
@@ -227,7 +245,7 @@ def apply_plan(hidden: torch.Tensor, plan: LayerPlan, state: ForwardState) -> to
     if plan.add_all is not None:
         hidden = hidden + plan.add_all[:, None, :]
     if plan.add_prompt is not None or plan.add_response is not None:
-        pm, rm = state.masks(hidden.dtype)
+        pm, rm = state.masks(hidden.dtype, hidden.device)
         if plan.add_prompt is not None:
             hidden = hidden + pm.unsqueeze(-1) * plan.add_prompt[:, None, :]
         if plan.add_response is not None:

@@ -155,16 +155,16 @@ def place(
     budgets = [_budget(d, headroom) for d in devices]
     need = total_bytes(units)
     counts = range(1, len(devices) + 1) if count is None else [count]
-    for count in counts:
-        if _fill(units, budgets[:count]) is None:
+    for n in counts:
+        if _fill(units, budgets[:n]) is None:
             continue
-        share = need / max(1, sum(budgets[:count]))
+        share = need / max(1, sum(budgets[:n]))
         # Targets in proportion to the budgets balance the devices (each keeps the same share
         # of headroom); whole units can miss them, so the plain budgets are the fallback.
-        targets = [b * share for b in budgets[:count]]
-        slots = _fill(units, budgets[:count], targets) or _fill(units, budgets[:count])
+        targets = [b * share for b in budgets[:n]]
+        slots = _fill(units, budgets[:n], targets) or _fill(units, budgets[:n])
         assert slots is not None
-        chosen = devices[:count]
+        chosen = devices[:n]
         device_map = {u.name: chosen[i].device for u, i in zip(units, slots, strict=True)}
         used: dict[int | str, int] = {}
         for u, i in zip(units, slots, strict=True):

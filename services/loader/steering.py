@@ -10,7 +10,7 @@ a no-op.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -105,8 +105,10 @@ def build_plan(
     hidden_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    layer_devices: Mapping[int, torch.device] | None = None,
 ) -> SteeringPlan:
-    """Fold each row's specs into per-layer tensors on ``device``."""
+    """Fold each row's specs into per-layer tensors on ``device``, or on each layer's own
+    device where ``layer_devices`` names it (a model placed over several GPUs)."""
     batch = len(rows)
     adds: dict[int, tuple[torch.Tensor, torch.Tensor, list[bool]]] = {}
     slots: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -159,8 +161,14 @@ def build_plan(
                         c_response[b] = float(spec.coefficient)
                     slot_fill[(layer, index)] = 1
     plans: dict[int, LayerPlan] = {}
+    on = device
+
+    def dev(layer: int) -> torch.device:
+        return on if layer_devices is None else layer_devices.get(layer, on)
+
     for layer, (p, r, used) in adds.items():
         plan = plans.setdefault(layer, LayerPlan())
+        device = dev(layer)
         if used[0] and used[1] and torch.equal(p, r):
             plan.add_all = p.to(device=device, dtype=dtype)
             continue
@@ -170,6 +178,7 @@ def build_plan(
             plan.add_response = r.to(device=device, dtype=dtype)
     for layer, layer_slots in slots.items():
         plan = plans.setdefault(layer, LayerPlan())
+        device = dev(layer)
         for dirs, c_prompt, c_response in layer_slots:
             # Projection math in float32: bf16 dot products lose the direction's tail.
             plan.ablations.append(
@@ -195,15 +204,23 @@ def first_prompt_layer(specs: Sequence[SteerSpec], num_layers: int) -> int:
 
 
 def select_rows(plan: SteeringPlan, rows: torch.Tensor) -> SteeringPlan:
-    """The plan restricted to (or repeated over) ``rows``, an index tensor into the batch."""
+    """The plan restricted to (or repeated over) ``rows``, an index tensor into the batch
+    (copied once to each other device that holds a layer's tensors)."""
     out: dict[int, LayerPlan] = {}
+    on_device: dict[torch.device, torch.Tensor] = {rows.device: rows}
     for layer, lp in plan.layers.items():
+        first = lp.add_all if lp.add_all is not None else lp.add_prompt
+        first = first if first is not None else lp.add_response
+        where = first.device if first is not None else lp.ablations[0][0].device
+        if where not in on_device:
+            on_device[where] = rows.to(where)
+        idx = on_device[where]
         out[layer] = LayerPlan(
-            add_prompt=None if lp.add_prompt is None else lp.add_prompt.index_select(0, rows),
-            add_response=None if lp.add_response is None else lp.add_response.index_select(0, rows),
-            add_all=None if lp.add_all is None else lp.add_all.index_select(0, rows),
+            add_prompt=None if lp.add_prompt is None else lp.add_prompt.index_select(0, idx),
+            add_response=None if lp.add_response is None else lp.add_response.index_select(0, idx),
+            add_all=None if lp.add_all is None else lp.add_all.index_select(0, idx),
             ablations=[
-                (d.index_select(0, rows), cp.index_select(0, rows), cr.index_select(0, rows))
+                (d.index_select(0, idx), cp.index_select(0, idx), cr.index_select(0, idx))
                 for d, cp, cr in lp.ablations
             ],
         )

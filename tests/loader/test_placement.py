@@ -86,7 +86,7 @@ def test_a_model_that_does_not_fit_is_a_named_error() -> None:
     units = _model(80, 1.75)
     with pytest.raises(DoesNotFit, match=r"need 142\.00 GiB.*2 device\(s\) give"):
         place(units, [DeviceMemory(0, 80 * GIB), DeviceMemory(1, 80 * GIB)], headroom=0.15)
-    with pytest.raises(DoesNotFit, match="largest unit 9.00 GiB"):  # one layer over any card
+    with pytest.raises(DoesNotFit, match=r"largest unit 9\.00 GiB"):  # one layer over any card
         place([Unit("model.layers.0", 9 * GIB)], [DeviceMemory(0, 8 * GIB)] * 4)
     with pytest.raises(DoesNotFit, match="no device"):
         place(units, [])

@@ -12,6 +12,7 @@ from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
 from services.loader.backends.hf import cpu_compute_dtype, load_tokenizer, resolve_device
 from services.loader.model_source import ResolvedSource
+from services.loader.placement import cuda_placement
 
 __all__ = ["BitsAndBytesBackend"]
 
@@ -48,10 +49,24 @@ class BitsAndBytesBackend(Backend):
                 bnb_4bit_compute_dtype=compute,
                 bnb_4bit_use_double_quant=False,
             )
-        device_map = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+        placement = (
+            cuda_placement(str(source.folder), precision, dev.index or 0)
+            if dev.type == "cuda"
+            else None
+        )
+        device_map: dict[str, int | str] = (
+            placement.device_map
+            if placement is not None
+            else {"": dev.index or 0}
+            if dev.type == "cuda"
+            else {"": "cpu"}
+        )
         model = AutoModelForCausalLM.from_pretrained(
             str(source.folder), quantization_config=config, dtype=half, device_map=device_map
         )
+        if placement is not None:  # inputs go where the embeddings are
+            dev = model.get_input_embeddings().weight.device
+            note = placement.note()
         if compute != half:
             # Loaded (and quantized) from the half-precision weights as on a GPU, so the
             # quantized weights are the same; only the unquantized modules are upcast.

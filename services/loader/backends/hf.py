@@ -10,6 +10,7 @@ from services.common import settings as settings_mod
 from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
 from services.loader.model_source import ResolvedSource
+from services.loader.placement import cuda_placement
 
 __all__ = ["HFBackend", "cpu_compute_dtype", "load_tokenizer", "resolve_device"]
 
@@ -89,11 +90,23 @@ class HFBackend(Backend):
         dev = resolve_device(device)
         # Loading in the variant's dtype rounds the weights to it; an upcast after that keeps
         # exactly those values.
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype)
-        compute, note = cpu_compute_dtype(dtype, dev)
-        if compute != dtype:
-            model.to(compute)
-        model.to(dev)
+        on_gpu = dev.type == "cuda"
+        placement = (
+            cuda_placement(str(source.folder), precision, dev.index or 0) if on_gpu else None
+        )
+        note: str | None
+        if placement is not None:  # several GPUs, layer by layer
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.folder), dtype=dtype, device_map=placement.device_map
+            )
+            dev = model.get_input_embeddings().weight.device  # inputs go where it is
+            compute, note = dtype, placement.note()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype)
+            compute, note = cpu_compute_dtype(dtype, dev)
+            if compute != dtype:
+                model.to(compute)
+            model.to(dev)
         model.eval()
         notes = [*source.notes, *([note] if note else [])]
         return LoadedModel(model, load_tokenizer(source), dev, compute, {}, notes)

@@ -21,6 +21,7 @@ from services.loader.engines.hf.batching import Padded, micro_batches, pad_batch
 from services.loader.engines.hf.tokens import Tokens
 from services.loader.fastgen import FastGenerator, unsupported_reason
 from services.loader.hooks import find_decoder_layers
+from services.loader.placement import layer_devices
 from services.loader.steering import SteeringPlan, SteerSpec, build_plan
 from services.loader.transfer import is_oom
 
@@ -53,6 +54,10 @@ class HFCore:
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.device = loaded.device
         self.dtype = loaded.compute_dtype
+        # Each decoder layer's device: a model placed over several GPUs (``placement``) gets
+        # its steering tensors layer by layer where the layer runs.
+        self.layer_devices = layer_devices(self.layers, self.device)
+        self.multi_device = len(set(self.layer_devices.values())) > 1
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.tokens = Tokens(loaded.tokenizer, self.model.generation_config)
         self.tokenizer = loaded.tokenizer
@@ -81,6 +86,9 @@ class HFCore:
         # LLM.int8()'s outlier decomposition depends on the data: never in fastgen's loop.
         if facts.data_dependent_kernels:
             return "LLM.int8()", None
+        # fastgen's loop and its graphs keep one device's buffers.
+        if self.multi_device:
+            return "the model spans several devices", None
         reason = unsupported_reason(self.model, self.config, self.layers)
         if reason is not None:
             return reason, None
@@ -116,11 +124,16 @@ class HFCore:
             max_tokens=self.settings.capture_graph_tokens,
             fuse_bytes=self._capture_fuse_bytes,
             use_graphs=on_gpu,
-            disabled="LLM.int8() (data-dependent outlier columns)"
-            if precision_info(self.precision).data_dependent_kernels
-            else None,
+            disabled=self._capture_graphs_disabled(),
             forward=None if self.fast is None else self.fast.capture_forward,
         )
+
+    def _capture_graphs_disabled(self) -> str | None:
+        if precision_info(self.precision).data_dependent_kernels:
+            return "LLM.int8() (data-dependent outlier columns)"
+        if self.multi_device:
+            return "the model spans several devices"
+        return None
 
     # ------------------------------------------------------------------ tokens
     def encode_prompt(self, prompt: ChatPrompt | str, field: str) -> list[int]:
@@ -179,11 +192,22 @@ class HFCore:
 
     def _plan(self, steering: Sequence[Sequence[SteerSpec]]) -> SteeringPlan:
         return build_plan(
-            steering, hidden_size=self.hidden_size, device=self.device, dtype=self.dtype
+            steering,
+            hidden_size=self.hidden_size,
+            device=self.device,
+            dtype=self.dtype,
+            layer_devices=self.layer_devices if self.multi_device else None,
         )
 
+    def cache_index(self, index: torch.Tensor) -> torch.Tensor:
+        """``index`` for selecting KV-cache rows: on the host when the cache's layers live on
+        several devices (a host index serves every device; a device index only its own)."""
+        return index.cpu() if self.multi_device else index
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.lm_head(hidden).float()
+        """Logits [.., V] in float32 on the engine's device (the head may sit elsewhere)."""
+        head = self.lm_head.weight.device
+        logits: torch.Tensor = self.lm_head(hidden.to(head)).float().to(self.device)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

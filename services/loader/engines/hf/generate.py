@@ -97,7 +97,7 @@ class _CachedDecode:
         self.next_pos = self.padded.position_ids[:, -1] + 1
 
     def _last_logits(self, out: Any) -> torch.Tensor:
-        logits: torch.Tensor = out.logits[:, -1, :].float()
+        logits: torch.Tensor = out.logits[:, -1, :].float().to(self.core.device)
         if self.core.softcap:
             logits = torch.tanh(logits / self.core.softcap) * self.core.softcap
         return logits
@@ -118,7 +118,7 @@ class _CachedDecode:
         if self.static or len(keep) == self.active.shape[0]:
             return tokens
         keep_t = torch.tensor(keep, device=self.core.device)
-        self.cache.batch_select_indices(keep_t)
+        self.cache.batch_select_indices(self.core.cache_index(keep_t))
         self.active = self.active.index_select(0, keep_t)
         self.attention = self.attention.index_select(0, keep_t)
         self.next_pos = self.next_pos.index_select(0, keep_t)

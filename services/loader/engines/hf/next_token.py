@@ -58,7 +58,7 @@ def _next_token_batch(
             attention_mask=padded.attention_mask,
             position_ids=padded.position_ids,
             use_cache=False,
-        ).last_hidden_state
+        ).last_hidden_state.to(core.device)
     core._count(len(batch), sum(it.length for it in batch))
     last = torch.tensor(
         [padded.offsets[b] + batch[b].length - 1 for b in range(len(batch))], device=core.device

@@ -98,7 +98,7 @@ def _forward(
             position_ids=ctx.position_ids,
             **cache_kwargs(core.base, cache),
             use_cache=True,
-        ).last_hidden_state
+        ).last_hidden_state.to(dev)
         last = torch.tensor(
             [ctx.offsets[b] + len(batch[b].context_ids) - 1 for b in range(len(batch))],
             device=dev,
@@ -109,7 +109,7 @@ def _forward(
         owner = [b for b, it in enumerate(batch) for _ in it.continuations]
         conts = [c for it in batch for c in it.continuations]
         owner_t = torch.tensor(owner, device=dev)
-        cache.batch_select_indices(owner_t)
+        cache.batch_select_indices(core.cache_index(owner_t))
         cont_ids, cont_mask = _continuation_tensors(conts, core.pad_id, dev)
         width = cont_ids.shape[1]
         ctx_len = torch.tensor([len(batch[b].context_ids) for b in owner], device=dev)
@@ -124,7 +124,7 @@ def _forward(
             position_ids=positions,
             **cache_kwargs(core.base, cache),
             use_cache=True,
-        ).last_hidden_state
+        ).last_hidden_state.to(dev)
     return first_logprobs, cont_hidden, owner_t, conts
 
 
