@@ -40,9 +40,9 @@ __all__ = ["build_blocks"]
 def _summary(docs: Documents) -> list[Block]:
     sources = {
         "vector_cosine": [e.model_dump() for e in docs.vectors.entries],
-        "steering_degradation_pct": docs.steering.entries,
-        "logit_diff_correlation": docs.logit_diff.entries,
-        "benchmark_drop_pp": docs.benchmarks.entries,
+        "steering_degradation_pct": [e.model_dump() for e in docs.steering.entries],
+        "logit_diff_correlation": [e.model_dump() for e in docs.logit_diff.entries],
+        "benchmark_drop_pp": [e.model_dump() for e in docs.benchmarks.entries],
     }
     rows: list[tuple[Cell, ...]] = []
     worst: list[str] = []

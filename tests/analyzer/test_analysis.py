@@ -292,5 +292,11 @@ def test_every_written_document_validates_as_its_typed_model(analysed: Analysed)
         doc = model.model_validate(analysed.doc(name))
         assert doc.run_id == analysed.planted.run_id and doc.schema_ == "qsens.analysis/1"
         assert doc.kind == name.removesuffix(".json")
+    # Rows keep exactly the keys their builder set: a reference row has no comparison.
+    steering = SteeringComparison.model_validate(analysed.doc("steering_comparison.json"))
+    dumped = steering.to_json()["entries"]
+    assert dumped == analysed.doc("steering_comparison.json")["entries"]
+    assert any(e["is_reference"] and "degradation_pct" not in e for e in dumped)
+    assert any(not e["is_reference"] and "degradation_pct" in e for e in dumped)
     with pytest.raises(ValidationError, match="unexpected"):
         VectorComparison.model_validate({**analysed.doc("vector_comparison.json"), "unexpected": 1})

@@ -153,18 +153,18 @@ def benchmarks_section(doc: BenchmarkComparison, figures: Sequence[FigureImage])
     blocks += figure_blocks(figures, "benchmark-accuracy")
     rows: list[tuple[Cell, ...]] = []
     for e in doc.entries:
-        acc = e["accuracy"]
-        mc = e.get("mcnemar")
+        acc = e.accuracy
+        mc = e.mcnemar
         rows.append(
             (
-                e["model"],
-                e["benchmark"],
-                e["variant"],
+                e.model,
+                e.benchmark,
+                e.variant,
                 fmt_num(acc.get("n")),
                 fmt_ci(acc.get("value"), acc.get("low"), acc.get("high"), 1, 100.0),
-                "reference" if e["is_reference"] else fmt_est(e.get("delta_pp"), 2),
+                "reference" if e.is_reference else fmt_est(e.delta_pp, 2),
                 "—" if not mc else fmt_p(mc.get("p_value")),
-                "—" if e["is_reference"] else badge(e.get("classification")),
+                "—" if e.is_reference else badge(e.classification),
             )
         )
     blocks.append(

@@ -185,20 +185,20 @@ def logit_diff_section(doc: LogitDiffComparison) -> list[Block]:
     ]
     rows: list[tuple[Cell, ...]] = []
     for e in doc.entries:
-        cmp = e.get("comparison") or {}
+        cmp = e.comparison or {}
         corr = cmp.get("correlation") or {}
         rows.append(
             (
-                e["model"],
-                e["trait"],
-                e["method"],
-                e["variant"],
-                str(e["n_questions"]),
-                fmt_num(e.get("unsteered"), 2),
-                fmt_est(e["slope"], 2),
-                "reference" if e["is_reference"] else fmt_est(corr),
+                e.model,
+                e.trait,
+                e.method,
+                e.variant,
+                str(e.n_questions),
+                fmt_num(e.unsteered, 2),
+                fmt_est(e.slope, 2),
+                "reference" if e.is_reference else fmt_est(corr),
                 fmt_num((cmp.get("slope") or {}).get("ratio"), 2),
-                "—" if e["is_reference"] else badge(e.get("classification")),
+                "—" if e.is_reference else badge(e.classification),
             )
         )
     blocks.append(

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 __all__ = [
     "SCHEMA",
     "AnalysisDocument",
     "BenchmarkComparison",
+    "BenchmarkEntry",
     "Bootstrap",
     "LogitDiffComparison",
+    "LogitDiffEntry",
     "ProbeStatistics",
     "RobustnessRanking",
     "Row",
     "SteeringComparison",
+    "SteeringEntry",
     "VectorComparison",
     "VectorEntry",
     "VectorPair",
@@ -60,6 +63,88 @@ class AnalysisDocument(BaseModel):
 
 class _Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _SparseRow(_Row):
+    """A row whose optional fields are written only when the builder set them (a reference
+    row has no comparison), so the JSON has exactly the keys the builder gave."""
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        required = {name for name, f in type(self).model_fields.items() if f.is_required()}
+        return {k: v for k, v in out.items() if k in required or k in self.model_fields_set}
+
+
+class SteeringEntry(_SparseRow):
+    """One steer result against the reference's own steering."""
+
+    model: str
+    trait: str
+    method: str
+    vector_mode: str
+    mode: str
+    direction: str
+    target: str
+    precision: str
+    source: str
+    steering: str = Field(description="self or reference_vectors.")
+    is_reference: bool
+    objective: str
+    status: str
+    question_set: str
+    best: dict[str, Any]
+    baseline: dict[str, Any]
+    delta: dict[str, Any]
+    effect: float | None
+    budget: dict[str, Any]
+    runs: int
+    n_questions: int | None
+    judge: dict[str, Any]
+    bootstrap: dict[str, Any]
+    sources: dict[str, Any]
+    classification: dict[str, Any] | None
+    degradation_pct: dict[str, Any] | None = None
+    shift: dict[str, Any] | None = None
+    coherence_at_matched_coefficient: dict[str, Any] | None = None
+
+
+class LogitDiffEntry(_SparseRow):
+    """One logit-difference result, with its comparison to the reference."""
+
+    model: str
+    trait: str
+    method: str
+    vector_mode: str
+    variant: str
+    precision: str
+    is_reference: bool
+    layer: int | None
+    multiples: list[float]
+    coefficients: list[float]
+    mean: list[float | None]
+    slope: dict[str, Any]
+    unsteered: float | None
+    n_questions: int
+    sources: dict[str, Any]
+    classification: dict[str, Any] | None = None
+    comparison: dict[str, Any] | None = None
+
+
+class BenchmarkEntry(_SparseRow):
+    """One benchmark result, with its change against the reference."""
+
+    model: str
+    benchmark: str
+    variant: str
+    precision: str
+    is_reference: bool
+    accuracy: dict[str, Any]
+    sources: dict[str, Any]
+    delta_pp: dict[str, Any] | None = None
+    drop_pp: float | None = None
+    mcnemar: dict[str, Any] | None = None
+    classification: dict[str, Any] | None = None
 
 
 class PairOf(_Row):
@@ -146,7 +231,7 @@ class SteeringComparison(AnalysisDocument):
     coherence_threshold: float
     judge: dict[str, Any]
     bootstrap: Bootstrap
-    entries: list[Row]
+    entries: list[SteeringEntry]
     spread: list[Row]
 
 
@@ -156,7 +241,7 @@ class LogitDiffComparison(AnalysisDocument):
     kind: Literal["logit_diff_comparison"] = "logit_diff_comparison"
     threshold: dict[str, Any]
     bootstrap: Bootstrap
-    entries: list[Row]
+    entries: list[LogitDiffEntry]
 
 
 class BenchmarkComparison(AnalysisDocument):
@@ -165,7 +250,7 @@ class BenchmarkComparison(AnalysisDocument):
     kind: Literal["benchmark_comparison"] = "benchmark_comparison"
     threshold: dict[str, Any]
     bootstrap: Bootstrap
-    entries: list[Row]
+    entries: list[BenchmarkEntry]
 
 
 class ProbeStatistics(AnalysisDocument):

@@ -99,10 +99,10 @@ def _conditions(
             cos_cond[(v.model, v.trait, v.variant)][v.method] = mc
     deg_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     for e in steering.entries:
-        d = (e.get("degradation_pct") or {}).get("value")
+        d = (e.degradation_pct or {}).get("value")
         if d is not None:
-            cond = (e["model"], e["trait"], e["target"], e["steering"], e["mode"], e["direction"])
-            deg_cond[cond][e["method"]] = d
+            cond = (e.model, e.trait, e.target, e.steering, e.mode, e.direction)
+            deg_cond[cond][e.method] = d
     return cos_cond, deg_cond
 
 
@@ -139,14 +139,14 @@ def _collect(
         if g is not None and v.primary and v.window.mean_cosine is not None:
             out[g]["cosine"].append(v.window.mean_cosine)
     for e in steering.entries:
-        g = group_of(e["target"])
-        d = (e.get("degradation_pct") or {}).get("value")
+        g = group_of(e.target)
+        d = (e.degradation_pct or {}).get("value")
         if g is not None and d is not None:
             out[g]["degradation"].append(d)
-    for e in benchmarks.entries:
-        g = group_of(e["variant"])
-        if g is not None and e.get("drop_pp") is not None:
-            out[g]["drop"].append(e["drop_pp"])
+    for b in benchmarks.entries:
+        g = group_of(b.variant)
+        if g is not None and b.drop_pp is not None:
+            out[g]["drop"].append(b.drop_pp)
     return out
 
 

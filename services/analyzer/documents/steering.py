@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from services.analyzer.documents.common import (
     precision_of,
     seed_of,
 )
-from services.analyzer.documents.models import SteeringComparison
+from services.analyzer.documents.models import SteeringComparison, SteeringEntry
 from services.analyzer.documents.steering_cells import (
     degradation,
     effect_sign,
@@ -262,29 +262,29 @@ def steering_comparison(run: RunArtefacts) -> SteeringComparison:
 # ---------------------------------------------------------------------------------------------
 
 
-def _entry_row(e: Mapping[str, Any]) -> tuple[Cell, ...]:
+def _entry_row(e: SteeringEntry) -> tuple[Cell, ...]:
     """One steering table row."""
-    best = e["best"]
-    deg = e.get("degradation_pct") or {}
-    shift = e.get("shift") or {}
-    matched = e.get("coherence_at_matched_coefficient") or {}
+    best = e.best
+    deg = e.degradation_pct or {}
+    shift = e.shift or {}
+    matched = e.coherence_at_matched_coefficient or {}
     return (
-        e["model"],
-        e["trait"],
-        e["method"],
-        f"{e['mode']}{e['direction']}",
-        e["target"],
-        "reference" if e["is_reference"] else e["steering"],
+        e.model,
+        e.trait,
+        e.method,
+        f"{e.mode}{e.direction}",
+        e.target,
+        "reference" if e.is_reference else e.steering,
         fmt_ci(best["score"], best["low"], best["high"], 1),
-        fmt_est(e["delta"], 1),
-        "—" if e["is_reference"] else fmt_ci(deg.get("value"), deg.get("low"), deg.get("high"), 1),
+        fmt_est(e.delta, 1),
+        "—" if e.is_reference else fmt_ci(deg.get("value"), deg.get("low"), deg.get("high"), 1),
         f"{fmt_num(best['layer'])} ({'+' if (shift.get('layer') or 0) > 0 else ''}{fmt_num(shift.get('layer'))})"
-        if not e["is_reference"]
+        if not e.is_reference
         else fmt_num(best["layer"]),
         fmt_num(shift.get("coefficient_ratio"), 2),
         fmt_num(best["coherence"], 1),
         fmt_num(matched.get("coherence"), 1),
-        badge(e.get("classification")),
+        badge(e.classification),
     )
 
 
