@@ -1,11 +1,16 @@
 """The sizing table is computed: docs/SIZING.md equals the code's output, the seed shapes
-give the parameter counts the seeds-matrix spec states, and the GPU counts follow the
-placement function."""
+give the parameter counts the seeds-matrix spec states, the GPU counts follow the placement
+function, and the generated variant loaders (deploy/k8s/variants/) request those GPUs."""
 
 from __future__ import annotations
 
+import subprocess
+
+import pytest
 import yaml
 
+from services.common.errors import InvalidArgument
+from services.common.settings import LoaderSettings
 from services.common.variants import Precision
 from services.loader import sizing
 from services.loader.placement import (
@@ -16,6 +21,7 @@ from services.loader.placement import (
     place,
     units_of,
 )
+from tests.deploy.manifests import find, kubectl
 from tests.loader_procs import REPO
 
 
@@ -53,3 +59,47 @@ def test_gpu_counts_follow_the_placement() -> None:
     else:
         raise AssertionError("a 70B bf16 model placed on one H100")
     assert gpus_needed(units, sizing.H100_FREE_BYTES, headroom=0.5) == 4
+
+
+VARIANTS = REPO / "deploy" / "k8s" / "variants"
+
+
+def test_variant_loaders_are_the_generators_output_and_request_their_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folders = sorted(p for p in VARIANTS.iterdir() if p.is_dir())
+    assert folders, "no generated variant loaders"
+    for folder in folders:
+        model, _, precision = folder.name.rpartition("-")
+        want = sizing.loader_kustomization(model, Precision(precision))
+        assert (folder / "kustomization.yaml").read_text(encoding="utf-8") == want, folder.name
+        size = sizing.sizing(model, Precision(precision))
+        out = subprocess.run(
+            [kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        deployment = find(
+            [d for d in yaml.safe_load_all(out.stdout) if d],
+            "Deployment",
+            f"qsens-loader-{folder.name.replace('.', '-')}",
+        )
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        resources = container["resources"]
+        for side in ("requests", "limits"):
+            assert resources[side]["nvidia.com/gpu"] == size.gpus
+        assert resources["requests"]["memory"] == f"{32 * size.gpus}Gi"
+        assert resources["limits"]["memory"] == f"{48 * size.gpus}Gi"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["VARIANT_PRECISION"] == precision and env["VARIANT_MODEL_NAME"] == model
+        # The loader reads the count the Deployment gives it.
+        monkeypatch.setenv("QSENS_LOADER_GPUS", env["QSENS_LOADER_GPUS"])
+        assert LoaderSettings().gpus == size.gpus
+    assert {f.name for f in folders} >= {"llama-3.3-70b-bf16", "llama-3.3-70b-nf4"}
+    assert sizing.sizing("llama-3.3-70b", Precision.BF16).gpus == 2
+
+
+def test_a_platform_quantized_or_unknown_variant_is_refused_by_name() -> None:
+    with pytest.raises(InvalidArgument, match="precision: gptq loaders need the quantize"):
+        sizing.loader_kustomization("llama-3.3-70b", Precision.GPTQ)
+    with pytest.raises(InvalidArgument, match="model: unknown seed model 'gpt-5'"):
+        sizing.loader_kustomization("gpt-5", Precision.BF16)
