@@ -11,7 +11,7 @@ row) and keeps everything else in 16 bits, as the backends load them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,7 +283,7 @@ def units_of(model: Any, precision: Precision, num_layers: int | None = None) ->
     return units
 
 
-def layer_devices(layers: Sequence[Any], default: Any) -> dict[int, Any]:
+def layer_devices(layers: Iterable[Any], default: Any) -> dict[int, Any]:
     """The device of each decoder layer (of its first parameter; ``default`` for none)."""
     out: dict[int, Any] = {}
     for i, layer in enumerate(layers):
