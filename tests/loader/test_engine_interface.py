@@ -307,7 +307,7 @@ def test_serve_names_an_unknown_engine_before_loading() -> None:
         timeout=120,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "engine: unknown engine 'vllm-not-registered' (known: hf)" in done.stderr
+    assert "engine: unknown engine 'vllm-not-registered' (known: hf, vllm)" in done.stderr
 
 
 def test_registry_and_capabilities_import_without_torch() -> None:

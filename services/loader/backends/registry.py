@@ -69,6 +69,8 @@ class BackendEntry:
 
 ENGINES: dict[str, EngineEntry] = {
     "hf": EngineEntry("services.loader.engines.hf.engine:HFEngine"),
+    # In its own virtual environment (the qsens[vllm] extra): vLLM pins torch and transformers.
+    "vllm": EngineEntry("services.loader.engines.vllm.engine:VLLMEngine", ("vllm",)),
 }
 
 BACKENDS: dict[str, BackendEntry] = {
@@ -98,6 +100,12 @@ BACKENDS: dict[str, BackendEntry] = {
         frozenset({Precision.AWQ}),
         "services.loader.backends.awq:AWQBackend",
         ("gptqmodel",),
+    ),
+    # vLLM loads the checkpoint itself (no weight loader); never a precision's default.
+    "vllm": BackendEntry(
+        "vllm",
+        "vllm",
+        frozenset({Precision.FP32, Precision.BF16, Precision.FP16}),
     ),
 }
 
@@ -188,10 +196,15 @@ def check_variant(
     entry = resolve_backend(precision, backend, engine)
     missing = missing_packages(entry)
     if missing:
+        how = (
+            "its own virtual environment: pip install -e '.[vllm]'"
+            if entry.engine == "vllm"
+            else "pip install -e '.[quant]' or `make install`"
+        )
         raise InvalidArgument(
             "precision",
             f"backend {entry.name!r} needs the package(s) {', '.join(missing)}, which are not "
-            f"installed here (pip install -e '.[quant]' or `make install`)",
+            f"installed here ({how})",
         )
     return entry
 

@@ -135,8 +135,14 @@ class VLLMEngine(Engine):
         # In-process engine core: the hooks must live where the model runs.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is larger
-        from vllm import LLM
-
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise InvalidArgument(
+                "engine",
+                f"engine 'vllm' needs vLLM in this environment ({exc}); it runs in its own "
+                "virtual environment: pip install -e '.[vllm]'",
+            ) from exc
         llm = LLM(
             model=str(source.folder),
             dtype=DTYPES[precision],
