@@ -25,6 +25,7 @@ __all__ = [
     "DoesNotFit",
     "Placement",
     "Unit",
+    "choose_placement",
     "cuda_placement",
     "gpus_needed",
     "layer_devices",
@@ -181,10 +182,27 @@ def place(
     )
 
 
+def choose_placement(
+    config: Any,
+    precision: Precision,
+    devices: Sequence[DeviceMemory],
+    *,
+    gpus: int | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+) -> Placement | None:
+    """The placement of a model with ``config`` at ``precision`` over ``devices``: None when
+    it runs on the first one alone (``gpus`` 1, or unset and the weights fit it), else over
+    exactly ``gpus`` of them or the fewest that hold it; ``DoesNotFit`` otherwise."""
+    if gpus == 1:
+        return None
+    units = units_of(meta_model(config), precision)
+    placement = place(units, devices, headroom=headroom, count=gpus)
+    return placement if len(placement.devices) > 1 else None
+
+
 def cuda_placement(folder: str, precision: Precision, first: int) -> Placement | None:
-    """The placement of the checkpoint in ``folder`` over the GPUs from index ``first`` on, by
-    their free memory and the loader settings (``gpus``, ``gpu_headroom``); None when it runs
-    on the one GPU ``first`` (as every variant that fits one does unless ``gpus`` says more)."""
+    """``choose_placement`` of the checkpoint in ``folder`` over the GPUs from index ``first``
+    on, by their free memory now and the loader settings (``gpus``, ``gpu_headroom``)."""
     import torch
     from transformers import AutoConfig
 
@@ -197,9 +215,10 @@ def cuda_placement(folder: str, precision: Precision, first: int) -> Placement |
         DeviceMemory(i, int(torch.cuda.mem_get_info(i)[0]))
         for i in range(first, torch.cuda.device_count())
     ]
-    units = units_of(meta_model(AutoConfig.from_pretrained(folder)), precision)
-    placement = place(units, devices, headroom=loader.gpu_headroom, count=loader.gpus)
-    return placement if len(placement.devices) > 1 else None
+    config = AutoConfig.from_pretrained(folder)
+    return choose_placement(
+        config, precision, devices, gpus=loader.gpus, headroom=loader.gpu_headroom
+    )
 
 
 def gpus_needed(

@@ -14,6 +14,7 @@ from services.loader.placement import (
     DoesNotFit,
     Placement,
     Unit,
+    choose_placement,
     gpus_needed,
     meta_model,
     place,
@@ -176,3 +177,29 @@ def test_gpus_needed_for_the_70b_shape() -> None:
     assert gpus_needed(units_of(model, Precision.BF16), h100) == 2
     assert gpus_needed(units_of(model, Precision.NF4), h100) == 1
     assert gpus_needed(units_of(model, Precision.BF16), 40 * GIB) == 4  # 131.4 GiB / 34
+
+
+def test_choose_placement_runs_on_one_device_unless_asked_or_needed() -> None:
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
+    need = total_bytes(units_of(meta_model(config), Precision.BF16))
+    roomy = [DeviceMemory(i, 4 * need) for i in range(3)]
+    assert choose_placement(config, Precision.BF16, roomy) is None  # fits the first
+    assert choose_placement(config, Precision.BF16, roomy, gpus=1) is None
+    asked = choose_placement(config, Precision.BF16, roomy, gpus=3)
+    assert asked is not None and asked.devices == [0, 1, 2]
+    tight = [DeviceMemory(i, int(need * 0.7)) for i in range(3)]
+    needed = choose_placement(config, Precision.BF16, tight, headroom=0.0)
+    assert needed is not None and needed.devices == [0, 1]
+    # At 4 bits the same model fits the first card again.
+    assert choose_placement(config, Precision.NF4, tight, headroom=0.0) is None
+    with pytest.raises(DoesNotFit, match=r"3 device\(s\) give"):
+        choose_placement(config, Precision.BF16, tight, headroom=0.6)
+    # gpus=1 never builds a placement: a model that does not fit fails where it loads.
+    assert choose_placement(config, Precision.BF16, tight[:1], gpus=1) is None
