@@ -64,8 +64,10 @@ def start_loader(
     timeout: float = 240.0,
     http: bool = True,
     metrics: bool = True,
+    python: str | None = None,
 ) -> LoaderProc:
-    """Launch ``python -m services.cli.main serve loader`` and wait for its ready file."""
+    """Launch ``python -m services.cli.main serve loader`` and wait for its ready file
+    (``python``: another environment's interpreter, e.g. the vLLM one; default this one)."""
     workdir = Path(tempfile.mkdtemp(prefix="qsens-loader-"))
     ready = workdir / "ready.json"
     log_path = workdir / "loader.log"
@@ -73,7 +75,7 @@ def start_loader(
     full_env.update({"PYTHONUNBUFFERED": "1", "QSENS_LOG_LEVEL": "INFO"})
     full_env.update(env or {})
     args = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "services.cli.main",
         "serve",

@@ -16,15 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from services.common import settings
+from services.loader.client import Chat, LoaderClient, PromptItem, Steer
 from services.loader.engine import ChatPrompt, EngineItem, GenParams, ScoreInput
 from services.loader.model_source import resolve_source
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec
+from tests.loader_procs import start_loader
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("QSENS_VLLM_VENV", ROOT / ".venv-vllm"))
@@ -180,3 +183,47 @@ def test_capabilities_are_honest(both: tuple[list[Any], dict[str, Any]]) -> None
     assert caps.engine == "vllm"
     assert caps.supports_steering and not caps.batch_invariant and not caps.graphable
     assert any("vLLM" in note for note in out["describe"].notes)
+
+
+async def test_grpc_loader_on_vllm_serves_like_hf(both: tuple[list[Any], dict[str, Any]]) -> None:
+    """`qsens serve loader --engine vllm` in the vLLM environment: the same server and client,
+    Info names the engine and its capabilities, and answers equal the HF engine's."""
+    hf, _ = both
+    source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
+    proc = start_loader(
+        str(source.folder),
+        "fp32",
+        extra_args=["--engine", "vllm"],
+        env={"OMP_NUM_THREADS": "1"},
+        python=str(VLLM_PYTHON),
+        http=False,
+        metrics=False,
+        timeout=400,
+    )
+    try:
+        vec = _direction(576).numpy()
+        chat = Chat.of([("user", QUESTIONS[0])])
+        async with LoaderClient(proc.address) as client:
+            info = await client.info()
+            plain, steered = await client.generate(
+                [
+                    PromptItem(chat),
+                    PromptItem(chat, steering=[Steer(list(STEER_LAYERS), 12.0, vector=vec)]),
+                ],
+                max_new_tokens=12,
+            )
+            captured = await client.capture(
+                [PromptItem(chat, response="The sea is deep and blue.")],
+                position="prompt[-1]",
+                layers=[0, 14, 29],
+                reduction="last",
+            )
+    finally:
+        proc.stop()
+    assert info.engine == "vllm" and info.backend == "vllm"
+    assert info.capabilities.supports_steering and not info.capabilities.batch_invariant
+    assert plain.token_ids == hf[0][0].token_ids
+    assert steered.token_ids == hf[0][2].token_ids
+    np.testing.assert_allclose(
+        captured.activations[0], hf[1][0][0].activations.numpy(), atol=2e-3, rtol=1e-3
+    )
