@@ -35,33 +35,35 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import Counter
 
 from services.common.auth import loader_channel
-from services.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    QsensError,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from services.common.errors import FailedPrecondition, Unavailable
 from services.common.logging import get_logger
-from services.common.tensor_codec import decode_numpy, encode
-from services.loader.capabilities import EngineCapabilities, capabilities_from_proto
+from services.common.tensor_codec import decode_numpy
+from services.loader.backpressure import _raise, retry_after_s, with_backpressure
+from services.loader.capabilities import capabilities_from_proto
+from services.loader.client_types import (
+    CaptureOutput,
+    Chat,
+    ContinuationScore,
+    Generation,
+    LoaderInfo,
+    NextToken,
+    PromptItem,
+    ScoreItem,
+    Steer,
+    _tensor,
+)
 from services.loader.pb import loader_pb2 as pb
 from services.loader.pb import loader_pb2_grpc as pb_grpc
 from services.loader.seeds import row_seed
-from services.loader.work import PRIORITY_KEY, RETRY_AFTER_KEY, WORK_TIMEOUT_KEY
+from services.loader.work import PRIORITY_KEY, WORK_TIMEOUT_KEY
 
 __all__ = [
     "CaptureOutput",
@@ -80,273 +82,6 @@ __all__ = [
 
 log = get_logger(__name__)
 R = TypeVar("R")
-Role = Literal["system", "user", "assistant"]
-# Each refused caller sleeps retry-after times a factor in this range.
-RETRY_JITTER = (1.0, 1.5)
-
-
-@dataclass(frozen=True)
-class Chat:
-    """Chat messages; ``continue_final`` leaves a final assistant message open."""
-
-    messages: Sequence[tuple[str, str]]
-    continue_final: bool = False
-
-    @classmethod
-    def of(
-        cls,
-        messages: Sequence[Mapping[str, str]] | Sequence[tuple[str, str]],
-        continue_final: bool = False,
-    ) -> Chat:
-        pairs = [
-            (m["role"], m["content"]) if isinstance(m, Mapping) else (m[0], m[1]) for m in messages
-        ]
-        return cls(tuple(pairs), continue_final)
-
-
-@dataclass(frozen=True)
-class Steer:
-    """One steering spec: a vector (or an index into the request's vector table) at layers."""
-
-    layers: Sequence[int]
-    coefficient: float
-    vector: np.ndarray | None = None
-    vector_ref: int | None = None
-    mode: Literal["add", "ablate"] = "add"
-    positions: Literal["prompt", "response", "all"] = "all"
-
-    def to_proto(self) -> pb.SteeringSpec:
-        spec = pb.SteeringSpec(
-            layers=list(self.layers),
-            coefficient=float(self.coefficient),
-            mode=pb.STEERING_MODE_ADD if self.mode == "add" else pb.STEERING_MODE_ABLATE,
-            positions={
-                "prompt": pb.STEERING_POSITIONS_PROMPT,
-                "response": pb.STEERING_POSITIONS_RESPONSE,
-                "all": pb.STEERING_POSITIONS_ALL,
-            }[self.positions],
-        )
-        if self.vector is not None:
-            spec.vector.CopyFrom(_tensor(self.vector))
-        elif self.vector_ref is not None:
-            spec.vector_ref = int(self.vector_ref)
-        return spec
-
-
-@dataclass(frozen=True)
-class PromptItem:
-    """A prompt (chat or raw text), an optional response to replay, row steering and seed."""
-
-    prompt: Chat | str
-    response: str | None = None
-    steering: Sequence[Steer] = ()
-    seed: int | None = None
-
-    def to_proto(self) -> pb.Item:
-        item = pb.Item()
-        if isinstance(self.prompt, Chat):
-            item.chat.CopyFrom(_conversation(self.prompt))
-        else:
-            item.text = self.prompt
-        if self.response is not None:
-            item.response = self.response
-        item.steering.extend(s.to_proto() for s in self.steering)
-        if self.seed is not None:
-            item.seed = int(self.seed) & 0xFFFFFFFFFFFFFFFF
-        return item
-
-
-@dataclass(frozen=True)
-class ScoreItem:
-    """A context and the continuations to score after it."""
-
-    context: Chat | str
-    continuations: Sequence[str]
-    steering: Sequence[Steer] = ()
-
-    def to_proto(self) -> pb.ScoreItem:
-        item = pb.ScoreItem(continuations=list(self.continuations))
-        if isinstance(self.context, Chat):
-            item.chat.CopyFrom(_conversation(self.context))
-        else:
-            item.text = self.context
-        item.steering.extend(s.to_proto() for s in self.steering)
-        return item
-
-
-@dataclass
-class LoaderInfo:
-    model: str
-    precision: str
-    backend: str
-    variant: str
-    num_layers: int
-    hidden_size: int
-    dtype: str
-    device: str
-    parameter_bytes: int
-    supports_chat_template: bool
-    supports_system_role: bool
-    quantization_config: dict[str, Any]
-    vocab_size: int
-    max_tokens_per_item: int
-    max_batch_items: int
-    source: str
-    notes: list[str]
-    # The engine ("hf", ...) and what it computes exactly (None from a loader that predates
-    # engine capabilities).
-    engine: str = ""
-    capabilities: EngineCapabilities | None = None
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class CaptureOutput:
-    """Captured activations: ``activations[i]`` is [L, H] (mean/last) or [L, T_i, H] (none)."""
-
-    layers: list[int]
-    activations: list[np.ndarray]
-    num_positions: list[int]
-    prompt_tokens: list[int]
-    response_tokens: list[int]
-
-    def stacked(self) -> np.ndarray:
-        """[N, L, H] for mean/last reductions."""
-        return np.stack(self.activations)
-
-
-@dataclass
-class ContinuationScore:
-    logprob: float
-    num_tokens: int
-    num_chars: int
-    is_greedy: bool
-    token_logprobs: list[float]
-
-
-@dataclass
-class NextToken:
-    top: list[tuple[int, str, float]]
-    stats: dict[str, float]
-    requested_ids: list[int]
-    requested_logits: list[float]
-    requested_logprobs: list[float]
-
-
-def _tensor(value: np.ndarray) -> pb.Tensor:
-    wire = encode(np.asarray(value, dtype=np.float32))
-    return pb.Tensor(dtype=wire.dtype, shape=list(wire.shape), data=wire.data)
-
-
-def _conversation(chat: Chat) -> pb.Conversation:
-    return pb.Conversation(
-        messages=[pb.Message(role=r, content=c) for r, c in chat.messages],
-        continue_final_message=chat.continue_final,
-    )
-
-
-def _raise(exc: grpc.aio.AioRpcError) -> None:
-    code = exc.code()
-    message = exc.details() or str(code)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field, _, rest = message.partition(": ")
-        raise InvalidArgument(field, rest or message) from exc
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        raise FailedPrecondition(message) from exc
-    if code == grpc.StatusCode.NOT_FOUND:
-        raise NotFound(message) from exc
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        raise ResourceExhausted(message) from exc
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        raise Unauthenticated(
-            f"loader: {message} (set QSENS_LOADER_TOKEN or QSENS_LOADER_TOKEN_FILE)"
-        ) from exc
-    if code in (
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-    ):
-        raise Unavailable(f"loader: {message}") from exc
-    raise QsensError(f"loader error {code.name}: {message}") from exc
-
-
-_retries: Counter | None = None
-_waited: Counter | None = None
-
-
-def _backpressure_metrics() -> tuple[Counter, Counter]:
-    global _retries, _waited
-    if _retries is None or _waited is None:
-        _retries = Counter(
-            "qsens_loader_client_backpressure_retries_total",
-            "Loader calls refused as busy and retried after the loader's retry-after.",
-            ["rpc"],
-        )
-        _waited = Counter(
-            "qsens_loader_client_backpressure_wait_seconds_total",
-            "Seconds spent waiting to retry calls a busy loader refused.",
-            ["rpc"],
-        )
-    return _retries, _waited
-
-
-def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
-    """The loader's retry-after of a busy refusal, or None for any other error."""
-    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return None
-    for key, value in exc.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                return max(0.0, float(value) / 1000.0)
-            except ValueError:
-                return None
-    return None  # out of memory on one item: retrying would not help
-
-
-async def with_backpressure(
-    rpc: str,
-    attempt: Callable[[float], Awaitable[R]],
-    *,
-    timeout_s: float,
-    wait_s: float,
-) -> R:
-    """``attempt(grpc_timeout)``, retried while the loader refuses it as busy (module doc).
-
-    Other gRPC errors become qsens errors; a loader still busy after ``wait_s`` raises
-    ``Unavailable``.
-    """
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    while True:
-        waited = loop.time() - started
-        try:
-            return await attempt(max(0.0, wait_s - waited) + timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            delay = retry_after_s(exc)
-            if delay is None:
-                _raise(exc)
-                raise
-            pause = delay * random.uniform(*RETRY_JITTER)
-            if waited + pause > wait_s:
-                raise Unavailable(
-                    f"loader busy for longer than the {wait_s:g} s wait budget: {exc.details()}"
-                ) from exc
-            retries, seconds = _backpressure_metrics()
-            retries.labels(rpc).inc()
-            seconds.labels(rpc).inc(pause)
-            log.debug(
-                "loader busy; retrying",
-                extra={"rpc": rpc, "retry_after_s": delay, "sleep_s": round(pause, 3)},
-            )
-            await asyncio.sleep(pause)
 
 
 class LoaderClient:
