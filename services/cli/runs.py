@@ -4,13 +4,15 @@
 until the run ends (or returns at once with ``--detach``). ``children_for_spec`` is the local
 stack's hook: one loader per variant (announced in the registry), the judge service, and one
 worker per service.
+
+The commands live here; progress views in ``run_progress``, results in ``run_results`` and the
+local children in ``local_children`` (their names are re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,14 +23,35 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.cli.local_children import LOCAL_CONCURRENCY, children_for_spec, wait_ready
+from services.cli.run_progress import _kind_counts as _kind_counts
+from services.cli.run_progress import (
+    loader_line,
+    loader_rows,
+    progress_line,
+    run_variants,
+    stack_restarts,
+)
+from services.cli.run_results import collect_results, cosine_table
 from services.common.errors import QsensError
-from services.common.localstack import ChildSpec, free_ports
 from services.common.spec import ExperimentSpec, load_spec
 
 app = typer.Typer(help="Plan, run and inspect studies.")
 console = Console(stderr=True)
 
-__all__ = ["app", "children_for_spec"]
+__all__ = [
+    "LOCAL_CONCURRENCY",
+    "app",
+    "children_for_spec",
+    "collect_results",
+    "cosine_table",
+    "loader_line",
+    "loader_rows",
+    "progress_line",
+    "run_variants",
+    "stack_restarts",
+    "wait_ready",
+]
 
 
 def _fail(err: QsensError) -> typer.Exit:
@@ -155,45 +178,6 @@ async def _submit(parsed: ExperimentSpec, run_id: str | None) -> str:
     return await submit_run(parsed, run_id)
 
 
-def _kind_counts(records: list[Any]) -> dict[str, dict[str, int]]:
-    """Per job kind: total, done, running, retried (an attempt failed or found no loader),
-    waiting (queued until its loader, announced, is ready) and dead counts."""
-    out: dict[str, dict[str, int]] = {}
-    for record in records:
-        c = out.setdefault(
-            record.job.kind.value,
-            {"total": 0, "done": 0, "running": 0, "dead": 0, "retried": 0, "waiting": 0},
-        )
-        c["total"] += 1
-        state = record.state.value
-        if state in c:
-            c[state] += 1
-        if record.failures or record.unavailable:
-            c["retried"] += 1
-        if state == "queued" and (record.error or "").startswith("LoaderStarting"):
-            c["waiting"] += 1
-    return dict(sorted(out.items()))
-
-
-def progress_line(elapsed: float, counts: dict[str, dict[str, int]]) -> str:
-    """One plain progress line: ``[  3m05s] extract 4/6 (2 running)  steer 0/12 ...``."""
-    parts = []
-    for kind, c in counts.items():
-        extra = [f"{c['running']} running"] if c["running"] else []
-        if c["retried"]:
-            extra.append(f"{c['retried']} retried")
-        if c.get("waiting"):
-            extra.append(f"{c['waiting']} waiting for their loader")
-        if c["dead"]:
-            extra.append(f"{c['dead']} dead")
-        parts.append(
-            f"{kind} {c['done']}/{c['total']}" + (f" ({', '.join(extra)})" if extra else "")
-        )
-    minutes, seconds = divmod(int(elapsed), 60)
-    return f"[{minutes:3d}m{seconds:02d}s] " + "  ".join(parts)
-
-
-#: Seconds between plain progress lines when nothing changed (stdout not a terminal).
 PLAIN_HEARTBEAT_S = 30.0
 
 
@@ -337,69 +321,6 @@ def status(
             typer.echo("  " + line)
 
 
-def stack_restarts() -> list[str]:
-    """Restart lines of the local stack under QSENS_HOME (none when there is no stack)."""
-    from services.common import settings as settings_mod
-    from services.common.localstack import load_stack
-    from services.common.localstack.supervisor import restart_lines
-
-    try:
-        stack = load_stack(settings_mod.get(settings_mod.CommonSettings).home.resolve())
-    except QsensError:
-        return []
-    return restart_lines(stack) if stack is not None else []
-
-
-def run_variants(records: list[Any]) -> list[str]:
-    """The variants a run's jobs talk to (quantize jobs: the variant they make weights for)."""
-    found: set[str] = set()
-    for r in records:
-        params = r.job.params
-        for key in ("variant", "target"):
-            if isinstance(params.get(key), str):
-                found.add(params[key])
-        if r.job.kind.value == "quantize" and {"model", "method"} <= set(params):
-            found.add(f"{params['model']}@{params['method']}")
-    return sorted(found)
-
-
-def loader_rows(records: list[Any], entries: list[Any]) -> list[dict[str, Any]]:
-    """One row per loader of the run's variants (and one 'none' row per variant without)."""
-    rows: list[dict[str, Any]] = []
-    for variant in run_variants(records):
-        mine = [e for e in entries if e.variant == variant]
-        if not mine:
-            rows.append({"variant": variant, "state": "none", "since": None, "detail": ""})
-        for e in sorted(mine, key=lambda e: (e.state != "ready", e.address)):
-            rows.append(
-                {
-                    "variant": variant,
-                    "state": e.state,
-                    "since": e.since,
-                    "address": e.address,
-                    "detail": e.detail,
-                    "host": e.host,
-                }
-            )
-    return rows
-
-
-def loader_line(row: dict[str, Any], now: float | None = None) -> str:
-    """``smollm2@gptq  waiting since 12:03:04 (5m10s) for checkpoint ... made by the job ...``."""
-    head = f"{row['variant']:<28} {row['state']:<8}"
-    if row["state"] == "none":
-        return head + " no loader announced"
-    if row["state"] == "ready":
-        return f"{head} at {row['address']}"
-    since = row.get("since")
-    if since is None:
-        return f"{head} {row['detail']}".rstrip()
-    waited = int((now if now is not None else time.time()) - since)
-    minutes, seconds = divmod(max(0, waited), 60)
-    stamp = time.strftime("%H:%M:%S", time.localtime(since))
-    return f"{head} since {stamp} ({minutes}m{seconds:02d}s) {row['detail']}".rstrip()
-
-
 @app.command("runs")
 def runs(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every run of the namespace, oldest first, with its status and job counts."""
@@ -464,93 +385,6 @@ def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     console.print(f"run {run_id} cancelled")
 
 
-async def collect_results(run_id: str) -> dict[str, Any]:
-    """Job outcomes, extraction summaries and per-layer cosine to the reference (from S3)."""
-    from services.common.contracts.vectors import VectorSet, layer_cosines
-    from services.common.natsconn import connection
-    from services.common.state import StateStore
-    from services.common.store import AsyncS3Store, run_key, run_prefix
-
-    store = AsyncS3Store()
-    async with connection(name="qsens-cli") as nc:
-        state = await StateStore.open(nc.jetstream())
-        summary = await state.summary(run_id)
-        records = await state.list_jobs(run_id)
-    spec = ExperimentSpec.model_validate(await store.get_json(run_key(run_id, "spec.json")))
-    extractions: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for key in await store.list_keys(run_prefix(run_id)):
-        if key.endswith("/summary.json") and "/extract/" in key:
-            doc = await store.get_json(key)
-            extractions[(doc["variant"], doc["trait"], doc["mode"])] = doc
-    cosines: list[dict[str, Any]] = []
-    for model in spec.models:
-        reference = f"{model.name}@{spec.reference.value}"
-        for (variant, trait, mode), doc in sorted(extractions.items()):
-            ref_doc = extractions.get((reference, trait, "native"))
-            if variant == reference or ref_doc is None:
-                continue
-            for method, vkey in doc["vector_keys"].items():
-                if method not in ref_doc["vector_keys"]:
-                    continue
-                mine = VectorSet.from_safetensors(await store.get_bytes(vkey))
-                ref = VectorSet.from_safetensors(
-                    await store.get_bytes(ref_doc["vector_keys"][method])
-                )
-                per_layer = layer_cosines(ref, mine)  # None where undefined (zero norm)
-                cosines.append(
-                    {
-                        "variant": variant,
-                        "reference": reference,
-                        "trait": trait,
-                        "mode": mode,
-                        "method": method,
-                        "layers": [c.layer for c in per_layer],
-                        "cosine": [c.cosine for c in per_layer],
-                    }
-                )
-    return {
-        "run_id": run_id,
-        "summary": summary.model_dump(mode="json"),
-        "jobs": [
-            {
-                "name": r.job.name,
-                "kind": r.job.kind.value,
-                "state": r.state.value,
-                "result": r.result,
-                "error": r.error,
-            }
-            for r in records
-        ],
-        "extractions": [extractions[k] for k in sorted(extractions)],
-        "cosine_to_reference": cosines,
-    }
-
-
-def _cell(cosine: float | None) -> str:
-    return "" if cosine is None else f"{cosine:.3f}"
-
-
-def cosine_table(results: dict[str, Any], columns: int = 6) -> Table:
-    """Per-layer cosine to the reference, sampled at ``columns`` evenly spaced layers."""
-    rows = results["cosine_to_reference"]
-    table = Table(title="cosine similarity to the reference, per layer")
-    if not rows:
-        table.add_column("no vectors yet")
-        return table
-    layers = rows[0]["layers"]
-    picks = sorted(
-        {layers[round(i * (len(layers) - 1) / max(1, columns - 1))] for i in range(columns)}
-    )
-    for column in ("trait", "method", "variant", *[f"L{layer}" for layer in picks]):
-        table.add_column(column, justify="right" if column.startswith("L") else "left")
-    for row in rows:
-        values = dict(zip(row["layers"], row["cosine"], strict=True))
-        cells = [_cell(values.get(layer)) for layer in picks]
-        label = row["variant"].split("@")[-1] + (" replay" if row["mode"] == "replay" else "")
-        table.add_row(row["trait"], row["method"], label, *cells)
-    return table
-
-
 @app.command("results")
 def results(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
@@ -565,124 +399,3 @@ def results(
         typer.echo(json.dumps(data, indent=2, default=str))
         return
     Console().print(cosine_table(data))
-
-
-def _waiting_note(request: Any) -> str:
-    """What `qsens up` says about a loader that waits for a quantize job's checkpoint."""
-    from services.common.quantization import checkpoint_id
-
-    job = f"quantize {request.model}@{request.method}"
-    what = "its checkpoint"
-    if not request.calibration.source.startswith("s3://"):  # S3 is not up yet: no id then
-        from services.quantizer.calibration import load_calibration
-
-        sha = load_calibration(request.calibration).sha256
-        what = f"checkpoint {checkpoint_id(request, sha)}"
-    return (
-        f"waiting for {what}, made by the job '{job}' of the run; not waited for here "
-        "(`qsens status RUN` shows it)"
-    )
-
-
-#: Jobs in flight per local worker where one is not enough: a job alternates between its
-#: variant's loader, S3 and (steerer) the judge, itself waiting on the reference loader, so one
-#: job at a time leaves a core idle; two jobs usually run on different variants' loaders.
-LOCAL_CONCURRENCY = {"steerer": 2, "extractor": 2}
-
-
-def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
-    """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
-    from services.cli import judge_key
-    from services.common.planner import loader_source, quantize_request, variants_of
-
-    spec = load_spec(spec_path)
-    variants = variants_of(spec)
-    ready = home / "ready"
-    ready.mkdir(parents=True, exist_ok=True)
-    for stale in ready.glob("*.json"):
-        stale.unlink()
-    python = [sys.executable, "-m", "services.cli.main"]
-    ports = free_ports(len(variants))
-    children: list[ChildSpec] = []
-    reference_port = None
-    for variant, port in zip(variants, ports, strict=True):
-        if variant.precision == spec.reference and reference_port is None:
-            reference_port = port
-        request = quantize_request(spec, variant.model, variant.precision)
-        argv = [
-            *python,
-            "serve",
-            "loader",
-            "--model",
-            loader_source(variant.model, variant.precision),
-            "--precision",
-            variant.precision.value,
-            "--name",
-            variant.model.name,
-            "--device",
-            variant.model.device,
-            "--port",
-            str(port),
-            "--http-port",
-            "0",
-            "--announce",
-            "--ready-file",
-            str(ready / f"loader-{variant.id}.json"),
-        ]
-        if variant.model.backend:
-            argv += ["--backend", variant.model.backend]
-        if request is not None:
-            argv += ["--quantize", request.model_dump_json()]
-        children.append(
-            ChildSpec(
-                name=f"loader-{variant.id}",
-                argv=argv,
-                # A loader whose checkpoint a quantize job of the run will make waits for it
-                # in S3 (announced 'waiting' in the registry); `up` must not wait for it.
-                ready_file=None if request else str(ready / f"loader-{variant.id}.json"),
-                ready_timeout_s=900.0,
-                stop_timeout_s=40.0,
-                note=_waiting_note(request) if request else "",
-                variant=variant.id,  # the supervisor declares it (fail fast when none comes)
-            )
-        )
-    judge = [
-        *python,
-        "judge",
-        "serve",
-        *spec.judge.serve_args(),
-        "--ready-file",
-        str(ready / "judge.json"),
-    ]
-    if spec.judge.backend == "embedding" and reference_port is not None:
-        judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
-    # A spec's judge endpoint gets the API key only if allow-listed (see judge_key).
-    trusted = judge_key.key_allowed(spec.judge.base_url)
-    children.append(
-        ChildSpec(
-            name="judge",
-            argv=judge,
-            ready_file=str(ready / "judge.json"),
-            ready_timeout_s=300.0,
-            unset_env=() if trusted else judge_key.KEY_VARIABLES,
-            note="" if trusted else judge_key.withheld_note(str(spec.judge.base_url)),
-        )
-    )
-    services = ["extractor", "steerer", "analyzer"]
-    if any(quantize_request(spec, v.model, v.precision) for v in variants):
-        services.append("quantizer")
-    for service in services:
-        argv = [*python, "worker", "run", service]
-        if service in LOCAL_CONCURRENCY:
-            argv += ["--concurrency", str(LOCAL_CONCURRENCY[service])]
-        children.append(ChildSpec(name=f"worker-{service}", argv=argv))
-    return children
-
-
-def wait_ready(paths: list[Path], timeout_s: float = 900.0) -> None:
-    """Block until every path exists."""
-    deadline = time.monotonic() + timeout_s
-    while not all(p.exists() for p in paths):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready: {[str(p) for p in paths if not p.exists()]}")
-        time.sleep(0.5)
