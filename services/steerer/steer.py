@@ -17,7 +17,8 @@ Add mode, per job:
 Ablate mode (Arditi et al. 2024, refusal): the unit direction is projected out after every
 decoder layer (coefficient 1). With several candidate layers, the direction whose ablation
 best achieves the objective on the harmful *validation* instructions is chosen in one batch,
-then evaluated once on the harmful *test* instructions against the unsteered baseline there.
+then evaluated once on the harmful *test* instructions against the unsteered baseline there
+(``ablation``). Run records, budgets and the best runs are built in ``steer_runs``.
 
 ``runs.jsonl`` (every run with its answers) is written before ``result.json``; the presence of
 ``result.json`` means the job is complete: the handler returns it at once for a redelivered job,
@@ -39,8 +40,6 @@ from services.common.contracts.steer import SteerParams, steer_parts, steer_resu
 from services.common.contracts.steer_results import (
     BaselineRow,
     BaselineSummary,
-    BestRun,
-    Budget,
     QuestionSet,
     SteerResult,
     SteerRun,
@@ -53,6 +52,7 @@ from services.common.store import AsyncS3Store
 from services.extractor.datasets import TraitDataset, load_trait
 from services.judge.client import JudgeClient, trait_rubric
 from services.loader.client import LoaderClient
+from services.steerer.ablation import run_ablation
 from services.steerer.context import Heartbeat, add_calls, loader_record, no_heartbeat
 from services.steerer.evaluation import (
     UNSTEERED,
@@ -61,7 +61,7 @@ from services.steerer.evaluation import (
     SteeringEvaluator,
     run_stats,
 )
-from services.steerer.search import Candidate, CoefficientSearch, Outcome, best_outcome
+from services.steerer.search import Candidate, CoefficientSearch, Outcome
 from services.steerer.sources import (
     VectorSource,
     candidate_layers,
@@ -69,7 +69,8 @@ from services.steerer.sources import (
     load_vector_source,
     start_coefficient,
 )
-from services.steerer.stats import bootstrap_mean, bootstrap_paired_delta
+from services.steerer.stats import bootstrap_mean
+from services.steerer.steer_runs import best_runs, run_budget, steer_run
 
 __all__ = ["SearchOutput", "run_search", "run_steer", "steer_summary"]
 
@@ -123,70 +124,6 @@ def _set_id(
         "rubrics": [trait_hash, coherence_hash],
     }
     return f"{kind}-{stable_hash(identity, 12)}"
-
-
-def _run(
-    index: int,
-    evaluation: Evaluation,
-    *,
-    phase: Literal["coarse", "fine", "select", "ablate"],
-    step: int,
-    layer: int | None,
-    vector_layer: int,
-    source: VectorSource,
-    threshold: float,
-    question_set: str,
-) -> SteerRun:
-    s = evaluation.setting
-    added = None
-    relative = None
-    if s.mode == "add":
-        added = s.coefficient * source.norm(vector_layer)
-        act = source.activation_norm(vector_layer)
-        relative = added / act if act else None
-    coherent = (
-        evaluation.coherence_ok
-        and evaluation.stats.mean_coherence is not None
-        and evaluation.stats.mean_coherence >= threshold
-    )
-    return SteerRun(
-        **evaluation.stats.model_dump(),
-        run_index=index,
-        phase=phase,
-        step=step,
-        layer=layer,
-        layers=list(s.layers),
-        vector_layer=vector_layer,
-        coefficient=s.coefficient,
-        added_norm=added,
-        relative_norm=relative,
-        coherent=coherent,
-        eligible=evaluation.eligible,
-        question_set=question_set,
-        answers=evaluation.answers,
-    )
-
-
-def _best(run: SteerRun, baseline: Sequence[float | None], *, resamples: int, seed: int) -> BestRun:
-    values = [a.trait.used for a in run.answers]
-    assert run.mean_trait is not None and run.mean_coherence is not None
-    delta_ci = bootstrap_paired_delta(values, baseline, resamples=resamples, seed=seed)
-    return BestRun(
-        run_index=run.run_index,
-        phase=run.phase,
-        layer=run.layer,
-        layers=run.layers,
-        vector_layer=run.vector_layer,
-        coefficient=run.coefficient,
-        added_norm=run.added_norm,
-        relative_norm=run.relative_norm,
-        mean_trait=run.mean_trait,
-        mean_coherence=run.mean_coherence,
-        n=run.n,
-        trait_ci=bootstrap_mean(values, resamples=resamples, seed=seed),
-        delta=delta_ci.value,
-        delta_ci=delta_ci,
-    )
 
 
 @dataclass
@@ -248,7 +185,7 @@ async def run_search(
                 )
             )
             runs.append(
-                _run(
+                steer_run(
                     len(runs),
                     e,
                     phase=c.phase,
@@ -390,83 +327,24 @@ async def run_steer(
         )
         runs, search, baseline_eval = out.runs, out.search, out.baseline
     else:
-        runs = []
-        all_layers = tuple(range(info.num_layers))
-        vectors = [source.vector(layer) for layer in layers]
-        chosen = layers[0]
-        if selection_set is not None and len(layers) > 1:
-            picker = evaluator(selection_set)
+        picker = evaluator(selection_set) if selection_set is not None and len(layers) > 1 else None
+        if picker is not None:
             calls_from.append(picker)
-            settings = [Setting(all_layers, 1.0, i, "ablate") for i in range(len(layers))]
-            trials = await picker.evaluate(settings, vectors)
-            outcomes = []
-            for layer, e in zip(layers, trials, strict=True):
-                run = _run(
-                    len(runs),
-                    e,
-                    phase="select",
-                    step=1,
-                    layer=None,
-                    vector_layer=layer,
-                    source=source,
-                    threshold=threshold,
-                    question_set=selection_set.kind,
-                )
-                runs.append(run)
-                outcomes.append(
-                    Outcome(
-                        Candidate(layer, 1.0, "coarse", 1),
-                        e.stats.mean_trait,
-                        e.stats.mean_coherence if e.coherence_ok else None,
-                        eligible=e.eligible,
-                    )
-                )
-            maximize = params.direction == "+"
-            pick = best_outcome(outcomes, threshold, maximize=maximize) or best_outcome(
-                outcomes, -1.0, maximize=maximize
-            )
-            chosen = pick.layer if pick is not None else layers[len(layers) // 2]
-            await heartbeat()
-        settings = [Setting(all_layers, 1.0, layers.index(chosen), "ablate")]
-        if stored_baseline is None:
-            settings.insert(0, UNSTEERED)
-        evaluations = await main.evaluate(settings, vectors)
-        if stored_baseline is None:
-            baseline_eval = evaluations.pop(0)
-        runs.append(
-            _run(
-                len(runs),
-                evaluations[0],
-                phase="ablate",
-                step=2,
-                layer=None,
-                vector_layer=chosen,
-                source=source,
-                threshold=threshold,
-                question_set=main_set.kind,
-            )
+        runs, baseline_eval = await run_ablation(
+            main,
+            picker,
+            source,
+            layers,
+            params,
+            num_layers=info.num_layers,
+            with_baseline=stored_baseline is None,
+            heartbeat=heartbeat,
         )
-        await heartbeat()
 
     # The baseline: ours if we generated it and won the write, else the stored one.
-    reused = stored_baseline is not None
-    if baseline_eval is not None:
-        rows = [
-            BaselineRow(
-                **a.model_dump(),
-                set_id=set_id,
-                judge_backend=main.provenance.backend if main.provenance else params.judge.backend,
-                judge_model=main.provenance.model if main.provenance else "",
-                trait_rubric_hash=main.expected_trait_hash,
-                coherence_rubric_hash=main.expected_coherence_hash,
-            )
-            for a in baseline_eval.answers
-        ]
-        if await store.put_jsonl(base_key, [r.model_dump(mode="json") for r in rows]):
-            stored_baseline = rows
-        else:
-            stored_baseline = await _read_baseline(store, base_key)
-            reused = True
+    stored_baseline, reused = await _store_baseline(
+        store, base_key, stored_baseline, baseline_eval, main, params, set_id
+    )
     assert stored_baseline is not None
     base_stats = run_stats(stored_baseline)
     base_values = [row.trait.used for row in stored_baseline]
@@ -481,41 +359,9 @@ async def run_steer(
 
     maximize = params.direction == "+"
     final_runs = [r for r in runs if r.question_set == main_set.kind]
-    best_run = _pick(final_runs, threshold, maximize)
-    if params.mode == "ablate":
-        ablation = [r for r in final_runs if r.phase == "ablate"]
-        best_run = ablation[0] if ablation and ablation[0].eligible else None
-    best = (
-        _best(best_run, base_values, resamples=resamples, seed=seed)
-        if best_run is not None and best_run.mean_coherence is not None
-        else None
-    )
-    per_layer: dict[str, BestRun] = {}
-    if params.mode == "add":
-        for layer in layers:
-            r = _pick([x for x in final_runs if x.layer == layer], threshold, maximize)
-            if r is not None:
-                per_layer[str(layer)] = _best(r, base_values, resamples=resamples, seed=seed)
-    status: Literal["ok", "no_coherent_run"] = (
-        "ok" if best_run is not None and best_run.coherent else "no_coherent_run"
-    )
+    best, per_layer, status = best_runs(final_runs, layers, params, base_values)
 
-    if search is not None:
-        budget = Budget(
-            mode=steering.search.budget,
-            budget_per_cell=search.budget_per_cell,
-            runs_per_cell={str(k): v for k, v in search.runs_per_cell().items()},
-            total_runs=len(runs),
-        )
-        brackets = {str(k): list(search.bracket(k)) for k in layers}
-    else:
-        budget = Budget(
-            mode="single",
-            budget_per_cell=None,
-            runs_per_cell={"all": sum(r.phase == "ablate" for r in runs)},
-            total_runs=len(runs),
-        )
-        brackets = {}
+    budget, brackets = run_budget(search, steering.search.budget, runs, layers)
 
     provenance = main.provenance
     if provenance is None:
@@ -583,17 +429,32 @@ async def run_steer(
     return steer_summary(result, result_key)
 
 
-def _pick(runs: Sequence[SteerRun], threshold: float, maximize: bool) -> SteerRun | None:
-    outcomes = {
-        id(r): Outcome(
-            Candidate(r.layer if r.layer is not None else -1, r.coefficient, "coarse", r.step),
-            r.mean_trait,
-            r.mean_coherence if r.coherent else None,
-            eligible=r.eligible,
-        )
-        for r in runs
-    }
-    best = best_outcome(outcomes.values(), threshold, maximize=maximize)
-    if best is None:
-        return None
-    return next(r for r in runs if outcomes[id(r)] is best)
+async def _store_baseline(
+    store: AsyncS3Store,
+    base_key: str,
+    stored_baseline: list[BaselineRow] | None,
+    baseline_eval: Evaluation | None,
+    main: SteeringEvaluator,
+    params: SteerParams,
+    set_id: str,
+) -> tuple[list[BaselineRow] | None, bool]:
+    """The baseline rows of record and whether they were reused (written by another job)."""
+    reused = stored_baseline is not None
+    if baseline_eval is not None:
+        rows = [
+            BaselineRow(
+                **a.model_dump(),
+                set_id=set_id,
+                judge_backend=main.provenance.backend if main.provenance else params.judge.backend,
+                judge_model=main.provenance.model if main.provenance else "",
+                trait_rubric_hash=main.expected_trait_hash,
+                coherence_rubric_hash=main.expected_coherence_hash,
+            )
+            for a in baseline_eval.answers
+        ]
+        if await store.put_jsonl(base_key, [r.model_dump(mode="json") for r in rows]):
+            stored_baseline = rows
+        else:
+            stored_baseline = await _read_baseline(store, base_key)
+            reused = True
+    return stored_baseline, reused
