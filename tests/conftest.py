@@ -39,6 +39,7 @@ SLOW_MODULES = frozenset(
         "tests/judge/test_openai_loader.py",  # SmolLM2 behind the OpenAI endpoint
         "tests/loader/test_gptq_awq.py",  # GPTQ/AWQ quantization of a model
         "tests/loader/test_smollm2.py",  # SmolLM2-135M
+        "tests/loader/test_vllm_engine.py",  # vLLM vs HF on SmolLM2 (its own venv)
         "tests/quantize/test_quantize_job.py",  # quantize jobs (gptqmodel)
         "tests/steerer/test_benchmarks.py",  # benchmarks checked against transformers
         "tests/steerer/test_steer.py",  # whole coefficient searches over a loader
