@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from services.common.contracts.steer_results import (
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import LogitDiffItem, TraitDataset, load_trait, logit_diff_items
-from services.loader.client import Chat, LoaderClient, PromptItem, Steer
+from services.loader.client import Chat, LoaderClient, NextToken, PromptItem, Steer
 from services.steerer.benchmarks import deterministic_subset
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
 from services.steerer.sources import layer_at_depth, load_vector_source
@@ -117,41 +118,8 @@ async def run_logit_diff(
             ) from None
         raise
     await heartbeat()
-    k = len(multiples)
-    per_item: list[LogitDiffItemResult] = []
-    for i, item in enumerate(items):
-        values: list[float] = []
-        probs: list[float] = []
-        for j in range(k):
-            out = outputs[i * k + j]
-            mi, oi = column[item.matching], column[item.not_matching]
-            values.append(out.requested_logits[mi] - out.requested_logits[oi])
-            lm, lo = out.requested_logprobs[mi], out.requested_logprobs[oi]
-            top = max(lm, lo)
-            pm, po = math.exp(lm - top), math.exp(lo - top)
-            probs.append(pm / (pm + po))
-        per_item.append(
-            LogitDiffItemResult(
-                item_id=item.item_id,
-                matching=item.matching,
-                not_matching=item.not_matching,
-                values=values,
-                p_matching=probs,
-                slope=_ols_slope(multiples, values),
-            )
-        )
-    per_coefficient = []
-    for j, (m, c) in enumerate(zip(multiples, coefficients, strict=True)):
-        column_values = [r.values[j] for r in per_item]
-        per_coefficient.append(
-            LogitDiffCoefficient(
-                multiple=m,
-                coefficient=c,
-                mean=bootstrap_mean(column_values, seed=j),
-                frac_positive=sum(v > 0 for v in column_values) / len(column_values),
-                mean_p_matching=float(np.mean([r.p_matching[j] for r in per_item])),
-            )
-        )
+    per_item = _item_results(items, outputs, multiples, column)
+    per_coefficient = _per_coefficient(multiples, coefficients, per_item)
     zero = multiples.index(0.0)
     result = LogitDiffResult(
         run_id=run_id,
@@ -180,3 +148,57 @@ async def run_logit_diff(
     if not await store.put_json(key, result.model_dump(mode="json")):
         result = LogitDiffResult.model_validate(await store.get_json(key))
     return logit_diff_summary(result, key)
+
+
+def _item_results(
+    items: Sequence[LogitDiffItem],
+    outputs: Sequence[NextToken],
+    multiples: list[float],
+    column: dict[str, int],
+) -> list[LogitDiffItemResult]:
+    """Per item: the matching-minus-other logit and P(matching) at each multiple, and the slope
+    (``outputs`` holds each item's rows, one per multiple, item after item)."""
+    k = len(multiples)
+    per_item: list[LogitDiffItemResult] = []
+    for i, item in enumerate(items):
+        values: list[float] = []
+        probs: list[float] = []
+        for j in range(k):
+            out = outputs[i * k + j]
+            mi, oi = column[item.matching], column[item.not_matching]
+            values.append(out.requested_logits[mi] - out.requested_logits[oi])
+            lm, lo = out.requested_logprobs[mi], out.requested_logprobs[oi]
+            top = max(lm, lo)
+            pm, po = math.exp(lm - top), math.exp(lo - top)
+            probs.append(pm / (pm + po))
+        per_item.append(
+            LogitDiffItemResult(
+                item_id=item.item_id,
+                matching=item.matching,
+                not_matching=item.not_matching,
+                values=values,
+                p_matching=probs,
+                slope=_ols_slope(multiples, values),
+            )
+        )
+    return per_item
+
+
+def _per_coefficient(
+    multiples: list[float], coefficients: list[float], per_item: list[LogitDiffItemResult]
+) -> list[LogitDiffCoefficient]:
+    """Per coefficient: the mean logit difference (bootstrap), the share of items above zero and
+    the mean P(matching)."""
+    per_coefficient = []
+    for j, (m, c) in enumerate(zip(multiples, coefficients, strict=True)):
+        column_values = [r.values[j] for r in per_item]
+        per_coefficient.append(
+            LogitDiffCoefficient(
+                multiple=m,
+                coefficient=c,
+                mean=bootstrap_mean(column_values, seed=j),
+                frac_positive=sum(v > 0 for v in column_values) / len(column_values),
+                mean_p_matching=float(np.mean([r.p_matching[j] for r in per_item])),
+            )
+        )
+    return per_coefficient
