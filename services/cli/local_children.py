@@ -6,10 +6,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.common.localstack import ChildSpec, free_ports
-from services.common.spec import load_spec
+from services.common.spec import ExperimentSpec, load_spec
+
+if TYPE_CHECKING:
+    from services.common.planner import PlannedVariant
 
 __all__ = ["LOCAL_CONCURRENCY", "children_for_spec", "wait_ready"]
 
@@ -39,8 +42,7 @@ LOCAL_CONCURRENCY = {"steerer": 2, "extractor": 2}
 
 def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     """Loaders (one per variant), the judge service and the workers ``spec_path`` needs."""
-    from services.cli import judge_key
-    from services.common.planner import loader_source, quantize_request, variants_of
+    from services.common.planner import quantize_request, variants_of
 
     spec = load_spec(spec_path)
     variants = variants_of(spec)
@@ -55,66 +57,8 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     for variant, port in zip(variants, ports, strict=True):
         if variant.precision == spec.reference and reference_port is None:
             reference_port = port
-        request = quantize_request(spec, variant.model, variant.precision)
-        argv = [
-            *python,
-            "serve",
-            "loader",
-            "--model",
-            loader_source(variant.model, variant.precision),
-            "--precision",
-            variant.precision.value,
-            "--name",
-            variant.model.name,
-            "--device",
-            variant.model.device,
-            "--port",
-            str(port),
-            "--http-port",
-            "0",
-            "--announce",
-            "--ready-file",
-            str(ready / f"loader-{variant.id}.json"),
-        ]
-        if variant.model.backend:
-            argv += ["--backend", variant.model.backend]
-        if request is not None:
-            argv += ["--quantize", request.model_dump_json()]
-        children.append(
-            ChildSpec(
-                name=f"loader-{variant.id}",
-                argv=argv,
-                # A loader whose checkpoint a quantize job of the run will make waits for it
-                # in S3 (announced 'waiting' in the registry); `up` must not wait for it.
-                ready_file=None if request else str(ready / f"loader-{variant.id}.json"),
-                ready_timeout_s=900.0,
-                stop_timeout_s=40.0,
-                note=_waiting_note(request) if request else "",
-                variant=variant.id,  # the supervisor declares it (fail fast when none comes)
-            )
-        )
-    judge = [
-        *python,
-        "judge",
-        "serve",
-        *spec.judge.serve_args(),
-        "--ready-file",
-        str(ready / "judge.json"),
-    ]
-    if spec.judge.backend == "embedding" and reference_port is not None:
-        judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
-    # A spec's judge endpoint gets the API key only if allow-listed (see judge_key).
-    trusted = judge_key.key_allowed(spec.judge.base_url)
-    children.append(
-        ChildSpec(
-            name="judge",
-            argv=judge,
-            ready_file=str(ready / "judge.json"),
-            ready_timeout_s=300.0,
-            unset_env=() if trusted else judge_key.KEY_VARIABLES,
-            note="" if trusted else judge_key.withheld_note(str(spec.judge.base_url)),
-        )
-    )
+        children.append(_loader_child(spec, variant, port, ready, python))
+    children.append(_judge_child(spec, ready, python, reference_port))
     services = ["extractor", "steerer", "analyzer"]
     if any(quantize_request(spec, v.model, v.precision) for v in variants):
         services.append("quantizer")
@@ -133,3 +77,76 @@ def wait_ready(paths: list[Path], timeout_s: float = 900.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"not ready: {[str(p) for p in paths if not p.exists()]}")
         time.sleep(0.5)
+
+
+def _loader_child(
+    spec: ExperimentSpec, variant: PlannedVariant, port: int, ready: Path, python: list[str]
+) -> ChildSpec:
+    """The loader of one variant (not waited for when a quantize job of the run makes its
+    checkpoint)."""
+    from services.common.planner import loader_source, quantize_request
+
+    request = quantize_request(spec, variant.model, variant.precision)
+    argv = [
+        *python,
+        "serve",
+        "loader",
+        "--model",
+        loader_source(variant.model, variant.precision),
+        "--precision",
+        variant.precision.value,
+        "--name",
+        variant.model.name,
+        "--device",
+        variant.model.device,
+        "--port",
+        str(port),
+        "--http-port",
+        "0",
+        "--announce",
+        "--ready-file",
+        str(ready / f"loader-{variant.id}.json"),
+    ]
+    if variant.model.backend:
+        argv += ["--backend", variant.model.backend]
+    if request is not None:
+        argv += ["--quantize", request.model_dump_json()]
+    return ChildSpec(
+        name=f"loader-{variant.id}",
+        argv=argv,
+        # A loader whose checkpoint a quantize job of the run will make waits for it
+        # in S3 (announced 'waiting' in the registry); `up` must not wait for it.
+        ready_file=None if request else str(ready / f"loader-{variant.id}.json"),
+        ready_timeout_s=900.0,
+        stop_timeout_s=40.0,
+        note=_waiting_note(request) if request else "",
+        variant=variant.id,  # the supervisor declares it (fail fast when none comes)
+    )
+
+
+def _judge_child(
+    spec: ExperimentSpec, ready: Path, python: list[str], reference_port: int | None
+) -> ChildSpec:
+    """The judge service (the embedding backend uses the reference precision's loader)."""
+    from services.cli import judge_key
+
+    judge = [
+        *python,
+        "judge",
+        "serve",
+        *spec.judge.serve_args(),
+        "--ready-file",
+        str(ready / "judge.json"),
+    ]
+    if spec.judge.backend == "embedding" and reference_port is not None:
+        judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
+    # A spec's judge endpoint gets the API key only if allow-listed (see judge_key).
+    trusted = judge_key.key_allowed(spec.judge.base_url)
+    return ChildSpec(
+        name="judge",
+        argv=judge,
+        ready_file=str(ready / "judge.json"),
+        ready_timeout_s=300.0,
+        unset_env=() if trusted else judge_key.KEY_VARIABLES,
+        note="" if trusted else judge_key.withheld_note(str(spec.judge.base_url)),
+    )
