@@ -43,7 +43,7 @@ from services.common.errors import FailedPrecondition
 from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import load_trait
-from services.loader.client import Chat, LoaderClient, PromptItem
+from services.loader.client import Chat, Generation, LoaderClient, NextToken, PromptItem
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
 from services.steerer.stats import bootstrap_mean, wilson
 
@@ -205,33 +205,10 @@ async def run_probes(
     await heartbeat()
     answers = await loader.generate(rows, max_new_tokens=spec.max_new_tokens, temperature=0.0)
     await heartbeat()
-    items: list[ProbeItem] = []
-    for i, (prompt, first, gen) in enumerate(zip(prompts, firsts, answers, strict=True)):
-        probs = [math.exp(lp) for _, _, lp in first.top]
-        refused = is_refusal(gen.text)
-        items.append(
-            ProbeItem(
-                index=i,
-                prompt=prompt,
-                entropy=first.stats["entropy"],
-                top1=probs[0] if probs else 0.0,
-                top5=math.fsum(probs[:5]),
-                gini=first.stats["gini"],
-                logit_range=first.stats["logit_max"] - first.stats["logit_min"],
-                top_tokens=[tok for _, tok, _ in first.top[:5]],
-                p_refusal_start=min(
-                    1.0,
-                    math.fsum(
-                        p
-                        for (_, tok, _), p in zip(first.top, probs, strict=True)
-                        if _opens_refusal(tok)
-                    ),
-                ),
-                answer=gen.text,
-                refused=refused,
-                prefix=refusal_prefix(gen.text),
-            )
-        )
+    items = [
+        _probe_item(i, prompt, first, gen)
+        for i, (prompt, first, gen) in enumerate(zip(prompts, firsts, answers, strict=True))
+    ]
 
     def interval(field: str) -> Any:
         return bootstrap_mean([getattr(it, field) for it in items])
@@ -262,3 +239,28 @@ async def run_probes(
     if not await store.put_json(key, result.model_dump(mode="json")):
         result = ProbeResult.model_validate(await store.get_json(key))
     return probe_summary(result, key)
+
+
+def _probe_item(i: int, prompt: str, first: NextToken, gen: Generation) -> ProbeItem:
+    """One prompt's probe: first-token statistics and the answer's refusal."""
+    probs = [math.exp(lp) for _, _, lp in first.top]
+    refused = is_refusal(gen.text)
+    return ProbeItem(
+        index=i,
+        prompt=prompt,
+        entropy=first.stats["entropy"],
+        top1=probs[0] if probs else 0.0,
+        top5=math.fsum(probs[:5]),
+        gini=first.stats["gini"],
+        logit_range=first.stats["logit_max"] - first.stats["logit_min"],
+        top_tokens=[tok for _, tok, _ in first.top[:5]],
+        p_refusal_start=min(
+            1.0,
+            math.fsum(
+                p for (_, tok, _), p in zip(first.top, probs, strict=True) if _opens_refusal(tok)
+            ),
+        ),
+        answer=gen.text,
+        refused=refused,
+        prefix=refusal_prefix(gen.text),
+    )
