@@ -8,16 +8,18 @@ analyzer and the judge's upstream calls are not counted (CPU workers; the judge 
 
 Where the numbers come from:
 
-* ``steer`` 12 s: ``bench/RESULTS.md`` ("Not yet measured"): one trait's adaptive search at 32
-  layers (20 questions, 64 new tokens), projected from the measured prefill and decode phases
-  of the 8B shape on an H100; scaled by the job's questions / 20 and max_new_tokens / 64.
+* ``steer`` 15.1 s: measured (``bench/RESULTS.md``, "Study cell"): the direction capture plus
+  one trait's whole adaptive search (11 layers, 20 questions, 64 new tokens) through gRPC on
+  the 32-layer Llama-3.1-8B shape, bf16, one H100; scaled by the job's questions / 20 and
+  max_new_tokens / 64.
 * ``extract`` 10 s: the same phases for one contrast set (about 200 rows x 128 new tokens in
   one batch, then one capture of every layer), scaled by rollouts and max_new_tokens / 128; a
   replay extraction generates nothing: 2 s (the capture).
 * ``logit_diff`` 2 s, ``benchmark`` 5 s, ``probe`` 3 s: a few hundred scored or generated
   rows each, at the measured capture/prefill rates (assumptions, not measured).
-* ``quantize`` 900 s: GPTQ/AWQ of an 8B model with 128 x 512 calibration tokens on one GPU,
-  the order GPTQModel and AutoAWQ report (an assumption).
+* ``quantize`` GPTQ 80 s, AWQ 306 s: measured on one H100 for 16 layers of the Llama-3.1-8B
+  shape with the built-in calibration set (41 x 512 tokens; ``bench/RESULTS.md``, "GPTQ and
+  AWQ on a GPU"), doubled for 32 layers.
 * loader start 120 s: reading 16 GB of weights and warming up (an assumption).
 * precision factors: nf4 1.10x bf16 (measured, ``bench/RESULTS.md`` sweep); fp4 as nf4 (the same
   bitsandbytes kernels); int8 2x (LLM.int8's outlier decomposition, an assumption); gptq and awq
@@ -37,6 +39,7 @@ __all__ = [
     "JOB_SECONDS_8B",
     "LOADER_START_SECONDS_8B",
     "PRECISION_FACTOR",
+    "QUANTIZE_SECONDS_8B",
     "GpuEstimate",
     "estimate_gpu_hours",
 ]
@@ -44,12 +47,13 @@ __all__ = [
 REFERENCE_SIZE_B = 8.0
 JOB_SECONDS_8B: dict[str, float] = {
     "extract": 10.0,
-    "steer": 12.0,
+    "steer": 15.1,
     "logit_diff": 2.0,
     "benchmark": 5.0,
     "probe": 3.0,
-    "quantize": 900.0,
+    "quantize": 306.0,  # AWQ; GPTQ is QUANTIZE_SECONDS_8B["gptq"]
 }
+QUANTIZE_SECONDS_8B: dict[str, float] = {"gptq": 80.0, "awq": 306.0}
 LOADER_START_SECONDS_8B = 120.0
 REPLAY_SECONDS_8B = 2.0
 PRECISION_FACTOR: dict[str, float] = {
@@ -109,7 +113,8 @@ def estimate_gpu_hours(spec: ExperimentSpec, jobs: list[Job]) -> GpuEstimate:
             continue  # CPU work (analyze)
         if kind == "quantize":
             model = str(job.params.get("model", ""))
-            seconds[kind] += base * size.get(model, 1.0)
+            method = str(job.params.get("method", ""))
+            seconds[kind] += QUANTIZE_SECONDS_8B.get(method, base) * size.get(model, 1.0)
             continue
         variant = _variant_of(job)
         if variant is None:

@@ -21,7 +21,7 @@ def test_every_candidate_is_a_gptqmodel_backend(method: str, device: str) -> Non
 
 
 def test_cuda_falls_back_to_kernels_that_need_no_compiled_extension() -> None:
-    # Marlin/Machete come only with gptqmodel's source build: Triton and plain torch follow.
+    # Marlin/Machete need nvcc to compile at first use: Triton and plain torch follow.
     assert kernel_candidates("gptq", "cuda", 4, 128, True)[-2:] == ["GPTQ_TRITON", "GPTQ_TORCH"]
     assert kernel_candidates("awq", "cuda", 4, 128, True)[-2:] == ["AWQ_GEMM_TRITON", "AWQ_TORCH"]
     # GPTQ Marlin needs symmetric weights; an asymmetric checkpoint skips it.

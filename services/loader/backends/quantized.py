@@ -18,8 +18,9 @@ gptq     CUDA        Marlin (symmetric), Machete (Hopper), Triton, then plain to
 awq      CUDA        AWQ Marlin, Triton GEMM (float16 only), then plain torch
 =======  ==========  =========================================================================
 
-Marlin and Machete are CUDA extensions that gptqmodel's PyPI wheel does not carry (they come
-with its source build); the Triton kernels compile at first use wherever Triton runs.
+gptqmodel compiles Marlin and Machete with ``nvcc`` from the sources its wheel ships, on first
+use (seen serving on an H100); where no ``nvcc`` is installed they fail to load and the Triton
+kernels (compiled by Triton at first use) serve instead.
 Activations are computed in bfloat16 (the study's reference precision) except where a kernel
 takes float16 only (AWQ's Triton GEMM): ``Info.dtype`` and ``compute_dtype`` report which.
 """
