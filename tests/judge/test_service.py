@@ -143,8 +143,8 @@ async def test_big_replies_are_split(
     nats_settings: NatsSettings,
 ) -> None:
     settings = openai_settings(chunk_items=8)
-    # A result is about 440 bytes: 2 fit in 1000, 3 do not, so 6 -> 3+3 -> 1+2+1+2.
-    service = await start_service(settings, max_reply_bytes=1000)
+    # A result is about 470 bytes: 2 fit in 1150, 3 do not, so 6 -> 3+3 -> 1+2+1+2.
+    service = await start_service(settings, max_reply_bytes=1150)
     client = JudgeClient.over_nats(client_nc, settings, nats_settings)
     results = await client.score_trait(_pairs([f"s{i}" for i in range(6)]), RUBRIC, trait="t")
     assert [r.status for r in results] == [JudgeStatus.SCORED] * 6
