@@ -229,20 +229,9 @@ def build_app(runtime: Any, token: str | None = None) -> FastAPI:
         raw = await _read_body(request, _max_body(runtime))
         if raw is None:
             return _too_large(_max_body(runtime))
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            return _error(400, "the body is not valid JSON", None)
-        try:
-            req = ChatCompletionRequest.model_validate(body)
-            for i, message in enumerate(req.messages):
-                message.check_parts(f"messages.{i}")
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first["loc"])
-            return _error(400, f"{param}: {first['msg']}", param)
-        except InvalidArgument as exc:
-            return _error(400, str(exc), exc.field)
+        req = _parse_chat(raw)
+        if isinstance(req, JSONResponse):
+            return req
         if req.stream:
             return _error(400, "stream: streaming is not supported", "stream")
         if runtime.draining:
@@ -280,35 +269,59 @@ def build_app(runtime: Any, token: str | None = None) -> FastAPI:
             return _error(400 if isinstance(exc, FailedPrecondition) else 503, str(exc), None)
         except QsensError as exc:
             return _error(500, str(exc), None, "server_error")
-        choices = []
-        completion_tokens = 0
-        for i, result in enumerate(results):
-            completion_tokens += len(result.token_ids)
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
-                    "logprobs": _logprobs_payload(result, runtime) if req.logprobs else None,
-                }
-            )
-        prompt_tokens = results[0].prompt_tokens if results else 0
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": runtime.variant,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
-        )
+        return JSONResponse(_completion(results, req, runtime))
 
     return app
+
+
+def _parse_chat(raw: bytes) -> ChatCompletionRequest | JSONResponse:
+    """The validated request, or the 400 response that names what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return _error(400, "the body is not valid JSON", None)
+    try:
+        req = ChatCompletionRequest.model_validate(body)
+        for i, message in enumerate(req.messages):
+            message.check_parts(f"messages.{i}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        return _error(400, f"{param}: {first['msg']}", param)
+    except InvalidArgument as exc:
+        return _error(400, str(exc), exc.field)
+    return req
+
+
+def _completion(
+    results: list[GenResult], req: ChatCompletionRequest, runtime: Any
+) -> dict[str, Any]:
+    """The chat.completion body: one choice per result, and the token usage."""
+    choices = []
+    completion_tokens = 0
+    for i, result in enumerate(results):
+        completion_tokens += len(result.token_ids)
+        choices.append(
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": _logprobs_payload(result, runtime) if req.logprobs else None,
+            }
+        )
+    prompt_tokens = results[0].prompt_tokens if results else 0
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": runtime.variant,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def start_http(
