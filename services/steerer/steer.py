@@ -302,20 +302,7 @@ async def run_steer(
     base_key = baseline_key(run_id, params.target, params.trait.name, set_id, "answers.jsonl")
     stored_baseline = await _read_baseline(store, base_key)
 
-    usable = [layer for layer in source.layers if source.usable(layer) is None]
-    wanted = candidate_layers(
-        info.num_layers,
-        usable,
-        layers=steering.layers,
-        n_layers=steering.n_layers,
-        layer_range=steering.layer_range,
-    )
-    skipped = {str(layer): why for layer in wanted if (why := source.usable(layer)) is not None}
-    layers = [layer for layer in wanted if str(layer) not in skipped]
-    if not layers:
-        raise FailedPrecondition(
-            f"no candidate layer of {params.source}'s {params.method} vectors is usable: {skipped}"
-        )
+    layers, skipped = _steer_layers(source, info.num_layers, params)
 
     runs: list[SteerRun]
     search: CoefficientSearch | None = None
@@ -399,16 +386,7 @@ async def run_steer(
         budget=budget,
         layers=layers,
         skipped_layers=skipped,
-        vector={
-            "summary_key": source.summary_key,
-            "vectors_key": source.vectors_key,
-            "sign": -1 if params.direction == "-" else 1,
-            "norms": {str(layer): source.norm(layer) for layer in layers},
-            "activation_norm": {str(layer): source.activation_norm(layer) for layer in layers},
-            "source_precision": "imported" if imported else source.summary.precision,
-            "imported_from": imported,
-            "cosine_to_extracted": compared,
-        },
+        vector=_vector_record(source, params, layers, compared),
         judge=provenance,
         baseline=baseline,
         runs=[r.model_copy(update={"answers": []}) for r in runs],
@@ -458,3 +436,46 @@ async def _store_baseline(
             stored_baseline = await _read_baseline(store, base_key)
             reused = True
     return stored_baseline, reused
+
+
+def _steer_layers(
+    source: VectorSource, num_layers: int, params: SteerParams
+) -> tuple[list[int], dict[str, str]]:
+    """The candidate layers to steer at, and the skipped ones with why (FailedPrecondition when
+    none is usable)."""
+    steering = params.steering
+    usable = [layer for layer in source.layers if source.usable(layer) is None]
+    wanted = candidate_layers(
+        num_layers,
+        usable,
+        layers=steering.layers,
+        n_layers=steering.n_layers,
+        layer_range=steering.layer_range,
+    )
+    skipped = {str(layer): why for layer in wanted if (why := source.usable(layer)) is not None}
+    layers = [layer for layer in wanted if str(layer) not in skipped]
+    if not layers:
+        raise FailedPrecondition(
+            f"no candidate layer of {params.source}'s {params.method} vectors is usable: {skipped}"
+        )
+    return layers, skipped
+
+
+def _vector_record(
+    source: VectorSource,
+    params: SteerParams,
+    layers: list[int],
+    compared: dict[str, dict[str, float | None]] | None,
+) -> dict[str, Any]:
+    """The steering vector's record in the result: keys, sign, norms and where it came from."""
+    imported = params.vectors_location
+    return {
+        "summary_key": source.summary_key,
+        "vectors_key": source.vectors_key,
+        "sign": -1 if params.direction == "-" else 1,
+        "norms": {str(layer): source.norm(layer) for layer in layers},
+        "activation_norm": {str(layer): source.activation_norm(layer) for layer in layers},
+        "source_precision": "imported" if imported else source.summary.precision,
+        "imported_from": imported,
+        "cosine_to_extracted": compared,
+    }
