@@ -30,6 +30,10 @@ def test_docs_sizing_is_the_codes_output() -> None:
     assert text.endswith(sizing.markdown_table())
     for seed in sizing.SEED_MODELS:
         assert f"| {seed.name} |" in text
+    # The README carries the same table, without the generated footnote.
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in sizing.markdown_table().splitlines() if line.startswith("|")]
+    assert "\n".join(rows) in readme
 
 
 def test_seed_shapes_match_the_seeds_matrix_spec() -> None:
