@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,7 +51,7 @@ from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import TraitDataset, load_trait
 from services.judge.client import JudgeClient, trait_rubric
-from services.loader.client import LoaderClient
+from services.loader.client import LoaderClient, LoaderInfo
 from services.steerer.ablation import run_ablation
 from services.steerer.context import Heartbeat, add_calls, loader_record, no_heartbeat
 from services.steerer.evaluation import (
@@ -238,6 +238,37 @@ def steer_summary(result: SteerResult, key: str) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Job:
+    """A steer job's inputs, resolved before anything is evaluated."""
+
+    run_id: str
+    params: SteerParams
+    dataset: TraitDataset
+    info: LoaderInfo
+    source: VectorSource
+    compared: dict[str, dict[str, float | None]] | None
+    main_set: _Questions
+    selection_set: _Questions | None
+    main: SteeringEvaluator
+    set_id: str
+    base_key: str
+    stored_baseline: list[BaselineRow] | None
+    layers: list[int]
+    skipped: dict[str, str]
+    make_evaluator: Callable[[_Questions], SteeringEvaluator]
+
+
+@dataclass
+class _Evaluated:
+    """What the search (add) or the ablation produced."""
+
+    runs: list[SteerRun]
+    search: CoefficientSearch | None
+    baseline_eval: Evaluation | None
+    calls_from: list[SteeringEvaluator]
+
+
 async def run_steer(
     run_id: str,
     params: SteerParams,
@@ -251,6 +282,31 @@ async def run_steer(
     keys = steer_parts(run_id, params)
     result_key = steer_result_key(run_id, params)
     started = time.monotonic()
+    job = await _prepare(run_id, params, store=store, loader=loader, judge=judge)
+    done = await _evaluate(job, heartbeat)
+    # The baseline: ours if we generated it and won the write, else the stored one.
+    stored_baseline, reused = await _store_baseline(
+        store, job.base_key, job.stored_baseline, done.baseline_eval, job.main, params, job.set_id
+    )
+    assert stored_baseline is not None
+    result = _result(job, done, stored_baseline, reused, started)
+    runs_key = steer_key(*keys, "runs.jsonl")
+    await store.put_jsonl(runs_key, [r.model_dump(mode="json") for r in done.runs])
+    if not await store.put_json(result_key, result.model_dump(mode="json")):
+        # A concurrent attempt finished first: its result is the one of record.
+        result = SteerResult.model_validate(await store.get_json(result_key))
+    return steer_summary(result, result_key)
+
+
+async def _prepare(
+    run_id: str,
+    params: SteerParams,
+    *,
+    store: AsyncS3Store,
+    loader: LoaderClient,
+    judge: JudgeClient,
+) -> _Job:
+    """Load the trait, the loader's facts, the vectors and the stored baseline; pick layers."""
     dataset = await asyncio.to_thread(load_trait, params.trait.ref)
     info = await loader.info()
     imported = params.vectors_location
@@ -273,7 +329,6 @@ async def run_steer(
     main_set, selection_set = _questions(dataset, params)
     rubric = trait_rubric(dataset.eval_prompt, dataset.exemplars.pos, dataset.exemplars.neg)
     steering = params.steering
-    threshold = params.judge.coherence_threshold
     refusal_is_trait = methodology_info(dataset.methodology).harmful_instructions
 
     def evaluator(qs: _Questions) -> SteeringEvaluator:
@@ -301,77 +356,102 @@ async def run_steer(
     )
     base_key = baseline_key(run_id, params.target, params.trait.name, set_id, "answers.jsonl")
     stored_baseline = await _read_baseline(store, base_key)
-
     layers, skipped = _steer_layers(source, info.num_layers, params)
+    return _Job(
+        run_id=run_id,
+        params=params,
+        dataset=dataset,
+        info=info,
+        source=source,
+        compared=compared,
+        main_set=main_set,
+        selection_set=selection_set,
+        main=main,
+        set_id=set_id,
+        base_key=base_key,
+        stored_baseline=stored_baseline,
+        layers=layers,
+        skipped=skipped,
+        make_evaluator=evaluator,
+    )
 
-    runs: list[SteerRun]
-    search: CoefficientSearch | None = None
-    baseline_eval: Evaluation | None = None
-    calls_from: list[SteeringEvaluator] = [main]
+
+async def _evaluate(job: _Job, heartbeat: Heartbeat) -> _Evaluated:
+    """The coefficient search (add) or the direction choice and its evaluation (ablate)."""
+    params, layers = job.params, job.layers
+    with_baseline = job.stored_baseline is None
+    calls_from: list[SteeringEvaluator] = [job.main]
     if params.mode == "add":
         out = await run_search(
-            main, source, layers, params, with_baseline=stored_baseline is None, heartbeat=heartbeat
+            job.main, job.source, layers, params, with_baseline=with_baseline, heartbeat=heartbeat
         )
-        runs, search, baseline_eval = out.runs, out.search, out.baseline
-    else:
-        picker = evaluator(selection_set) if selection_set is not None and len(layers) > 1 else None
-        if picker is not None:
-            calls_from.append(picker)
-        runs, baseline_eval = await run_ablation(
-            main,
-            picker,
-            source,
-            layers,
-            params,
-            num_layers=info.num_layers,
-            with_baseline=stored_baseline is None,
-            heartbeat=heartbeat,
-        )
-
-    # The baseline: ours if we generated it and won the write, else the stored one.
-    stored_baseline, reused = await _store_baseline(
-        store, base_key, stored_baseline, baseline_eval, main, params, set_id
+        return _Evaluated(out.runs, out.search, out.baseline, calls_from)
+    selection_set = job.selection_set
+    picker = None
+    if selection_set is not None and len(layers) > 1:
+        picker = job.make_evaluator(selection_set)
+        calls_from.append(picker)
+    runs, baseline_eval = await run_ablation(
+        job.main,
+        picker,
+        job.source,
+        layers,
+        params,
+        num_layers=job.info.num_layers,
+        with_baseline=with_baseline,
+        heartbeat=heartbeat,
     )
-    assert stored_baseline is not None
-    base_stats = run_stats(stored_baseline)
-    base_values = [row.trait.used for row in stored_baseline]
-    resamples, seed = steering.bootstrap, steering.seed
-    baseline = BaselineSummary(
-        **base_stats.model_dump(),
-        key=base_key,
-        set_id=set_id,
+    return _Evaluated(runs, None, baseline_eval, calls_from)
+
+
+def _baseline_summary(
+    job: _Job, rows: list[BaselineRow], reused: bool
+) -> tuple[BaselineSummary, list[float | None]]:
+    """The baseline's summary in the result, and its per-question trait scores."""
+    steering = job.params.steering
+    base_values = [row.trait.used for row in rows]
+    summary = BaselineSummary(
+        **run_stats(rows).model_dump(),
+        key=job.base_key,
+        set_id=job.set_id,
         reused=reused,
-        trait_ci=bootstrap_mean(base_values, resamples=resamples, seed=seed),
+        trait_ci=bootstrap_mean(base_values, resamples=steering.bootstrap, seed=steering.seed),
     )
+    return summary, base_values
 
-    maximize = params.direction == "+"
-    final_runs = [r for r in runs if r.question_set == main_set.kind]
+
+def _result(
+    job: _Job, done: _Evaluated, rows: list[BaselineRow], reused: bool, started: float
+) -> SteerResult:
+    """The job's ``result.json`` document."""
+    params, main_set, layers = job.params, job.main_set, job.layers
+    steering = params.steering
+    baseline, base_values = _baseline_summary(job, rows, reused)
+    final_runs = [r for r in done.runs if r.question_set == main_set.kind]
     best, per_layer, status = best_runs(final_runs, layers, params, base_values)
-
-    budget, brackets = run_budget(search, steering.search.budget, runs, layers)
-
-    provenance = main.provenance
+    budget, brackets = run_budget(done.search, steering.search.budget, done.runs, layers)
+    provenance = job.main.provenance
     if provenance is None:
         raise FailedPrecondition("the judge returned no verdicts to record provenance from")
-    calls = main.calls
-    for extra in calls_from[1:]:
+    calls = job.main.calls
+    for extra in done.calls_from[1:]:
         calls = add_calls(calls, extra.calls)
-    result = SteerResult(
-        run_id=run_id,
+    return SteerResult(
+        run_id=job.run_id,
         target=params.target,
         source=params.source,
         cross_precision=params.source != params.target,
         trait=params.trait.name,
-        methodology=dataset.methodology,
+        methodology=job.dataset.methodology,
         method=params.method,
         vector_mode=params.vector_mode,
         mode=params.mode,
         direction=params.direction,
-        objective="max" if maximize else "min",
-        coherence_threshold=threshold,
+        objective="max" if params.direction == "+" else "min",
+        coherence_threshold=params.judge.coherence_threshold,
         questions=QuestionSet(
             kind=main_set.kind,
-            set_id=set_id,
+            set_id=job.set_id,
             count=len(main_set.questions),
             questions=main_set.questions,
         ),
@@ -385,26 +465,25 @@ async def run_steer(
         search=steering.search.model_dump(mode="json"),
         budget=budget,
         layers=layers,
-        skipped_layers=skipped,
-        vector=_vector_record(source, params, layers, compared),
+        skipped_layers=job.skipped,
+        vector=_vector_record(job.source, params, layers, job.compared),
         judge=provenance,
         baseline=baseline,
-        runs=[r.model_copy(update={"answers": []}) for r in runs],
+        runs=[r.model_copy(update={"answers": []}) for r in done.runs],
         best=best,
         best_per_layer=per_layer,
         status=status,
         brackets=brackets,
-        bootstrap={"resamples": resamples, "seed": seed, "level": 0.95, "unit": "question"},
-        loader=loader_record(info),
+        bootstrap={
+            "resamples": steering.bootstrap,
+            "seed": steering.seed,
+            "level": 0.95,
+            "unit": "question",
+        },
+        loader=loader_record(job.info),
         calls=calls,
         seconds=round(time.monotonic() - started, 3),
     )
-    runs_key = steer_key(*keys, "runs.jsonl")
-    await store.put_jsonl(runs_key, [r.model_dump(mode="json") for r in runs])
-    if not await store.put_json(result_key, result.model_dump(mode="json")):
-        # A concurrent attempt finished first: its result is the one of record.
-        result = SteerResult.model_validate(await store.get_json(result_key))
-    return steer_summary(result, result_key)
 
 
 async def _store_baseline(
