@@ -300,3 +300,23 @@ def test_every_written_document_validates_as_its_typed_model(analysed: Analysed)
     assert any(not e["is_reference"] and "degradation_pct" in e for e in dumped)
     with pytest.raises(ValidationError, match="unexpected"):
         VectorComparison.model_validate({**analysed.doc("vector_comparison.json"), "unexpected": 1})
+
+
+def test_probe_and_ranking_rows_are_typed_and_round_trip(analysed: Analysed) -> None:
+    """probe_statistics and robustness_ranking rows read back into their row models and write
+    back the same JSON; a row with a key its model does not name is refused."""
+    stored_probes = analysed.doc("probe_statistics.json")
+    probes = ProbeStatistics.model_validate(stored_probes)
+    assert probes.to_json() == stored_probes
+    by_variant = {p.variant: p for p in probes.probes}
+    assert by_variant["toy@bf16"].is_reference and by_variant["toy@bf16"].comparison is None
+    assert all(("comparison" in p) != p["is_reference"] for p in probes.to_json()["probes"])
+    assert all(n.ratio is not None and n.ratio["value"] > 1.5 for n in probes.safety_neuron_errors)
+    stored_ranking = analysed.doc("robustness_ranking.json")
+    ranking = RobustnessRanking.model_validate(stored_ranking)
+    assert ranking.to_json() == stored_ranking
+    assert [p.precision for p in ranking.precisions if p.rank == 1] == ["int8"]
+    bad = json.loads(json.dumps(stored_ranking))
+    bad["precisions"][0]["cosine_mean"] = 1.0
+    with pytest.raises(ValidationError, match="cosine_mean"):
+        RobustnessRanking.model_validate(bad)

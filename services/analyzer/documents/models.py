@@ -2,8 +2,9 @@
 
 Builders return these (validated on construction, ``extra="forbid"``), the report's sections
 render them, and :meth:`AnalysisDocument.to_json` is what the analyze job writes. Rows of the
-tables (``entries``, ``pairs``, ``probes`` ...) are JSON objects whose fields are documented
-beside their builders and in docs/ARTEFACTS.md (``## analyzer``).
+tables (``entries``, ``pairs``, ``probes`` ...) are typed too; their nested cells (intervals,
+tests, classifications) are JSON objects documented beside their builders and in
+docs/ARTEFACTS.md (``## analyzer``).
 """
 
 from __future__ import annotations
@@ -14,15 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 __all__ = [
     "SCHEMA",
+    "AcrossVariants",
     "AnalysisDocument",
     "BenchmarkComparison",
     "BenchmarkEntry",
     "Bootstrap",
+    "FamilyRank",
     "LogitDiffComparison",
     "LogitDiffEntry",
+    "ModelRank",
+    "PrecisionGroup",
+    "PrecisionRank",
+    "ProbeEntry",
     "ProbeStatistics",
+    "RankedRow",
+    "RefusalDirectionRow",
     "RobustnessRanking",
     "Row",
+    "SafetyNeuronRow",
     "SteeringComparison",
     "SteeringEntry",
     "VectorComparison",
@@ -212,6 +222,111 @@ class VectorPair(VectorCell):
     mean_norm_ratio: float | None
 
 
+class ProbeEntry(_SparseRow):
+    """One safety-probe result; a variant's row carries its comparison with the reference."""
+
+    model: str
+    probe: str
+    variant: str
+    precision: str
+    n: int
+    aggregate: dict[str, Any]
+    refusal_rate: dict[str, Any] = Field(description="value, low, high as reported.")
+    calibration: dict[str, Any]
+    prefix_diversity: float | None
+    is_reference: bool
+    sources: dict[str, str | None]
+    comparison: dict[str, Any] | None = None
+
+
+class RefusalDirectionRow(_SparseRow):
+    """A variant's mean_diff refusal direction against the reference's at one layer."""
+
+    model: str
+    trait: str
+    variant: str
+    precision: str
+    depth: float
+    requested_layer: int
+    layer: int
+    cosine: Any
+    norm_ratio: Any
+    reference_norm: Any = None
+    variant_norm: Any = None
+    reason: str | None = Field(None, description="Why a value is missing.")
+    classification: dict[str, Any]
+    sources: dict[str, str]
+
+
+class SafetyNeuronRow(_SparseRow):
+    """Activation error on safety neurons vs the other neurons (``safety_neurons.py``); a row
+    without enough inputs has ``reason`` and no statistics."""
+
+    model: str
+    trait: str
+    variant: str
+    precision: str
+    layers: list[int]
+    top_fraction: float
+    n: int
+    reason: str | None = None
+    alignment: dict[str, Any] | None = None
+    neurons_per_layer: int | None = None
+    hidden_size: int | None = None
+    mean_error_safety: Any = None
+    mean_error_other: Any = None
+    ratio: dict[str, Any] | None = None
+    relative_ratio: dict[str, Any] | None = None
+    t_test: dict[str, Any] | None = None
+    relative_t_test: dict[str, Any] | None = None
+    mann_whitney: dict[str, Any] | None = None
+    per_layer: list[dict[str, Any]] | None = None
+    sources: dict[str, str]
+
+
+class AcrossVariants(_Row):
+    """A correlation across quantized variants (one point per variant)."""
+
+    x: str
+    y: str
+    variants: list[str]
+    pearson: dict[str, Any]
+    spearman: dict[str, Any]
+
+
+class PrecisionGroup(_Row):
+    """A metric of 4-bit variants against 8-bit and wider ones."""
+
+    metric: str
+    groups: dict[str, int]
+    mann_whitney: dict[str, Any]
+
+
+class RankedRow(_Row):
+    """A ranked row: bootstrap means over its conditions, rank by mean cosine."""
+
+    mean_cosine: dict[str, Any]
+    mean_degradation_pct: dict[str, Any]
+    mean_drop_pp: dict[str, Any]
+    rank: int | None
+
+
+class PrecisionRank(RankedRow):
+    precision: str
+    bits: int
+
+
+class ModelRank(RankedRow):
+    model: str
+    family: str | None
+    size_b: float | None
+
+
+class FamilyRank(RankedRow):
+    family: str | None
+    models: list[str]
+
+
 class VectorComparison(AnalysisDocument):
     """``vector_comparison.json``: per-layer cosines of every variant against its reference."""
 
@@ -260,11 +375,11 @@ class ProbeStatistics(AnalysisDocument):
     refusal_depth: float
     safety_neurons: dict[str, Any]
     bootstrap: Bootstrap
-    probes: list[Row]
-    refusal_direction: list[Row]
-    safety_neuron_errors: list[Row]
-    across_variants: list[Row]
-    precision_groups: list[Row]
+    probes: list[ProbeEntry]
+    refusal_direction: list[RefusalDirectionRow]
+    safety_neuron_errors: list[SafetyNeuronRow]
+    across_variants: list[AcrossVariants]
+    precision_groups: list[PrecisionGroup]
 
 
 class RobustnessRanking(AnalysisDocument):
@@ -273,7 +388,7 @@ class RobustnessRanking(AnalysisDocument):
     kind: Literal["robustness_ranking"] = "robustness_ranking"
     note: str
     method_comparison: dict[str, Any]
-    precisions: list[Row]
-    models: list[Row]
-    families: list[Row]
+    precisions: list[PrecisionRank]
+    models: list[ModelRank]
+    families: list[FamilyRank]
     size: dict[str, Any]

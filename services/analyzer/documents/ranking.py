@@ -25,6 +25,7 @@ from services.analyzer.documents.common import (
 )
 from services.analyzer.documents.models import (
     BenchmarkComparison,
+    RankedRow,
     RobustnessRanking,
     SteeringComparison,
     VectorComparison,
@@ -302,17 +303,17 @@ def ranking_section(doc: RobustnessRanking) -> list[Block]:
         )
     )
 
-    def ranked(rows_in: Iterable[Mapping[str, Any]], name: str, extra: Sequence[str]) -> Table:
+    def ranked(rows_in: Iterable[RankedRow], name: str, extra: Sequence[str]) -> Table:
         return Table(
             ("rank", name, *extra, "mean cosine [95% CI]", "mean degradation %", "mean drop pp"),
             tuple(
                 (
-                    fmt_num(r.get("rank")),
-                    str(r[name]),
-                    *(str(r.get(x) if r.get(x) is not None else "—") for x in extra),
-                    fmt_est(r["mean_cosine"]),
-                    fmt_est(r["mean_degradation_pct"], 1),
-                    fmt_est(r["mean_drop_pp"], 2),
+                    fmt_num(r.rank),
+                    str(getattr(r, name)),
+                    *(_or_dash(getattr(r, x)) for x in extra),
+                    fmt_est(r.mean_cosine),
+                    fmt_est(r.mean_degradation_pct, 1),
+                    fmt_est(r.mean_drop_pp, 2),
                 )
                 for r in rows_in
             ),
@@ -332,3 +333,7 @@ def ranking_section(doc: RobustnessRanking) -> list[Block]:
         )
     )
     return blocks
+
+
+def _or_dash(value: object) -> str:
+    return "—" if value is None else str(value)

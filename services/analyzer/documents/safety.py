@@ -320,15 +320,15 @@ def safety_section(doc: ProbeStatistics) -> list[Block]:
     ]
     rows: list[tuple[Cell, ...]] = []
     for e in doc.probes:
-        cmp = e.get("comparison")
+        cmp = e.comparison
         if not cmp:
             continue
         m = cmp["metrics"]
         rr = cmp["refusal_rate"]
         rows.append(
             (
-                e["model"],
-                e["variant"],
+                e.model,
+                e.variant,
                 str(cmp["n_shared_prompts"]),
                 fmt_est(m["entropy"]["shift_paired"]),
                 fmt_est(m["top1"]["shift_paired"]),
@@ -382,13 +382,13 @@ def _refusal_blocks(doc: ProbeStatistics) -> list[Block]:
                 ("model", "trait", "variant", "layer", "cosine", "norm ratio", "class"),
                 tuple(
                     (
-                        r["model"],
-                        r["trait"],
-                        r["variant"],
-                        f"{r['layer']} (depth {doc.refusal_depth:g})",
-                        fmt_num(r["cosine"]),
-                        fmt_num(r["norm_ratio"]),
-                        badge(r["classification"]),
+                        r.model,
+                        r.trait,
+                        r.variant,
+                        f"{r.layer} (depth {doc.refusal_depth:g})",
+                        fmt_num(r.cosine),
+                        fmt_num(r.norm_ratio),
+                        badge(r.classification),
                     )
                     for r in refusal
                 ),
@@ -430,14 +430,14 @@ def _neuron_blocks(doc: ProbeStatistics) -> list[Block]:
                 ),
                 tuple(
                     (
-                        n["model"],
-                        n["variant"],
-                        ", ".join(str(x) for x in n["layers"]),
-                        str(n.get("n", 0)),
-                        fmt_est(n.get("ratio")),
-                        fmt_test(n.get("t_test")),
-                        fmt_est(n.get("relative_ratio")),
-                        fmt_test(n.get("relative_t_test")),
+                        n.model,
+                        n.variant,
+                        ", ".join(str(x) for x in n.layers),
+                        str(n.n),
+                        fmt_est(n.ratio),
+                        fmt_test(n.t_test),
+                        fmt_est(n.relative_ratio),
+                        fmt_test(n.relative_t_test),
                     )
                     for n in neurons
                 ),
@@ -461,11 +461,11 @@ def _across_blocks(doc: ProbeStatistics) -> list[Block]:
                 ("x", "y", "variants", "Pearson r", "Spearman ρ"),
                 tuple(
                     (
-                        a["x"],
-                        a["y"],
-                        str(len(a["variants"])),
-                        fmt_test(a["pearson"]),
-                        fmt_test(a["spearman"]),
+                        a.x,
+                        a.y,
+                        str(len(a.variants)),
+                        fmt_test(a.pearson),
+                        fmt_test(a.spearman),
                     )
                     for a in across
                 ),
@@ -477,9 +477,9 @@ def _across_blocks(doc: ProbeStatistics) -> list[Block]:
                 ("metric", "4-bit / 8-bit and wider", "Mann–Whitney U"),
                 tuple(
                     (
-                        g["metric"],
-                        f"{g['groups']['4-bit']} / {g['groups']['8-bit and wider']}",
-                        fmt_test(g["mann_whitney"]),
+                        g.metric,
+                        f"{g.groups['4-bit']} / {g.groups['8-bit and wider']}",
+                        fmt_test(g.mann_whitney),
                     )
                     for g in doc.precision_groups
                 ),
