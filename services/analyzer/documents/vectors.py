@@ -66,16 +66,11 @@ def compare_vectors(
         all_finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
         na = float(np.linalg.norm(a)) if all_finite else 0.0
         nb = float(np.linalg.norm(b)) if all_finite else 0.0
-        reasons = []
-        if bool(reference.nonfinite[i]) or not np.isfinite(a).all():
-            reasons.append("non-finite reference activations")
-        if bool(variant.nonfinite[j]) or not np.isfinite(b).all():
-            reasons.append("non-finite variant activations")
-        if bool(reference.zero_norm[i]) or na == 0.0:
-            reasons.append("zero-norm reference vector")
-        if bool(variant.zero_norm[j]) or nb == 0.0:
-            reasons.append("zero-norm variant vector")
-        reasons = list(dict.fromkeys(reasons))
+        reasons = _null_reasons(
+            (bool(reference.nonfinite[i]) or not np.isfinite(a).all(), na == 0.0),
+            (bool(variant.nonfinite[j]) or not np.isfinite(b).all(), nb == 0.0),
+            (bool(reference.zero_norm[i]), bool(variant.zero_norm[j])),
+        )
         if reasons:
             cosine.append(None)
             null_layers.append({"layer": layer, "reason": "; ".join(reasons)})
@@ -120,6 +115,23 @@ def compare_vectors(
             "mean_auroc": {"reference": wmean(auroc_ref), "variant": wmean(auroc_var)},
         },
     }
+
+
+def _null_reasons(
+    reference: tuple[bool, bool], variant: tuple[bool, bool], stored_zero: tuple[bool, bool]
+) -> list[str]:
+    """Why a layer has no cosine: each side's (non-finite, zero computed norm) and the zero-norm
+    flags stored with the (reference, variant) sets."""
+    reasons = []
+    if reference[0]:
+        reasons.append("non-finite reference activations")
+    if variant[0]:
+        reasons.append("non-finite variant activations")
+    if stored_zero[0] or reference[1]:
+        reasons.append("zero-norm reference vector")
+    if stored_zero[1] or variant[1]:
+        reasons.append("zero-norm variant vector")
+    return reasons
 
 
 def _primary_mode(run: RunArtefacts, variant: str, trait: str) -> str | None:
@@ -326,6 +338,12 @@ def vectors_section(doc: VectorComparison, figures: Sequence[FigureImage]) -> li
     )
     blocks += figure_blocks(figures, "layer-cosine")
     blocks += figure_blocks(figures, "model-spread")
+    return blocks + _pair_blocks(doc)
+
+
+def _pair_blocks(doc: VectorComparison) -> list[Block]:
+    """The collapsed table of quantized variants against each other, when there are any."""
+    blocks: list[Block] = []
     pairs = doc.pairs
     if pairs:
         blocks.append(
