@@ -202,14 +202,7 @@ def demo(
     warmup: Annotated[bool, typer.Option(help="Show the quick steering warm-up first.")] = True,
 ) -> None:
     """Run the end-to-end study on SmolLM2 (bf16, nf4, int8) and write the report."""
-    from services.cli.runs import (
-        _submit,
-        _watch,
-        children_for_spec,
-        collect_results,
-        cosine_table,
-        preflight,
-    )
+    from services.cli.runs import _submit, _watch, children_for_spec, preflight
     from services.common.spec import load_spec
 
     try:
@@ -248,24 +241,7 @@ def demo(
         status = asyncio.run(_watch(run_id, False))
         phases.lap("study")
         console.rule(f"results ({status})")
-        console.print(cosine_table(asyncio.run(collect_results(run_id))))
-        collected = asyncio.run(_collect(run_id))
-        if collected["steer"]:
-            console.print(
-                _steering_table(
-                    sorted(
-                        collected["steer"],
-                        key=lambda r: (str(r.get("trait")), str(r.get("target"))),
-                    )
-                )
-            )
-        target = Path("reports") / run_id
-        files = asyncio.run(_fetch_report(run_id, target))
-        report = next((f for f in files if f.name == "report.html"), None)
-        if report is not None:
-            console.print(f"report: {report.resolve()}  (and {report.with_suffix('.md')})")
-        else:
-            console.print("[yellow]no report was written (see the analyzer log)[/yellow]")
+        _show_results(run_id)
         phases.lap("results and report")
     finally:
         _print_restarts(home)
@@ -282,3 +258,27 @@ def demo(
         )
     if status != "succeeded":
         raise typer.Exit(1)
+
+
+def _show_results(run_id: str) -> None:
+    """Print the cosine and steering tables and fetch the report into ``reports/<run>``."""
+    from services.cli.runs import collect_results, cosine_table
+
+    console.print(cosine_table(asyncio.run(collect_results(run_id))))
+    collected = asyncio.run(_collect(run_id))
+    if collected["steer"]:
+        console.print(
+            _steering_table(
+                sorted(
+                    collected["steer"],
+                    key=lambda r: (str(r.get("trait")), str(r.get("target"))),
+                )
+            )
+        )
+    target = Path("reports") / run_id
+    files = asyncio.run(_fetch_report(run_id, target))
+    report = next((f for f in files if f.name == "report.html"), None)
+    if report is not None:
+        console.print(f"report: {report.resolve()}  (and {report.with_suffix('.md')})")
+    else:
+        console.print("[yellow]no report was written (see the analyzer log)[/yellow]")
