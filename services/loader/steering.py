@@ -99,6 +99,10 @@ class SteeringPlan:
         return all(p.empty for p in self.layers.values())
 
 
+_Adds = dict[int, tuple[torch.Tensor, torch.Tensor, list[bool]]]
+_Slots = dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
 def build_plan(
     rows: Sequence[Sequence[SteerSpec]],
     *,
@@ -109,10 +113,44 @@ def build_plan(
 ) -> SteeringPlan:
     """Fold each row's specs into per-layer tensors on ``device``, or on each layer's own
     device where ``layer_devices`` names it (a model placed over several GPUs)."""
+    adds, slots = _fold_rows(rows, hidden_size)
+    plans: dict[int, LayerPlan] = {}
+    on = device
+
+    def dev(layer: int) -> torch.device:
+        return on if layer_devices is None else layer_devices.get(layer, on)
+
+    for layer, (p, r, used) in adds.items():
+        plan = plans.setdefault(layer, LayerPlan())
+        device = dev(layer)
+        if used[0] and used[1] and torch.equal(p, r):
+            plan.add_all = p.to(device=device, dtype=dtype)
+            continue
+        if used[0]:
+            plan.add_prompt = p.to(device=device, dtype=dtype)
+        if used[1]:
+            plan.add_response = r.to(device=device, dtype=dtype)
+    for layer, layer_slots in slots.items():
+        plan = plans.setdefault(layer, LayerPlan())
+        device = dev(layer)
+        for dirs, c_prompt, c_response in layer_slots:
+            # Projection math in float32: bf16 dot products lose the direction's tail.
+            plan.ablations.append(
+                (
+                    dirs.to(device=device, dtype=torch.float32),
+                    c_prompt.to(device=device, dtype=torch.float32),
+                    c_response.to(device=device, dtype=torch.float32),
+                )
+            )
+    return SteeringPlan({k: v for k, v in plans.items() if not v.empty})
+
+
+def _fold_rows(rows: Sequence[Sequence[SteerSpec]], hidden_size: int) -> tuple[_Adds, _Slots]:
+    """On the CPU: per layer, the added vector of every row (prompt, response, which used) and
+    the ablation slots (the n-th ablation of every row at that layer shares slot n)."""
     batch = len(rows)
-    adds: dict[int, tuple[torch.Tensor, torch.Tensor, list[bool]]] = {}
-    slots: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    slot_fill: dict[tuple[int, int], int] = {}
+    adds: _Adds = {}
+    slots: _Slots = {}
     for b, specs in enumerate(rows):
         per_layer_ablation_count: dict[int, int] = {}
         for spec in specs:
@@ -159,36 +197,7 @@ def build_plan(
                         c_prompt[b] = float(spec.coefficient)
                     if on_response:
                         c_response[b] = float(spec.coefficient)
-                    slot_fill[(layer, index)] = 1
-    plans: dict[int, LayerPlan] = {}
-    on = device
-
-    def dev(layer: int) -> torch.device:
-        return on if layer_devices is None else layer_devices.get(layer, on)
-
-    for layer, (p, r, used) in adds.items():
-        plan = plans.setdefault(layer, LayerPlan())
-        device = dev(layer)
-        if used[0] and used[1] and torch.equal(p, r):
-            plan.add_all = p.to(device=device, dtype=dtype)
-            continue
-        if used[0]:
-            plan.add_prompt = p.to(device=device, dtype=dtype)
-        if used[1]:
-            plan.add_response = r.to(device=device, dtype=dtype)
-    for layer, layer_slots in slots.items():
-        plan = plans.setdefault(layer, LayerPlan())
-        device = dev(layer)
-        for dirs, c_prompt, c_response in layer_slots:
-            # Projection math in float32: bf16 dot products lose the direction's tail.
-            plan.ablations.append(
-                (
-                    dirs.to(device=device, dtype=torch.float32),
-                    c_prompt.to(device=device, dtype=torch.float32),
-                    c_response.to(device=device, dtype=torch.float32),
-                )
-            )
-    return SteeringPlan({k: v for k, v in plans.items() if not v.empty})
+    return adds, slots
 
 
 def first_prompt_layer(specs: Sequence[SteerSpec], num_layers: int) -> int:
