@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from services.common.artefacts import extract_key
 from services.common.contracts.extract import (
@@ -385,14 +386,7 @@ async def run_extraction(
     _check_kept(kept, params)
     await store.put_jsonl(job.key("responses.jsonl"), [r.to_json() for r in rows])
     await store.put_json(job.key("vetting.json"), vetting.model_dump(mode="json"))
-    capture = await loader.capture(
-        [PromptItem(_prompt(r.example), response=r.response) for r in kept],
-        position=params.position,
-        layers=params.layers,
-        reduction="mean",
-    )
-    acts = capture.stacked().astype(np.float32)  # [N, L, H]
-    layers = list(capture.layers)
+    acts, layers = await _capture(loader, kept, params)
     groups = _groups(kept, acts)
     vectors = await _vectors(job, groups, layers)
     activations_key, vector_keys = await _store_arrays(job, groups, layers, vectors)
@@ -433,7 +427,25 @@ async def run_extraction(
         seconds=time.perf_counter() - started,
     )
     await store.put_json(job.key("summary.json"), json.loads(summary.model_dump_json()))
-    mid = len(layers) // 2
+    return _outcome(summary, params)
+
+
+async def _capture(
+    loader: LoaderClient, kept: list[_Row], params: ExtractParams
+) -> tuple[NDArray[np.float32], list[int]]:
+    """Mean activations of the kept rows' responses: ([N, L, H] float32, the layers)."""
+    capture = await loader.capture(
+        [PromptItem(_prompt(r.example), response=r.response) for r in kept],
+        position=params.position,
+        layers=params.layers,
+        reduction="mean",
+    )
+    return capture.stacked().astype(np.float32), list(capture.layers)
+
+
+def _outcome(summary: ExtractSummary, params: ExtractParams) -> dict[str, Any]:
+    """The job-record summary: counts and each method's AUROC at the middle layer."""
+    mid = len(summary.layers) // 2
     return ExtractOutcome(
         variant=params.variant,
         trait=params.trait.name,
