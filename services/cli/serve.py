@@ -43,6 +43,23 @@ def _pre_announce(name: str | None, precision: str, model: str) -> PreAnnouncer 
     return PreAnnouncer(f"{name}@{precision}", "starting", f"loading {model}").start()
 
 
+# The two long option declarations of ``loader``, named here to keep its signature short.
+_QuantizeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A quantize request (JSON): wait until the quantize job has committed its "
+        "checkpoint in S3, fetch it and serve it (MODEL is then only a label)."
+    ),
+]
+_FetchOnlyOption = Annotated[
+    bool,
+    typer.Option(
+        help="With --quantize: wait for the checkpoint, fetch it into the model cache and "
+        "exit (a Kubernetes init container, so the loader starts only once it exists)."
+    ),
+]
+
+
 @app.command("loader")
 def loader(
     model: Annotated[
@@ -71,20 +88,8 @@ def loader(
     announce: Annotated[
         bool, typer.Option(help="Announce variant -> address in the registry.")
     ] = False,
-    quantize: Annotated[
-        str | None,
-        typer.Option(
-            help="A quantize request (JSON): wait until the quantize job has committed its "
-            "checkpoint in S3, fetch it and serve it (MODEL is then only a label)."
-        ),
-    ] = None,
-    fetch_only: Annotated[
-        bool,
-        typer.Option(
-            help="With --quantize: wait for the checkpoint, fetch it into the model cache and "
-            "exit (a Kubernetes init container, so the loader starts only once it exists)."
-        ),
-    ] = False,
+    quantize: _QuantizeOption = None,
+    fetch_only: _FetchOnlyOption = False,
 ) -> None:
     """Serve MODEL at PRECISION over gRPC (and optionally OpenAI-compatible HTTP).
 
