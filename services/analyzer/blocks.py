@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from services.analyzer.figures import FigureImage
 
 __all__ = [
@@ -127,9 +129,11 @@ def fmt_test(d: Mapping[str, Any] | None) -> str:
     return f"{fmt_num(d['statistic'])} (p = {fmt_p(d.get('p_value'))}, n = {d.get('n')})"
 
 
-def badge(c: Mapping[str, Any] | None) -> Cell:
+def badge(c: Mapping[str, Any] | BaseModel | None) -> Cell:
     if not c:
         return "—"
+    if isinstance(c, BaseModel):
+        c = c.model_dump(by_alias=True)
     label = str(c.get("class", "n/a"))
     if c.get("settled") is False:
         return Badge(label + "*")

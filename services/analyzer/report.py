@@ -39,10 +39,10 @@ __all__ = ["build_blocks"]
 
 def _summary(docs: Documents) -> list[Block]:
     sources = {
-        "vector_cosine": [e.model_dump() for e in docs.vectors.entries],
-        "steering_degradation_pct": [e.model_dump() for e in docs.steering.entries],
-        "logit_diff_correlation": [e.model_dump() for e in docs.logit_diff.entries],
-        "benchmark_drop_pp": [e.model_dump() for e in docs.benchmarks.entries],
+        "vector_cosine": [e.model_dump(by_alias=True) for e in docs.vectors.entries],
+        "steering_degradation_pct": [e.model_dump(by_alias=True) for e in docs.steering.entries],
+        "logit_diff_correlation": [e.model_dump(by_alias=True) for e in docs.logit_diff.entries],
+        "benchmark_drop_pp": [e.model_dump(by_alias=True) for e in docs.benchmarks.entries],
     }
     rows: list[tuple[Cell, ...]] = []
     worst: list[str] = []

@@ -320,3 +320,17 @@ def test_probe_and_ranking_rows_are_typed_and_round_trip(analysed: Analysed) -> 
     bad["precisions"][0]["cosine_mean"] = 1.0
     with pytest.raises(ValidationError, match="cosine_mean"):
         RobustnessRanking.model_validate(bad)
+
+
+def test_classifications_are_typed_cells(analysed: Analysed) -> None:
+    """A row's classification reads back as a ClassificationCell (``class`` by its alias) and
+    writes back the same JSON; a label outside the four classes is refused."""
+    stored = analysed.doc("vector_comparison.json")
+    doc = VectorComparison.model_validate(stored)
+    assert doc.to_json()["entries"] == stored["entries"]
+    cells = [e.classification for e in doc.entries if e.classification is not None]
+    assert cells and {c.class_ for c in cells} == {"robust", "degraded"}
+    bad = json.loads(json.dumps(stored))
+    bad["entries"][0]["classification"]["class"] = "fine"
+    with pytest.raises(ValidationError, match="class"):
+        VectorComparison.model_validate(bad)

@@ -2,9 +2,9 @@
 
 Builders return these (validated on construction, ``extra="forbid"``), the report's sections
 render them, and :meth:`AnalysisDocument.to_json` is what the analyze job writes. Rows of the
-tables (``entries``, ``pairs``, ``probes`` ...) are typed too; their nested cells (intervals,
-tests, classifications) are JSON objects documented beside their builders and in
-docs/ARTEFACTS.md (``## analyzer``).
+tables (``entries``, ``pairs``, ``probes`` ...) are typed too, and so are their
+classifications; their other nested cells (intervals, tests, comparisons) are JSON objects
+documented beside their builders and in docs/ARTEFACTS.md (``## analyzer``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "BenchmarkComparison",
     "BenchmarkEntry",
     "Bootstrap",
+    "ClassificationCell",
     "FamilyRank",
     "LogitDiffComparison",
     "LogitDiffEntry",
@@ -82,8 +83,26 @@ class _SparseRow(_Row):
     @model_serializer(mode="wrap")
     def _only_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         out: dict[str, Any] = handler(self)
-        required = {name for name, f in type(self).model_fields.items() if f.is_required()}
-        return {k: v for k, v in out.items() if k in required or k in self.model_fields_set}
+        keep: set[str] = set()
+        for name, f in type(self).model_fields.items():
+            if f.is_required() or name in self.model_fields_set:
+                keep |= {name, f.alias or name}  # dumped by name or, by_alias, by alias
+        return {k: v for k, v in out.items() if k in keep}
+
+
+class ClassificationCell(_SparseRow):
+    """A cell's class (``services.analyzer.classify.Classification.to_json``): the metric value
+    it rests on and, with an interval, the interval's classes and whether they agree."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    metric: str
+    value: float | None
+    class_: Literal["robust", "degraded", "broken", "n/a"] = Field(alias="class")
+    ci: list[float] | None = None
+    ci_classes: list[str] | None = None
+    settled: bool | None = None
+    reason: str | None = None
 
 
 class SteeringEntry(_SparseRow):
@@ -113,7 +132,7 @@ class SteeringEntry(_SparseRow):
     judge: dict[str, Any]
     bootstrap: dict[str, Any]
     sources: dict[str, Any]
-    classification: dict[str, Any] | None
+    classification: ClassificationCell | None
     degradation_pct: dict[str, Any] | None = None
     shift: dict[str, Any] | None = None
     coherence_at_matched_coefficient: dict[str, Any] | None = None
@@ -137,7 +156,7 @@ class LogitDiffEntry(_SparseRow):
     unsteered: float | None
     n_questions: int
     sources: dict[str, Any]
-    classification: dict[str, Any] | None = None
+    classification: ClassificationCell | None = None
     comparison: dict[str, Any] | None = None
 
 
@@ -154,7 +173,7 @@ class BenchmarkEntry(_SparseRow):
     delta_pp: dict[str, Any] | None = None
     drop_pp: float | None = None
     mcnemar: dict[str, Any] | None = None
-    classification: dict[str, Any] | None = None
+    classification: ClassificationCell | None = None
 
 
 class PairOf(_Row):
@@ -206,7 +225,7 @@ class VectorEntry(VectorCell):
     auroc: PairOf
     null_layers: list[Row]
     window: VectorWindow
-    classification: dict[str, Any] | None
+    classification: ClassificationCell | None
     n_train: list[int]
     n_val: list[int]
 
@@ -254,7 +273,7 @@ class RefusalDirectionRow(_SparseRow):
     reference_norm: Any = None
     variant_norm: Any = None
     reason: str | None = Field(None, description="Why a value is missing.")
-    classification: dict[str, Any]
+    classification: ClassificationCell
     sources: dict[str, str]
 
 
