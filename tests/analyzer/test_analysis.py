@@ -334,3 +334,15 @@ def test_classifications_are_typed_cells(analysed: Analysed) -> None:
     bad["entries"][0]["classification"]["class"] = "fine"
     with pytest.raises(ValidationError, match="class"):
         VectorComparison.model_validate(bad)
+
+
+def test_steering_best_is_a_typed_cell(analysed: Analysed) -> None:
+    """Each steering row's best run reads back as a SteeringBest and writes back the same JSON."""
+    stored = analysed.doc("steering_comparison.json")
+    doc = SteeringComparison.model_validate(stored)
+    assert [e.best.model_dump() for e in doc.entries] == [e["best"] for e in stored["entries"]]
+    assert any(e.best.score is not None and e.best.layer is not None for e in doc.entries)
+    bad = json.loads(json.dumps(stored))
+    del bad["entries"][0]["best"]["coherence"]
+    with pytest.raises(ValidationError, match="coherence"):
+        SteeringComparison.model_validate(bad)

@@ -3,8 +3,9 @@
 Builders return these (validated on construction, ``extra="forbid"``), the report's sections
 render them, and :meth:`AnalysisDocument.to_json` is what the analyze job writes. Rows of the
 tables (``entries``, ``pairs``, ``probes`` ...) are typed too, and so are their
-classifications; their other nested cells (intervals, tests, comparisons) are JSON objects
-documented beside their builders and in docs/ARTEFACTS.md (``## analyzer``).
+classifications and the steering rows' best run; their other nested cells (intervals,
+tests, comparisons) are JSON objects documented beside their builders and in
+docs/ARTEFACTS.md (``## analyzer``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "RobustnessRanking",
     "Row",
     "SafetyNeuronRow",
+    "SteeringBest",
     "SteeringComparison",
     "SteeringEntry",
     "VectorComparison",
@@ -105,6 +107,21 @@ class ClassificationCell(_SparseRow):
     reason: str | None = None
 
 
+class SteeringBest(_Row):
+    """The best run of a steer result: its trait score with the bootstrap interval, where
+    (layer, relative depth) and how hard (coefficient, added norm) it steered, and its
+    coherence."""
+
+    score: float | None
+    low: float | None
+    high: float | None
+    layer: int | None
+    depth: float | None
+    coefficient: float | None
+    added_norm: float | None
+    coherence: float | None
+
+
 class SteeringEntry(_SparseRow):
     """One steer result against the reference's own steering."""
 
@@ -122,7 +139,7 @@ class SteeringEntry(_SparseRow):
     objective: str
     status: str
     question_set: str
-    best: dict[str, Any]
+    best: SteeringBest
     baseline: dict[str, Any]
     delta: dict[str, Any]
     effect: float | None

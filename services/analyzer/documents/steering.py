@@ -275,14 +275,14 @@ def _entry_row(e: SteeringEntry) -> tuple[Cell, ...]:
         f"{e.mode}{e.direction}",
         e.target,
         "reference" if e.is_reference else e.steering,
-        fmt_ci(best["score"], best["low"], best["high"], 1),
+        fmt_ci(best.score, best.low, best.high, 1),
         fmt_est(e.delta, 1),
         "—" if e.is_reference else fmt_ci(deg.get("value"), deg.get("low"), deg.get("high"), 1),
-        f"{fmt_num(best['layer'])} ({'+' if (shift.get('layer') or 0) > 0 else ''}{fmt_num(shift.get('layer'))})"
+        f"{fmt_num(best.layer)} ({'+' if (shift.get('layer') or 0) > 0 else ''}{fmt_num(shift.get('layer'))})"
         if not e.is_reference
-        else fmt_num(best["layer"]),
+        else fmt_num(best.layer),
         fmt_num(shift.get("coefficient_ratio"), 2),
-        fmt_num(best["coherence"], 1),
+        fmt_num(best.coherence, 1),
         fmt_num(matched.get("coherence"), 1),
         badge(e.classification),
     )
