@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from services.common.hashing import stable_hash
+from services.common.methodologies import methodology_info, position_reads_response
 from services.common.quantization import QuantizeSpec
 from services.common.spec.fields import (
     DEFAULT_POSITIONS,
@@ -52,6 +53,37 @@ def _check_vectors(spec: ExperimentSpec, trait_names: list[str]) -> None:
             raise ValueError(f"vectors[{i}].model: unknown model {v.model!r} (spec has {models})")
         if v.trait not in trait_names:
             raise ValueError(f"vectors[{i}].trait: unknown trait {v.trait!r} ({trait_names})")
+
+
+def _check_both_directions(spec: ExperimentSpec) -> None:
+    """Refuse a 2x2 replay or a cross-precision comparison the spec cannot produce."""
+    compared = any(len(spec.precisions_for(m)) > 1 for m in spec.models)
+    if spec.extraction.replay == "2x2":
+        if not compared:
+            raise ValueError(
+                "extraction.replay: 2x2 needs a model with a precision besides the reference"
+            )
+        if not any(position_reads_response(spec.position_for(t)) for t in spec.traits):
+            raise ValueError(
+                "extraction.replay: 2x2 needs a trait read at response positions "
+                "(text is replayed only there)"
+            )
+    if spec.steering.cross_precision == "both" and not (spec.steering.enabled and compared):
+        raise ValueError(
+            "steering.cross_precision: both needs steering.enabled and a model with "
+            "a precision besides the reference"
+        )
+    if spec.logit_diff.cross_precision is not False:
+        if not (spec.logit_diff.enabled and compared):
+            raise ValueError(
+                "logit_diff.cross_precision: needs logit_diff.enabled and a model "
+                "with a precision besides the reference"
+            )
+        if not any(methodology_info(t.methodology).logit_diff for t in spec.traits):
+            raise ValueError(
+                "logit_diff.cross_precision: needs a trait whose methodology has "
+                "a logit difference (caa)"
+            )
 
 
 class ExperimentSpec(_Strict):
@@ -137,6 +169,7 @@ class ExperimentSpec(_Strict):
                     )
         _check_layers(self)
         _check_vectors(self, trait_names)
+        _check_both_directions(self)
         return self
 
     def precisions_for(self, model: ModelSpec) -> list[Precision]:

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, Strict, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Strict,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from services.common.errors import InvalidArgument
 from services.common.judging import JudgeChoice
@@ -141,10 +149,11 @@ class ExtractionSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=2048, description="Tokens per generated response.")
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature for responses.")
     seed: Seed = Field(0, description="Split and sampling seed.")
-    replay: Literal["off", "on", "both"] = Field(
+    replay: Literal["off", "on", "both", "2x2"] = Field(
         "on",
         description="Controlled extraction: non-reference variants replay the reference's responses "
-        "(on), generate their own (off), or both.",
+        "(on), generate their own (off), or both; 2x2: both, and the reference also reads each "
+        "variant's own responses (text changed vs model changed).",
     )
     vetting: VettingSpec = Field(default_factory=VettingSpec)
     store_activations: bool = Field(
@@ -205,8 +214,10 @@ class SteeringSpec(_Strict):
     directions: Annotated[list[Literal["+", "-"]], AfterValidator(_no_duplicates)] = Field(
         ["+"], min_length=1, description="Steer towards (+) or away (-)."
     )
-    cross_precision: bool = Field(
-        True, description="Also steer each variant with reference vectors."
+    cross_precision: bool | Literal["both"] = Field(
+        True,
+        description="Also steer each variant with reference vectors; both: and the reference "
+        "with each variant's vectors.",
     )
     ablation: bool = Field(
         True, description="Directional ablation at all layers for refusal traits."
@@ -229,6 +240,19 @@ class LogitDiffSpec(_Strict):
     )
     layer_fraction: float = Field(0.5, ge=0, le=1, description="Layer (as depth) to steer at.")
     limit: int | None = Field(50, ge=1, description="A/B items (None: all).")
+    cross_precision: bool | Literal["both"] = Field(
+        False,
+        description="Also run each variant with the reference's vectors; both: and the "
+        "reference with each variant's vectors.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_cross(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # Specs (and logit_diff jobs) without it dump and hash as before it existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("cross_precision") is False:
+            data.pop("cross_precision", None)
+        return data
 
 
 BenchmarkFormat = Literal["hellaswag", "mmlu", "truthfulqa_mc", "arc", "caa_ab"]
