@@ -2,8 +2,9 @@
 run it with the vLLM virtual environment's Python (vLLM pins its own torch and transformers,
 so it never shares a process with the HF engine) and compare against the HF engine.
 
-Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS.pt RESULTS.pt``; each call is
-``(method name, args, kwargs)`` of ``services.loader.engine.Engine``.
+Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS RESULTS``; each call is
+``(method name, args, kwargs)`` of ``services.loader.engine.Engine``; both files are written
+by ``tests.engine_codec`` (safetensors + JSON, no ``torch.load``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from services.common.settings import LoaderSettings
 from services.common.variants import Precision
 from services.loader.engines.vllm.engine import VLLMEngine
 from services.loader.model_source import ResolvedSource
+from tests import engine_codec
 
 
 def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
@@ -31,9 +31,7 @@ def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
         settings=LoaderSettings(),
     )
     loaded = time.perf_counter() - started
-    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = torch.load(
-        calls_path, weights_only=False
-    )
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = engine_codec.read(calls_path)
     results: list[Any] = []
     timings: list[float] = []
     for name, args, kwargs in calls:
@@ -41,7 +39,7 @@ def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
         out = getattr(engine, name)(*args, **kwargs)
         results.append(list(out) if name == "capture" else out)
         timings.append(time.perf_counter() - t0)
-    torch.save(
+    engine_codec.write(
         {
             "results": results,
             "capabilities": engine.capabilities,

@@ -27,6 +27,7 @@ from services.loader.model_source import resolve_source
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec
+from tests import engine_codec
 from tests.loader_procs import start_loader
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str,
     ]
     source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
     folder = tmp_path_factory.mktemp("vllm")
-    torch.save(calls, folder / "calls.pt")
+    engine_codec.write(calls, folder / "calls.safetensors")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [
@@ -113,8 +114,8 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str,
             "tests.vllm_driver",
             str(source.folder),
             "fp32",
-            str(folder / "calls.pt"),
-            str(folder / "out.pt"),
+            str(folder / "calls.safetensors"),
+            str(folder / "out.safetensors"),
         ],
         cwd=ROOT,
         env=env,
@@ -124,7 +125,7 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    out: dict[str, Any] = torch.load(folder / "out.pt", weights_only=False)
+    out: dict[str, Any] = engine_codec.read(folder / "out.safetensors")
     print(f"vllm load {out['load_s']:.1f}s, calls {[round(t, 2) for t in out['timings_s']]}s")
     sys.stdout.flush()
     return hf, out
