@@ -14,8 +14,11 @@ Engines are synchronous and not thread-safe: the server runs one on a dedicated 
 sets ``checkpoint`` for each unit of work; an engine calls it between micro-batches and decode
 steps, and it raises when the caller is gone.
 
-Request values reach an engine already validated (``services.loader.convert``); an engine
-checks only what depends on the model (chat template, positions within an item).
+Request values reach an engine already validated (``services.loader.convert``); what depends
+on the model (a capture position within each item, the model length, steering the engine
+cannot do) is checked here, once, in the public methods every engine inherits, and the chat
+template by the engine's ``Tokens``. ``describe`` assembles ``Info``'s facts from the same
+attributes for every engine; an engine adds only its device, size, quantization and notes.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from services.loader.steering import SteerSpec
 if TYPE_CHECKING:
     from services.common.settings import LoaderSettings
     from services.common.variants import Precision
+    from services.loader.engines.hf.tokens import Tokens
     from services.loader.model_source import ResolvedSource
 
 __all__ = [
@@ -184,7 +188,12 @@ class Engine(ABC):
     num_layers: int
     hidden_size: int
     vocab_size: int
+    dtype: torch.dtype  # of activations
+    # The tokenizer with the model's chat template and end-of-turn ids.
+    tokens: Tokens
     capabilities: EngineCapabilities
+    # Tokens a row may hold, prompt and generation together (0: no limit of the engine's own).
+    max_model_len: int = 0
     # Tokens run through the model so far (the server's throughput metrics).
     tokens_processed: int = 0
     # Raises when the current unit of work is no longer wanted (set by the server).
@@ -205,17 +214,17 @@ class Engine(ABC):
         backend name it is served under (``services.loader.backends.registry``)."""
 
     # ------------------------------------------------------------------ tokens
-    @abstractmethod
     def encode_prompt(self, prompt: ChatPrompt | str, field: str) -> list[int]:
         """Token ids of a prompt; chats get the chat template (and the generation prompt)."""
+        return self.tokens.encode_prompt(prompt, field)
 
-    @abstractmethod
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a continuation or response (no special tokens)."""
+        return self.tokens.encode_text(text)
 
-    @abstractmethod
     def token_string(self, token_id: int) -> str:
         """The text of one token."""
+        return self.tokens.token_string(token_id)
 
     def single_token_id(self, text: str, field: str) -> int:
         """The id of ``text``; InvalidArgument naming ``field`` unless it is exactly one token."""
@@ -233,6 +242,7 @@ class Engine(ABC):
         """Generate for every item (per-row seeds make samples batch-independent)."""
         self.capabilities.check_rpc("generate")
         self._check_steering(items)
+        self._check_lengths([len(it.prompt_ids) for it in items], params.max_new_tokens)
         return self._generate(items, params, max_rows=max_rows)
 
     def capture(
@@ -251,6 +261,14 @@ class Engine(ABC):
         self.capabilities.check_rpc("capture")
         self.capabilities.check_capture(position, reduction)
         self._check_steering(items)
+        for i, item in enumerate(items):
+            start, end = position.span(len(item.prompt_ids), len(item.response_ids))
+            if end <= start or start < 0:
+                where = "response" if position.needs_response else "prompt"
+                raise InvalidArgument(
+                    f"items[{i}].{where}", f"position {position} selects no tokens of this item"
+                )
+        self._check_lengths([it.length for it in items], 1)
         return self._capture(
             items,
             layers,
@@ -271,8 +289,10 @@ class Engine(ABC):
     ) -> list[list[ContinuationScore]]:
         """Log-likelihood of each continuation after its context."""
         self.capabilities.check_rpc("score")
-        for i, item in enumerate(items):
-            self.capabilities.check_steering(item.steering, f"items[{i}].steering")
+        self._check_steering(items)
+        self._check_lengths(
+            [len(it.context_ids) + max(map(len, it.continuations), default=0) for it in items], 1
+        )
         return self._score(
             items, token_logprobs=token_logprobs, padding_side=padding_side, max_rows=max_rows
         )
@@ -289,13 +309,27 @@ class Engine(ABC):
         """Distribution over the token after each item's prompt (+ response)."""
         self.capabilities.check_rpc("next_token")
         self._check_steering(items)
+        self._check_lengths([it.length for it in items], 1)
         return self._next_token(
             items, top_k=top_k, token_ids=token_ids, padding_side=padding_side, max_rows=max_rows
         )
 
-    def _check_steering(self, items: Sequence[EngineItem]) -> None:
+    def _check_steering(self, items: Sequence[EngineItem | ScoreInput]) -> None:
         for i, item in enumerate(items):
             self.capabilities.check_steering(item.steering, f"items[{i}].steering")
+
+    def _check_lengths(self, lengths: Sequence[int], extra: int) -> None:
+        """InvalidArgument naming the first item whose tokens plus ``extra`` (the generation,
+        or the one token a forward-only request decodes) pass ``max_model_len``."""
+        if self.max_model_len <= 0:
+            return
+        for i, n in enumerate(lengths):
+            if n + extra > self.max_model_len:
+                raise InvalidArgument(
+                    f"items[{i}]",
+                    f"{n} tokens plus {extra} generated exceed the model length "
+                    f"{self.max_model_len} of this loader",
+                )
 
     @abstractmethod
     def _generate(
@@ -341,9 +375,37 @@ class Engine(ABC):
     def health(self) -> EngineHealth:
         """Whether the engine can serve now (cheap: called by probes)."""
 
-    @abstractmethod
     def describe(self) -> EngineDescription:
-        """Load-time facts for ``Info``."""
+        """Load-time facts for ``Info``: the geometry and tokenizer facts every engine has,
+        and the engine's own device, size, quantization and notes."""
+        return EngineDescription(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=self.device_label(),
+            parameter_bytes=self.parameter_bytes(),
+            supports_chat_template=self.tokens.has_chat_template,
+            supports_system_role=self.tokens.has_system_role,
+            vocab_size=self.vocab_size,
+            quantization_config=self.quantization_config(),
+            notes=self.load_notes(),
+        )
+
+    @abstractmethod
+    def device_label(self) -> str:
+        """Where the model runs, e.g. "cpu", "cuda:0"."""
+
+    @abstractmethod
+    def parameter_bytes(self) -> int:
+        """Bytes of the loaded weights."""
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The checkpoint's quantization settings as ``Info`` reports them; none here."""
+        return {}
+
+    def load_notes(self) -> list[str]:
+        """Notes for ``Info`` (how the engine serves this model); ``live_notes`` here."""
+        return self.live_notes()
 
     def live_notes(self) -> list[str]:
         """Notes that may appear while serving (e.g. a fast path switched off); none here."""

@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from services.common.errors import InvalidArgument
 from services.loader.engine import CaptureResult, EngineItem, PaddingSide, Reduction
 from services.loader.engines.hf.core import HFCore
 from services.loader.hooks import CaptureSink, ForwardState, capture_forward, reduction_inputs
@@ -32,14 +31,8 @@ def capture(
     max_rows: int = 0,
     chunk_items: int = 64,
 ) -> Iterator[list[CaptureResult]]:
-    """Yield results in request order, ``chunk_items`` at a time (validated up front)."""
-    for i, item in enumerate(items):
-        start, end = position.span(len(item.prompt_ids), len(item.response_ids))
-        if end <= start or start < 0:
-            where = "response" if position.needs_response else "prompt"
-            raise InvalidArgument(
-                f"items[{i}].{where}", f"position {position} selects no tokens of this item"
-            )
+    """Yield results in request order, ``chunk_items`` at a time (items validated by
+    ``Engine.capture``: ``position`` selects tokens of each)."""
     layer_list = sorted(set(layers))
     chunk = max(1, chunk_items)
     for window_start in range(0, len(items), chunk):
@@ -146,6 +139,10 @@ def _capture_eager(
         fuse_bytes=core._capture_fuse_bytes(),
     )
     state = ForwardState(padded.prompt_mask, padded.response_mask, plan, sink)
+    if core.fast is not None and plan.empty:
+        return core.fast.capture_packed(
+            padded.input_ids, padded.attention_mask.bool(), padded.position_ids, state
+        )
     if core.fast is not None:
         return core.fast.capture_forward(
             padded.input_ids, padded.attention_mask.bool(), padded.position_ids, state

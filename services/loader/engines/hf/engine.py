@@ -5,6 +5,7 @@ this package's modules, one each, over the state in ``core``."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -17,7 +18,6 @@ from services.loader.engine import (
     ContinuationScore,
     Engine,
     EngineCapabilities,
-    EngineDescription,
     EngineHealth,
     EngineItem,
     GenParams,
@@ -146,24 +146,16 @@ class HFEngine(HFCore, Engine):
         except Exception:  # some quantized modules cannot report it: count tensors instead
             return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
-    def describe(self) -> EngineDescription:
-        """Geometry and load-time facts of the loaded model."""
-        return EngineDescription(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            dtype=str(self.dtype).removeprefix("torch."),
-            device=str(self.device),
-            parameter_bytes=self.parameter_bytes(),
-            supports_chat_template=self.has_chat_template,
-            supports_system_role=self.has_system_role,
-            vocab_size=self.vocab_size,
-            quantization_config=self.loaded.quantization_config,
-            notes=list(self.loaded.notes) + self._path_notes(),
-        )
+    def device_label(self) -> str:
+        return str(self.device)
 
-    def _path_notes(self) -> list[str]:
-        """Why a fast path is off for this model (generation, decode graphs, capture graphs)."""
-        notes = []
+    def quantization_config(self) -> dict[str, Any]:
+        return self.loaded.quantization_config
+
+    def load_notes(self) -> list[str]:
+        """The weight loader's notes, then why a fast path is off for this model (generation,
+        decode graphs, capture graphs)."""
+        notes = list(self.loaded.notes)
         if self.fast_disabled:
             notes.append(
                 f"fast generation path off (transformers' generation): {self.fast_disabled}"

@@ -27,11 +27,9 @@ from services.common.settings import LoaderSettings
 from services.common.variants import Precision
 from services.loader.engine import (
     CaptureResult,
-    ChatPrompt,
     ContinuationScore,
     Engine,
     EngineCapabilities,
-    EngineDescription,
     EngineHealth,
     EngineItem,
     GenParams,
@@ -155,16 +153,6 @@ class VLLMEngine(Engine):
         log.info("vllm engine loaded", extra={"model": source.name, "precision": precision.value})
         return cls(llm, precision, settings)
 
-    # ------------------------------------------------------------------ tokens
-    def encode_prompt(self, prompt: ChatPrompt | str, field: str) -> list[int]:
-        return self.tokens.encode_prompt(prompt, field)
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokens.encode_text(text)
-
-    def token_string(self, token_id: int) -> str:
-        return self.tokens.token_string(token_id)
-
     # ------------------------------------------------------------------ running requests
     def _run(
         self,
@@ -175,14 +163,8 @@ class VLLMEngine(Engine):
         capture: FlatCapture | None = None,
     ) -> list[Any]:
         """Add one request per row, step the engine until all finish under the rows'
-        steering and ``capture``; the rows' ``RequestOutput``s in order."""
-        for i, ids in enumerate(prompts):
-            if len(ids) + (params[i].max_tokens or 0) > self.max_model_len:
-                raise InvalidArgument(
-                    f"items[{i}]",
-                    f"{len(ids)} tokens plus the generation exceed the model length "
-                    f"{self.max_model_len} of this loader",
-                )
+        steering and ``capture``; the rows' ``RequestOutput``s in order (lengths were checked
+        against ``max_model_len`` by ``Engine``'s public methods)."""
         engine = self.llm.llm_engine
         plan = build_plan(
             [*steering, []],
@@ -295,15 +277,7 @@ class VLLMEngine(Engine):
         max_rows: int,
         chunk_items: int,
     ) -> Iterator[list[CaptureResult]]:
-        spans = []
-        for i, item in enumerate(items):
-            start, end = position.span(len(item.prompt_ids), len(item.response_ids))
-            if end <= start or start < 0:
-                where = "response" if position.needs_response else "prompt"
-                raise InvalidArgument(
-                    f"items[{i}].{where}", f"position {position} selects no tokens of this item"
-                )
-            spans.append((start, end))
+        spans = [position.span(len(it.prompt_ids), len(it.response_ids)) for it in items]
         return self._capture_chunks(items, sorted(set(layers)), spans, reduction, chunk_items)
 
     def _capture_chunks(
@@ -419,20 +393,16 @@ class VLLMEngine(Engine):
             return EngineHealth(False, "the vLLM engine core is gone")
         return EngineHealth(True)
 
-    def describe(self) -> EngineDescription:
+    def device_label(self) -> str:
+        return str(self.runner.device)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def load_notes(self) -> list[str]:
         import vllm
 
-        return EngineDescription(
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            dtype=str(self.dtype).removeprefix("torch."),
-            device=str(self.runner.device),
-            parameter_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
-            supports_chat_template=self.tokens.has_chat_template,
-            supports_system_role=self.tokens.has_system_role,
-            vocab_size=self.vocab_size,
-            notes=[
-                f"vLLM {vllm.__version__} in-process, eager, prefix caching off",
-                "samples at temperature > 0 come from vLLM's sampler (per-row seeds)",
-            ],
-        )
+        return [
+            f"vLLM {vllm.__version__} in-process, eager, prefix caching off",
+            "samples at temperature > 0 come from vLLM's sampler (per-row seeds)",
+        ]
