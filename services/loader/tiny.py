@@ -8,6 +8,10 @@ hf and bnb backends load it through ``from_pretrained`` exactly like a real chec
 where there is one (seconds instead of minutes; the values then differ from a CPU build of the
 same options) and saved in bfloat16 (half the disk and load time; the bf16 and nf4 variants
 load the same weights either way).
+``direct=1`` is for shapes larger than one card or than host memory (a 70B shape): the folder
+holds the config and tokenizer only, and the hf backend builds the weights where they are
+served, block by block on each block's device of the placement
+(``services.loader.tiny_direct``); the other backends refuse it by name.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from services.common.hashing import stable_hash
 __all__ = [
     "TINY_BOUNDS",
     "TINY_DEFAULTS",
+    "TINY_MAX_DIRECT_PARAMETERS",
     "TINY_MAX_PARAMETERS",
     "build_tiny",
+    "direct_options",
     "parse_tiny",
     "tiny_parameters",
 ]
@@ -41,6 +47,7 @@ TINY_DEFAULTS: dict[str, int] = {
     "system_role": 1,
     "max_positions": 2048,
     "bf16": 0,
+    "direct": 0,
 }
 
 #: Inclusive range of each option (seeds and flags included), checked before the size bound.
@@ -54,10 +61,18 @@ TINY_BOUNDS: dict[str, tuple[int, int]] = {
     "system_role": (0, 1),
     "max_positions": (1, 1 << 20),
     "bf16": (0, 1),
+    "direct": (0, 1),
 }
 
 #: Largest tiny model: about twice the 8B benchmark shape (80 GB to build in float32).
 TINY_MAX_PARAMETERS = 20_000_000_000
+
+#: Largest ``direct=1`` tiny model: never whole in host memory nor on disk, so bounded by the
+#: devices it is placed on (the placement says ``DoesNotFit``); about 2.5x the 70B shape.
+TINY_MAX_DIRECT_PARAMETERS = 200_000_000_000
+
+#: Written into a tiny folder; ``direct`` in it says the weights are not there.
+TINY_RECORD = "qsens-tiny.json"
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -100,11 +115,18 @@ def parse_tiny(source: str) -> tuple[str, dict[str, int]]:
     # The size bound comes from the options alone, before anything is allocated: a shape that
     # cannot be built must fail at plan time, not exhaust memory when `qsens up` builds it.
     n = tiny_parameters(params)
-    if n > TINY_MAX_PARAMETERS:
+    if params["direct"] and n > TINY_MAX_DIRECT_PARAMETERS:
+        raise InvalidArgument(
+            "model",
+            f"tiny:{arch} with these options has {n:.3g} parameters; the bound for direct=1 "
+            f"is {TINY_MAX_DIRECT_PARAMETERS:.0e}",
+        )
+    if not params["direct"] and n > TINY_MAX_PARAMETERS:
         raise InvalidArgument(
             "model",
             f"tiny:{arch} with these options has {n:.3g} parameters (about {4 * n / 2**30:.0f} "
-            f"GiB to build in float32); the bound is {TINY_MAX_PARAMETERS:.0e}",
+            f"GiB to build in float32); the bound is {TINY_MAX_PARAMETERS:.0e} "
+            "(direct=1 builds larger shapes on the serving devices)",
         )
     return arch, params
 
@@ -141,19 +163,19 @@ def _byte_tokenizer(system_role: bool) -> Any:
     return tok
 
 
-def build_tiny(source: str, cache_dir: Path) -> Path:
-    """Materialise the tiny model folder for ``source`` (cached by its parameters)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def direct_options(folder: Path) -> dict[str, int] | None:
+    """The options of the ``direct=1`` tiny model in ``folder`` (None for any other folder)."""
+    record = folder / TINY_RECORD
+    if not record.is_file():
+        return None
+    options = json.loads(record.read_text())
+    return options if options.get("direct") else None
 
-    arch, params = parse_tiny(source)
-    # Options at their default stay out of the hash: folders made before they existed still match.
-    hashed = {k: v for k, v in params.items() if not (k == "bf16" and v == 0)}
-    folder = cache_dir / "tiny" / f"{arch}-{stable_hash(hashed, 12)}"
-    if (folder / "config.json").exists() and (folder / "qsens-tiny.json").exists():
-        return folder
-    tok = _byte_tokenizer(bool(params["system_role"]))
-    config = LlamaConfig(
+
+def _config(params: dict[str, int], tok: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=params["hidden"],
         intermediate_size=params["intermediate"],
@@ -166,6 +188,13 @@ def build_tiny(source: str, cache_dir: Path) -> Path:
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def _random_weights(config: Any, params: dict[str, int]) -> Any:
+    """The whole model, seeded, in float32 (bfloat16 with ``bf16``) on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(params["seed"])
     on_gpu = bool(params["bf16"]) and torch.cuda.is_available()
     try:
@@ -187,11 +216,28 @@ def build_tiny(source: str, cache_dir: Path) -> Path:
         if on_gpu:
             model = model.to("cpu")
             torch.cuda.empty_cache()
+    return model
+
+
+def build_tiny(source: str, cache_dir: Path) -> Path:
+    """Materialise the tiny model folder for ``source`` (cached by its parameters); with
+    ``direct=1`` the folder holds no weights (see the module docstring)."""
+    arch, params = parse_tiny(source)
+    # Options at their default stay out of the hash: folders made before they existed still match.
+    hashed = {k: v for k, v in params.items() if not (k in ("bf16", "direct") and v == 0)}
+    folder = cache_dir / "tiny" / f"{arch}-{stable_hash(hashed, 12)}"
+    if (folder / "config.json").exists() and (folder / TINY_RECORD).exists():
+        return folder
+    tok = _byte_tokenizer(bool(params["system_role"]))
+    config = _config(params, tok)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
+    if params["direct"]:
+        config.save_pretrained(tmp)
+    else:
+        _random_weights(config, params).save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "qsens-tiny.json").write_text(json.dumps({"arch": arch, **params}))
+    (tmp / TINY_RECORD).write_text(json.dumps({"arch": arch, **params}))
     try:
         os.replace(tmp, folder)
     except OSError:

@@ -11,6 +11,8 @@ from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
 from services.loader.model_source import ResolvedSource
 from services.loader.placement import cuda_placement
+from services.loader.tiny import direct_options
+from services.loader.tiny_direct import build_direct
 
 __all__ = ["HFBackend", "cpu_compute_dtype", "load_tokenizer", "resolve_device"]
 
@@ -80,7 +82,6 @@ class HFBackend(Backend):
 
     def load(self, source: ResolvedSource, precision: Precision, device: str) -> LoadedModel:
         import torch
-        from transformers import AutoModelForCausalLM
 
         dtype = {
             Precision.FP32: torch.float32,
@@ -88,25 +89,39 @@ class HFBackend(Backend):
             Precision.FP16: torch.float16,
         }[precision]
         dev = resolve_device(device)
-        # Loading in the variant's dtype rounds the weights to it; an upcast after that keeps
-        # exactly those values.
         on_gpu = dev.type == "cuda"
         placement = (
             cuda_placement(str(source.folder), precision, dev.index or 0) if on_gpu else None
         )
         note: str | None
         if placement is not None:  # several GPUs, layer by layer
-            model = AutoModelForCausalLM.from_pretrained(
-                str(source.folder), dtype=dtype, device_map=placement.device_map
-            )
+            model = _weights(source, dtype, placement.device_map)
             dev = model.get_input_embeddings().weight.device  # inputs go where it is
             compute, note = dtype, placement.note()
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype)
+            model = _weights(source, dtype, {"": dev})
             compute, note = cpu_compute_dtype(dtype, dev)
             if compute != dtype:
                 model.to(compute)
             model.to(dev)
         model.eval()
         notes = [*source.notes, *([note] if note else [])]
+        if direct_options(source.folder) is not None:
+            notes.append("random weights drawn block by block on their devices (direct=1)")
         return LoadedModel(model, load_tokenizer(source), dev, compute, {}, notes)
+
+
+def _weights(source: ResolvedSource, dtype: Any, device_map: dict[str, Any]) -> Any:
+    """The model in ``dtype`` over ``device_map``: read from the folder (a single-device map
+    loads on the CPU, the caller moves it), or drawn on the devices for a ``direct=1`` tiny
+    model. Loading in the variant's dtype rounds the weights to it; an upcast after that keeps
+    exactly those values."""
+    from transformers import AutoModelForCausalLM
+
+    if direct_options(source.folder) is not None:
+        return build_direct(source.folder, device_map, dtype)
+    if "" in device_map:
+        return AutoModelForCausalLM.from_pretrained(str(source.folder), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        str(source.folder), dtype=dtype, device_map=device_map
+    )

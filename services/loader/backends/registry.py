@@ -246,7 +246,20 @@ def load_engine(
     from services.loader.engine import Engine
 
     entry = resolve_backend(precision, backend, engine)
+    _check_direct_tiny(source, entry)
     engine_class = import_target(ENGINES[entry.engine].target, "engine", f"engine {entry.engine!r}")
     if not (isinstance(engine_class, type) and issubclass(engine_class, Engine)):
         raise InvalidArgument("engine", f"{ENGINES[entry.engine].target} is not an Engine")
     return engine_class.load(source, precision, entry.name, device=device, settings=settings)
+
+
+def _check_direct_tiny(source: ResolvedSource, entry: BackendEntry) -> None:
+    """A ``direct=1`` tiny folder has no weights: only the hf backend draws them."""
+    from services.loader.tiny import direct_options
+
+    if entry.name != "hf" and direct_options(source.folder) is not None:
+        raise InvalidArgument(
+            "model",
+            f"{source.source}: direct=1 tiny models are built by the hf backend only (fp32, "
+            f"bf16, fp16), not {entry.name}; drop direct=1 for a saved model",
+        )
