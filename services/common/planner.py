@@ -196,6 +196,14 @@ def _steer_settings(steering: SteeringSpec, methodology: str) -> list[tuple[Stee
     return settings
 
 
+def _wants_noise(
+    steering: SteeringSpec, target: str, source: str, reference: str, mode: SteerMode
+) -> bool:
+    """The noise floor is measured once per trait and method: on the reference's own vectors,
+    add mode (ablation has no coefficient to pick)."""
+    return steering.noise.enabled and target == source == reference and mode == "add"
+
+
 def _plan_steer(b: _Builder, methods: Sequence[str]) -> None:
     spec, steering = b.spec, b.spec.steering
     steer_traits = steering.traits or [spec.trait_name(t) for t in spec.traits]
@@ -224,6 +232,7 @@ def _plan_steer(b: _Builder, methods: Sequence[str]) -> None:
                                 direction=direction,
                                 steering=steering,
                                 judge=spec.judge,
+                                noise_floor=_wants_noise(steering, v.id, source, ref_variant, mode),
                             )
                             b.add(
                                 JobKind.STEER,

@@ -152,6 +152,9 @@ class SteeringEvaluator:
         self.min_scored = max(1, math.ceil(min_scored_fraction * len(self.questions)))
         self.per_setting = per_setting
         self.question_set = question_set
+        # Steering is judged on greedy answers; the noise floor samples (steering.noise).
+        self.temperature = 0.0
+        self.last_cached = 0
         self.calls = no_calls()
         self.provenance: JudgeProvenance | None = None
         self.expected_trait_hash = rubric_hash(rubric)
@@ -182,11 +185,25 @@ class SteeringEvaluator:
         generations = await self.loader.generate(
             rows,
             max_new_tokens=self.max_new_tokens,
-            temperature=0.0,
+            temperature=self.temperature,
             seed=self.seed,
             vectors=used_vectors,
         )
         self._count(loader_calls=1, loader_rows=len(rows))
+        return await self._judged(settings, generations)
+
+    async def judge_again(self, evaluations: Sequence[Evaluation]) -> list[Evaluation]:
+        """The same answers judged once more (the judge's own noise), in one judge call."""
+        generations = [
+            Generation(text=a.answer, token_ids=[], finish_reason=a.finish_reason, prompt_tokens=0)
+            for e in evaluations
+            for a in e.answers
+        ]
+        return await self._judged([e.setting for e in evaluations], generations)
+
+    async def _judged(
+        self, settings: Sequence[Setting], generations: Sequence[Generation]
+    ) -> list[Evaluation]:
         results = await self._judge([g.text for g in generations])
         n = len(self.questions)
         out: list[Evaluation] = []
@@ -235,6 +252,8 @@ class SteeringEvaluator:
             items.append(JudgeItem(question=question, answer=text, rubric=COHERENCE))
         results = await self.judge.score(items, {self.trait: self.rubric}, strict=True)
         self._count(judge_calls=1, judge_items=len(items))
+        # A re-judging (the noise floor) is no measurement where the cache answered.
+        self.last_cached = sum(bool(r.cached) for r in results)
         if len(results) != len(items):
             raise FailedPrecondition(
                 f"judge returned {len(results)} results for {len(items)} items"

@@ -61,6 +61,7 @@ from services.steerer.evaluation import (
     SteeringEvaluator,
     run_stats,
 )
+from services.steerer.held_out import Rescore, rescore
 from services.steerer.search import Candidate, CoefficientSearch, Outcome
 from services.steerer.sources import (
     VectorSource,
@@ -289,7 +290,7 @@ async def run_steer(
         store, job.base_key, job.stored_baseline, done.baseline_eval, job.main, params, job.set_id
     )
     assert stored_baseline is not None
-    result = _result(job, done, stored_baseline, reused, started)
+    result = await _rescored(job, _result(job, done, stored_baseline, reused, started), started)
     runs_key = steer_key(*keys, "runs.jsonl")
     await store.put_jsonl(runs_key, [r.model_dump(mode="json") for r in done.runs])
     if not await store.put_json(result_key, result.model_dump(mode="json")):
@@ -402,6 +403,31 @@ async def _evaluate(job: _Job, heartbeat: Heartbeat) -> _Evaluated:
         heartbeat=heartbeat,
     )
     return _Evaluated(runs, None, baseline_eval, calls_from)
+
+
+async def _rescored(job: _Job, result: SteerResult, started: float) -> SteerResult:
+    """The result with its best setting scored on held-out questions (and, for noise-floor
+    jobs, replicated: ``held_out``)."""
+    params, best = job.params, result.best
+    if params.mode != "add" or best is None or best.layer is None:
+        return result
+    sign = -1.0 if params.direction == "-" else 1.0
+    vector = np.asarray(sign * job.source.vector(best.layer), dtype=np.float32)
+    positions = methodology_info(params.trait.methodology).steer_positions
+    plan = Rescore(
+        evaluator_for=lambda qs: job.make_evaluator(_Questions("eval", qs)),
+        setting=Setting((best.layer,), best.coefficient, 0, positions=positions),
+        vectors=[vector],
+        sign=sign,
+        pool=list(job.dataset.eval_questions),
+        n_search=len(job.main_set.questions),
+    )
+    held, noise, used = await rescore(plan, params.steering, noise=params.noise_floor)
+    calls = result.calls
+    for evaluator in used:
+        calls = add_calls(calls, evaluator.calls)
+    update = {"held_out": held, "noise": noise, "calls": calls}
+    return result.model_copy(update={**update, "seconds": round(time.monotonic() - started, 3)})
 
 
 def _baseline_summary(

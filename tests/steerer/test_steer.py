@@ -48,10 +48,13 @@ def steer_job(
     trait: dict[str, str] = TRAIT,
     mode: str = "add",
     questions: int = 3,
+    held_out: int = 0,
+    noise_floor: bool = False,
 ) -> Job:
     steering = SteeringSpec(
         layers=layers if layers is not None else [1, 2],
         questions=questions,
+        held_out=held_out,
         max_new_tokens=6,
         search=search,
         bootstrap=200,
@@ -71,6 +74,7 @@ def steer_job(
             "direction": direction,
             "steering": steering.model_dump(mode="json"),
             "judge": judge,
+            **({"noise_floor": True} if noise_floor else {}),
         },
     )
 

@@ -52,6 +52,11 @@ class SteerParams(_Params):
         description="An imported vector set (spec vectors[].location) to steer with instead of "
         "an extraction; source is then imported-<name> and activation norms are the target's.",
     )
+    noise_floor: bool = Field(
+        False,
+        description="Also measure the noise floor of the chosen setting (steering.noise); the "
+        "planner sets it on the reference variant's own add-mode jobs.",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_no_location(self, handler: SerializerFunctionWrapHandler) -> Any:
@@ -59,6 +64,8 @@ class SteerParams(_Params):
         data = handler(self)
         if isinstance(data, dict) and data.get("vectors_location") is None:
             data.pop("vectors_location", None)
+        if isinstance(data, dict) and data.get("noise_floor") is False:
+            data.pop("noise_floor", None)
         return data
 
 

@@ -28,10 +28,13 @@ __all__ = [
     "BestRun",
     "Budget",
     "CallCounts",
+    "HeldOutScore",
     "JudgeProvenance",
     "LogitDiffCoefficient",
     "LogitDiffItemResult",
     "LogitDiffResult",
+    "NoiseComponent",
+    "NoiseFloor",
     "ProbeItem",
     "ProbeResult",
     "QuestionSet",
@@ -160,6 +163,49 @@ class BestRun(_Doc):
     delta_ci: Interval = Field(description="Bootstrap over questions of the paired delta.")
 
 
+class HeldOutScore(_Doc):
+    """The chosen setting scored again on questions the search never saw (winner's curse)."""
+
+    kind: Literal["held_out"] = "held_out"
+    questions: list[str]
+    n: int
+    mean_trait: float | None
+    mean_coherence: float | None
+    baseline_trait: float | None = Field(description="Unsteered mean on the same questions.")
+    delta: float | None = Field(description="Mean paired (steered - baseline) trait score.")
+    delta_ci: Interval | None
+    trait_values: list[float | None] = Field(description="Steered trait score per question.")
+    baseline_values: list[float | None] = Field(description="Unsteered score per question.")
+
+
+class NoiseComponent(_Doc):
+    """One source of noise: the chosen setting's steering effect under each replicate."""
+
+    source: Literal["questions", "seeds", "rejudge"]
+    description: str
+    effects: list[float | None] = Field(
+        description="Signed (steered - unsteered) mean trait score per replicate."
+    )
+    sd: float | None = Field(
+        description="Sample SD of the replicates' effects (None: not counted in the band)."
+    )
+    note: str | None = Field(None, description="Why the component is not counted, if so.")
+
+
+class NoiseFloor(_Doc):
+    """How much the chosen setting's effect moves when nothing about the model changes.
+
+    ``band`` = 1.96 * sqrt(2) * sd with ``sd`` the root sum of squares of the components' SDs:
+    two variants' effects, each that noisy, differ by less than ``band`` 95% of the time."""
+
+    n: int = Field(description="Questions per replicate.")
+    repeats: int
+    temperature: float = Field(description="Sampling temperature of the seed replicates.")
+    components: list[NoiseComponent]
+    sd: float | None
+    band: float | None = Field(description="Effects closer than this are not a difference.")
+
+
 class JudgeProvenance(_Doc):
     """Which judge produced the scores."""
 
@@ -224,6 +270,12 @@ class SteerResult(_Doc):
     loader: dict[str, Any]
     calls: CallCounts
     seconds: float
+    held_out: HeldOutScore | None = Field(
+        None, description="The best setting re-scored on held-out questions (add mode)."
+    )
+    noise: NoiseFloor | None = Field(
+        None, description="The noise floor (the reference's own add-mode jobs)."
+    )
 
 
 # -- logit difference -----------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "JudgeSpec",
     "LogitDiffSpec",
     "ModelSpec",
+    "NoiseSpec",
     "ProbeSpec",
     "SearchSpec",
     "SteeringSpec",
@@ -192,6 +193,24 @@ class SearchSpec(_Strict):
     )
 
 
+class NoiseSpec(_Strict):
+    """The noise floor: the reference variant's chosen setting evaluated again (issue 17).
+
+    Three sources of spread, each ``repeats`` times: other samples of the trait's steering
+    questions, other sampling seeds (at ``temperature``) on the held-out questions, and the
+    judge scoring the same answers again. The band derived from them is the distance inside
+    which two precisions' steering effects are not told apart."""
+
+    enabled: bool = Field(
+        True, description="Measure the noise floor on the reference's own add-mode steer jobs."
+    )
+    repeats: int = Field(3, ge=2, le=50, description="Replicates per source of noise.")
+    temperature: float = Field(
+        0.7, gt=0, le=2, description="Sampling temperature of the seed replicates."
+    )
+    rejudge: bool = Field(True, description="Also judge the same answers again.")
+
+
 class SteeringSpec(_Strict):
     """Steering evaluation."""
 
@@ -209,7 +228,17 @@ class SteeringSpec(_Strict):
         6, ge=1, le=128, description="Evenly spaced candidate layers if none given."
     )
     layer_range: tuple[float, float] = Field((0.2, 0.8), description="Depth range for candidates.")
-    questions: int | None = Field(10, ge=1, description="Steering questions per trait (None: all).")
+    questions: int | None = Field(
+        10, ge=1, description="Steering questions the search picks the best setting on."
+    )
+    held_out: int = Field(
+        10,
+        ge=0,
+        le=1000,
+        description="Further questions of the trait (after the search's) on which the chosen "
+        "setting is scored again (winner's curse); 0: none. Cross-precision comparisons use "
+        "this score when every variant has it.",
+    )
     max_new_tokens: int = Field(48, ge=1, le=1024, description="Tokens per steered answer.")
     directions: Annotated[list[Literal["+", "-"]], AfterValidator(_no_duplicates)] = Field(
         ["+"], min_length=1, description="Steer towards (+) or away (-)."
@@ -223,6 +252,7 @@ class SteeringSpec(_Strict):
         True, description="Directional ablation at all layers for refusal traits."
     )
     search: SearchSpec = Field(default_factory=SearchSpec)
+    noise: NoiseSpec = Field(default_factory=NoiseSpec)
     bootstrap: int = Field(1000, ge=100, le=100000, description="Bootstrap resamples for CIs.")
     seed: Seed = Field(0, description="Sampling and bootstrap seed.")
 

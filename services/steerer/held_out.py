@@ -1,0 +1,204 @@
+"""The chosen setting scored again: on held-out questions (winner's curse) and, for the
+reference, replicated to measure the noise floor (issue 17, "Numbers a reader can trust").
+
+The search picks its best (layer, coefficient) on the first ``steering.questions`` of the
+trait's steering questions, so its score there is biased upwards. The next
+``steering.held_out`` questions (disjoint from the search's and from extraction data) score
+the chosen setting and the unsteered model once more, in one loader batch.
+
+The noise floor (``noise_floor`` jobs) replicates that measurement where only chance changes:
+
+* ``questions``: ``repeats`` other samples of as many questions from the whole pool of the
+  trait's steering questions (greedy answers, generated once for the whole pool);
+* ``seeds``: the held-out questions answered again at ``noise.temperature`` with ``repeats``
+  sampling seeds (one batch per seed: steered and unsteered rows);
+* ``rejudge``: the held-out greedy answers judged ``repeats`` more times.
+
+Each replicate's statistic is the steering effect: the signed mean paired (steered -
+unsteered) trait score over its questions, the quantity compared across precisions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.contracts.steer_results import HeldOutScore, NoiseComponent, NoiseFloor
+from services.common.spec import SteeringSpec
+from services.steerer.evaluation import UNSTEERED, Evaluation, Setting, SteeringEvaluator
+from services.steerer.stats import bootstrap_paired_delta
+
+__all__ = ["BAND_Z", "Rescore", "noise_band", "paired_effect", "rescore"]
+
+# A 95% band for the difference of two effects that are each this noisy.
+BAND_Z = 1.959963984540054 * math.sqrt(2.0)
+
+
+@dataclass
+class Rescore:
+    """What re-scoring needs from the steer job."""
+
+    evaluator_for: Callable[[list[str]], SteeringEvaluator]  # questions -> an evaluator
+    setting: Setting  # the chosen setting (vector index 0)
+    vectors: list[np.ndarray]  # [the signed vector of the chosen layer]
+    sign: float  # +1 when the job maximised the trait, -1 when it minimised it
+    pool: list[str]  # every steering question of the trait
+    n_search: int  # the first n_search of the pool are the search's
+
+
+def paired_effect(
+    steered: Evaluation, base: Evaluation, keep: Sequence[int], sign: float
+) -> float | None:
+    """Signed mean of (steered - unsteered) over the questions ``keep`` scored in both."""
+    diffs = [
+        s - b
+        for i in keep
+        if (s := steered.trait_values[i]) is not None and (b := base.trait_values[i]) is not None
+    ]
+    return sign * math.fsum(diffs) / len(diffs) if diffs else None
+
+
+def _sd(values: Sequence[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return float(np.std(xs, ddof=1)) if len(xs) >= 2 else None
+
+
+def noise_band(components: Sequence[NoiseComponent]) -> tuple[float | None, float | None]:
+    """(sd, band): the components' SDs added in quadrature, and ``BAND_Z * sd``."""
+    sds = [c.sd for c in components if c.sd is not None]
+    if not sds:
+        return None, None
+    sd = math.sqrt(math.fsum(x * x for x in sds))
+    return sd, BAND_Z * sd
+
+
+async def rescore(
+    r: Rescore, steering: SteeringSpec, *, noise: bool
+) -> tuple[HeldOutScore | None, NoiseFloor | None, list[SteeringEvaluator]]:
+    """The held-out score of the chosen setting and, with ``noise``, its noise floor."""
+    held = r.pool[r.n_search : r.n_search + steering.held_out]
+    if not held:
+        return None, None, []
+    # With the noise floor the whole pool is answered at once: question samples draw from it.
+    questions = r.pool[: r.n_search + len(held)] if noise else held
+    greedy = r.evaluator_for(questions)
+    base, best = await greedy.evaluate([UNSTEERED, r.setting], r.vectors)
+    first = len(questions) - len(held)
+    idx = list(range(first, len(questions)))
+    held_out = HeldOutScore(
+        questions=held,
+        n=len(held),
+        mean_trait=_mean([best.trait_values[i] for i in idx]),
+        mean_coherence=_mean([best.answers[i].coherence.used for i in idx]),
+        baseline_trait=_mean([base.trait_values[i] for i in idx]),
+        delta=_mean_diff(best, base, idx),
+        delta_ci=bootstrap_paired_delta(
+            [best.trait_values[i] for i in idx],
+            [base.trait_values[i] for i in idx],
+            resamples=steering.bootstrap,
+            seed=steering.seed,
+        ),
+        trait_values=[best.trait_values[i] for i in idx],
+        baseline_values=[base.trait_values[i] for i in idx],
+    )
+    if not noise:
+        return held_out, None, [greedy]
+    floor, used = await _noise_floor(r, steering, greedy, (base, best), idx)
+    return held_out, floor, [greedy, *used]
+
+
+async def _noise_floor(
+    r: Rescore,
+    steering: SteeringSpec,
+    greedy: SteeringEvaluator,
+    pair: tuple[Evaluation, Evaluation],
+    held_idx: list[int],
+) -> tuple[NoiseFloor, list[SteeringEvaluator]]:
+    spec, (base, best) = steering.noise, pair
+    n = len(held_idx)
+    rng = np.random.Generator(np.random.PCG64(steering.seed))
+    samples = [
+        sorted(rng.choice(len(greedy.questions), size=n, replace=False))
+        for _ in range(spec.repeats)
+    ]
+    components = [
+        NoiseComponent(
+            source="questions",
+            description=f"{spec.repeats} samples of {n} of the trait's {len(greedy.questions)} "
+            "steering questions (greedy)",
+            effects=[paired_effect(best, base, [int(i) for i in s], r.sign) for s in samples],
+            sd=None,
+        )
+    ]
+    held = [greedy.questions[i] for i in held_idx]
+    sampler = r.evaluator_for(held)
+    sampler.temperature = spec.temperature
+    effects: list[float | None] = []
+    for k in range(spec.repeats):
+        sampler.seed = steering.seed + 1 + k
+        s_base, s_best = await sampler.evaluate([UNSTEERED, r.setting], r.vectors)
+        effects.append(paired_effect(s_best, s_base, range(n), r.sign))
+    components.append(
+        NoiseComponent(
+            source="seeds",
+            description=f"the {n} held-out questions sampled at temperature "
+            f"{spec.temperature:g} with {spec.repeats} seeds",
+            effects=effects,
+            sd=None,
+        )
+    )
+    if spec.rejudge:
+        components.append(await _rejudged(r, greedy, (base, best), held_idx, spec.repeats))
+    components = [c if c.note else c.model_copy(update={"sd": _sd(c.effects)}) for c in components]
+    sd, band = noise_band(components)
+    floor = NoiseFloor(
+        n=n,
+        repeats=spec.repeats,
+        temperature=spec.temperature,
+        components=components,
+        sd=sd,
+        band=band,
+    )
+    return floor, [sampler]
+
+
+async def _rejudged(
+    r: Rescore,
+    greedy: SteeringEvaluator,
+    pair: tuple[Evaluation, Evaluation],
+    held_idx: list[int],
+    repeats: int,
+) -> NoiseComponent:
+    """The same greedy answers judged ``repeats`` more times (only the held-out ones count)."""
+    effects: list[float | None] = []
+    cached = judged = 0
+    for _ in range(repeats):
+        j_base, j_best = await greedy.judge_again(pair)
+        effects.append(paired_effect(j_best, j_base, held_idx, r.sign))
+        cached, judged = cached + greedy.last_cached, judged + 4 * len(greedy.questions)
+    note = None
+    if cached == judged:
+        # The judge's content cache answered every item again: that says nothing about how
+        # much the judge itself varies, so it must not narrow the band to zero.
+        note = "every verdict came from the judge's cache; not counted in the band"
+    return NoiseComponent(
+        source="rejudge",
+        description=f"the {len(held_idx)} held-out greedy answers judged {repeats} more times "
+        f"({cached} of {judged} verdicts from the judge's cache)",
+        effects=effects,
+        sd=None,
+        note=note,
+    )
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return math.fsum(xs) / len(xs) if xs else None
+
+
+def _mean_diff(best: Evaluation, base: Evaluation, idx: Sequence[int]) -> float | None:
+    """Unsigned mean paired (steered - unsteered) trait score, as ``BestRun.delta``."""
+    return paired_effect(best, base, idx, 1.0)
