@@ -12,12 +12,18 @@ drop of exactly 1 pp or 3 pp is degraded). An improvement (negative degradation 
 robust. A missing or non-finite value is ``n/a``. A classification carries the value and, where
 there is one, its confidence interval and the classes of the interval's ends, so a reader sees
 when the interval straddles a threshold (``settled: false``).
+
+Steering degradation also knows the reference's noise floor (``steering.noise``): where a
+variant's steering effect lies within the noise band of the reference's (the band inside which
+the reference differs from itself when only questions, sampling seeds or the judge change), the
+difference is not a difference and the cell is *robust* whatever its percentage
+(``within_noise: true``, the band in ``noise_band``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "classify_cosine",
     "classify_logit_correlation",
     "classify_steering_degradation",
+    "with_noise_band",
 ]
 
 Label = Literal["robust", "degraded", "broken", "n/a"]
@@ -96,6 +103,8 @@ class Classification:
     low: float | None = None
     high: float | None = None
     reason: str | None = None
+    noise_band: float | None = None  # effect points; steering degradation only
+    within_noise: bool | None = None
 
     @property
     def interval_labels(self) -> tuple[Label, Label] | None:
@@ -121,6 +130,9 @@ class Classification:
             out["settled"] = self.settled
         if self.reason:
             out["reason"] = self.reason
+        if self.noise_band is not None:
+            out["noise_band"] = self.noise_band
+            out["within_noise"] = self.within_noise
         return out
 
 
@@ -174,3 +186,27 @@ def classify_logit_correlation(
 ) -> Classification:
     """Logit-difference correlation vs the reference: > 0.90 robust, 0.70–0.90, < 0.70."""
     return classify("logit_diff_correlation", r, low, high)
+
+
+def with_noise_band(
+    c: Classification, difference: float | None, band: float | None
+) -> Classification:
+    """``c`` judged against the noise band: robust when ``|difference| <= band``.
+
+    ``difference`` is the reference's steering effect minus the variant's, in trait points;
+    ``band`` the reference's noise band in the same points. Without either, ``c`` is unchanged.
+    """
+    d, b = _finite(difference), _finite(band)
+    if d is None or b is None:
+        return c
+    within = abs(d) <= b
+    if not within or c.label in ("robust", "n/a"):
+        return replace(c, noise_band=b, within_noise=within)
+    return replace(
+        c,
+        label="robust",
+        noise_band=b,
+        within_noise=True,
+        reason=f"{c.label} by its threshold, but the effect differs from the reference's by "
+        f"{d:.3g} points, inside the noise band of ±{b:.3g}",
+    )

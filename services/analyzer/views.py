@@ -182,6 +182,9 @@ class SteerView:
     best_per_question: dict[str, float | None] | None = None
     baseline_per_question: dict[str, float | None] | None = None
     per_question_keys: list[str] = field(default_factory=list)
+    # The best setting re-scored on held-out questions, and (reference only) its noise floor.
+    held_out: contract.HeldOutScore | None = None
+    noise: contract.NoiseFloor | None = None
 
     @property
     def self_steered(self) -> bool:
@@ -265,6 +268,8 @@ def parse_steer(
         n_questions=result.questions.count,
         question_set=result.questions.kind,
         bootstrap=dict(result.bootstrap),
+        held_out=result.held_out,
+        noise=result.noise,
     )
 
 

@@ -105,6 +105,8 @@ class ClassificationCell(_SparseRow):
     ci_classes: list[str] | None = None
     settled: bool | None = None
     reason: str | None = None
+    noise_band: float | None = None
+    within_noise: bool | None = None
 
 
 class SteeringBest(_Row):
@@ -153,6 +155,10 @@ class SteeringEntry(_SparseRow):
     degradation_pct: dict[str, Any] | None = None
     shift: dict[str, Any] | None = None
     coherence_at_matched_coefficient: dict[str, Any] | None = None
+    held_out: dict[str, Any] | None = Field(
+        None, description="The best setting re-scored on held-out questions."
+    )
+    noise: dict[str, Any] | None = Field(None, description="The reference's noise floor.")
 
 
 class LogitDiffEntry(_SparseRow):
