@@ -21,6 +21,10 @@ awq      CUDA        AWQ Marlin, Triton GEMM (float16 only), then plain torch
 gptqmodel compiles Marlin and Machete with ``nvcc`` from the sources its wheel ships, on first
 use (seen serving on an H100); where no ``nvcc`` is installed they fail to load and the Triton
 kernels (compiled by Triton at first use) serve instead.
+A checkpoint larger than one card's budget is placed layer-wise over several GPUs with the
+loader's placement (``services.loader.placement``, ``QSENS_LOADER_GPUS``) and handed to
+gptqmodel as an explicit ``device_map`` (left without one, gptqmodel spreads the layers over
+every visible GPU in turn); on one device the map names that device alone.
 Activations are computed in bfloat16 (the study's reference precision) except where a kernel
 takes float16 only (AWQ's Triton GEMM): ``Info.dtype`` and ``compute_dtype`` report which.
 """
@@ -39,8 +43,15 @@ from services.common.variants import Precision
 from services.loader.backends.base import Backend, LoadedModel
 from services.loader.backends.hf import cpu_compute_dtype, load_tokenizer, resolve_device
 from services.loader.model_source import ResolvedSource
+from services.loader.placement import Placement, cuda_placement
 
-__all__ = ["QuantizedBackend", "kernel_candidates", "read_quantization_config"]
+__all__ = [
+    "QuantizedBackend",
+    "gptqmodel_device_map",
+    "kernel_candidates",
+    "load_quantized",
+    "read_quantization_config",
+]
 
 log = get_logger(__name__)
 
@@ -104,6 +115,33 @@ def _import_gptqmodel() -> Any:
     return gptqmodel
 
 
+def gptqmodel_device_map(placement: Placement | None, device: Any) -> dict[str, str]:
+    """gptqmodel's ``device_map``: the placement's units on ``cuda:<index>``, or everything on
+    ``device`` (its index made explicit) when there is no placement."""
+    if placement is not None:
+        return {
+            name: f"cuda:{where}" if isinstance(where, int) else str(where)
+            for name, where in placement.device_map.items()
+        }
+    if device.type == "cuda":
+        return {"": f"cuda:{device.index or 0}"}
+    return {"": str(device)}
+
+
+def load_quantized(
+    folder: Path, method: str, kernel: str, dtype: Any, device_map: dict[str, str]
+) -> Any:
+    """gptqmodel's wrapper of the ``method`` checkpoint in ``folder`` through ``kernel`` (a
+    gptqmodel BACKEND name), its modules placed by ``device_map``."""
+    gptqmodel = _import_gptqmodel()
+    return gptqmodel.GPTQModel.load(
+        str(folder),
+        backend=getattr(gptqmodel.BACKEND, kernel),
+        device_map=device_map,
+        dtype=dtype,
+    )
+
+
 class QuantizedBackend(Backend):
     """GPTQ or AWQ weights through gptqmodel; subclasses set ``method``."""
 
@@ -116,21 +154,21 @@ class QuantizedBackend(Backend):
         import torch
 
         qconfig = read_quantization_config(source, self.method)
-        gptqmodel = _import_gptqmodel()
         dev = resolve_device(device)
         bits = int(qconfig.get("bits", 4))
         group_size = int(qconfig.get("group_size", 128))
         sym = bool(qconfig.get("sym", not qconfig.get("zero_point", False)))
+        placement = (
+            cuda_placement(str(source.folder), precision, dev.index or 0)
+            if dev.type == "cuda"
+            else None
+        )
+        device_map = gptqmodel_device_map(placement, dev)
         errors: list[str] = []
         for name in kernel_candidates(self.method, dev.type, bits, group_size, sym):
             dtype = torch.float16 if name in _FLOAT16_KERNELS else torch.bfloat16
             try:
-                self._wrapper = gptqmodel.GPTQModel.load(
-                    str(source.folder),
-                    backend=getattr(gptqmodel.BACKEND, name),
-                    device=str(dev),
-                    dtype=dtype,
-                )
+                self._wrapper = load_quantized(source.folder, self.method, name, dtype, device_map)
                 break
             except Exception as err:  # a kernel unavailable here: try the next one
                 log.warning("kernel refused", extra={"kernel": name, "error": repr(err)[:300]})
@@ -141,33 +179,51 @@ class QuantizedBackend(Backend):
             )
         model = self._wrapper.model
         model.eval()
+        if placement is not None:  # inputs go where the embeddings are
+            dev = model.get_input_embeddings().weight.device
         kernel = _kernel_of(model)
         compute, compute_note = cpu_compute_dtype(dtype, dev)
         if compute != dtype:
             _float32_around_kernels(model, dtype, compute)
+        described = _described(source, qconfig, self.method, kernel, name, compute, dtype)
         info = _made_by(source.folder)
-        described = {
-            "method": self.method,
-            "bits": bits,
-            "group_size": group_size,
-            "sym": sym,
-            "desc_act": bool(qconfig.get("desc_act", False)),
-            "format": str(qconfig.get("checkpoint_format") or qconfig.get("format") or ""),
-            "kernel": kernel,
-            "kernel_backend": name,
-            "compute_dtype": str(compute).removeprefix("torch."),
-            "kernel_input_dtype": str(dtype).removeprefix("torch."),
-            "checkpoint": info.get("checkpoint", source.source),
-            "made_by": "qsens quantize job" if info else "published checkpoint",
-            "calibration_sha256": info.get("calibration", {}).get("sha256", "unknown"),
-            "calibration_samples": info.get("calibration", {}).get("samples"),
-            "calibration_tokens": info.get("calibration", {}).get("tokens"),
-            "quantizer": info.get("libraries", {}).get("gptqmodel", qconfig.get("quantizer")),
-        }
         notes = [*info.get("source", {}).get("notes", []), *source.notes, _note(described, errors)]
+        if placement is not None:
+            notes.append(placement.note())
         if compute_note:
             notes.append(f"{compute_note}; the int4 kernels take {described['kernel_input_dtype']}")
         return LoadedModel(model, load_tokenizer(source), dev, compute, described, notes)
+
+
+def _described(
+    source: ResolvedSource,
+    qconfig: dict[str, Any],
+    method: str,
+    kernel: str,
+    backend: str,
+    compute: Any,
+    dtype: Any,
+) -> dict[str, Any]:
+    """The quantization facts ``Info`` reports."""
+    info = _made_by(source.folder)
+    return {
+        "method": method,
+        "bits": int(qconfig.get("bits", 4)),
+        "group_size": int(qconfig.get("group_size", 128)),
+        "sym": bool(qconfig.get("sym", not qconfig.get("zero_point", False))),
+        "desc_act": bool(qconfig.get("desc_act", False)),
+        "format": str(qconfig.get("checkpoint_format") or qconfig.get("format") or ""),
+        "kernel": kernel,
+        "kernel_backend": backend,
+        "compute_dtype": str(compute).removeprefix("torch."),
+        "kernel_input_dtype": str(dtype).removeprefix("torch."),
+        "checkpoint": info.get("checkpoint", source.source),
+        "made_by": "qsens quantize job" if info else "published checkpoint",
+        "calibration_sha256": info.get("calibration", {}).get("sha256", "unknown"),
+        "calibration_samples": info.get("calibration", {}).get("samples"),
+        "calibration_tokens": info.get("calibration", {}).get("tokens"),
+        "quantizer": info.get("libraries", {}).get("gptqmodel", qconfig.get("quantizer")),
+    }
 
 
 def _float32_around_kernels(model: Any, kernel_dtype: Any, compute: Any) -> None:
