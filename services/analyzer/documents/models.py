@@ -378,6 +378,10 @@ class VectorComparison(AnalysisDocument):
     entries: list[VectorEntry]
     pairs: list[VectorPair]
     missing: list[Row]
+    extraction_refusals: list[Row] = Field(
+        default_factory=list,
+        description="Refusal rates of the adversarial prompts per native extraction.",
+    )
 
 
 class SteeringComparison(AnalysisDocument):

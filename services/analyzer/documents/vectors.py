@@ -29,6 +29,7 @@ from services.analyzer.documents.common import (
     trait_names,
 )
 from services.analyzer.documents.models import VectorComparison
+from services.analyzer.documents.refusals import extraction_refusals, refusal_blocks
 from services.analyzer.figures import FigureImage
 from services.analyzer.geometry import (
     layer_window,
@@ -272,6 +273,7 @@ def vector_comparison(run: RunArtefacts) -> VectorComparison:
             "entries": entries,
             "pairs": pairs,
             "missing": missing,
+            "extraction_refusals": extraction_refusals(run),
         }
     )
 
@@ -338,7 +340,7 @@ def vectors_section(doc: VectorComparison, figures: Sequence[FigureImage]) -> li
     )
     blocks += figure_blocks(figures, "layer-cosine")
     blocks += figure_blocks(figures, "model-spread")
-    return blocks + _pair_blocks(doc)
+    return blocks + _pair_blocks(doc) + refusal_blocks(doc.extraction_refusals)
 
 
 def _pair_blocks(doc: VectorComparison) -> list[Block]:
