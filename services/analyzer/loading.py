@@ -129,6 +129,8 @@ class RunArtefacts:
     loader_notes: dict[str, list[str]]  # variant -> the loader's notes
     # gptq/awq variant -> how its checkpoint was made and served (empty without such variants)
     quantization: dict[str, QuantizeView] = field(default_factory=dict)
+    # 2x2 replay: (reference, trait, variant whose text it read) -> the reference's extraction
+    reverse: dict[tuple[str, str, str], Extraction] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -245,6 +247,23 @@ async def _extractions(
 
     loaded = await asyncio.gather(*(one(*args) for args in keys.summaries))
     return {(e.variant, e.trait, e.mode): e for e in loaded}
+
+
+async def _reverse_extractions(
+    reader: _Reader, keys: RunKeys
+) -> dict[tuple[str, str, str], Extraction]:
+    """The reference's extractions on other variants' text (``extraction.replay: 2x2``)."""
+
+    async def one(key: str, ref: str, trait: str, text: str) -> Extraction:
+        summary = ExtractSummary.model_validate(await reader.json(key))
+        vectors = {
+            method: VectorSet.from_safetensors(await reader.bytes(vkey))
+            for method, vkey in sorted(summary.vector_keys.items())
+        }
+        return Extraction(ref, trait, "reverse", summary, key, vectors, dict(summary.vector_keys))
+
+    loaded = await asyncio.gather(*(one(*args) for args in keys.reverse))
+    return {(e.variant, e.trait, e.summary.replay_from or ""): e for e in loaded}
 
 
 def _steer_identity(parts: list[str]) -> dict[str, str]:
@@ -420,6 +439,7 @@ async def load_run(
         notes=notes,
         loader_notes=_loader_notes(extractions),
         quantization=quantization,
+        reverse=await _reverse_extractions(reader, keys),
     )
 
 

@@ -25,6 +25,7 @@ from services.analyzer.blocks import (
 from services.analyzer.classify import THRESHOLDS
 from services.analyzer.documents import Documents
 from services.analyzer.documents.benchmarks import benchmarks_section
+from services.analyzer.documents.both_directions import both_directions_section
 from services.analyzer.documents.logit_diff import logit_diff_section
 from services.analyzer.documents.ranking import ranking_section
 from services.analyzer.documents.safety import safety_section
@@ -142,6 +143,7 @@ def build_blocks(
     blocks += vectors_section(docs.vectors, figures)
     blocks += steering_section(docs.steering, figures)
     blocks += logit_diff_section(docs.logit_diff)
+    blocks += both_directions_section(docs.vectors, docs.steering, docs.logit_diff)
     blocks += benchmarks_section(docs.benchmarks, figures)
     blocks += safety_section(docs.safety)
     blocks += ranking_section(docs.ranking)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.common.artefacts import extract_key, quantize_key
-from services.common.contracts.extract import ExtractParams
+from services.common.artefacts import quantize_key
+from services.common.contracts.extract import ExtractParams, extraction_key
 from services.common.contracts.kinds import parse_job_params
 from services.common.contracts.quantize import QuantizeParams
 from services.common.contracts.steer import (
@@ -61,7 +61,7 @@ def expected_key(run_id: str, job: Job) -> tuple[str, str] | None:
         # The quantizer records it under the variant <model>@<method>.
         return "quantize", quantize_key(run_id, f"{p.model}@{p.method}", "result.json")
     if isinstance(p, ExtractParams):
-        return "extract", extract_key(run_id, p.variant, p.trait.name, p.mode, "summary.json")
+        return "extract", extraction_key(run_id, p, "summary.json")
     if isinstance(p, SteerParams):
         return "steer", steer_result_key(run_id, p)
     if isinstance(p, LogitDiffParams):
@@ -88,6 +88,8 @@ class RunKeys:
     """The run's result keys by stage, split into their path parts."""
 
     summaries: list[tuple[str, str, str, str]] = field(default_factory=list)
+    # The reference on another variant's text (2x2 replay): (key, reference, trait, text's variant)
+    reverse: list[tuple[str, str, str, str]] = field(default_factory=list)
     steer: list[tuple[str, list[str]]] = field(default_factory=list)
     logit_diff: list[tuple[str, list[str]]] = field(default_factory=list)
     benchmark: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -104,6 +106,8 @@ def sort_keys(keys: Iterable[str], prefix: str, variant_ids: set[str]) -> RunKey
         stage, n = parts[1], len(parts)
         if stage == "extract" and n == 6 and parts[5] == "summary.json":
             out.summaries.append((key, parts[0], f"{parts[2]}/{parts[3]}", parts[4]))
+        elif stage == "extract" and n == 7 and parts[4] == "reverse" and parts[6] == "summary.json":
+            out.reverse.append((key, parts[0], f"{parts[2]}/{parts[3]}", parts[5]))
         elif stage == "steer" and n == 8 and parts[7] == "result.json":
             out.steer.append((key, parts))
         elif stage == "logit_diff" and n == 7 and parts[6] == "result.json":

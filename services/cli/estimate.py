@@ -14,7 +14,7 @@ Where the numbers come from:
   max_new_tokens / 64.
 * ``extract`` 10 s: the same phases for one contrast set (about 200 rows x 128 new tokens in
   one batch, then one capture of every layer), scaled by rollouts and max_new_tokens / 128; a
-  replay extraction generates nothing: 2 s (the capture).
+  replay (and reverse replay) extraction generates nothing: 2 s (the capture).
 * ``logit_diff`` 2 s, ``benchmark`` 5 s, ``probe`` 3 s: a few hundred scored or generated
   rows each, at the measured capture/prefill rates (assumptions, not measured).
 * ``quantize`` GPTQ 80 s, AWQ 306 s: measured on one H100 for 16 layers of the Llama-3.1-8B
@@ -93,7 +93,7 @@ def _workload(kind: str, params: dict[str, Any]) -> float:
         questions = steering.get("questions") or 20  # None: all (the built-ins hold 20)
         return float(questions) / 20.0 * float(steering.get("max_new_tokens", 64)) / 64.0
     if kind == "extract":
-        if params.get("mode") == "replay":
+        if params.get("mode") in ("replay", "reverse"):
             return REPLAY_SECONDS_8B / JOB_SECONDS_8B["extract"]
         extraction = params.get("extraction") or {}
         tokens = float(extraction.get("max_new_tokens", 128)) / 128.0

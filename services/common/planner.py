@@ -142,12 +142,45 @@ class _Builder:
 
 
 def _extract_modes(spec: ExperimentSpec, is_ref: bool, position: str) -> list[VectorMode]:
-    """Native for the reference and prompt positions; otherwise as ``extraction.replay`` says."""
+    """Native for the reference and prompt positions; otherwise as ``extraction.replay`` says
+    (``2x2`` extracts what ``both`` does; ``_plan_reverse`` adds the reference's reverse jobs)."""
     if is_ref or not position_reads_response(position) or spec.extraction.replay == "off":
         return ["native"]
     if spec.extraction.replay == "on":
         return ["replay"]
     return ["native", "replay"]
+
+
+def _plan_reverse(b: _Builder, model: ModelSpec, trait: TraitRef, ref_variant: str) -> None:
+    """The 2x2's fourth cell: the reference model on each other variant's own responses, after
+    that variant's native extraction (which wrote them)."""
+    spec = b.spec
+    name, position = spec.trait_name(trait), spec.position_for(trait)
+    if spec.extraction.replay != "2x2" or not position_reads_response(position):
+        return
+    ref = next(v for v in b.of_model(model) if v.id == ref_variant)
+    for v in b.of_model(model):
+        if v.id == ref_variant:
+            continue
+        params = ExtractParams(
+            variant=ref_variant,
+            model=_model_params(ref.model),
+            precision=ref.precision.value,
+            trait=_trait_params(spec, trait),
+            mode="reverse",
+            replay_from=v.id,
+            position=position,
+            layers=spec.layers,
+            methods=list(spec.methods),
+            extraction=spec.extraction,
+            judge=spec.judge,
+        )
+        b.add(
+            JobKind.EXTRACT,
+            f"extract {ref_variant} {name} reverse on {v.id}",
+            params,
+            (b.extract[(v.id, name, "native")].id, *b.after_quantize(ref_variant)),
+        )
 
 
 def _plan_quantize(b: _Builder) -> None:
@@ -187,6 +220,7 @@ def _plan_extract(b: _Builder) -> None:
                         params,
                         deps + b.after_quantize(v.id),
                     )
+            _plan_reverse(b, model, trait, ref_variant)
 
 
 def _steer_settings(steering: SteeringSpec, methodology: str) -> list[tuple[SteerMode, Sign]]:
@@ -204,6 +238,18 @@ def _wants_noise(
     return steering.noise.enabled and target == source == reference and mode == "add"
 
 
+def _cross_sources(
+    cross: bool | Literal["both"], b: _Builder, v: PlannedVariant, ref_variant: str
+) -> list[str]:
+    """Whose vectors ``v`` is also run with: the reference's (``true``), and for the reference
+    each other variant's of its model (``both``)."""
+    if v.id != ref_variant:
+        return [ref_variant] if cross else []
+    if cross == "both":
+        return [o.id for o in b.of_model(v.model) if o.id != ref_variant]
+    return []
+
+
 def _plan_steer(b: _Builder, methods: Sequence[str]) -> None:
     spec, steering = b.spec, b.spec.steering
     steer_traits = steering.traits or [spec.trait_name(t) for t in spec.traits]
@@ -214,9 +260,7 @@ def _plan_steer(b: _Builder, methods: Sequence[str]) -> None:
             if name not in steer_traits:
                 continue
             for v in b.of_model(model):
-                sources = [v.id]
-                if steering.cross_precision and v.id != ref_variant:
-                    sources.append(ref_variant)
+                sources = [v.id, *_cross_sources(steering.cross_precision, b, v, ref_variant)]
                 for source in sources:
                     source_job, vector_mode = b.vector_job(source, name)
                     for method in methods:
@@ -284,24 +328,35 @@ def _plan_logit_diff(b: _Builder, methods: Sequence[str]) -> None:
         for trait in spec.traits:
             if not methodology_info(trait.methodology).logit_diff:
                 continue
-            name = spec.trait_name(trait)
+            ref_variant = f"{model.name}@{spec.reference.value}"
             for v in b.of_model(model):
-                source_job, vector_mode = b.vector_job(v.id, name)
-                for method in methods:
-                    params = LogitDiffParams(
-                        variant=v.id,
-                        source=v.id,
-                        trait=_trait_params(spec, trait),
-                        method=method,
-                        vector_mode=vector_mode,
-                        logit_diff=spec.logit_diff,
-                    )
-                    b.add(
-                        JobKind.LOGIT_DIFF,
-                        f"logit_diff {v.id} {name} {method}",
-                        params,
-                        (source_job.id,),
-                    )
+                cross = _cross_sources(spec.logit_diff.cross_precision, b, v, ref_variant)
+                for source in [v.id, *cross]:
+                    _add_logit_diff(b, trait, v.id, source, methods)
+
+
+def _add_logit_diff(
+    b: _Builder, trait: TraitRef, variant: str, source: str, methods: Sequence[str]
+) -> None:
+    """One logit_diff job per method: ``variant`` steered with ``source``'s vectors."""
+    spec, name = b.spec, b.spec.trait_name(trait)
+    source_job, vector_mode = b.vector_job(source, name)
+    with_source = "" if source == variant else f" with {source}"
+    for method in methods:
+        params = LogitDiffParams(
+            variant=variant,
+            source=source,
+            trait=_trait_params(spec, trait),
+            method=method,
+            vector_mode=vector_mode,
+            logit_diff=spec.logit_diff,
+        )
+        b.add(
+            JobKind.LOGIT_DIFF,
+            f"logit_diff {variant} {name} {method}{with_source}",
+            params,
+            (source_job.id,),
+        )
 
 
 def _plan_capabilities(b: _Builder) -> None:
@@ -361,7 +416,7 @@ def check_precisions(spec: ExperimentSpec) -> None:
     for i, model in enumerate(spec.models):
         for precision in spec.precisions_for(model):
             try:
-                check_variant(precision, model.backend)
+                check_variant(precision, model.backend, device=model.device)
             except InvalidArgument as err:
                 key = "backend" if err.field == "backend" else "precisions"
                 raise InvalidArgument(

@@ -47,7 +47,9 @@ def result_prefix(job: Job) -> str | None:
     kind = job.kind
     try:
         if kind is JobKind.EXTRACT:
-            return extract_key(run, p["variant"], p["trait"]["name"], p["mode"])
+            # A reverse extraction sits under the variant whose text it read (extraction_key).
+            text = (p["replay_from"],) if p["mode"] == "reverse" else ()
+            return extract_key(run, p["variant"], p["trait"]["name"], p["mode"], *text)
         if kind is JobKind.STEER:
             return steer_key(
                 run,

@@ -26,6 +26,7 @@ from services.common.contracts.extract import (
     ExtractParams,
     ExtractSummary,
     VettingSummary,
+    extraction_key,
 )
 from services.common.contracts.vectors import VectorSet
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -202,7 +203,7 @@ async def _vet(
 
 def extract_result_key(run_id: str, params: ExtractParams) -> str:
     """Where an extraction's ``summary.json`` goes (written last: its presence means done)."""
-    return extract_key(run_id, params.variant, params.trait.name, params.mode, "summary.json")
+    return extraction_key(run_id, params, "summary.json")
 
 
 def extract_summary(done: ExtractSummary, key: str) -> dict[str, Any]:
@@ -225,11 +226,11 @@ class _Job:
     store: AsyncS3Store
 
     def key(self, *leaf: str) -> str:
-        p = self.params
-        return extract_key(self.run_id, p.variant, p.trait.name, p.mode, *leaf)
+        return extraction_key(self.run_id, self.params, *leaf)
 
     def reference_key(self, leaf: str) -> str:
-        """An artefact of the native extraction this replay takes its responses from."""
+        """An artefact of the native extraction this replay (or reverse replay: the reference
+        on another variant's text) takes its responses from."""
         p = self.params
         if not p.replay_from:
             raise InvalidArgument("params.replay_from", "replay mode needs a reference variant")
@@ -257,7 +258,7 @@ async def _responses(
     needs_response = any(r.example.generate for r in rows) or params.position.startswith("response")
     if not needs_response:
         return VettingSummary(enabled=False)
-    if params.mode == "replay":
+    if params.mode in ("replay", "reverse"):
         await _replay(rows, job.store, job.reference_key("responses.jsonl"))
         return VettingSummary.model_validate(
             await job.store.get_json(job.reference_key("vetting.json"))
@@ -398,7 +399,7 @@ async def run_extraction(
         trait=params.trait.name,
         methodology=dataset.methodology,
         mode=params.mode,
-        replay_from=params.replay_from if params.mode == "replay" else None,
+        replay_from=params.replay_from if params.mode != "native" else None,
         position=params.position,
         layers=layers,
         methods=list(vectors),

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.analyzer.documents.benchmarks import benchmark_comparison
+from services.analyzer.documents.both_directions import logit_diff_both, replay_2x2, steering_both
 from services.analyzer.documents.logit_diff import logit_diff_comparison
 from services.analyzer.documents.models import (
     SCHEMA,
@@ -83,13 +84,17 @@ class Documents:
 
 def build_all(run: RunArtefacts) -> Documents:
     """Every analysis document."""
-    vectors = vector_comparison(run)
-    steering = steering_comparison(run)
+    # The both-directions lists (2x2 replay, cross-precision each way) join their documents.
+    vectors = vector_comparison(run).model_copy(update={"replay_2x2": replay_2x2(run)})
+    steering = steering_comparison(run).model_copy(update={"both_directions": steering_both(run)})
+    logit_diff = logit_diff_comparison(run).model_copy(
+        update={"both_directions": logit_diff_both(run)}
+    )
     benchmarks = benchmark_comparison(run)
     return Documents(
         vectors=vectors,
         steering=steering,
-        logit_diff=logit_diff_comparison(run),
+        logit_diff=logit_diff,
         benchmarks=benchmarks,
         ranking=robustness_ranking(run, vectors, steering, benchmarks),
         safety=probe_statistics(run),

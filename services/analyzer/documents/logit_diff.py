@@ -129,7 +129,9 @@ def logit_diff_comparison(run: RunArtefacts) -> LogitDiffComparison:
     spec = run.spec
     resamples, base_seed = spec.steering.bootstrap, content_seed(run)
     entries: list[dict[str, Any]] = []
-    cells = against_reference(run, run.logit_diff, lambda v: (v.trait, v.method))
+    # Each variant with its own vectors; cross-precision ones are in both_directions.
+    own = [v for v in run.logit_diff if v.source == v.variant]
+    cells = against_reference(run, own, lambda v: (v.trait, v.method))
     for (model, trait, method), ref_id, ref, v in cells:
         entry: dict[str, Any] = {
             "model": model,

@@ -23,6 +23,7 @@ __all__ = [
     "Bootstrap",
     "ClassificationCell",
     "FamilyRank",
+    "LogitDiffBothEntry",
     "LogitDiffComparison",
     "LogitDiffEntry",
     "ModelRank",
@@ -32,12 +33,15 @@ __all__ = [
     "ProbeStatistics",
     "RankedRow",
     "RefusalDirectionRow",
+    "Replay2x2Entry",
     "RobustnessRanking",
     "Row",
     "SafetyNeuronRow",
     "SteeringBest",
+    "SteeringBothEntry",
     "SteeringComparison",
     "SteeringEntry",
+    "TwoByTwo",
     "VectorComparison",
     "VectorEntry",
     "VectorPair",
@@ -105,8 +109,6 @@ class ClassificationCell(_SparseRow):
     ci_classes: list[str] | None = None
     settled: bool | None = None
     reason: str | None = None
-    noise_band: float | None = None
-    within_noise: bool | None = None
 
 
 class SteeringBest(_Row):
@@ -155,10 +157,6 @@ class SteeringEntry(_SparseRow):
     degradation_pct: dict[str, Any] | None = None
     shift: dict[str, Any] | None = None
     coherence_at_matched_coefficient: dict[str, Any] | None = None
-    held_out: dict[str, Any] | None = Field(
-        None, description="The best setting re-scored on held-out questions."
-    )
-    noise: dict[str, Any] | None = Field(None, description="The reference's noise floor.")
 
 
 class LogitDiffEntry(_SparseRow):
@@ -369,7 +367,97 @@ class FamilyRank(RankedRow):
     models: list[str]
 
 
-class VectorComparison(AnalysisDocument):
+class TwoByTwo(_Row):
+    """One number in a 2x2: model (reference / variant) x input (the reference's / the
+    variant's text or vectors), with its additive split: ``input_effect`` is the mean over the
+    two models of the change when the input goes from the reference's to the variant's,
+    ``model_effect`` likewise for the model; ``input_effect + model_effect = var_var - ref_ref``
+    and ``interaction = var_var - var_ref - ref_var + ref_ref``. None where a cell is missing."""
+
+    ref_ref: float | None
+    ref_var: float | None = Field(description="Reference model, the variant's input.")
+    var_ref: float | None = Field(description="Variant model, the reference's input.")
+    var_var: float | None
+    input_effect: float | None
+    model_effect: float | None
+    interaction: float | None
+
+
+class Replay2x2Entry(_Row):
+    """Cosine with the reference's own vector (reference model on reference text) of each cell
+    of the 2x2 controlled replay (``extraction.replay: 2x2``), per layer and over the window."""
+
+    model: str
+    trait: str
+    method: str
+    position: str
+    reference: str
+    variant: str
+    precision: str
+    layers: list[int]
+    per_layer: list[TwoByTwo]
+    window_layers: list[int]
+    window: TwoByTwo
+    sources: dict[str, str]
+
+
+class SteeringBothEntry(_Row):
+    """Steering both ways for one variant: the 2x2 (model x vectors) of the steering effect and
+    best score, and each cross direction's degradation against the reference's own steering."""
+
+    model: str
+    trait: str
+    method: str
+    mode: str
+    direction: str
+    reference: str
+    variant: str
+    precision: str
+    effect: TwoByTwo
+    best_score: TwoByTwo
+    model_changed: dict[str, Any] | None = Field(
+        description="Degradation % of the variant steered with the reference's vectors."
+    )
+    vectors_changed: dict[str, Any] | None = Field(
+        description="Degradation % of the reference steered with the variant's vectors."
+    )
+    sources: dict[str, str | None]
+
+
+class LogitDiffBothEntry(_Row):
+    """CAA logit difference both ways for one variant: the 2x2 (model x vectors) of the slope,
+    and each cross direction's correlation with the reference's own per-question values."""
+
+    model: str
+    trait: str
+    method: str
+    reference: str
+    variant: str
+    precision: str
+    slope: TwoByTwo
+    model_changed: dict[str, Any] | None = Field(
+        description="r of the variant with the reference's vectors vs the reference's own."
+    )
+    vectors_changed: dict[str, Any] | None = Field(
+        description="r of the reference with the variant's vectors vs the reference's own."
+    )
+    sources: dict[str, str | None]
+
+
+class _BothDirections(AnalysisDocument):
+    """A document with a both-directions list, written only when the run has such results
+    (so runs without them keep their documents byte for byte)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        for name in ("replay_2x2", "both_directions"):
+            if name in out and not out[name]:
+                del out[name]
+        return out
+
+
+class VectorComparison(_BothDirections):
     """``vector_comparison.json``: per-layer cosines of every variant against its reference."""
 
     kind: Literal["vector_comparison"] = "vector_comparison"
@@ -378,13 +466,10 @@ class VectorComparison(AnalysisDocument):
     entries: list[VectorEntry]
     pairs: list[VectorPair]
     missing: list[Row]
-    extraction_refusals: list[Row] = Field(
-        default_factory=list,
-        description="Refusal rates of the adversarial prompts per native extraction.",
-    )
+    replay_2x2: list[Replay2x2Entry] = Field(default_factory=list)
 
 
-class SteeringComparison(AnalysisDocument):
+class SteeringComparison(_BothDirections):
     """``steering_comparison.json``: best score, delta and degradation per steer result."""
 
     kind: Literal["steering_comparison"] = "steering_comparison"
@@ -394,15 +479,17 @@ class SteeringComparison(AnalysisDocument):
     bootstrap: Bootstrap
     entries: list[SteeringEntry]
     spread: list[Row]
+    both_directions: list[SteeringBothEntry] = Field(default_factory=list)
 
 
-class LogitDiffComparison(AnalysisDocument):
+class LogitDiffComparison(_BothDirections):
     """``logit_diff_comparison.json``: CAA logit differences against the reference."""
 
     kind: Literal["logit_diff_comparison"] = "logit_diff_comparison"
     threshold: dict[str, Any]
     bootstrap: Bootstrap
     entries: list[LogitDiffEntry]
+    both_directions: list[LogitDiffBothEntry] = Field(default_factory=list)
 
 
 class BenchmarkComparison(AnalysisDocument):

@@ -26,8 +26,10 @@ __all__ = [
 
 DEFAULT_LEVEL = 0.95
 
-VectorMode = Literal["native", "replay"]
-"""``native``: a variant's own responses; ``replay``: the reference's, byte for byte."""
+VectorMode = Literal["native", "replay", "reverse"]
+"""``native``: a variant's own responses; ``replay``: the reference's, byte for byte;
+``reverse``: the reference model on another variant's own responses (``replay_from`` names it),
+the fourth cell of the 2x2 controlled replay (never steered with)."""
 
 _P = TypeVar("_P", bound=BaseModel)
 

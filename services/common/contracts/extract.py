@@ -9,12 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.common.contracts.common import Params, TraitParams, VectorMode
 from services.common.spec import ExtractionSpec, JudgeSpec
 
-__all__ = ["ExtractOutcome", "ExtractParams", "ExtractSummary", "VettingSummary"]
+__all__ = [
+    "ExtractOutcome",
+    "ExtractParams",
+    "ExtractSummary",
+    "VettingSummary",
+    "extraction_key",
+]
 
 
 class ExtractParams(Params):
@@ -34,6 +40,21 @@ class ExtractParams(Params):
     methods: list[str] = Field(default_factory=lambda: ["mean_diff", "probe"])
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
+
+    @model_validator(mode="after")
+    def _reverse_names_its_text(self) -> ExtractParams:
+        if self.mode == "reverse" and not self.replay_from:
+            raise ValueError("replay_from: reverse mode reads another variant's responses; name it")
+        return self
+
+
+def extraction_key(run_id: str, params: ExtractParams, *leaf: str) -> str:
+    """An extraction's artefact key. A reverse extraction (the reference on ``replay_from``'s
+    text) sits one folder deeper, under the variant whose text it read: one per variant."""
+    from services.common.artefacts import extract_key  # artefacts imports this module
+
+    mode_parts = (params.replay_from or "",) if params.mode == "reverse" else ()
+    return extract_key(run_id, params.variant, params.trait.name, params.mode, *mode_parts, *leaf)
 
 
 class ExtractOutcome(BaseModel):
