@@ -109,6 +109,8 @@ class ClassificationCell(_SparseRow):
     ci_classes: list[str] | None = None
     settled: bool | None = None
     reason: str | None = None
+    noise_band: float | None = None
+    within_noise: bool | None = None
 
 
 class SteeringBest(_Row):
@@ -157,6 +159,10 @@ class SteeringEntry(_SparseRow):
     degradation_pct: dict[str, Any] | None = None
     shift: dict[str, Any] | None = None
     coherence_at_matched_coefficient: dict[str, Any] | None = None
+    held_out: dict[str, Any] | None = Field(
+        None, description="The best setting re-scored on held-out questions."
+    )
+    noise: dict[str, Any] | None = Field(None, description="The reference's noise floor.")
 
 
 class LogitDiffEntry(_SparseRow):
@@ -466,6 +472,10 @@ class VectorComparison(_BothDirections):
     entries: list[VectorEntry]
     pairs: list[VectorPair]
     missing: list[Row]
+    extraction_refusals: list[Row] = Field(
+        default_factory=list,
+        description="Refusal rates of the adversarial prompts per native extraction.",
+    )
     replay_2x2: list[Replay2x2Entry] = Field(default_factory=list)
 
 

@@ -34,9 +34,15 @@ from services.analyzer.documents.common import (
 )
 from services.analyzer.documents.models import SteeringComparison, SteeringEntry
 from services.analyzer.documents.steering_cells import (
-    degradation,
     effect_sign,
     matched_coherence,
+)
+from services.analyzer.documents.trust import (
+    held_out_cell,
+    noise_cell,
+    noise_classified,
+    trust_blocks,
+    trusted_degradation,
 )
 from services.analyzer.figures import FigureImage
 from services.analyzer.loading import RunArtefacts
@@ -159,6 +165,8 @@ def _entry(
             "reference": ref.key if ref else None,
             "per_question": v.per_question_keys,
         },
+        **held_out_cell(v),
+        **noise_cell(v),
     }
 
 
@@ -176,10 +184,13 @@ def _compare_entry(
     elif entry["is_reference"]:
         entry["classification"] = None
     else:
-        deg = degradation(ref, v, resamples, seed_of(base_seed, cell_id(run, v.key)))
+        seed = seed_of(base_seed, cell_id(run, v.key))
+        deg, difference = trusted_degradation(ref, v, resamples, seed)
         entry["degradation_pct"] = deg
-        entry["classification"] = classify_steering_degradation(
-            deg["value"], deg["low"], deg["high"], deg.get("reason")
+        entry["classification"] = noise_classified(
+            classify_steering_degradation(deg["value"], deg["low"], deg["high"], deg.get("reason")),
+            ref,
+            difference,
         ).to_json()
         shift: dict[str, Any] = {}
         lv, lr = v.effective_layer, ref.effective_layer
@@ -276,7 +287,9 @@ def _entry_row(e: SteeringEntry) -> tuple[Cell, ...]:
         e.method,
         f"{e.mode}{e.direction}",
         e.target,
-        "reference" if e.is_reference else e.steering,
+        e.source
+        if e.source.startswith(IMPORTED_PREFIX)
+        else ("reference" if e.is_reference else e.steering),
         fmt_ci(best.score, best.low, best.high, 1),
         fmt_est(e.delta, 1),
         "—" if e.is_reference else fmt_ci(deg.get("value"), deg.get("low"), deg.get("high"), 1),
@@ -349,27 +362,40 @@ def steering_section(doc: SteeringComparison, figures: Sequence[FigureImage]) ->
         ),
     ]
     blocks += figure_blocks(figures, "steering-bars")
-    rows: list[tuple[Cell, ...]] = [_entry_row(e) for e in doc.entries]
-    blocks.append(
-        Table(
-            (
-                "model",
-                "trait",
-                "method",
-                "mode",
-                "target",
-                "vectors",
-                "best score [95% CI]",
-                "delta [95% CI]",
-                "degradation % [95% CI]",
-                "best layer (shift)",
-                "coef ratio",
-                "coherence",
-                "coherence @ matched",
-                "class",
-            ),
-            tuple(rows),
+    # Vectors imported through the spec's ``vectors:`` section were made elsewhere: shown
+    # apart, so a reader never takes them for this run's extractions.
+    extracted = [e for e in doc.entries if not e.source.startswith(IMPORTED_PREFIX)]
+    imported = [e for e in doc.entries if e.source.startswith(IMPORTED_PREFIX)]
+    blocks.append(Table(_COLUMNS, tuple(_entry_row(e) for e in extracted)))
+    if imported:
+        blocks.append(
+            Table(
+                _COLUMNS,
+                tuple(_entry_row(e) for e in imported),
+                "Imported vectors (spec vectors:, made outside this run): each variant steered "
+                "with the same imported set; 'vectors' names it.",
+            )
         )
-    )
     blocks += _spread_blocks(doc)
+    blocks += trust_blocks(doc)
     return blocks
+
+
+IMPORTED_PREFIX = "imported-"
+
+_COLUMNS = (
+    "model",
+    "trait",
+    "method",
+    "mode",
+    "target",
+    "vectors",
+    "best score [95% CI]",
+    "delta [95% CI]",
+    "degradation % [95% CI]",
+    "best layer (shift)",
+    "coef ratio",
+    "coherence",
+    "coherence @ matched",
+    "class",
+)
