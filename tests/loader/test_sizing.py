@@ -107,3 +107,26 @@ def test_a_platform_quantized_or_unknown_variant_is_refused_by_name() -> None:
         sizing.loader_kustomization("llama-3.3-70b", Precision.GPTQ)
     with pytest.raises(InvalidArgument, match="model: unknown seed model 'gpt-5'"):
         sizing.loader_kustomization("gpt-5", Precision.BF16)
+
+
+def test_example_study_loaders_request_the_sizing_tables_gpus() -> None:
+    """The hand-written example-study loaders, GPTQ and AWQ among them, ask what the sizing
+    table says for their seed model and precision (one H100 each for the 8B shape)."""
+    folders = sorted((REPO / "deploy" / "k8s" / "overlays" / "example-study" / "loaders").iterdir())
+    precisions = set()
+    for folder in folders:
+        out = subprocess.run(
+            [kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        (deployment,) = [
+            d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment"
+        ]
+        labels = deployment["metadata"]["labels"]
+        size = sizing.sizing(labels["qsens.io/model"], Precision(labels["qsens.io/precision"]))
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == size.gpus, folder.name
+        assert limits["memory"] == f"{sizing.MEMORY_LIMIT_GIB_PER_GPU * size.gpus}Gi", folder.name
+        precisions.add(size.precision)
+    assert {Precision.GPTQ, Precision.AWQ} <= precisions
