@@ -17,7 +17,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.loader.engine import ChatPrompt, Engine, EngineItem, GenParams, GenResult
-from services.loader.fastgen import prefill_chunks, unsupported_reason
+from services.loader.fastgen import Fused, prefill_chunks, rope, silu_mul, unsupported_reason
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec, first_prompt_layer
 
@@ -306,6 +306,62 @@ def test_capture_through_the_layer_loop_equals_the_hooked_forward(
         engine.fast = fast
     for a, b in zip(looped, hooked, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("position", "reduction"), [("response[:]", "mean"), ("all", "none"), ("prompt[-1]", "last")]
+)
+def test_unsteered_capture_leaves_padding_out_and_equals_the_hooked_forward(
+    engine: Engine, position: str, reduction: str
+) -> None:
+    """Unsteered batches run packed (``capture_packed``: no per-token work on padding);
+    rows of very different lengths give what the hooked padded forward gives."""
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "x") for q in QUESTIONS]
+    answer = engine.encode_text("Because the moon pulls the water, twice a day.")
+    items = [EngineItem(p, answer[: 2 + 9 * i]) for i, p in enumerate(prompts)]
+    fast = engine.fast
+    assert fast is not None
+    calls: list[int] = []
+    packed = fast.capture_packed
+
+    def spy(input_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(int(input_ids.numel()))
+        return packed(input_ids, *args)
+
+    fast.capture_packed = spy  # type: ignore[method-assign]
+    try:
+        looped = _captures(engine, items, position, reduction)
+    finally:
+        del fast.capture_packed
+    assert calls, "an unsteered capture must take the packed path"
+    engine.fast = None
+    try:
+        hooked = _captures(engine, items, position, reduction)
+    finally:
+        engine.fast = fast
+    for a, b in zip(looped, hooked, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_compiled_elementwise_equals_eager_for_every_batch_size() -> None:
+    """``Fused`` (torch.compile, the token dimension dynamic) computes what the eager helpers
+    compute, below its threshold it is not used, and one compilation serves new sizes."""
+    fused = Fused(True, min_tokens=8)
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (9, 23):
+        q, k = torch.randn(tokens, 4, 16, generator=gen), torch.randn(tokens, 2, 16, generator=gen)
+        cos, sin = torch.randn(2, tokens, 1, 16, generator=gen)
+        gate_up = torch.randn(tokens, 24, generator=gen)
+        for got, want in zip(fused.rope(q, k, cos, sin), rope(q, k, cos, sin), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(fused.silu_mul(gate_up), silu_mul(gate_up), atol=1e-6, rtol=1e-5)
+    assert fused.disabled is None
+    gate, up = torch.randn(2, 4, 3).unbind(0)
+    torch.testing.assert_close(
+        silu_mul(torch.cat([gate, up], -1)), torch.nn.functional.silu(gate) * up
+    )
+    assert not fused._use(7) and fused._use(8)
+    assert not Fused(False)._use(10**6)
 
 
 def test_long_capture_batches_are_cut_where_padding_would_pass_a_sixteenth(engine: Engine) -> None:

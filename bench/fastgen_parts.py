@@ -1,0 +1,193 @@
+"""The parts of the fast path's forward, timed alone on a GPU at the Llama-3.1-8B shape: where
+a decode step and a capture forward spend their time, and what each alternative kernel saves.
+
+Prints JSON: per part, milliseconds (median of CUDA-event timings after warm-up) and, for the
+matmuls, TFLOP/s achieved. Parts: the four linears of a layer at the decode batch (1 100 rows)
+and at a capture batch (~14k tokens); decode attention over a request-sized cache three ways
+(SDPA with an additive mask as today, SDPA with a boolean mask, batched matmuls with the mask);
+the elementwise work of a layer (rotary, SiLU x up, residual + RMSNorm) eager and under
+``torch.compile``.
+
+    python bench/fastgen_parts.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HIDDEN, HEADS, KV, DIM, INTER = 4096, 32, 8, 128, 14336
+
+
+def timed(fn: Callable[[], Any], repeats: int = 20) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU, wall clock otherwise)."""
+    for _ in range(3):
+        fn()
+    cuda = torch.cuda.is_available()
+    out: list[float] = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def linears(tokens: int, dev: torch.device) -> dict[str, Any]:
+    x = torch.randn(tokens, HIDDEN, device=dev, dtype=torch.bfloat16)
+    h = torch.randn(tokens, INTER, device=dev, dtype=torch.bfloat16)
+    shapes = {
+        "qkv": (x, HIDDEN + 2 * KV * DIM, HIDDEN),
+        "o": (x, HIDDEN, HIDDEN),
+        "gate_up": (x, 2 * INTER, HIDDEN),
+        "down": (h, HIDDEN, INTER),
+    }
+    out: dict[str, Any] = {}
+    total_ms = total_flop = 0.0
+    for name, (inp, n, k) in shapes.items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        ms = timed(lambda inp=inp, w=w: F.linear(inp, w))
+        flop = 2.0 * tokens * n * k
+        out[name] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
+        total_ms += ms
+        total_flop += flop
+    out["layer"] = {"ms": round(total_ms, 4), "tflops": round(total_flop / total_ms / 1e9, 1)}
+    return out
+
+
+def decode_attention(rows: int, length: int, valid_from: int, dev: torch.device) -> dict[str, Any]:
+    groups = HEADS // KV
+    q = torch.randn(rows, KV, groups, DIM, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(rows, KV, length, DIM, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(rows, KV, length, DIM, device=dev, dtype=torch.bfloat16)
+    valid = torch.zeros(rows, length, dtype=torch.bool, device=dev)
+    starts = torch.randint(0, valid_from, (rows,), device=dev)
+    valid |= torch.arange(length, device=dev)[None] >= starts[:, None]
+    bias = torch.zeros(valid.shape, dtype=torch.bfloat16, device=dev)
+    bias = bias.masked_fill(~valid, torch.finfo(torch.bfloat16).min)[:, None, None, :]
+    scale = DIM**-0.5
+
+    def sdpa_bias() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+    def sdpa_bool() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None], scale=scale)
+
+    def matmul() -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale + bias.float()
+        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+    ref = sdpa_bias().float()
+    out: dict[str, Any] = {"bytes_floor_ms": round(2 * k.numel() * 2 / 3.35e9, 4)}
+    for name, fn in (("sdpa_bias", sdpa_bias), ("sdpa_bool", sdpa_bool), ("matmul", matmul)):
+        err = float((fn().float() - ref).abs().max())
+        out[name] = {"ms": round(timed(fn), 4), "max_abs_diff": err}
+    return out
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def add_norm(hidden: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> Any:
+    hidden = hidden + out
+    return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight, 1e-5)
+
+
+def elementwise(tokens: int, dev: torch.device, compiled: str) -> dict[str, Any]:
+    bf = torch.bfloat16
+    q = torch.randn(tokens, HEADS, 1, DIM, device=dev, dtype=bf).transpose(0, 1)
+    k = torch.randn(tokens, KV, 1, DIM, device=dev, dtype=bf).transpose(0, 1)
+    cos = torch.randn(tokens, 1, DIM, device=dev, dtype=bf)
+    sin = torch.randn(tokens, 1, DIM, device=dev, dtype=bf)
+    gu = torch.randn(tokens, 2 * INTER, device=dev, dtype=bf)
+    hidden = torch.randn(tokens, HIDDEN, device=dev, dtype=bf)
+    out = torch.randn(tokens, HIDDEN, device=dev, dtype=bf)
+    weight = torch.ones(HIDDEN, device=dev, dtype=bf)
+    fns = {"rope": rope, "silu_mul": silu_mul, "add_norm": add_norm}
+    if compiled:
+        fns = {n: torch.compile(f, dynamic=compiled == "dynamic") for n, f in fns.items()}
+    res: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    res["rope"] = timed(lambda: fns["rope"](q, k, cos, sin))
+    res["silu_mul"] = timed(lambda: fns["silu_mul"](gu))
+    res["add_norm"] = timed(lambda: fns["add_norm"](hidden, out, weight))
+    res["first_call_s"] = round(time.perf_counter() - t0, 2)
+    res["per_layer_ms"] = round(res["rope"] + res["silu_mul"] + 2 * res["add_norm"], 4)
+    return {n: (round(v, 4) if isinstance(v, float) else v) for n, v in res.items()}
+
+
+def capture_profile(model: str, dev: torch.device) -> dict[str, Any]:
+    """Kernel profile of one capture of the loader bench's workload (every layer, mean)."""
+    from bench.bench_loader import _profile, capture_items, capture_mean
+    from services.loader.server import build_runtime
+
+    engine = build_runtime(model, "bf16", device=str(dev)).engine
+    items = capture_items(engine, 4)
+    for _ in range(3):
+        capture_mean(engine, items)
+    ms = timed(lambda: capture_mean(engine, items), repeats=5)
+    return {"ms": round(ms, 2), "profile": _profile(lambda: capture_mean(engine, items), dev, 30)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--decode-rows", type=int, default=1100)
+    parser.add_argument("--capture-tokens", type=int, default=14336)
+    parser.add_argument("--profile-capture", default="", help="a model source to profile")
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    if args.profile_capture:
+        print(json.dumps(capture_profile(args.profile_capture, dev), indent=1))
+        return
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "linears_decode": linears(args.decode_rows, dev),
+        "linears_capture": linears(args.capture_tokens, dev),
+        "decode_attention_w128": decode_attention(args.decode_rows, 128, 64, dev),
+        "elementwise_decode_eager": elementwise(args.decode_rows, dev, ""),
+        "elementwise_capture_eager": elementwise(args.capture_tokens, dev, ""),
+        "linears_decode_rows": {
+            str(m): linears(m, dev)["layer"] for m in (1024, 1100, 1152, 1280, 2048, 2200)
+        },
+    }
+    try:
+        for mode in ("dynamic", "static"):
+            for name, tokens in (("decode", args.decode_rows), ("capture", args.capture_tokens)):
+                result[f"elementwise_{name}_{mode}"] = elementwise(tokens, dev, mode)
+    except Exception as exc:  # a missing compiler is a result here
+        result["compiled_error"] = f"{type(exc).__name__}: {exc}"[:400]
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
