@@ -80,7 +80,13 @@ def _study(run: RunArtefacts) -> list[Block]:
                 + ".",
                 f"Extraction methods: {', '.join(spec.methods)}; vector mode "
                 f"{spec.extraction.replay!r} (replay: quantized variants capture activations on the "
-                "reference's responses, so only activation geometry differs).",
+                "reference's responses, so only activation geometry differs)"
+                + (
+                    "; 2x2: the reference also reads each variant's own responses (Both "
+                    "directions)."
+                    if spec.extraction.replay == "2x2"
+                    else "."
+                ),
                 f"Mean cosine window: depths {spec.analysis.layer_range[0]:g}–"
                 f"{spec.analysis.layer_range[1]:g}; refusal direction at depth "
                 f"{spec.analysis.refusal_depth:g}.",

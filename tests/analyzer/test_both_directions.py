@@ -181,3 +181,4 @@ def test_the_report_renders_both_directions_in_markdown_and_html(both: dict[str,
     assert f"Per layer: {TRAIT} · mean_diff · {NF4}" in md
     assert fmt_num((0.8 - 1 + 0.6 - 0.9) / 2, 3) in md  # the text effect
     assert 'id="replay-2x2"' in html and 'href="#both-directions"' in html
+    assert "2x2: the reference also reads each variant's own responses" in md  # methods
