@@ -139,13 +139,14 @@ def cpu_split_engine(source: ResolvedSource, precision: Precision, n: int) -> En
     loaded = LoadedModel(
         model, load_tokenizer(source), torch.device("cpu"), dtype, {}, [placement.note()]
     )
-    saved = core.layer_devices
-    core.layer_devices = lambda _layers, _default: dict(enumerate(layer_map))  # type: ignore[assignment]
+    # The engine reads each layer's device once, at construction.
+    saved = getattr(core, "layer_devices")  # noqa: B009 - patched for the construction only
+    setattr(core, "layer_devices", lambda _layers, _default: dict(enumerate(layer_map)))  # noqa: B010
     try:
         settings = settings_mod.get(settings_mod.LoaderSettings)
         return HFEngine(loaded, settings, precision)
     finally:
-        core.layer_devices = saved
+        setattr(core, "layer_devices", saved)  # noqa: B010
 
 
 def outputs(engine: Engine) -> dict[str, Any]:

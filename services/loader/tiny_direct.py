@@ -45,7 +45,9 @@ def _device_of(device_map: Mapping[str, Any], name: str) -> Any:
         probe = probe.rpartition(".")[0]
 
 
-def _materialise(model: Any, unit: str, device: Any, dtype: Any, seed: int, done: dict) -> None:
+def _materialise(
+    model: Any, unit: str, device: Any, dtype: Any, seed: int, done: dict[int, Any]
+) -> None:
     """Give every parameter of ``model.<unit>`` real values on ``device`` (``meta`` stays
     empty) and move its buffers there."""
     import torch
