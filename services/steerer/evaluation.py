@@ -154,6 +154,8 @@ class SteeringEvaluator:
         self.question_set = question_set
         # Steering is judged on greedy answers; the noise floor samples (steering.noise).
         self.temperature = 0.0
+        # Per-question sampling seeds (the noise floor's replicates share one batch).
+        self.question_seeds: list[int] | None = None
         self.last_cached = 0
         self.calls = no_calls()
         self.provenance: JudgeProvenance | None = None
@@ -176,10 +178,11 @@ class SteeringEvaluator:
     async def _evaluate_batch(
         self, settings: Sequence[Setting], vectors: Sequence[np.ndarray]
     ) -> list[Evaluation]:
+        seeds = self.question_seeds or [None] * len(self.questions)
         rows = [
-            PromptItem(Chat((("user", q),)), steering=s.steering())
+            PromptItem(Chat((("user", q),)), steering=s.steering(), seed=seed)
             for s in settings
-            for q in self.questions
+            for q, seed in zip(self.questions, seeds, strict=True)
         ]
         used_vectors = vectors if any(s.steering() for s in settings) else ()
         generations = await self.loader.generate(

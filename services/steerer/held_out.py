@@ -11,7 +11,7 @@ The noise floor (``noise_floor`` jobs) replicates that measurement where only ch
 * ``questions``: ``repeats`` other samples of as many questions from the whole pool of the
   trait's steering questions (greedy answers, generated once for the whole pool);
 * ``seeds``: the held-out questions answered again at ``noise.temperature`` with ``repeats``
-  sampling seeds (one batch per seed: steered and unsteered rows);
+  sampling seeds (one batch: steered and unsteered rows, each copy with its own row seed);
 * ``rejudge``: the held-out greedy answers judged ``repeats`` more times.
 
 Each replicate's statistic is the steering effect: the signed mean paired (steered -
@@ -134,13 +134,16 @@ async def _noise_floor(
         )
     ]
     held = [greedy.questions[i] for i in held_idx]
-    sampler = r.evaluator_for(held)
+    # Every seed replicate in one batch: the held-out questions repeated, each copy with its
+    # own row seed (the loader samples each row from its own seed).
+    sampler = r.evaluator_for(held * spec.repeats)
     sampler.temperature = spec.temperature
-    effects: list[float | None] = []
-    for k in range(spec.repeats):
-        sampler.seed = steering.seed + 1 + k
-        s_base, s_best = await sampler.evaluate([UNSTEERED, r.setting], r.vectors)
-        effects.append(paired_effect(s_best, s_base, range(n), r.sign))
+    sampler.question_seeds = [steering.seed + 1 + k for k in range(spec.repeats) for _ in held]
+    s_base, s_best = await sampler.evaluate([UNSTEERED, r.setting], r.vectors)
+    effects = [
+        paired_effect(s_best, s_base, range(k * n, (k + 1) * n), r.sign)
+        for k in range(spec.repeats)
+    ]
     components.append(
         NoiseComponent(
             source="seeds",

@@ -66,12 +66,12 @@ async def test_held_out_rescore_and_noise_floor(
     assert rejudge.sd is None and rejudge.note is not None and "cache" in rejudge.note
     assert noise.sd == pytest.approx(seeds.sd)
     assert noise.band == pytest.approx(BAND_Z * seeds.sd)
-    # Work: the search's 4 steps, one greedy pool batch (7 questions x 2), 3 seed batches
-    # (4 x 2 each); judge: 4 + 1 + 3 + 3 re-judgings.
-    assert result.calls.loader_calls == 4 + 1 + 3
+    # Work: the search's 4 steps, one greedy pool batch (7 questions x 2), one batch of the 3
+    # seed replicates (4 x 2 each, a row seed per copy); judge: 4 + 1 + 1 + 3 re-judgings.
+    assert result.calls.loader_calls == 4 + 1 + 1
     rows = 4 * 3 + 3 * (0 if result.baseline.reused else 1) + 14 + 3 * 8
     assert result.calls.loader_rows == rows
-    assert result.calls.judge_calls == 11
+    assert result.calls.judge_calls == 9
 
     away, _ = read_result(plane, run_id, plain)
     assert away.held_out is not None and away.noise is None
