@@ -12,6 +12,7 @@
 
     python bench/multi_gpu_check.py                   # a 2- or 4-GPU machine, about 6 min
     python bench/multi_gpu_check.py --parts equality  # one part
+    python bench/multi_gpu_check.py --out "$OUT/multi_gpu.json"  # also to a file, part by part
 
 ``--cpu-devices N`` is a dry run on the CPU with tiny shapes: the split engine's layers are
 told apart as ``cpu`` and ``cpu:0`` (as tests/loader/test_multi_device.py does), so the
@@ -326,6 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split-gpus", type=int, default=0, help="default: every visible GPU")
     parser.add_argument("--rtol", type=float, default=0.0, help="0: by dtype (bf16 2e-2)")
     parser.add_argument("--cpu-devices", type=int, default=0, help="dry run over N CPU labels")
+    parser.add_argument("--out", default="", help="also write the report here, part by part")
     parser.add_argument("--bench-child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tiny = "tiny:llama?layers={}&hidden=64&heads=4&kv_heads=2&intermediate=128&direct=1"
@@ -357,16 +359,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "precision": precision.value,
     }
-    if "placement" in args.parts and not cpu:
-        report["placement"] = placement_part(args.big_model, precision)
     # The bench children first: this process then holds no model while they measure free
     # memory and place the 70B shape.
-    if "bench" in args.parts:
-        report["bench"] = bench_part(args)
-    if "equality" in args.parts:
-        report["equality"] = equality_part(args, precision)
+    steps = {
+        "placement": lambda: placement_part(args.big_model, precision),
+        "bench": lambda: bench_part(args),
+        "equality": lambda: equality_part(args, precision),
+    }
+    for part in ("placement", "bench", "equality"):
+        if part not in args.parts or (part == "placement" and cpu):
+            continue
+        started = time.perf_counter()
+        report[part] = steps[part]()
+        report.setdefault("part_s", {})[part] = round(time.perf_counter() - started, 1)
+        print(f"multi_gpu_check: {part} done in {report['part_s'][part]} s", file=sys.stderr)
+        if args.out:  # what is done survives a run cut short
+            Path(args.out).write_text(json.dumps(report, indent=2))
     bench_ok = all("error" not in v for k, v in report.get("bench", {}).items() if k != "flags")
     report["ok"] = bench_ok and report.get("equality", {}).get("within_tolerance", True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report
 

@@ -29,9 +29,11 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_whole_check_dry_runs_over_cpu_labels(tmp_path: Path) -> None:
-    proc = _run(tmp_path, "--cpu-devices", "3", "--precision", "fp32")
+    out = tmp_path / "report.json"
+    proc = _run(tmp_path, "--cpu-devices", "3", "--precision", "fp32", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == report and set(report["part_s"]) == {"bench", "equality"}
     assert report["ok"] is True and report["mode"] == "cpu dry run over 3 labels"
     eq = report["equality"]
     assert eq["split_over"] == 3 and "layer-wise over 3 device(s)" in eq["placement"][0]
