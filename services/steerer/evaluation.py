@@ -178,7 +178,7 @@ class SteeringEvaluator:
     async def _evaluate_batch(
         self, settings: Sequence[Setting], vectors: Sequence[np.ndarray]
     ) -> list[Evaluation]:
-        seeds = self.question_seeds or [None] * len(self.questions)
+        seeds: Sequence[int | None] = self.question_seeds or [None] * len(self.questions)
         rows = [
             PromptItem(Chat((("user", q),)), steering=s.steering(), seed=seed)
             for s in settings
