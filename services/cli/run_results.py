@@ -29,13 +29,15 @@ async def collect_results(run_id: str) -> dict[str, Any]:
     for key in await store.list_keys(run_prefix(run_id)):
         if key.endswith("/summary.json") and "/extract/" in key:
             doc = await store.get_json(key)
-            extractions[(doc["variant"], doc["trait"], doc["mode"])] = doc
+            # The reference on another variant's text (2x2 replay): one per variant.
+            mode = doc["mode"] if doc["mode"] != "reverse" else f"reverse {doc['replay_from']}"
+            extractions[(doc["variant"], doc["trait"], mode)] = doc
     cosines: list[dict[str, Any]] = []
     for model in spec.models:
         reference = f"{model.name}@{spec.reference.value}"
         for (variant, trait, mode), doc in sorted(extractions.items()):
             ref_doc = extractions.get((reference, trait, "native"))
-            if variant == reference or ref_doc is None:
+            if (variant == reference and mode == "native") or ref_doc is None:
                 continue
             for method, vkey in doc["vector_keys"].items():
                 if method not in ref_doc["vector_keys"]:
@@ -95,5 +97,7 @@ def cosine_table(results: dict[str, Any], columns: int = 6) -> Table:
         values = dict(zip(row["layers"], row["cosine"], strict=True))
         cells = [_cell(values.get(layer)) for layer in picks]
         label = row["variant"].split("@")[-1] + (" replay" if row["mode"] == "replay" else "")
+        if row["mode"].startswith("reverse "):
+            label += f" on {row['mode'].split('@')[-1]} text"
         table.add_row(row["trait"], row["method"], label, *cells)
     return table
