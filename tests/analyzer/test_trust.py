@@ -12,16 +12,19 @@ import pytest
 from services.analyzer.blocks import Table
 from services.analyzer.classify import classify_steering_degradation, with_noise_band
 from services.analyzer.documents.models import SteeringComparison
-from services.analyzer.documents.steering import steering_section
+from services.analyzer.documents.steering import steering_comparison, steering_section
 from services.analyzer.documents.trust import (
     held_out_cell,
     noise_classified,
     trust_blocks,
     trusted_degradation,
 )
+from services.analyzer.loading import RunArtefacts
 from services.analyzer.views import SteerView
 from services.common.contracts.common import Interval
 from services.common.contracts.steer_results import HeldOutScore, NoiseComponent, NoiseFloor
+from services.common.planner import variants_of
+from services.common.spec import spec_from_bytes
 
 GOLDEN = Path(__file__).with_name("golden") / "documents.json"
 
@@ -170,3 +173,59 @@ def test_imported_vectors_and_trust_tables_render_apart() -> None:
     assert held.rows[0][8] == "50.0" and held.rows[0][9] == "3.5"
     assert noise.rows[0][4] == "1.50" and noise.rows[0][6] == "not counted (cached)"
     assert noise.rows[0][7] == "7.50"
+
+
+SPEC = b"""
+name: trust
+models: [{name: m, source: "tiny:llama", device: cpu}]
+precisions: [bf16, nf4]
+reference: bf16
+traits: [pv/evil]
+methods: [mean_diff]
+"""
+
+
+def _run(views: list[SteerView]) -> RunArtefacts:
+    spec = spec_from_bytes(SPEC)
+    return RunArtefacts(
+        run_id="r",
+        spec=spec,
+        variants=variants_of(spec),
+        extractions={},
+        steer=views,
+        logit_diff=[],
+        benchmarks=[],
+        probes=[],
+        inputs={},
+        missing={},
+        notes=[],
+        loader_notes={},
+    )
+
+
+def test_steering_comparison_on_held_out_scores_noise_and_imported_sets() -> None:
+    ref = _view(
+        "m@bf16", [60] * 4, BASE, held_out=_held([40] * 4, BASE), noise=_noise(3.0)
+    )  # held-out effect 30, band 8.31
+    nf4 = _view("m@nf4", [35] * 4, BASE, held_out=_held([34] * 4, BASE))  # held-out effect 24
+    imported = {"source": "imported-x", "method": "imported"}
+    imp_ref = _view("m@bf16", [50] * 4, BASE, key="runs/r/i/bf16", **imported)
+    imp_nf4 = _view("m@nf4", [20] * 4, BASE, key="runs/r/i/nf4", **imported)
+    doc = steering_comparison(_run([ref, nf4, imp_ref, imp_nf4]))
+    by = {(e.target, e.source): e for e in doc.entries}
+    own = by[("m@nf4", "m@nf4")]
+    assert own.degradation_pct is not None and own.degradation_pct["score_basis"] == "held_out"
+    assert own.degradation_pct["value"] == pytest.approx(20.0)  # in sample it would be 50%
+    # 20% is degraded by the threshold, but 6 points is inside the reference's band.
+    assert own.classification is not None and own.classification.class_ == "robust"
+    assert own.classification.within_noise and own.held_out is not None
+    assert by[("m@bf16", "m@bf16")].noise is not None
+    # The imported set is compared with the reference model steered with the same set.
+    assert by[("m@bf16", "imported-x")].is_reference
+    imp = by[("m@nf4", "imported-x")]
+    assert imp.degradation_pct is not None and imp.degradation_pct["value"] == pytest.approx(75.0)
+    assert imp.classification is not None and imp.classification.class_ == "broken"
+    # The across-precision spread compares held-out scores (40 vs 34).
+    self_spread = next(s for s in doc.spread if s["steering"] == "self")
+    assert self_spread["score_basis"] == "held_out"
+    assert self_spread["best_score"]["spread"] == pytest.approx(6.0)

@@ -39,6 +39,7 @@ from services.analyzer.documents.steering_cells import (
 )
 from services.analyzer.documents.trust import (
     held_out_cell,
+    held_out_view,
     noise_cell,
     noise_classified,
     trust_blocks,
@@ -134,7 +135,7 @@ def _entry(
         "precision": precision_of(v.target),
         "source": v.source,
         "steering": steering,
-        "is_reference": v.target == ref_id and v.source == ref_id,
+        "is_reference": v is ref or (v.target == ref_id and v.source == ref_id),
         "objective": v.objective,
         "status": v.status,
         "question_set": v.question_set,
@@ -204,6 +205,17 @@ def _compare_entry(
         entry["coherence_at_matched_coefficient"] = matched_coherence(ref, v)
 
 
+def _reference_view(views: Sequence[SteerView], ref_id: str) -> SteerView | None:
+    """What a group's variants are compared with: the reference's own steering, or for an
+    imported vector set the reference model steered with that same set."""
+    own = next((v for v in views if v.target == ref_id and v.source == ref_id), None)
+    if own is not None:
+        return own
+    return next(
+        (v for v in views if v.target == ref_id and v.source.startswith(IMPORTED_PREFIX)), None
+    )
+
+
 def _spreads(
     run: RunArtefacts, key: tuple[str, str, str, str, str], views: list[SteerView], base_seed: int
 ) -> list[dict[str, Any]]:
@@ -221,6 +233,11 @@ def _spreads(
         ]
         if len(chosen) < 2:
             continue
+        # Across precisions the held-out scores are compared when every variant has one.
+        held = [held_out_view(v) for v in chosen]
+        basis = {}
+        if all(h is not None for h in held):
+            chosen, basis = [h for h in held if h is not None], {"score_basis": "held_out"}
         spreads.append(
             {
                 "model": model,
@@ -234,6 +251,7 @@ def _spreads(
                 ),
                 "delta_values": {precision_of(x.target): x.delta for x in chosen},
                 "sources": sorted(x.key for x in chosen),
+                **basis,
             }
         )
     return spreads
@@ -252,7 +270,7 @@ def steering_comparison(run: RunArtefacts) -> SteeringComparison:
     for key in sorted(groups):
         views = groups[key]
         ref_id = run.reference_of(key[0])
-        ref = next((v for v in views if v.target == ref_id and v.source == ref_id), None)
+        ref = _reference_view(views, ref_id)
         for v in sorted(views, key=lambda x: (x.target, x.source)):
             entry = _entry(run, key, v, ref)
             _compare_entry(run, entry, v, ref, base_seed)
