@@ -11,6 +11,7 @@ import pytest
 
 from services.analyzer.blocks import Table
 from services.analyzer.classify import classify_steering_degradation, with_noise_band
+from services.analyzer.documents import build_all
 from services.analyzer.documents.models import SteeringComparison
 from services.analyzer.documents.steering import steering_comparison, steering_section
 from services.analyzer.documents.trust import (
@@ -229,3 +230,8 @@ def test_steering_comparison_on_held_out_scores_noise_and_imported_sets() -> Non
     self_spread = next(s for s in doc.spread if s["steering"] == "self")
     assert self_spread["score_basis"] == "held_out"
     assert self_spread["best_score"]["spread"] == pytest.approx(6.0)
+    # The ranking of precisions rests on extracted vectors only: the imported 75% is left out.
+    ranking = build_all(_run([ref, nf4, imp_ref, imp_nf4])).ranking
+    (nf4_rank,) = ranking.precisions
+    assert nf4_rank.mean_degradation_pct["value"] == pytest.approx(20.0)
+    assert nf4_rank.mean_degradation_pct["n"] == 1

@@ -30,6 +30,7 @@ from services.analyzer.documents.models import (
     SteeringComparison,
     VectorComparison,
 )
+from services.analyzer.documents.steering import IMPORTED_PREFIX
 from services.analyzer.loading import (
     RunArtefacts,
 )
@@ -101,7 +102,7 @@ def _conditions(
     deg_cond: dict[tuple[Any, ...], dict[str, float]] = defaultdict(dict)
     for e in steering.entries:
         d = (e.degradation_pct or {}).get("value")
-        if d is not None:
+        if d is not None and not e.source.startswith(IMPORTED_PREFIX):
             cond = (e.model, e.trait, e.target, e.steering, e.mode, e.direction)
             deg_cond[cond][e.method] = d
     return cos_cond, deg_cond
@@ -142,7 +143,8 @@ def _collect(
     for e in steering.entries:
         g = group_of(e.target)
         d = (e.degradation_pct or {}).get("value")
-        if g is not None and d is not None:
+        # Imported vector sets are reported apart (steering section), not ranked.
+        if g is not None and d is not None and not e.source.startswith(IMPORTED_PREFIX):
             out[g]["degradation"].append(d)
     for b in benchmarks.entries:
         g = group_of(b.variant)
