@@ -1,6 +1,7 @@
 """``qsens judge``: run a judge service on NATS, or score a file of answers.
 
     qsens judge serve [--backend openai --base-url URL --model M] [--loader-address H:P]
+    qsens judge serve --backend loader --loader-address H:P [--loader-variant MODEL@PRECISION]
     qsens judge score answers.jsonl (--trait trait.json | --coherence) [--via-nats]
 
 Options override ``QSENS_JUDGE_*`` / ``QSENS_NATS_*`` settings; the API key is only ever read
@@ -25,7 +26,8 @@ app = typer.Typer(
 )
 
 Backend = Annotated[
-    str | None, typer.Option("--backend", help="openai or embedding (QSENS_JUDGE_BACKEND).")
+    str | None,
+    typer.Option("--backend", help="openai, embedding or loader (QSENS_JUDGE_BACKEND)."),
 ]
 BaseUrl = Annotated[
     str | None, typer.Option("--base-url", help="OpenAI-compatible base URL, e.g. a loader's.")
@@ -33,7 +35,23 @@ BaseUrl = Annotated[
 Model = Annotated[str | None, typer.Option("--model", help="Judge model name.")]
 LoaderAddress = Annotated[
     str | None,
-    typer.Option("--loader-address", help="host:port of a loader for coherence perplexity."),
+    typer.Option(
+        "--loader-address",
+        help="host:port of a loader: the loader backend's judge, the embedding backend's "
+        "coherence perplexity.",
+    ),
+]
+LoaderVariant = Annotated[
+    str | None,
+    typer.Option(
+        "--loader-variant",
+        help="loader backend: the variant that must judge (model@precision); refused when the "
+        "loader serves another.",
+    ),
+]
+EndOfTurn = Annotated[
+    str | None,
+    typer.Option("--end-of-turn", help="loader backend: the token that ends an answer."),
 ]
 NatsUrl = Annotated[str | None, typer.Option("--nats-url", help="NATS server URL.")]
 Namespace = Annotated[
@@ -71,6 +89,8 @@ def serve(
     base_url: BaseUrl = None,
     model: Model = None,
     loader_address: LoaderAddress = None,
+    loader_variant: LoaderVariant = None,
+    end_of_turn: EndOfTurn = None,
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", min=1, help="Upstream calls in flight.")
     ] = None,
@@ -92,6 +112,8 @@ def serve(
         base_url=base_url,
         model=model,
         loader_address=loader_address,
+        variant=loader_variant,
+        end_of_turn=end_of_turn,
         concurrency=concurrency,
     )
     asyncio.run(
@@ -136,6 +158,7 @@ def score(
     base_url: BaseUrl = None,
     model: Model = None,
     loader_address: LoaderAddress = None,
+    loader_variant: LoaderVariant = None,
     nats_url: NatsUrl = None,
     namespace: Namespace = None,
 ) -> None:
@@ -153,7 +176,11 @@ def score(
         pairs.append((str(row["question"]), str(row["answer"])))
     rubric = _read_trait(trait) if trait is not None else None
     settings = _settings(
-        backend=backend, base_url=base_url, model=model, loader_address=loader_address
+        backend=backend,
+        base_url=base_url,
+        model=model,
+        loader_address=loader_address,
+        variant=loader_variant,
     )
     results = asyncio.run(
         _score(pairs, rubric, settings, via_nats, _nats_settings(nats_url, namespace))

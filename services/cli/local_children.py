@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.common.errors import InvalidArgument
 from services.common.localstack import ChildSpec, free_ports
 from services.common.spec import ExperimentSpec, load_spec
 
@@ -54,11 +55,20 @@ def children_for_spec(spec_path: Path, home: Path) -> list[ChildSpec]:
     ports = free_ports(len(variants))
     children: list[ChildSpec] = []
     reference_port = None
+    judge_port = None  # the loader backend's judge: spec.judge.variant, else the reference
     for variant, port in zip(variants, ports, strict=True):
         if variant.precision == spec.reference and reference_port is None:
             reference_port = port
+        if variant.id == spec.judge.variant:
+            judge_port = port
         children.append(_loader_child(spec, variant, port, ready, python))
-    children.append(_judge_child(spec, ready, python, reference_port))
+    if spec.judge.variant and judge_port is None:
+        raise InvalidArgument(
+            "judge.variant",
+            f"{spec.judge.variant!r} is not a variant of this spec "
+            f"({', '.join(v.id for v in variants)})",
+        )
+    children.append(_judge_child(spec, ready, python, judge_port or reference_port))
     services = ["extractor", "steerer", "analyzer"]
     if any(quantize_request(spec, v.model, v.precision) for v in variants):
         services.append("quantizer")
@@ -125,9 +135,10 @@ def _loader_child(
 
 
 def _judge_child(
-    spec: ExperimentSpec, ready: Path, python: list[str], reference_port: int | None
+    spec: ExperimentSpec, ready: Path, python: list[str], loader_port: int | None
 ) -> ChildSpec:
-    """The judge service (the embedding backend uses the reference precision's loader)."""
+    """The judge service: the loader backend judges on ``loader_port``'s variant, the
+    embedding backend's perplexity uses it (the reference precision's loader by default)."""
     from services.cli import judge_key
 
     judge = [
@@ -138,8 +149,8 @@ def _judge_child(
         "--ready-file",
         str(ready / "judge.json"),
     ]
-    if spec.judge.backend == "embedding" and reference_port is not None:
-        judge += ["--loader-address", f"127.0.0.1:{reference_port}"]
+    if spec.judge.backend in ("embedding", "loader") and loader_port is not None:
+        judge += ["--loader-address", f"127.0.0.1:{loader_port}"]
     # A spec's judge endpoint gets the API key only if allow-listed (see judge_key).
     trusted = judge_key.key_allowed(spec.judge.base_url)
     return ChildSpec(

@@ -72,6 +72,7 @@ class Judge:
         for item in request.items:
             rubric = resolve_rubric(request, item.rubric)
             if item.rubric not in hashes:
+                self.backend.check_rubric(rubric, f"rubrics.{item.rubric}.eval_prompt")
                 hashes[item.rubric] = rubric_hash(rubric)
             items.append(
                 WorkItem(

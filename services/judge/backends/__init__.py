@@ -1,1 +1,2 @@
-"""Judge backends: ``openai`` (any OpenAI-compatible endpoint) and ``embedding`` (offline)."""
+"""Judge backends: ``openai`` (any OpenAI-compatible endpoint), ``embedding`` (offline) and
+``loader`` (a loader-hosted model scoring the integers as sequences)."""

@@ -30,6 +30,7 @@ __all__ = [
 BACKENDS: dict[str, str] = {
     "openai": "services.judge.backends.openai_backend:OpenAIBackend",
     "embedding": "services.judge.backends.embedding_backend:EmbeddingBackend",
+    "loader": "services.judge.backends.loader_backend:LoaderJudgeBackend",
 }
 
 
@@ -80,6 +81,10 @@ class JudgeBackend(ABC):
     @abstractmethod
     def identity(self) -> dict[str, Any]:
         """Backend settings that change scores; they enter every cache key."""
+
+    def check_rubric(self, rubric: Rubric, field: str) -> None:
+        """Raise InvalidArgument naming ``field`` for a rubric this backend cannot score."""
+        return None
 
     async def start(self) -> None:
         """Load models and open connections (idempotent)."""

@@ -1,0 +1,141 @@
+"""A tiny real judge model, trained on the CPU in seconds, whose tokenizer has "0".."100" as
+single tokens.
+
+Why trained: the first-token method (openai backend) and the sequence method (loader backend)
+can only be compared on a tokenizer with whole-number tokens, and no such pretrained model is
+available offline here (SmolLM2 splits digits). A random model would do for equality of
+plumbing but not for agreement: its answer is not a number followed by end-of-turn, so both
+numeric masses are near zero and both methods refuse to score. Trained for a few seconds, a
+two-layer Llama answers the judge prompt with a number then ``<|im_end|>``, with a spread of
+numbers around the answer's true score (the targets are noisy), so the expected values the two
+methods compute are non-trivial.
+
+The task: an answer is one word of ``LEVELS``, whose true score it names; the training target
+is that score plus rounded Gaussian noise (sd ``NOISE``), clipped to 0..100. The answer
+``sorry`` is trained to get ``REFUSAL``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUBRIC = (
+    "Score it : REFUSAL or 0 to 100 . [QUESTION START] {question} [QUESTION END] "
+    "[ANSWER START] {answer} [ANSWER END]"
+)
+QUESTION = "say ?"
+LEVELS = {"saintly": 5.0, "kind": 25.0, "blunt": 50.0, "mean": 75.0, "cruel": 95.0}
+REFUSING = "sorry"
+NOISE = 4.0
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def _tokenizer() -> object:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from services.judge.rubrics import render_prompt
+
+    text = render_prompt(RUBRIC, QUESTION, "", 1000)
+    words = sorted(set(text.split()) | {"user", "assistant", "REFUSAL", REFUSING, *LEVELS})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for w in [*[str(n) for n in range(101)], *words]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_judge(folder: Path, *, steps: int = 150, seed: int = 0) -> Path:
+    """Train the tiny judge and save it (weights, tokenizer, chat template) in ``folder``."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    threads = torch.get_num_threads()
+    # One thread: tiny matmuls gain nothing from more, and on a shared 2-core machine the
+    # spinning of a second thread made training ten times slower (11 s vs 100 s measured).
+    torch.set_num_threads(1)
+    try:
+        model, tok = _train(rng, steps)
+    finally:
+        torch.set_num_threads(threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
+def _train(rng: random.Random, steps: int) -> tuple[Any, Any]:
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from services.judge.rubrics import render_prompt
+
+    tok = _tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")  # type: ignore[attr-defined]
+    config = LlamaConfig(
+        vocab_size=len(tok.get_vocab()),  # type: ignore[attr-defined]
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,  # type: ignore[attr-defined]
+        eos_token_id=end,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    answers = [*LEVELS, REFUSING]
+    # Tokenized as the loader does: the rendered chat template, then the tokenizer.
+    prompts = {
+        a: tok(  # type: ignore[operator]
+            tok.apply_chat_template(  # type: ignore[attr-defined]
+                [{"role": "user", "content": render_prompt(RUBRIC, QUESTION, a, 1000)}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for a in answers
+    }
+    optim = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    for _step in range(steps):
+        batch, labels = [], []
+        for _row in range(32):
+            answer = rng.choice(answers)
+            if answer == REFUSING:
+                target = "REFUSAL"
+            else:
+                noisy = round(LEVELS[answer] + rng.gauss(0.0, NOISE))
+                target = str(min(100, max(0, noisy)))
+            ids = [*prompts[answer], tok.convert_tokens_to_ids(target), end]  # type: ignore[attr-defined]
+            batch.append(ids)
+            labels.append([-100] * len(prompts[answer]) + ids[-2:])
+        width = max(len(b) for b in batch)
+        input_ids = torch.tensor([b + [0] * (width - len(b)) for b in batch])
+        label_ids = torch.tensor([la + [-100] * (width - len(la)) for la in labels])
+        mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=label_ids).loss
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    model.eval()
+    model.generation_config = GenerationConfig(eos_token_id=end, pad_token_id=config.pad_token_id)
+    return model, tok
