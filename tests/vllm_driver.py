@@ -2,7 +2,8 @@
 run it with the vLLM virtual environment's Python (vLLM pins its own torch and transformers,
 so it never shares a process with the HF engine) and compare against the HF engine.
 
-Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS RESULTS``; each call is
+Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS RESULTS`` (or ``--refusals
+FOLDER RESULTS``: the errors of loads this machine cannot serve); each call is
 ``(method name, args, kwargs)`` of ``services.loader.engine.Engine``; both files are written
 by ``tests.engine_codec`` (safetensors + JSON, no ``torch.load``).
 """
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.common.errors import QsensError
 from services.common.settings import LoaderSettings
 from services.common.variants import Precision
 from services.loader.engines.vllm.engine import VLLMEngine
@@ -21,15 +23,32 @@ from services.loader.model_source import ResolvedSource
 from tests import engine_codec
 
 
-def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
-    started = time.perf_counter()
-    engine = VLLMEngine.load(
+def _load(folder: str, precision: str, settings: LoaderSettings) -> VLLMEngine:
+    return VLLMEngine.load(
         ResolvedSource(Path(folder), "smollm2-135m", folder),
         Precision(precision),
         "vllm",
         device="cpu",
-        settings=LoaderSettings(),
+        settings=settings,
     )
+
+
+def refusals(folder: str, out_path: str) -> None:
+    """The named errors of loads this CPU cannot serve, each ``(kind, field, text)``."""
+    found = []
+    for precision, gpus in (("gptq", None), ("awq", None), ("bf16", 2)):
+        try:
+            _load(folder, precision, LoaderSettings(gpus=gpus))
+            found.append(("loaded", "", precision))
+        except QsensError as exc:
+            found.append((type(exc).__name__, getattr(exc, "field", ""), str(exc)))
+    engine_codec.write(found, out_path)
+
+
+def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
+    """Load, run the calls, save the results."""
+    started = time.perf_counter()
+    engine = _load(folder, precision, LoaderSettings())
     loaded = time.perf_counter() - started
     calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = engine_codec.read(calls_path)
     results: list[Any] = []
@@ -52,4 +71,7 @@ def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    if sys.argv[1] == "--refusals":
+        refusals(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:5])

@@ -68,7 +68,9 @@ def loader(
             help="Hub id, folder, s3://bucket/prefix/, .gguf, smollm2-135m or tiny:llama."
         ),
     ],
-    precision: Annotated[str, typer.Option(help="fp32 bf16 fp16 nf4 fp4 int8 gptq awq.")] = "bf16",
+    precision: Annotated[
+        str, typer.Option(help="fp32 bf16 fp16 nf4 fp4 int8 gptq awq; fp8 (--engine vllm).")
+    ] = "bf16",
     backend: Annotated[str | None, typer.Option(help="Backend (default: the precision's).")] = None,
     engine: Annotated[
         str | None,

@@ -416,7 +416,7 @@ def check_precisions(spec: ExperimentSpec) -> None:
     for i, model in enumerate(spec.models):
         for precision in spec.precisions_for(model):
             try:
-                check_variant(precision, model.backend)
+                check_variant(precision, model.backend, device=model.device)
             except InvalidArgument as err:
                 key = "backend" if err.field == "backend" else "precisions"
                 raise InvalidArgument(

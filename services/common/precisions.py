@@ -28,7 +28,7 @@ __all__ = [
     "precision_info",
 ]
 
-Family = Literal["float", "bitsandbytes", "gptq", "awq"]
+Family = Literal["float", "bitsandbytes", "gptq", "awq", "fp8"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ class PrecisionFacts:
 
     @property
     def is_8bit(self) -> bool:
-        return self.bits == 8
+        """8-bit bitsandbytes weights (LLM.int8()); fp8 is a float format of its own."""
+        return self.bits == 8 and self.family == "bitsandbytes"
 
     @property
     def display_rank(self) -> int:
@@ -88,6 +89,10 @@ PRECISIONS: dict[Precision, PrecisionFacts] = {
         platform_quantized=True,
         graph_checked=False,
     ),
+    # Quantized by vLLM when the model loads: no checkpoint of its own, no quantize job.
+    Precision.FP8: PrecisionFacts(
+        Precision.FP8, 8, "fp8", "FP8", quantized=True, graph_checked=False
+    ),
 }
 
 # Display order: the figures' historical order (reference widths first, int8 before 4-bit).
@@ -100,6 +105,7 @@ _ORDER: tuple[Precision, ...] = (
     Precision.FP4,
     Precision.GPTQ,
     Precision.AWQ,
+    Precision.FP8,
 )
 assert set(_ORDER) == set(Precision) == set(PRECISIONS)
 

@@ -22,6 +22,9 @@ class Precision(StrEnum):
     INT8 = "int8"
     GPTQ = "gptq"
     AWQ = "awq"
+    # Weights in float8 e4m3 with a scale per output channel, activations per token, made
+    # when the model loads (vLLM's ``fp8_per_channel`` online quantization).
+    FP8 = "fp8"
 
     @property
     def is_quantized(self) -> bool:

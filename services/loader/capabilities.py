@@ -59,6 +59,10 @@ class EngineCapabilities:
     # (position segment, reduction) pairs ``capture`` computes, e.g. ("response", "mean").
     captures: frozenset[tuple[str, str]] = field(default_factory=_every_capture)
     rpcs: frozenset[str] = frozenset(RPCS)
+    # Precision names this engine serves on its device (empty: not stated, older loaders).
+    precisions: frozenset[str] = frozenset()
+    # GPUs the model spans with tensor parallelism.
+    tensor_parallel_size: int = 1
 
     def check_steering(self, steering: Sequence[_Steering], field: str) -> None:
         """FailedPrecondition when ``steering`` needs what this engine cannot do."""
@@ -104,6 +108,8 @@ def capabilities_to_proto(caps: EngineCapabilities) -> pb.EngineCapabilities:
         steering_positions=sorted(caps.steering_positions),
         captures=sorted(f"{segment}:{reduction}" for segment, reduction in caps.captures),
         rpcs=sorted(caps.rpcs),
+        precisions=sorted(caps.precisions),
+        tensor_parallel_size=caps.tensor_parallel_size,
     )
 
 
@@ -121,4 +127,6 @@ def capabilities_from_proto(engine: str, message: pb.EngineCapabilities) -> Engi
             for segment, _, reduction in (c.partition(":") for c in message.captures)
         ),
         rpcs=frozenset(message.rpcs),
+        precisions=frozenset(message.precisions),
+        tensor_parallel_size=message.tensor_parallel_size or 1,
     )

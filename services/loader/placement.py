@@ -44,6 +44,7 @@ _SCALE_BITS: dict[str, float] = {
     "bitsandbytes4": 32 / 64,
     "gptq": (16 + 4) / 128,
     "awq": (16 + 4) / 128,
+    "fp8": 0.0,  # one scale per output channel: 32 bits over a whole row
 }
 
 

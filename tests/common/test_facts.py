@@ -47,6 +47,7 @@ def test_bits_and_display_order_are_the_analyzers_historical_ones() -> None:
         "fp4": 4,
         "gptq": 4,
         "awq": 4,
+        "fp8": 8,
     }
     shuffled = ["awq", "nf4", "zz-custom", "bf16", "gptq", "int8", "fp32", "fp4", "fp16", "nf4"]
     assert by_display_order(shuffled) == [

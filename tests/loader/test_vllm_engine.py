@@ -45,6 +45,11 @@ QUESTIONS = [
     "Write one word about the sea.",
 ]
 STEER_LAYERS = (8, 9, 10, 11, 12)
+# fp8 against bf16 on SmolLM2 (measured on an AVX2 CPU): the first 4 greedy tokens agree
+# for the test's prompts (one parts at the fifth); the top next-token log-prob moves by up
+# to 0.39.
+FP8_SAME_TOKENS = 4
+FP8_LOGPROB = 0.6
 
 
 def _direction(hidden: int) -> torch.Tensor:
@@ -93,32 +98,29 @@ def _calls(engine: Any) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str, Any]]:
-    """HF results here, vLLM results from the driver, for the same calls at fp32."""
-    runtime = build_runtime("smollm2-135m", "fp32", device="cpu")
-    engine = runtime.engine
-    calls = _calls(engine)
-    hf = [
+def _run_hf(engine: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[Any]:
+    return [
         list(getattr(engine, n)(*a, **k)) if n == "capture" else getattr(engine, n)(*a, **k)
         for n, a, k in calls
     ]
+
+
+def _drive(folder: Path, precision: str, calls: list[Any]) -> dict[str, Any]:
+    """The vLLM driver's results for ``calls`` on SmolLM2 at ``precision`` (or its error)."""
     source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
-    folder = tmp_path_factory.mktemp("vllm")
     engine_codec.write(calls, folder / "calls.safetensors")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [
             str(VLLM_PYTHON),
             "-m",
             "tests.vllm_driver",
             str(source.folder),
-            "fp32",
+            precision,
             str(folder / "calls.safetensors"),
             str(folder / "out.safetensors"),
         ],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -126,9 +128,18 @@ def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     out: dict[str, Any] = engine_codec.read(folder / "out.safetensors")
-    print(f"vllm load {out['load_s']:.1f}s, calls {[round(t, 2) for t in out['timings_s']]}s")
-    sys.stdout.flush()
-    return hf, out
+    if "load_s" in out:
+        print(f"vllm {precision}: load {out['load_s']:.1f}s, calls", out["timings_s"])
+        sys.stdout.flush()
+    return out
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], dict[str, Any]]:
+    """HF results here, vLLM results from the driver, for the same calls at fp32."""
+    engine = build_runtime("smollm2-135m", "fp32", device="cpu").engine
+    calls = _calls(engine)
+    return _run_hf(engine, calls), _drive(tmp_path_factory.mktemp("vllm"), "fp32", calls)
 
 
 def test_generate_same_greedy_tokens_steered_and_not(
@@ -184,6 +195,65 @@ def test_capabilities_are_honest(both: tuple[list[Any], dict[str, Any]]) -> None
     assert caps.engine == "vllm"
     assert caps.supports_steering and not caps.batch_invariant and not caps.graphable
     assert any("vLLM" in note for note in out["describe"].notes)
+    # This CPU's vLLM build has no int4 weight-only GEMM: GPTQ/AWQ are not among its own.
+    assert caps.precisions == {"fp32", "bf16", "fp16", "fp8"}
+    assert caps.tensor_parallel_size == 1
+
+
+def test_fp8_stays_near_the_bf16_model(tmp_path: Path) -> None:
+    """fp8 (vLLM's per-channel online quantization of the bf16 checkpoint) against the HF
+    engine at bf16 on the same checkpoint: the same first greedy tokens unsteered and
+    steered, the same top next token with its log-prob within fp8's error, and not the bf16
+    numbers (the weights were quantized). Tokens further on may part: fp8's 3-bit mantissa
+    turns bf16 rounding differences into different roundings of whole activations."""
+    engine = build_runtime("smollm2-135m", "bf16", device="cpu").engine
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "prompt") for q in QUESTIONS]
+    add = [SteerSpec(STEER_LAYERS, _direction(engine.hidden_size), 12.0, "add", "all")]
+    items = [EngineItem(p) for p in prompts] + [EngineItem(prompts[0], steering=add)]
+    calls = [
+        ("generate", (items, GenParams(max_new_tokens=FP8_SAME_TOKENS)), {}),
+        ("next_token", (items,), {"top_k": 5, "token_ids": []}),
+    ]
+    hf, out = _run_hf(engine, calls), _drive(tmp_path, "fp8", calls)
+    assert out["describe"].quantization_config["quant_method"] == "fp8_per_channel"
+    assert out["describe"].dtype == "bfloat16"
+    for h, v in zip(hf[0], out["results"][0], strict=True):
+        assert v.token_ids == h.token_ids
+    gaps = [abs(h.top[0][2] - v.top[0][2]) for h, v in zip(hf[1], out["results"][1], strict=True)]
+    print(f"fp8 vs bf16 top next-token log-prob gaps {[round(g, 4) for g in gaps]}")
+    for h, v in zip(hf[1], out["results"][1], strict=True):
+        assert v.top[0][0] == h.top[0][0]
+    assert 1e-3 < max(gaps) < FP8_LOGPROB
+
+
+def test_what_this_cpu_cannot_serve_is_refused_by_name(tmp_path: Path) -> None:
+    """Refused before vLLM builds the model: GPTQ/AWQ without the int4 kernel (the first
+    forward would fail with ``'_C' object has no attribute 'cpu_gemm_wna16'``), and a GPU
+    count above one (``QSENS_LOADER_GPUS``) on a CPU."""
+    source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
+    done = subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            "-m",
+            "tests.vllm_driver",
+            "--refusals",
+            str(source.folder),
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (gptq, awq, tp) = engine_codec.read(tmp_path / "out")
+    for kind, field, text in (gptq, awq):
+        assert (kind, field) == ("InvalidArgument", "precision")
+        assert "cpu_gemm_wna16" in text and "backend gptq/awq" in text
+    assert tp[:2] == ("InvalidArgument", "gpus")
+    assert "tensor parallelism over 2 GPUs needs CUDA GPUs" in tp[2]
 
 
 async def test_grpc_loader_on_vllm_serves_like_hf(both: tuple[list[Any], dict[str, Any]]) -> None:
@@ -222,7 +292,10 @@ async def test_grpc_loader_on_vllm_serves_like_hf(both: tuple[list[Any], dict[st
     finally:
         proc.stop()
     assert info.engine == "vllm" and info.backend == "vllm"
+    assert info.capabilities is not None
     assert info.capabilities.supports_steering and not info.capabilities.batch_invariant
+    assert "fp8" in info.capabilities.precisions and "gptq" not in info.capabilities.precisions
+    assert info.capabilities.tensor_parallel_size == 1
     assert plain.token_ids == hf[0][0].token_ids
     assert steered.token_ids == hf[0][2].token_ids
     np.testing.assert_allclose(

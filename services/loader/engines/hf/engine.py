@@ -12,7 +12,7 @@ import torch
 from services.common.settings import LoaderSettings
 from services.common.variants import Precision
 from services.loader.backends.base import LoadedModel
-from services.loader.backends.registry import get_backend
+from services.loader.backends.registry import engine_precisions, get_backend
 from services.loader.engine import (
     CaptureResult,
     ContinuationScore,
@@ -51,6 +51,7 @@ class HFEngine(HFCore, Engine):
             batch_invariant=True,
             graphable=self._graphable(),
             supports_steering=True,
+            precisions=frozenset(p.value for p in engine_precisions(self.name)),
         )
 
     @classmethod

