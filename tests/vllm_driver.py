@@ -36,9 +36,9 @@ def _load(folder: str, precision: str, settings: LoaderSettings) -> VLLMEngine:
 def refusals(folder: str, out_path: str) -> None:
     """The named errors of loads this CPU cannot serve, each ``(kind, field, text)``."""
     found = []
-    for precision, gpus in (("gptq", None), ("awq", None), ("bf16", 2)):
+    for precision in ("gptq", "awq"):
         try:
-            _load(folder, precision, LoaderSettings(gpus=gpus))
+            _load(folder, precision, LoaderSettings())
             found.append(("loaded", "", precision))
         except QsensError as exc:
             found.append((type(exc).__name__, getattr(exc, "field", ""), str(exc)))

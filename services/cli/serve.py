@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -77,6 +78,14 @@ def loader(
         typer.Option(help="Engine (hf; others where registered). Default: the backend's."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="GPUs the variant spans (sets QSENS_LOADER_GPUS): layer-wise placement on the "
+            "hf engine, the tensor parallel size on vllm.",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Model name in the variant id.")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="gRPC port (0: free port).")] = None,
@@ -97,6 +106,9 @@ def loader(
 
     With --announce the loader is in the registry from the start: 'waiting' while --quantize
     waits for its checkpoint, 'starting' while it loads, then 'ready' at its address."""
+    if gpus is not None:  # the loader settings read it, as from a Deployment's env
+        os.environ["QSENS_LOADER_GPUS"] = str(gpus)
+        settings_mod.reset()
     common = settings_mod.get(settings_mod.CommonSettings)
     configure_logging("loader", common.log_level, common.log_format)
     from services.loader.server import serve

@@ -228,32 +228,31 @@ def test_fp8_stays_near_the_bf16_model(tmp_path: Path) -> None:
 
 def test_what_this_cpu_cannot_serve_is_refused_by_name(tmp_path: Path) -> None:
     """Refused before vLLM builds the model: GPTQ/AWQ without the int4 kernel (the first
-    forward would fail with ``'_C' object has no attribute 'cpu_gemm_wna16'``), and a GPU
-    count above one (``QSENS_LOADER_GPUS``) on a CPU."""
+    forward would fail with ``'_C' object has no attribute 'cpu_gemm_wna16'``), and
+    ``qsens serve loader --engine vllm --gpus 2`` on a CPU (a named error, exit status 2)."""
     source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    driver = [str(VLLM_PYTHON), "-m", "tests.vllm_driver", "--refusals"]
     done = subprocess.run(
-        [
-            str(VLLM_PYTHON),
-            "-m",
-            "tests.vllm_driver",
-            "--refusals",
-            str(source.folder),
-            str(tmp_path / "out"),
-        ],
+        [*driver, str(source.folder), str(tmp_path / "out")],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    (gptq, awq, tp) = engine_codec.read(tmp_path / "out")
-    for kind, field, text in (gptq, awq):
+    for kind, field, text in engine_codec.read(tmp_path / "out"):
         assert (kind, field) == ("InvalidArgument", "precision")
         assert "cpu_gemm_wna16" in text and "backend gptq/awq" in text
-    assert tp[:2] == ("InvalidArgument", "gpus")
-    assert "tensor parallelism over 2 GPUs needs CUDA GPUs" in tp[2]
+    serve = [str(VLLM_PYTHON), "-m", "services.cli.main", "serve", "loader", "--engine", "vllm"]
+    args = ["--model", str(source.folder), "--precision", "bf16", "--gpus", "2", "--port", "0"]
+    done = subprocess.run(
+        [*serve, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert "error: gpus: tensor parallelism over 2 GPUs needs CUDA GPUs" in done.stderr
 
 
 async def test_grpc_loader_on_vllm_serves_like_hf(both: tuple[list[Any], dict[str, Any]]) -> None:
