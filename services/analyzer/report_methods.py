@@ -167,6 +167,14 @@ def _sample_sizes(run: RunArtefacts) -> list[Block]:
             + "; ".join(f"{t} ({k or 'eval'}): {fmt_num(n)}" for t, k, n in questions)
             + "."
         )
+    held = sorted({(v.trait, v.held_out.n) for v in run.steer if v.held_out is not None})
+    if held:
+        sizes.append(
+            "Held-out steering questions (the chosen setting scored again; disjoint from the "
+            "search's and from extraction): "
+            + "; ".join(f"{t}: {fmt_num(n)}" for t, n in held)
+            + "."
+        )
     if n_bench:
         sizes.append(
             "Benchmark items: " + "; ".join(f"{n}: {fmt_num(k)}" for n, k in n_bench) + "."

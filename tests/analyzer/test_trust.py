@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.analyzer.blocks import Table
+from services.analyzer.blocks import Bullets, Paragraph, Table
 from services.analyzer.classify import classify_steering_degradation, with_noise_band
 from services.analyzer.documents import build_all
 from services.analyzer.documents.models import SteeringComparison
@@ -21,6 +21,7 @@ from services.analyzer.documents.trust import (
     trusted_degradation,
 )
 from services.analyzer.loading import RunArtefacts
+from services.analyzer.report_methods import methods_section
 from services.analyzer.views import SteerView
 from services.common.contracts.common import Interval
 from services.common.contracts.steer_results import HeldOutScore, NoiseComponent, NoiseFloor
@@ -235,3 +236,11 @@ def test_steering_comparison_on_held_out_scores_noise_and_imported_sets() -> Non
     (nf4_rank,) = ranking.precisions
     assert nf4_rank.mean_degradation_pct["value"] == pytest.approx(20.0)
     assert nf4_rank.mean_degradation_pct["n"] == 1
+    # Methods: the held-out sample size is stated.
+    methods = methods_section(_run([ref, nf4]), doc)
+    texts = [t for b in methods if isinstance(b, Bullets | Paragraph) for t in _texts(b)]
+    assert any("Held-out steering questions" in t and "pv/evil: 4" in t for t in texts), texts
+
+
+def _texts(block: Bullets | Paragraph) -> list[str]:
+    return list(block.items) if isinstance(block, Bullets) else [block.text]
