@@ -155,18 +155,15 @@ def replay_2x2(run: RunArtefacts) -> list[Replay2x2Entry]:
 
 def _crossed(
     run: RunArtefacts, group: Sequence[Any], target: str, source: str, either: bool
-) -> dict[str, tuple[dict[tuple[str, str], Any], str]]:
-    """Variants of a group run across precisions: variant -> (views by (model, vectors) ->
-    view, reference id). The reference with the variant's vectors; with ``either``, also the
-    variant with the reference's alone. ``target``/``source`` name the views' attributes."""
+) -> tuple[dict[tuple[str, str], Any], str, list[str]]:
+    """One model's views by (model, vectors), its reference, and the variants run across
+    precisions: the reference with the variant's vectors; with ``either``, also the variant
+    with the reference's alone. ``target``/``source`` name the views' attributes."""
     by: dict[tuple[str, str], Any] = {(getattr(v, target), getattr(v, source)): v for v in group}
     ref_id = run.reference_of(model_of(getattr(group[0], target)))
     variants = {v.id for v in run.variants} - {ref_id}  # not imported vector sets
-    return {
-        q: (by, ref_id)
-        for q in sorted(variants)
-        if (ref_id, q) in by or (either and (q, ref_id) in by)
-    }
+    crossed = [q for q in sorted(variants) if (ref_id, q) in by or (either and (q, ref_id) in by)]
+    return by, ref_id, crossed
 
 
 def reverse_source(run: RunArtefacts, target: str, source: str) -> bool:
@@ -188,7 +185,8 @@ def steering_both(run: RunArtefacts) -> list[SteeringBothEntry]:
         groups[(model_of(v.target), v.trait, v.method, v.mode, v.direction)].append(v)
     out: list[SteeringBothEntry] = []
     for key, group in sorted(groups.items()):
-        for variant, (by, ref_id) in _crossed(run, group, "target", "source", False).items():
+        by, ref_id, crossed = _crossed(run, group, "target", "source", False)
+        for variant in crossed:
             rr, rv = by.get((ref_id, ref_id)), by[(ref_id, variant)]
             vr, vv = by.get((variant, ref_id)), by.get((variant, variant))
 
@@ -238,7 +236,8 @@ def logit_diff_both(run: RunArtefacts) -> list[LogitDiffBothEntry]:
         groups[(model_of(v.variant), v.trait, v.method)].append(v)
     out: list[LogitDiffBothEntry] = []
     for (model, trait, method), group in sorted(groups.items()):
-        for variant, (by, ref_id) in _crossed(run, group, "variant", "source", True).items():
+        by, ref_id, crossed = _crossed(run, group, "variant", "source", True)
+        for variant in crossed:
             rr, rv = by.get((ref_id, ref_id)), by.get((ref_id, variant))
             vr, vv = by.get((variant, ref_id)), by.get((variant, variant))
 
