@@ -8,7 +8,8 @@ token positions the model receives. Generation decodes through vLLM's scheduler,
 stop handling; capture, score and next token replay each item's tokens as a prompt (prefix
 caching off: a cached prefix would skip the tokens a capture reads). Score reads vLLM's prompt
 log-probs; next token computes the full distribution from the final hidden state through the
-model's own ``compute_logits``.
+model's own ``compute_logits``. What vLLM is asked for per precision and GPU count, and what
+is refused before loading, is in ``services.loader.engines.vllm.options``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ class VLLMEngine(Engine):
         engine_core = llm.llm_engine.engine_core.engine_core  # in-process client
         self.runner = engine_core.model_executor.driver_worker.worker.model_runner
         self.model = self.runner.get_model()
+        # Steering tensors live where the model runs: the hooks index them by token owners
+        # built on the forward's own device.
+        self.device = torch.device(self.runner.device)
         model_config = llm.llm_engine.model_config
         hf_config = model_config.hf_text_config
         self.num_layers = int(hf_config.num_hidden_layers)
@@ -195,7 +199,7 @@ class VLLMEngine(Engine):
         plan = build_plan(
             [*steering, []],
             hidden_size=self.hidden_size,
-            device=torch.device("cpu"),
+            device=self.device,
             dtype=self.dtype,
         )
         state = FlatState(plan, torch.tensor([*prompt_lengths, 0]), capture)
@@ -420,7 +424,7 @@ class VLLMEngine(Engine):
         return EngineHealth(True)
 
     def device_label(self) -> str:
-        return str(self.runner.device)
+        return str(self.device)
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
