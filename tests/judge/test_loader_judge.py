@@ -101,7 +101,7 @@ async def test_sequence_and_first_token_scores_agree(tiny_judge: LoaderProc) -> 
     assert scored == sorted(scored) and scored[-1] - scored[0] > 60
 
 
-async def test_one_score_call_per_micro_batch(tiny_judge: LoaderProc) -> None:
+async def test_one_score_call_per_judgment(tiny_judge: LoaderProc) -> None:
     backend = LoaderJudgeBackend(_settings(tiny_judge))
     await backend.start()
     try:
@@ -116,7 +116,7 @@ async def test_one_score_call_per_micro_batch(tiny_judge: LoaderProc) -> None:
         ]
         verdicts = await backend.score_batch(items)
         assert backend._loader is not None
-        assert backend._loader.attempts["Score"] == 1  # five judgments, one Score call
+        assert backend._loader.attempts["Score"] == len(LEVELS)  # one call per judgment
         assert [v.status for v in verdicts] == [JudgeStatus.SCORED] * len(LEVELS)
         assert all(v.top_logprobs and len(v.top_logprobs) == 20 for v in verdicts)
     finally:
@@ -161,3 +161,26 @@ def test_tiny_judge_tokenizer_has_whole_numbers(tmp_path: Path) -> None:
         assert tok(str(n), add_special_tokens=False)["input_ids"] == [
             tok.convert_tokens_to_ids(str(n))
         ]
+
+
+async def test_agreement_with_a_second_judge(tiny_judge: LoaderProc) -> None:
+    from services.judge.agreement import (
+        AnsweredItem,
+        agreement_markdown,
+        judge_agreement,
+        sample_answers,
+    )
+
+    # The "study judge" here scores each level by its true value; the tiny loader judge ranks
+    # them the same way, so Spearman is exactly 1.
+    items = [AnsweredItem("t/cruel", QUESTION, a, s) for a, s in LEVELS.items()]
+    items += [AnsweredItem("t/cruel", QUESTION, "kind", 25.0)]  # a duplicate answer
+    sample = sample_answers(items, per_trait=4)
+    assert [i.score for i in sample] == [5.0, 25.0, 75.0, 95.0]  # spread, no duplicates
+    doc = await judge_agreement(sample, _settings(tiny_judge), {"t/cruel": trait_rubric(RUBRIC)})
+    row = doc["traits"]["t/cruel"]
+    assert row["n"] == 4 and row["spearman"] == pytest.approx(1.0)
+    assert row["pearson"] > 0.9 and row["unscorable"] == 0
+    assert doc["second_judge"]["model"] == f"loader:{tiny_judge.variant}"
+    text = agreement_markdown(doc, "embedding backend")
+    assert "## Judge agreement" in text and "| t/cruel | 4 | +1.00 |" in text

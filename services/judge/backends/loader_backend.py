@@ -20,9 +20,12 @@ probability that the model's whole answer is a bare integer, which a small model
 less often than a large one: lower ``min_numeric_mass`` for such judges, and read the mass
 recorded with every verdict.
 
-One micro-batch of judgments is one Score call (the client splits it at the loader's item
-limit), sent at low priority like the embedding backend's perplexity calls, so a judge that
-shares the study's loader never delays the study. The end-of-turn token is
+Each judgment is one Score call (a micro-batch's calls are sent one after another), at low
+priority like the embedding backend's perplexity calls, so a judge that
+shares the study's loader never delays the study. One call per judgment rather than per
+micro-batch because the loader expands the prompt's KV cache to the 102 continuations: a
+judgment holds about 102 x the prompt's positions (1.3 GB for SmolLM2-135M at float32 and a
+270-token prompt), and bounding a call to one judgment bounds that memory. The end-of-turn token is
 ``QSENS_JUDGE_END_OF_TURN`` or, by default, the first of the common chat templates' end
 tokens that the hosted tokenizer has as one token.
 """
@@ -197,22 +200,30 @@ class LoaderJudgeBackend(JudgeBackend):
             )
             for w in batch
         ]
-        self.stats.upstream_calls += 1
-        try:
-            scores = await self._loader.score(items)
-        except Exception as exc:  # one failed call fails its items, retryably, never the job
-            log.warning("judge Score failed: %r", exc, extra={"backend": self.name})
-            self.stats.count("upstream_error")
-            self._metrics.errors.labels(self.name, Reason.UPSTREAM_ERROR.value).inc()
-            failure = Verdict(
-                status=JudgeStatus.UNSCORABLE,
-                reason=Reason.UPSTREAM_ERROR,
-                detail=f"loader Score failed: {type(exc).__name__}: {exc}"[:2000],
-                retryable=True,
-            )
-            return [failure] * len(batch)
-        self.stats.count("ok")
-        return [self._verdict([c.logprob for c in row]) for row in scores]
+        verdicts: list[Verdict] = []
+        for item in items:
+            # One after another: the loader runs one pass at a time anyway, and a burst of
+            # low-priority calls would only meet its back-pressure.
+            self.stats.upstream_calls += 1
+            try:
+                (scores,) = await self._loader.score([item])
+            except Exception as exc:  # a failed call fails its item, retryably, never the job
+                verdicts.append(self._failed(exc))
+                continue
+            self.stats.count("ok")
+            verdicts.append(self._verdict([c.logprob for c in scores]))
+        return verdicts
+
+    def _failed(self, exc: Exception) -> Verdict:
+        log.warning("judge Score failed: %r", exc, extra={"backend": self.name})
+        self.stats.count("upstream_error")
+        self._metrics.errors.labels(self.name, Reason.UPSTREAM_ERROR.value).inc()
+        return Verdict(
+            status=JudgeStatus.UNSCORABLE,
+            reason=Reason.UPSTREAM_ERROR,
+            detail=f"loader Score failed: {type(exc).__name__}: {exc}"[:2000],
+            retryable=True,
+        )
 
     def _verdict(self, logprobs: Sequence[float]) -> Verdict:
         labels = [str(n) for n in SCALE] + [REFUSAL_WORD]

@@ -28,8 +28,12 @@ def score(
     max_rows: int = 0,
 ) -> list[list[ContinuationScore]]:
     """Log-likelihood of each continuation; each context is run once and its cache shared."""
+    # The context's cache is expanded to every continuation's row, so an item holds
+    # (context + continuation) positions per continuation: 102 short continuations of a
+    # 300-token judge prompt are 31k cached positions, not 700.
     cost = [
-        len(it.context_ids) + max(len(c) for c in it.continuations) * len(it.continuations)
+        len(it.context_ids)
+        + (len(it.context_ids) + max(len(c) for c in it.continuations)) * len(it.continuations)
         for it in items
     ]
     results: dict[int, list[ContinuationScore]] = {}
