@@ -1,7 +1,7 @@
 """Tensors on the wire (``{dtype, shape, bytes}``) and at rest (safetensors with JSON metadata).
 
-Never pickle: the wire format is raw little-endian bytes checked against dtype and shape, and
-stored tensors are safetensors whose header is parsed as JSON.
+Nothing that runs code on load: the wire format is raw little-endian bytes checked against
+dtype and shape, and stored tensors are safetensors whose header is parsed as JSON.
 """
 
 from __future__ import annotations

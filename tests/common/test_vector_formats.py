@@ -113,7 +113,7 @@ def test_persona_vectors_rows_are_hidden_states_and_only_tensors_are_loaded() ->
     assert tuple(exported.shape) == (9, H)
     assert not exported[0].any()  # qsens has no embedding-layer vector
     np.testing.assert_array_equal(exported[1:].numpy(), rows[1:])
-    # A pickle of an arbitrary object is refused by torch.load(weights_only=True).
+    # A .pt holding an arbitrary object (code to run on load) is refused by weights_only=True.
     evil = io.BytesIO()
     torch.save({"x": _Opaque()}, evil)
     with pytest.raises(InvalidArgument, match="weights_only"):
@@ -126,7 +126,7 @@ def test_persona_vectors_rows_are_hidden_states_and_only_tensors_are_loaded() ->
 
 class _Opaque:
     def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (print, ("unpickled!",))
+        return (print, ("ran on load!",))
 
 
 def test_plain_safetensors_metadata_and_bad_inputs() -> None:

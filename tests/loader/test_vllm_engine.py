@@ -1,6 +1,8 @@
 """The vLLM engine equals the HF engine on SmolLM2-135M: the same greedy tokens unsteered,
 at coefficient 0 and at a working coefficient (add and ablate), the same captured residual
-streams, Score and NextToken numbers within float32 tolerance.
+streams, Score and NextToken numbers within float32 tolerance; fp8 (vLLM's online
+quantization) stays near the HF engine's bf16 on the same checkpoint; what this CPU's vLLM
+cannot serve (GPTQ/AWQ without its int4 kernel, several GPUs) is refused by name.
 
 vLLM pins its own torch and transformers, so it runs in its own virtual environment
 (``QSENS_VLLM_VENV``, default ``.venv-vllm``; ``make vllm-venv`` builds it where

@@ -75,7 +75,7 @@ def test_planner_refuses_a_vllm_variant_a_cpu_loader_cannot_serve() -> None:
     model = {"name": "m", "source": "tiny:llama", "backend": "vllm", "device": "cpu"}
     with pytest.raises(InvalidArgument, match="m@gptq: backend 'vllm' cannot serve gptq on a CPU"):
         check_precisions(parse_spec({**base, "models": [model]}))
-    with pytest.raises(InvalidArgument, match="cannot serve awq on a CPU.*backend gptq/awq"):
+    with pytest.raises(InvalidArgument, match=r"cannot serve awq on a CPU.*backend gptq/awq"):
         registry.check_variant(Precision.AWQ, "vllm", device="cpu:0")
     # Not on a CPU: the remaining preflight applies (vLLM is not installed in this venv).
     with pytest.raises(InvalidArgument, match="needs the package") as err:
