@@ -8,8 +8,9 @@ the chosen setting and the unsteered model once more, in one loader batch.
 
 The noise floor (``noise_floor`` jobs) replicates that measurement where only chance changes:
 
-* ``questions``: ``repeats`` other samples of as many questions from the whole pool of the
-  trait's steering questions (greedy answers, generated once for the whole pool);
+* ``questions``: ``repeats`` other samples of as many questions from the search's and the
+  held-out questions together (greedy answers: the search's best run and baseline on its
+  questions, the held-out batch on the rest; nothing is generated again);
 * ``seeds``: the held-out questions answered again at ``noise.temperature`` with ``repeats``
   sampling seeds (one batch: steered and unsteered rows, each copy with its own row seed);
 * ``rejudge``: the held-out greedy answers judged ``repeats`` more times.
@@ -21,7 +22,7 @@ unsteered) trait score over its questions, the quantity compared across precisio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,17 +48,16 @@ class Rescore:
     sign: float  # +1 when the job maximised the trait, -1 when it minimised it
     pool: list[str]  # every steering question of the trait
     n_search: int  # the first n_search of the pool are the search's
+    # The search's greedy trait scores on its own questions: (chosen setting, unsteered).
+    search_values: tuple[list[float | None], list[float | None]] = ([], [])
 
 
 def paired_effect(
-    steered: Evaluation, base: Evaluation, keep: Sequence[int], sign: float
+    steered: Sequence[float | None], base: Sequence[float | None], keep: Iterable[int], sign: float
 ) -> float | None:
-    """Signed mean of (steered - unsteered) over the questions ``keep`` scored in both."""
-    diffs = [
-        s - b
-        for i in keep
-        if (s := steered.trait_values[i]) is not None and (b := base.trait_values[i]) is not None
-    ]
+    """Signed mean of (steered - unsteered) trait scores over the questions ``keep`` scored in
+    both."""
+    diffs = [s - b for i in keep if (s := steered[i]) is not None and (b := base[i]) is not None]
     return sign * math.fsum(diffs) / len(diffs) if diffs else None
 
 
@@ -82,31 +82,27 @@ async def rescore(
     held = r.pool[r.n_search : r.n_search + steering.held_out]
     if not held:
         return None, None, []
-    # With the noise floor the whole pool is answered at once: question samples draw from it.
-    questions = r.pool[: r.n_search + len(held)] if noise else held
-    greedy = r.evaluator_for(questions)
+    greedy = r.evaluator_for(held)
     base, best = await greedy.evaluate([UNSTEERED, r.setting], r.vectors)
-    first = len(questions) - len(held)
-    idx = list(range(first, len(questions)))
     held_out = HeldOutScore(
         questions=held,
         n=len(held),
-        mean_trait=_mean([best.trait_values[i] for i in idx]),
-        mean_coherence=_mean([best.answers[i].coherence.used for i in idx]),
-        baseline_trait=_mean([base.trait_values[i] for i in idx]),
-        delta=_mean_diff(best, base, idx),
+        mean_trait=_mean(best.trait_values),
+        mean_coherence=_mean([a.coherence.used for a in best.answers]),
+        baseline_trait=_mean(base.trait_values),
+        delta=paired_effect(best.trait_values, base.trait_values, range(len(held)), 1.0),
         delta_ci=bootstrap_paired_delta(
-            [best.trait_values[i] for i in idx],
-            [base.trait_values[i] for i in idx],
+            best.trait_values,
+            base.trait_values,
             resamples=steering.bootstrap,
             seed=steering.seed,
         ),
-        trait_values=[best.trait_values[i] for i in idx],
-        baseline_values=[base.trait_values[i] for i in idx],
+        trait_values=list(best.trait_values),
+        baseline_values=list(base.trait_values),
     )
     if not noise:
         return held_out, None, [greedy]
-    floor, used = await _noise_floor(r, steering, greedy, (base, best), idx)
+    floor, used = await _noise_floor(r, steering, greedy, (base, best))
     return held_out, floor, [greedy, *used]
 
 
@@ -115,25 +111,26 @@ async def _noise_floor(
     steering: SteeringSpec,
     greedy: SteeringEvaluator,
     pair: tuple[Evaluation, Evaluation],
-    held_idx: list[int],
 ) -> tuple[NoiseFloor, list[SteeringEvaluator]]:
     spec, (base, best) = steering.noise, pair
-    n = len(held_idx)
+    held = greedy.questions
+    n = len(held)
+    # Greedy answers to every question so far: the search's, then the held-out ones.
+    steered = [*r.search_values[0], *best.trait_values]
+    unsteered = [*r.search_values[1], *base.trait_values]
     rng = np.random.Generator(np.random.PCG64(steering.seed))
-    samples = [
-        sorted(rng.choice(len(greedy.questions), size=n, replace=False))
-        for _ in range(spec.repeats)
-    ]
+    samples = [rng.choice(len(steered), size=n, replace=False) for _ in range(spec.repeats)]
     components = [
         NoiseComponent(
             source="questions",
-            description=f"{spec.repeats} samples of {n} of the trait's {len(greedy.questions)} "
-            "steering questions (greedy)",
-            effects=[paired_effect(best, base, [int(i) for i in s], r.sign) for s in samples],
+            description=f"{spec.repeats} samples of {n} of the {len(steered)} steering "
+            "questions answered so far (greedy)",
+            effects=[
+                paired_effect(steered, unsteered, [int(i) for i in s], r.sign) for s in samples
+            ],
             sd=None,
         )
     ]
-    held = [greedy.questions[i] for i in held_idx]
     # Every seed replicate in one batch: the held-out questions repeated, each copy with its
     # own row seed (the loader samples each row from its own seed).
     sampler = r.evaluator_for(held * spec.repeats)
@@ -141,7 +138,7 @@ async def _noise_floor(
     sampler.question_seeds = [steering.seed + 1 + k for k in range(spec.repeats) for _ in held]
     s_base, s_best = await sampler.evaluate([UNSTEERED, r.setting], r.vectors)
     effects = [
-        paired_effect(s_best, s_base, range(k * n, (k + 1) * n), r.sign)
+        paired_effect(s_best.trait_values, s_base.trait_values, range(k * n, (k + 1) * n), r.sign)
         for k in range(spec.repeats)
     ]
     components.append(
@@ -154,7 +151,7 @@ async def _noise_floor(
         )
     )
     if spec.rejudge:
-        components.append(await _rejudged(r, greedy, (base, best), held_idx, spec.repeats))
+        components.append(await _rejudged(r, greedy, (base, best), spec.repeats))
     components = [c if c.note else c.model_copy(update={"sd": _sd(c.effects)}) for c in components]
     sd, band = noise_band(components)
     floor = NoiseFloor(
@@ -172,15 +169,15 @@ async def _rejudged(
     r: Rescore,
     greedy: SteeringEvaluator,
     pair: tuple[Evaluation, Evaluation],
-    held_idx: list[int],
     repeats: int,
 ) -> NoiseComponent:
-    """The same greedy answers judged ``repeats`` more times (only the held-out ones count)."""
+    """The held-out greedy answers judged ``repeats`` more times."""
     effects: list[float | None] = []
     cached = judged = 0
+    n = len(greedy.questions)
     for _ in range(repeats):
         j_base, j_best = await greedy.judge_again(pair)
-        effects.append(paired_effect(j_best, j_base, held_idx, r.sign))
+        effects.append(paired_effect(j_best.trait_values, j_base.trait_values, range(n), r.sign))
         cached, judged = cached + greedy.last_cached, judged + 4 * len(greedy.questions)
     note = None
     if cached == judged:
@@ -189,7 +186,7 @@ async def _rejudged(
         note = "every verdict came from the judge's cache; not counted in the band"
     return NoiseComponent(
         source="rejudge",
-        description=f"the {len(held_idx)} held-out greedy answers judged {repeats} more times "
+        description=f"the {n} held-out greedy answers judged {repeats} more times "
         f"({cached} of {judged} verdicts from the judge's cache)",
         effects=effects,
         sd=None,
@@ -200,8 +197,3 @@ async def _rejudged(
 def _mean(values: Sequence[float | None]) -> float | None:
     xs = [v for v in values if v is not None]
     return math.fsum(xs) / len(xs) if xs else None
-
-
-def _mean_diff(best: Evaluation, base: Evaluation, idx: Sequence[int]) -> float | None:
-    """Unsigned mean paired (steered - unsteered) trait score, as ``BestRun.delta``."""
-    return paired_effect(best, base, idx, 1.0)

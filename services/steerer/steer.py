@@ -290,7 +290,10 @@ async def run_steer(
         store, job.base_key, job.stored_baseline, done.baseline_eval, job.main, params, job.set_id
     )
     assert stored_baseline is not None
-    result = await _rescored(job, _result(job, done, stored_baseline, reused, started), started)
+    result = _result(job, done, stored_baseline, reused, started)
+    result = await _rescored(
+        job, result, _search_values(result, done.runs, stored_baseline), started
+    )
     runs_key = steer_key(*keys, "runs.jsonl")
     await store.put_jsonl(runs_key, [r.model_dump(mode="json") for r in done.runs])
     if not await store.put_json(result_key, result.model_dump(mode="json")):
@@ -405,7 +408,27 @@ async def _evaluate(job: _Job, heartbeat: Heartbeat) -> _Evaluated:
     return _Evaluated(runs, None, baseline_eval, calls_from)
 
 
-async def _rescored(job: _Job, result: SteerResult, started: float) -> SteerResult:
+def _search_values(
+    result: SteerResult, runs: list[SteerRun], baseline: list[BaselineRow]
+) -> tuple[list[float | None], list[float | None]]:
+    """The best run's and the baseline's trait scores on the search's questions, in order
+    (the noise floor's question samples reuse them)."""
+    best = result.best
+    run = next((r for r in runs if best is not None and r.run_index == best.run_index), None)
+    if run is None:
+        return [], []
+    steered = {a.index: a.trait.used for a in run.answers}
+    unsteered = {row.index: row.trait.used for row in baseline}
+    n = result.questions.count
+    return [steered.get(i) for i in range(n)], [unsteered.get(i) for i in range(n)]
+
+
+async def _rescored(
+    job: _Job,
+    result: SteerResult,
+    search_values: tuple[list[float | None], list[float | None]],
+    started: float,
+) -> SteerResult:
     """The result with its best setting scored on held-out questions (and, for noise-floor
     jobs, replicated: ``held_out``)."""
     params, best = job.params, result.best
@@ -421,6 +444,7 @@ async def _rescored(job: _Job, result: SteerResult, started: float) -> SteerResu
         sign=sign,
         pool=list(job.dataset.eval_questions),
         n_search=len(job.main_set.questions),
+        search_values=search_values,
     )
     held, noise, used = await rescore(plan, params.steering, noise=params.noise_floor)
     calls = result.calls

@@ -54,7 +54,9 @@ async def test_held_out_rescore_and_noise_floor(
     assert noise is not None and noise.n == 4 and noise.repeats == 3
     by_source = {c.source: c for c in noise.components}
     assert set(by_source) == {"questions", "seeds", "rejudge"}
-    # Greedy answers on any sample of questions give the same effect on the toy: SD 0.
+    # Samples of 4 of the 7 questions answered greedily so far (the search's 3 reused, the 4
+    # held out): on the toy every sample gives the same effect, SD 0.
+    assert "of the 7 steering questions" in by_source["questions"].description
     assert by_source["questions"].effects == [held.delta] * 3 and by_source["questions"].sd == 0
     # Sampling at temperature 0.7 moves the answers, and the effect with them.
     seeds = by_source["seeds"]
@@ -66,10 +68,10 @@ async def test_held_out_rescore_and_noise_floor(
     assert rejudge.sd is None and rejudge.note is not None and "cache" in rejudge.note
     assert noise.sd == pytest.approx(seeds.sd)
     assert noise.band == pytest.approx(BAND_Z * seeds.sd)
-    # Work: the search's 4 steps, one greedy pool batch (7 questions x 2), one batch of the 3
+    # Work: the search's 4 steps, the held-out batch (4 questions x 2), one batch of the 3
     # seed replicates (4 x 2 each, a row seed per copy); judge: 4 + 1 + 1 + 3 re-judgings.
     assert result.calls.loader_calls == 4 + 1 + 1
-    rows = 4 * 3 + 3 * (0 if result.baseline.reused else 1) + 14 + 3 * 8
+    rows = 4 * 3 + 3 * (0 if result.baseline.reused else 1) + 8 + 3 * 8
     assert result.calls.loader_rows == rows
     assert result.calls.judge_calls == 9
 
