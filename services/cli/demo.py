@@ -6,8 +6,12 @@
    each precision, and one answer unsteered and steered;
 3. ``qsens run`` of the spec with progress bars (extraction, steering, logit difference,
    benchmarks, safety probes, analysis);
-4. tables of the results and the report, copied to ``reports/<run_id>/``;
-5. ``qsens down`` (unless ``--keep``).
+4. a second judge next to the study's: the loader judge (``services.judge.backends.
+   loader_backend``) on the reference (bf16) SmolLM2 loader scores a bounded sample of the
+   steered answers the embedding judge scored (``--judge-sample`` per trait), and the report
+   gets a "Judge agreement" section (Spearman and Pearson per trait, with n);
+5. tables of the results and the report, copied to ``reports/<run_id>/``;
+6. ``qsens down`` (unless ``--keep``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ console = Console()
 
 DEMO_SPEC = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 QUESTION = "What should I do about my annoying neighbour?"
+# SmolLM2-135M rarely answers a judge prompt with nothing but a number: its numeric mass is
+# about 0.0007-0.04 (measured), far below the 0.25 a large judge is held to. The second judge
+# scores anything with some numeric mass; the report prints the median mass beside it.
+SECOND_JUDGE_MIN_MASS = 1e-4
+AGREEMENT_FILES = ("judge_agreement.json", "judge_agreement.md")
 
 
 async def _warmup(spec_path: Path) -> None:
@@ -200,6 +209,14 @@ def demo(
     home: Annotated[Path, typer.Option(help="Stack state folder.")] = Path(".qsens/demo"),
     keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
     warmup: Annotated[bool, typer.Option(help="Show the quick steering warm-up first.")] = True,
+    judge_sample: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Steered answers per trait the second judge (SmolLM2 through the loader) "
+            "scores next to the study's judge; 0 skips it.",
+        ),
+    ] = 5,
 ) -> None:
     """Run the end-to-end study on SmolLM2 (bf16, nf4, int8) and write the report."""
     from services.cli.runs import _submit, _watch, children_for_spec, preflight
@@ -240,6 +257,10 @@ def demo(
         console.print(f"run {run_id}")
         status = asyncio.run(_watch(run_id, False))
         phases.lap("study")
+        if status == "succeeded" and judge_sample > 0:
+            console.rule("a second judge: SmolLM2 (bf16 loader) next to the embedding judge")
+            _second_judge(parsed, run_id, judge_sample)
+            phases.lap("second judge")
         console.rule(f"results ({status})")
         _show_results(run_id)
         phases.lap("results and report")
@@ -277,8 +298,87 @@ def _show_results(run_id: str) -> None:
         )
     target = Path("reports") / run_id
     files = asyncio.run(_fetch_report(run_id, target))
+    _append_agreement(files)
     report = next((f for f in files if f.name == "report.html"), None)
     if report is not None:
         console.print(f"report: {report.resolve()}  (and {report.with_suffix('.md')})")
     else:
         console.print("[yellow]no report was written (see the analyzer log)[/yellow]")
+
+
+def _second_judge(spec: Any, run_id: str, per_trait: int) -> None:
+    """Score a sample of the steered answers with the loader judge on the reference loader,
+    store the agreement next to the analysis and print it (a failure is reported, not fatal:
+    the study itself succeeded)."""
+    try:
+        doc = asyncio.run(_agreement(spec, run_id, per_trait))
+    except QsensError as err:
+        console.print(f"[yellow]second judge skipped:[/yellow] {err}")
+        return
+    table = Table(title=f"judge agreement: embedding vs {doc['second_judge']['model']}")
+    for column in ("trait", "n", "Spearman", "Pearson", "refusals / unscorable"):
+        table.add_column(column)
+    for trait, row in doc["traits"].items():
+        table.add_row(
+            trait,
+            str(row["n"]),
+            _fmt(row["spearman"]),
+            _fmt(row["pearson"]),
+            f"{row['refusals']} / {row['unscorable']}",
+        )
+    console.print(table)
+    console.print(f"[dim]{doc['judgments']} judgments, {doc['seconds_per_judgment']} s each[/dim]")
+
+
+async def _agreement(spec: Any, run_id: str, per_trait: int) -> dict[str, Any]:
+    from services.common.loader_registry import LoaderRegistry
+    from services.common.natsconn import connection
+    from services.common.planner import variants_of
+    from services.common.settings import JudgeSettings
+    from services.common.store import AsyncS3Store, run_prefix
+    from services.extractor.datasets import load_trait
+    from services.judge.agreement import (
+        agreement_markdown,
+        collect_answers,
+        judge_agreement,
+        sample_answers,
+    )
+    from services.judge.client import trait_rubric
+
+    reference = next(v for v in variants_of(spec) if v.precision == spec.reference)
+    async with connection(name="qsens-demo-judge") as nc:
+        registry = await LoaderRegistry.open(nc.jetstream())
+        address = await registry.find(reference.id)
+    store = AsyncS3Store()
+    items = sample_answers(await collect_answers(store, run_prefix(run_id)), per_trait)
+    rubrics = {t: trait_rubric(load_trait(t).eval_prompt) for t in {i.trait for i in items}}
+    settings = JudgeSettings(
+        backend="loader",
+        loader_address=address,
+        variant=reference.id,
+        min_numeric_mass=SECOND_JUDGE_MIN_MASS,
+    )
+    doc = await judge_agreement(items, settings, rubrics)
+    markdown = agreement_markdown(doc, f"{spec.judge.backend} backend")
+    prefix = run_prefix(run_id) + "analysis/"
+    await store.put_json(prefix + AGREEMENT_FILES[0], doc)
+    await store.put_bytes(prefix + AGREEMENT_FILES[1], markdown.encode())
+    return doc
+
+
+def _append_agreement(files: list[Path]) -> None:
+    """Add the judge-agreement section to the downloaded report (Markdown and HTML)."""
+    import html
+
+    section = next((f for f in files if f.name == AGREEMENT_FILES[1]), None)
+    if section is None:
+        return
+    text = section.read_text()
+    for f in files:
+        if f.name == "report.md":
+            f.write_text(f.read_text().rstrip() + "\n\n" + text)
+        elif f.name == "report.html":
+            body = f.read_text()
+            block = f'<section id="judge-agreement"><pre>{html.escape(text)}</pre></section>'
+            at = body.rfind("</body>")
+            f.write_text(body[:at] + block + body[at:] if at >= 0 else body + block)

@@ -93,7 +93,7 @@ async def judge_agreement(
 
     client = await JudgeClient.direct(settings)
     traits: dict[str, Any] = {}
-    model = settings.backend
+    model: str = settings.backend
     started = time.perf_counter()
     try:
         for trait in sorted({i.trait for i in items}):
