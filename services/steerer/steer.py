@@ -12,7 +12,10 @@ Add mode, per job:
    x every question, steered per row) and ONE judge batch (trait + coherence);
 4. the best run — highest mean trait score (lowest when steering away, direction ``-``) with
    mean coherence >= the threshold — gets its paired delta vs the baseline with a bootstrap
-   interval over questions.
+   interval over questions;
+5. the best setting is scored again on ``steering.held_out`` questions the search never saw,
+   and on the reference's own jobs (``noise_floor``) replicated for the noise floor
+   (``held_out``).
 
 Ablate mode (Arditi et al. 2024, refusal): the unit direction is projected out after every
 decoder layer (coefficient 1). With several candidate layers, the direction whose ablation
