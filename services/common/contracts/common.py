@@ -63,7 +63,12 @@ def parse_params(model: type[_P], params: dict[str, Any]) -> _P:
     except ValidationError as exc:
         first = exc.errors()[0]
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidArgument(_loc(tuple(first["loc"])), message) from None
+        loc = _loc(tuple(first["loc"]))
+        key, sep, rest = message.partition(": ")
+        if not first["loc"] and sep and key.isidentifier():
+            # A whole-model check names its field first ("replay_from: ...").
+            loc, message = f"{loc}.{key}", rest
+        raise InvalidArgument(loc, message) from None
 
 
 class Interval(BaseModel):
