@@ -165,3 +165,34 @@ def test_a_reverse_extraction_job_must_name_the_text_it_reads() -> None:
     with pytest.raises(InvalidArgument) as err:
         parse_job_params(job.model_copy(update={"params": {**job.params, "replay_from": None}}))
     assert err.value.field == "params.replay_from" and "reverse" in err.value.message
+
+
+def test_writers_and_readers_agree_on_every_new_jobs_key() -> None:
+    """The extractor's and steerer's result keys, the analyzer's expected keys and the plan-time
+    collision check's folders agree for every job the both-directions settings add."""
+    from services.analyzer.run_keys import expected_key, parse_key, sort_keys
+    from services.common.resultkeys import result_prefix
+    from services.extractor.handler import HANDLERS as EXTRACT
+    from services.steerer.handler import HANDLERS as STEER
+
+    kinds = (JobKind.EXTRACT, JobKind.STEER, JobKind.LOGIT_DIFF)
+    registry = {k: v for k, v in {**EXTRACT, **STEER}.items() if k in kinds}
+    both = {"replay": "2x2"}, {"cross_precision": "both"}, {"cross_precision": "both"}
+    plan = _plan(extraction=both[0], steering=both[1], logit_diff=both[2])
+    keys: set[str] = set()
+    for job in plan.jobs:
+        entry = registry.get(job.kind)
+        if entry is None or entry.result_key is None:
+            continue
+        key = entry.result_key(job.run_id, parse_job_params(job))
+        expected = expected_key(job.run_id, job)
+        assert expected is not None and expected[1] == key
+        prefix = result_prefix(job)
+        assert prefix is not None and key.startswith(prefix + "/")
+        keys.add(key)
+    assert len(keys) == len([j for j in plan.jobs if j.kind in registry])
+    reverse = [k for k in keys if "/reverse/" in k]
+    assert len(reverse) == 2
+    found = sort_keys(sorted(keys), f"runs/{plan.run_id}/", {REF, NF4, INT8})
+    assert sorted(r[3] for r in found.reverse) == [INT8, NF4]
+    assert all(parse_key(f"runs/{plan.run_id}/", k) for k in reverse)
