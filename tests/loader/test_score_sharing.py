@@ -63,3 +63,41 @@ def test_shared_prefill_equals_unshared(engine: Any) -> None:
     for n in range(5):
         assert both[1][n].logprob == pytest.approx(shared[n].logprob, abs=1e-4)
         assert both[0][n].logprob == pytest.approx(other_plain[n], abs=1e-4)
+
+
+def test_token_tree_equals_expanded_cache_with_steering_and_padding(engine: Any) -> None:
+    from services.loader.engines.hf.score import _tree_attention, score_batch
+    from services.loader.steering import SteerSpec
+
+    texts = [f"{n}<|im_end|>" for n in range(101)] + ["REFUSAL<|im_end|>"]
+    conts = [engine.encode_text(t) for t in texts]
+    vector = torch.randn(engine.hidden_size, generator=torch.Generator().manual_seed(0))
+    steer = [SteerSpec(layers=(1,), vector=vector, coefficient=4.0, positions="all")]
+    items = [
+        ScoreInput(
+            engine.encode_prompt(ChatPrompt((("user", "Rate 0 to 100: fine."),), False), "a"),
+            conts,
+            [1] * len(conts),
+        ),
+        ScoreInput(
+            engine.encode_prompt(
+                ChatPrompt((("user", "A longer prompt to rate from 0 to 100, padded."),), False),
+                "b",
+            ),
+            conts,
+            [1] * len(conts),
+            steer,
+        ),
+    ]
+    assert _tree_attention(engine, items)
+    for side in ("left", "right"):
+        tree = score_batch(engine, items, [0, 1], False, side, tree=True)
+        expanded = score_batch(engine, items, [0, 1], False, side, tree=False)
+        for (_, t_row), (_, e_row) in zip(tree, expanded, strict=True):
+            for t, e in zip(t_row, e_row, strict=True):
+                assert t.logprob == pytest.approx(e.logprob, abs=1e-4)
+                assert t.is_greedy == e.is_greedy and t.num_tokens == e.num_tokens
+    # Steering reached the tree's nodes: the steered item differs from itself unsteered.
+    plain = engine.score([ScoreInput(items[1].context_ids, conts, [1] * len(conts))])[0]
+    steered = engine.score([items[1]])[0]
+    assert max(abs(p.logprob - s.logprob) for p, s in zip(plain, steered, strict=True)) > 1e-3

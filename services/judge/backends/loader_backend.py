@@ -11,23 +11,24 @@ integer ``n`` in 0..100 is scored as the whole answer instead:
 through the loader's ``Score`` RPC: one context (the judge prompt rendered with the hosted
 model's chat template and its generation prompt) with 102 continuations (``"0<eot>"`` ..
 ``"100<eot>"`` and ``"REFUSAL<eot>"``), so the loader prefills the prompt once and scores the
-continuations from its cache (``services.loader.engines.hf.score``). Ending each continuation
-with the end-of-turn token keeps ``"5"`` from absorbing the mass of ``"57"``: the 101 numbers
-are then disjoint complete answers. The table ``[("0", log p(0)), ..., ("REFUSAL", ...)]`` goes
-through the same ``aggregate`` as first-token tables: the score is ``sum p(n) n / sum p(n)``,
-REFUSAL and the ``min_numeric_mass`` rule are unchanged. The numeric mass here is the
-probability that the model's whole answer is a bare integer, which a small model gives far
-less often than a large one: lower ``min_numeric_mass`` for such judges, and read the mass
-recorded with every verdict.
+continuations from its cache, as one token tree of their ~105 distinct prefixes
+(``services.loader.engines.hf.score``). Ending each continuation with the end-of-turn token
+keeps ``"5"`` from absorbing the mass of ``"57"``: the 101 numbers are then disjoint complete
+answers. The table ``[("0", log p(0)), ..., ("REFUSAL", ...)]`` goes through the same
+``aggregate`` as first-token tables: the score is ``sum p(n) n / sum p(n)``, REFUSAL and the
+``min_numeric_mass`` rule are unchanged. The numeric mass here is the probability that the
+model's whole answer is a bare integer, which a small model gives far less often than a large
+one: lower ``min_numeric_mass`` for such judges, and read the mass recorded with every verdict.
 
 Each judgment is one Score call (a micro-batch's calls are sent one after another), at low
-priority like the embedding backend's perplexity calls, so a judge that
-shares the study's loader never delays the study. One call per judgment rather than per
-micro-batch because the loader expands the prompt's KV cache to the 102 continuations: a
-judgment holds about 102 x the prompt's positions (1.3 GB for SmolLM2-135M at float32 and a
-270-token prompt), and bounding a call to one judgment bounds that memory. The end-of-turn token is
-``QSENS_JUDGE_END_OF_TURN`` or, by default, the first of the common chat templates' end
-tokens that the hosted tokenizer has as one token.
+priority like the embedding backend's perplexity calls, so a judge that shares the study's
+loader never delays the study. One call per judgment rather than per micro-batch bounds a
+call's memory where the engine cannot run the tree (another attention kernel, a model over
+several devices) and expands the prompt's KV cache to the 102 continuations instead: about 102
+x the prompt's positions (1.3 GB for SmolLM2-135M at float32 and a 270-token prompt).
+
+The end-of-turn token is ``QSENS_JUDGE_END_OF_TURN`` or, by default, the first of the common
+chat templates' end tokens that the hosted tokenizer has as one token.
 """
 
 from __future__ import annotations
