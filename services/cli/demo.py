@@ -312,8 +312,8 @@ def _second_judge(spec: Any, run_id: str, per_trait: int) -> None:
     the study itself succeeded)."""
     try:
         doc = asyncio.run(_agreement(spec, run_id, per_trait))
-    except QsensError as err:
-        console.print(f"[yellow]second judge skipped:[/yellow] {err}")
+    except Exception as err:  # the study succeeded: its report must not be lost to this step
+        console.print(f"[yellow]second judge skipped:[/yellow] {type(err).__name__}: {err}")
         return
     table = Table(title=f"judge agreement: embedding vs {doc['second_judge']['model']}")
     for column in ("trait", "n", "Spearman", "Pearson", "refusals / unscorable"):
