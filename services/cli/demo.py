@@ -216,7 +216,7 @@ def demo(
             help="Steered answers per trait the second judge (SmolLM2 through the loader) "
             "scores next to the study's judge; 0 skips it.",
         ),
-    ] = 5,
+    ] = 10,
 ) -> None:
     """Run the end-to-end study on SmolLM2 (bf16, nf4, int8) and write the report."""
     from services.cli.runs import _submit, _watch, children_for_spec, preflight
