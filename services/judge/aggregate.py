@@ -26,8 +26,9 @@ persona-vectors does (REFUSAL then needs a numeric mass below ``min_mass``). Eit
 numeric mass of at least ``min_mass``), so the judge can report how many judgments it affected.
 
 Tokenizers that split numbers into single digits (SmolLM2, Llama 2) only ever show 0-9 at the
-first position, so their judge scores live on 0-9: use a judge whose tokenizer has whole
-numbers (OpenAI models, Llama 3, Qwen) when the scale matters.
+first position, so their first-token scores live on 0-9: host such a judge on a loader and use
+the ``loader`` backend, which builds the same table from whole answers (``"57"`` then
+end-of-turn) scored as sequences (``services.judge.backends.loader_backend``).
 """
 
 from __future__ import annotations
