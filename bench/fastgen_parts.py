@@ -145,16 +145,68 @@ def elementwise(tokens: int, dev: torch.device, compiled: str) -> dict[str, Any]
 
 
 def capture_profile(model: str, dev: torch.device) -> dict[str, Any]:
-    """Kernel profile of one capture of the loader bench's workload (every layer, mean)."""
-    from bench.bench_loader import _profile, capture_items, capture_mean
+    """One capture of the loader bench's workload (every layer, mean) four ways: packed with
+    varlen attention and compiled elementwise kernels (the default on a GPU), packed with
+    padded attention, packed with eager elementwise ops, and the padded forward; times, the
+    largest relative difference to the padded forward, and a kernel profile of the default."""
+    from bench.bench_loader import _profile, capture_items
+    from services.loader.positions import parse_position
     from services.loader.server import build_runtime
 
     engine = build_runtime(model, "bf16", device=str(dev)).engine
+    fast = engine.fast
     items = capture_items(engine, 4)
-    for _ in range(3):
-        capture_mean(engine, items)
-    ms = timed(lambda: capture_mean(engine, items), repeats=5)
-    return {"ms": round(ms, 2), "profile": _profile(lambda: capture_mean(engine, items), dev, 30)}
+    layers = range(engine.num_layers)
+
+    def run() -> torch.Tensor:
+        out = next(
+            engine.capture(
+                items, layers, parse_position("response[:]"), "mean", chunk_items=len(items)
+            )
+        )
+        return torch.stack([r.activations for r in out])
+
+    def packed_padded() -> torch.Tensor:
+        saved = fast.varlen_disabled
+        fast.varlen_disabled = "bench"
+        try:
+            return run()
+        finally:
+            fast.varlen_disabled = saved
+
+    def padded() -> torch.Tensor:
+        saved = fast.capture_packed
+        fast.capture_packed = fast.capture_forward
+        try:
+            return run()
+        finally:
+            fast.capture_packed = saved
+
+    def packed_eager() -> torch.Tensor:
+        fast.fused.enabled = False
+        try:
+            return run()
+        finally:
+            fast.fused.enabled = True
+
+    ref = padded().float()
+    run()
+    result: dict[str, Any] = {
+        "varlen_disabled": fast.varlen_disabled,
+        "varlen_repeat_kv": fast.varlen_repeat_kv,
+    }
+    for name, fn in (
+        ("packed_varlen", run),
+        ("packed_padded", packed_padded),
+        ("packed_eager_elementwise", packed_eager),
+        ("padded", padded),
+    ):
+        for _ in range(2):
+            got = fn().float()
+        err = float(((got - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+        result[name] = {"ms": round(timed(fn, repeats=5), 2), "max_rel_err": err}
+    result["profile"] = _profile(run, dev, 30)
+    return result
 
 
 def main() -> None:

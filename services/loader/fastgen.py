@@ -51,6 +51,7 @@ other. It belongs to the transformers engine (``services.loader.engines.hf``).
 from __future__ import annotations
 
 import collections
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -335,6 +336,8 @@ class FastGenerator:
             for d in decoders
         ]
         self.fused = Fused(compile_elementwise)
+        self.varlen_disabled: str | None = None  # why packed capture attends padded (GPU)
+        self.varlen_repeat_kv = False  # key/value heads repeated for varlen (no native GQA)
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
         self.last: RunStats | None = None
@@ -472,9 +475,11 @@ class FastGenerator:
         rows, width = attention.shape
         total = rows * width
         flat = attention.reshape(-1).nonzero().squeeze(1)  # the real tokens, row by row
-        bias = self.causal_bias(attention)
         hidden = self.base.embed_tokens(input_ids.reshape(-1).index_select(0, flat)[None])
         cos, sin = self.rotary(hidden, positions.reshape(-1).index_select(0, flat)[None])
+        lengths = attention.sum(dim=1)
+        varlen = self._varlen(lengths) if self.device.type == "cuda" else None
+        biases: list[torch.Tensor] = []  # the padded layout's mask, built when first needed
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [1, h, N, D] -> [B, h, T, D]
             heads = t.shape[1]
@@ -483,7 +488,13 @@ class FastGenerator:
             return out.view(rows, width, heads, self.head_dim).transpose(1, 2)
 
         def attend(_i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            out = self._prefill_attention(padded(q), padded(k), padded(v), bias)
+            if varlen is not None:
+                packed = varlen(*(t[0].transpose(0, 1) for t in (q, k, v)))
+                if packed is not None:
+                    return packed.reshape(1, packed.shape[0], -1)
+            if not biases:
+                biases.append(self.causal_bias(attention))
+            out = self._prefill_attention(padded(q), padded(k), padded(v), biases[0])
             return out.reshape(total, -1).index_select(0, flat)[None]
 
         def unpacked(h: torch.Tensor) -> torch.Tensor:  # [1, N, H] -> [B, T, H]
@@ -497,6 +508,49 @@ class FastGenerator:
             if index in sink.layers:
                 sink.record(index, unpacked(hidden))
         return sink.result()
+
+    def _varlen(self, lengths: torch.Tensor) -> Callable[..., torch.Tensor | None] | None:
+        """Causal attention over packed rows ``[N, heads, D]`` with torch's variable-length
+        flash kernel (CUDA only: no padding, no key/value heads repeated), or None where
+        torch has none. Its first failure switches it off for the engine (logged); the call
+        then attends in the padded layout."""
+        if self.varlen_disabled is not None:
+            return None
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError as exc:
+            self.varlen_disabled = f"no varlen_attn: {exc}"
+            return None
+        params = inspect.signature(varlen_attn).parameters
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        options: dict[str, Any] = {"scale": self.scale}
+        if "window_size" in params:
+            options["window_size"] = (-1, 0)
+        else:
+            options["is_causal"] = True
+        if "enable_gqa" in params:
+            options["enable_gqa"] = self.groups > 1
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+            if self.varlen_disabled is not None:
+                return None
+            if self.varlen_repeat_kv and self.groups > 1:  # a torch without native GQA
+                k, v = (t.repeat_interleave(self.groups, dim=1) for t in (k, v))
+            try:
+                out: Any = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
+            except Exception as exc:  # any kernel refusal: the padded layout
+                if self.groups > 1 and not self.varlen_repeat_kv and not is_oom(exc):
+                    self.varlen_repeat_kv = True
+                    return attend(q, k, v)
+                if is_oom(exc):
+                    raise
+                self.varlen_disabled = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("varlen attention switched off", extra={"reason": self.varlen_disabled})
+                return None
+            return out if isinstance(out, torch.Tensor) else out[0]
+
+        return attend
 
     # ------------------------------------------------------------------ a call
     def start(
