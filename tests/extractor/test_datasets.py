@@ -90,7 +90,7 @@ def test_read_caa_real_dirs(trait: str, n_train: int, n_test: int) -> None:
     assert (len(ds.ab_train), len(ds.ab_test)) == (n_train, n_test)
     for item in (*ds.ab_train, *ds.ab_test):
         assert {item.matching_letter, item.not_matching_letter} == {"A", "B"}
-    assert len(ds.eval_questions) == 20
+    assert len(ds.eval_questions) == 40
     assert all("(A)" not in q and "(B)" not in q for q in ds.eval_questions)
     assert ds.exemplars.pos and ds.exemplars.neg
     if trait == "refusal":
@@ -110,7 +110,7 @@ def test_read_arditi_real_dir() -> None:
     assert ds.name == "arditi/refusal" and ds.position == "prompt[-1]"
     counts = [len(getattr(ds, f)) for f in datasets.readers.ARDITI_FILES]
     assert counts == [260, 39, 572, 600, 200, 200]
-    assert ds.eval_questions == ds.harmless_test[:20]
+    assert ds.eval_questions == ds.harmless_test[:40]
     assert "REFUSAL" not in ds.eval_prompt
 
 
@@ -271,7 +271,7 @@ def test_builtins_load_with_expected_sizes() -> None:
     for name in BUILTIN_TRAITS:
         ds = load_trait(name)
         assert ds.name == name and ds.source.startswith(f"qsens built-in ({name})")
-        assert len(ds.eval_questions) >= 20 and len(ds.exemplars.pos) >= 5
+        assert len(ds.eval_questions) >= 40 and len(ds.exemplars.pos) >= 5
         if ds.methodology == "pv":
             assert len(ds.instructions) == 5 and len(ds.questions) == 20
             assert "REFUSAL" in ds.eval_prompt and "0 (no trace" in ds.eval_prompt
@@ -305,7 +305,7 @@ def test_published_builtins_read_like_local_data() -> None:
     assert not set(refusal.eval_questions) & {question_stem(i.question) for i in refusal.ab_test}
     assert load_trait("caa/sycophancy-full").eval_prompt == load_trait("caa/sycophancy").eval_prompt
     arditi = load_trait("arditi/refusal-full")
-    assert arditi.eval_questions == arditi.harmless_test[:20]
+    assert arditi.eval_questions == arditi.harmless_test[:40]
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TRAITS))
@@ -472,12 +472,13 @@ def _extraction_texts(ds: Any) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_TRAITS))
-def test_builtin_traits_hold_out_twenty_distinct_steering_questions(name: str) -> None:
-    """n = 20: the seeds judged 20 questions per cell; every built-in trait has at least 20
+def test_builtin_traits_hold_out_forty_distinct_steering_questions(name: str) -> None:
+    """n = 20: the seeds judged 20 questions per cell; the search picks its setting on 20 and
+    the held-out re-score judges 20 more, so every built-in trait has at least 40
     steering-evaluation questions, distinct, and none of them is read by its extraction."""
     ds = load_trait(name)
     evals = [_norm(q) for q in ds.eval_questions]
-    assert len(evals) >= 20, (name, len(evals))
+    assert len(evals) >= 40, (name, len(evals))
     assert len(set(evals)) == len(evals), name
     assert all(len(q.split()) >= 3 for q in evals), name
     overlap = set(evals) & _extraction_texts(ds)

@@ -101,8 +101,9 @@ _TRAIT_DESCRIPTIONS = {
 
 _N_DERIVED = 10  # exemplars derived from data without an extras file
 # Steering-evaluation questions derived from held-out data without an extras file: the seeds
-# evaluated 20 questions per cell.
-_N_EVAL_DERIVED = 20
+# judged 20 questions per cell, and the search's 20 are followed by 20 held-out ones on which
+# the chosen setting is scored again (``steering.questions`` + ``steering.held_out``).
+_N_EVAL_DERIVED = 40
 _CHOICE_LINE = re.compile(r"^\s*\(([A-Za-z])\)\s*(.*?)\s*$", re.MULTILINE)
 _CHOICES_START = re.compile(r"\n\s*(?:Choices:\s*\n)?\s*\([A-Za-z]\)")
 _SLUG_BAD = re.compile(r"[^a-z0-9._-]+")
