@@ -31,7 +31,7 @@ def test_the_seeds_matrix_is_seven_models_by_six_precisions_by_their_traits() ->
     spec = load_spec(SEEDS)
     assert {m.name for m in spec.models} == MODELS
     assert [p.value for p in spec.precisions] == ["bf16", "nf4", "int8", "fp4", "gptq", "awq"]
-    assert spec.steering.questions == 20
+    assert (spec.steering.questions, spec.steering.held_out) == (20, 20)
     plan = build_plan(spec, "run-seeds")
     extracts = [j for j in plan.jobs if j.kind.value == "extract"]
     variants = {j.params["variant"] for j in extracts}
@@ -53,7 +53,7 @@ def test_the_estimate_scales_with_parameters_and_counts_every_gpu_job() -> None:
     est = estimate_gpu_hours(spec, plan.jobs)
     assert est.variants == 42
     assert est.gpu_hours == pytest.approx(sum(est.by_kind.values()))
-    assert set(est.by_kind) == {*JOB_SECONDS_8B, "loader_start"}
+    assert set(est.by_kind) == {*JOB_SECONDS_8B, "loader_start", "held_out", "noise_floor"}
     # The 70B's jobs alone cost 70.6 / 8 times an 8B's: same jobs, same precisions.
     hours = {}
     for name in ("llama-3.1-8b", "llama-3.3-70b"):

@@ -500,6 +500,21 @@ def test_steering_evaluates_the_held_out_questions_twenty_at_a_time() -> None:
         assert len(set(chosen.questions)) == 20
 
 
+def test_the_default_search_and_held_out_sets_are_twenty_distinct_questions_each() -> None:
+    """With the spec's defaults (``steering.questions`` 20, ``steering.held_out`` 20) every
+    built-in gives the search 20 questions and the held-out re-score 20 others."""
+    from services.common.spec import SteeringSpec
+
+    steering = SteeringSpec()
+    n, held = steering.questions, steering.held_out
+    assert (n, held) == (20, 20)
+    for name in BUILTIN_TRAITS:
+        pool = load_trait(name).eval_questions
+        search, rescore = pool[:n], pool[n : n + held]  # as services.steerer.held_out slices
+        assert (len(search), len(rescore)) == (20, 20), name
+        assert not {_norm(q) for q in search} & {_norm(q) for q in rescore}, name
+
+
 def _steer_params(steering: Any) -> Any:
     # The two fields the steerer's question choice reads (its job contract is built elsewhere).
     from types import SimpleNamespace

@@ -228,11 +228,12 @@ class SteeringSpec(_Strict):
         6, ge=1, le=128, description="Evenly spaced candidate layers if none given."
     )
     layer_range: tuple[float, float] = Field((0.2, 0.8), description="Depth range for candidates.")
+    # The seeds judged 20 questions per cell; every built-in trait holds 40 (20 + 20).
     questions: int | None = Field(
-        10, ge=1, description="Steering questions the search picks the best setting on."
+        20, ge=1, description="Steering questions the search picks the best setting on."
     )
     held_out: int = Field(
-        10,
+        20,
         ge=0,
         le=1000,
         description="Further questions of the trait (after the search's) on which the chosen "
