@@ -86,6 +86,7 @@ def preflight(spec: ExperimentSpec, *, cluster: bool | None = None) -> None:
                 "extraction." + err.field if err.field in ("n_train", "n_val") else f"traits[{i}]"
             )
             raise InvalidArgument(field, f"{spec.trait_name(trait)}: {err.message}") from None
+        check_steering_questions(spec, spec.trait_name(trait), len(dataset.eval_questions))
     if spec.probes.enabled:
         try:
             load_trait(spec.probes.harmful)
@@ -97,6 +98,32 @@ def preflight(spec: ExperimentSpec, *, cluster: bool | None = None) -> None:
     from services.common.planner import check_precisions
 
     check_precisions(spec)
+
+
+def check_steering_questions(spec: ExperimentSpec, trait: str, available: int) -> None:
+    """A steered trait holds the questions the spec asks for: ``steering.questions`` for the
+    search and ``steering.held_out`` more after them (the steerer would otherwise judge fewer
+    without saying so). InvalidArgument names the field."""
+    from services.common.errors import InvalidArgument
+
+    steering = spec.steering
+    steered = {*(steering.traits or [spec.trait_name(t) for t in spec.traits])}
+    steered |= {v.trait for v in spec.vectors if v.steer}
+    if not steering.enabled or trait not in steered:
+        return
+    if steering.questions is not None and steering.questions > available:
+        raise InvalidArgument(
+            "steering.questions",
+            f"{steering.questions} asked, but {trait} has {available} steering questions",
+        )
+    search = available if steering.questions is None else steering.questions
+    if steering.held_out and search + steering.held_out > available:
+        raise InvalidArgument(
+            "steering.held_out",
+            f"{steering.held_out} held-out questions after the search's {search} need "
+            f"{search + steering.held_out}, but {trait} has {available} steering questions "
+            f"(lower steering.questions or steering.held_out; 0 turns the re-score off)",
+        )
 
 
 def _check_vectors(spec: ExperimentSpec) -> None:
