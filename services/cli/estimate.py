@@ -12,6 +12,14 @@ Where the numbers come from:
   one trait's whole adaptive search (11 layers, 20 questions, 64 new tokens) through gRPC on
   the 32-layer Llama-3.1-8B shape, bf16, one H100; scaled by the job's questions / 20 and
   max_new_tokens / 64.
+* ``held_out`` and ``noise_floor``: the steer job's extra loader batches after its search (issue
+  17, "Numbers a reader can trust"): one batch per add-mode job with ``steering.held_out`` > 0
+  (the chosen setting and the unsteered model on the held-out questions), and one more per
+  noise-floor job (the reference's add-mode jobs: the seed replicates, every replicate in one
+  batch; the question samples reuse answers and the re-judging is judge work, not counted).
+  Each costs one batch of the measured search: 13.69 s for its 2 loader batches of 1 110 rows,
+  so 6.85 s, scaled by max_new_tokens / 64. Those batches hold far fewer rows (2 x held_out,
+  times ``noise.repeats`` for the seeds), so this is an upper bound.
 * ``extract`` 10 s: the same phases for one contrast set (about 200 rows x 128 new tokens in
   one batch, then one capture of every layer), scaled by rollouts and max_new_tokens / 128; a
   replay (and reverse replay) extraction generates nothing: 2 s (the capture).
@@ -40,6 +48,7 @@ __all__ = [
     "LOADER_START_SECONDS_8B",
     "PRECISION_FACTOR",
     "QUANTIZE_SECONDS_8B",
+    "STEER_BATCH_SECONDS_8B",
     "GpuEstimate",
     "estimate_gpu_hours",
 ]
@@ -56,6 +65,9 @@ JOB_SECONDS_8B: dict[str, float] = {
 QUANTIZE_SECONDS_8B: dict[str, float] = {"gptq": 80.0, "awq": 306.0}
 LOADER_START_SECONDS_8B = 120.0
 REPLAY_SECONDS_8B = 2.0
+#: One loader batch of the study cell's search (13.69 s over 2 batches of 1 110 rows x 64
+#: tokens): the cost charged for each extra batch of a steer job (held out, noise floor).
+STEER_BATCH_SECONDS_8B = 13.69 / 2
 PRECISION_FACTOR: dict[str, float] = {
     "fp32": 2.0,
     "bf16": 1.0,
@@ -101,6 +113,18 @@ def _workload(kind: str, params: dict[str, Any]) -> float:
     return 1.0
 
 
+def _steer_batches(params: dict[str, Any]) -> dict[str, float]:
+    """The steer job's loader batches after its search, in search batches' worth (by kind)."""
+    steering = params.get("steering") or {}
+    if params.get("mode", "add") != "add" or not steering.get("held_out", 0):
+        return {}
+    tokens = float(steering.get("max_new_tokens", 64)) / 64.0
+    batches = {"held_out": tokens}
+    if params.get("noise_floor"):
+        batches["noise_floor"] = tokens
+    return batches
+
+
 def estimate_gpu_hours(spec: ExperimentSpec, jobs: list[Job]) -> GpuEstimate:
     """The estimate for ``jobs`` planned from ``spec`` (see the module docstring)."""
     size = {m.name: (m.size_b or REFERENCE_SIZE_B) / REFERENCE_SIZE_B for m in spec.models}
@@ -123,6 +147,9 @@ def estimate_gpu_hours(spec: ExperimentSpec, jobs: list[Job]) -> GpuEstimate:
         variants.add(variant)
         factor = size.get(model, 1.0) * PRECISION_FACTOR.get(precision, 1.0)
         seconds[kind] += base * _workload(kind, job.params) * factor
+        if kind == "steer":
+            for extra, batches in _steer_batches(job.params).items():
+                seconds[extra] += STEER_BATCH_SECONDS_8B * batches * factor
     for variant in variants:
         model, _, precision = variant.partition("@")
         seconds["loader_start"] += (
