@@ -16,10 +16,10 @@ rubric. An optional *extras* sidecar supplies them: ``<stem>.extras.json`` besid
 * pv: the last ``n_eval_holdout`` questions become steering-eval questions (and leave the
   extraction set); the exemplars are the pos/neg *instructions* themselves, which describe the
   trait's presence and absence in a sentence, the closest thing the file has to example answers.
-* caa: eval questions are the question stems (choices removed) of the first test items (train
-  items when there are none); exemplars are the texts of the matching / not-matching choices of
-  the first train items.
-* arditi: eval questions are the first harmless test instructions (else val, else train), the
+* caa: eval questions are the question stems (choices removed) of the first 40 test items
+  (train items when there are none); exemplars are the texts of the matching / not-matching
+  choices of the first train items.
+* arditi: eval questions are the first 40 harmless test instructions (else val, else train), the
   prompts on which adding the direction induces refusal (Arditi et al., section 4); exemplars are
   qsens's own short refusal and compliance answers (``REFUSAL_EXEMPLARS``).
 * caa/arditi rubric: a generic persona-vectors-style rubric naming the trait.
