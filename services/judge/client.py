@@ -7,6 +7,8 @@ Two modes, one interface and one result type:
   queue group answers; a chunk is retried with backoff when no service responds or a reply
   times out (safe: judgements are cached by content), and split when the reply would be too
   large;
+* ``fresh=True`` asks for a re-judging: the backend scores every item again (the noise floor's
+  measure of the judge's own variation); the cache is neither read nor written;
 * direct (``await JudgeClient.direct()``): the same backend, cache and batching code in this
   process, for the CLI and laptops (cache in JetStream KV when a NATS connection is given, else
   in memory).
@@ -155,8 +157,12 @@ class JudgeClient:
         *,
         strict: bool = False,
         request_id: str = "",
+        fresh: bool = False,
     ) -> list[JudgeResult]:
-        """One result per item, in order. Items name a key of ``rubrics`` or ``coherence``."""
+        """One result per item, in order. Items name a key of ``rubrics`` or ``coherence``.
+
+        ``fresh``: a re-judging; the backend scores every item again, bypassing (and not
+        updating) the verdict cache (``JudgeRequest.fresh``)."""
         rubrics = dict(rubrics or {})
         judge_items = [_as_item(item, i) for i, item in enumerate(items)]
         for i, item in enumerate(judge_items):
@@ -171,7 +177,9 @@ class JudgeClient:
 
         async def run(start: int, end: int) -> list[JudgeResult]:
             async with gate:
-                return await self._score_chunk(judge_items, rubrics, start, end, request_id)
+                return await self._score_chunk(
+                    judge_items, rubrics, start, end, request_id, fresh=fresh
+                )
 
         parts = await asyncio.gather(*(run(s, e) for s, e in chunks))
         results = [r for part in parts for r in part]
@@ -245,6 +253,7 @@ class JudgeClient:
         start: int,
         end: int,
         request_id: str,
+        fresh: bool,
     ) -> JudgeRequest:
         part = list(items[start:end])
         needed = {item.rubric for item in part} - {COHERENCE}
@@ -252,6 +261,7 @@ class JudgeClient:
             items=part,
             rubrics={k: rubrics[k] for k in sorted(needed)},
             request_id=f"{request_id}[{start}:{end}]" if request_id else "",
+            fresh=fresh,
         )
 
     async def _score_chunk(
@@ -261,8 +271,10 @@ class JudgeClient:
         start: int,
         end: int,
         request_id: str,
+        *,
+        fresh: bool = False,
     ) -> list[JudgeResult]:
-        request = self._request(items, rubrics, start, end, request_id)
+        request = self._request(items, rubrics, start, end, request_id, fresh)
         if self._judge is None:
             return await self._over_nats(request, items, rubrics, start, end, request_id)
         try:
@@ -281,7 +293,8 @@ class JudgeClient:
     ) -> list[JudgeResult]:
         import nats.errors
 
-        data = request.model_dump_json().encode()
+        # Sent only when set: a judge service older than the field still reads normal requests.
+        data = request.model_dump_json(exclude=None if request.fresh else {"fresh"}).encode()
         attempts = self.settings.request_attempts
         last: str = ""
         for attempt in range(attempts):
@@ -313,8 +326,9 @@ class JudgeClient:
                 if end - start == 1:
                     raise ResourceExhausted(f"judge: {error.message}")
                 mid = (start + end) // 2
-                first = await self._score_chunk(items, rubrics, start, mid, request_id)
-                second = await self._score_chunk(items, rubrics, mid, end, request_id)
+                fresh = request.fresh
+                first = await self._score_chunk(items, rubrics, start, mid, request_id, fresh=fresh)
+                second = await self._score_chunk(items, rubrics, mid, end, request_id, fresh=fresh)
                 return first + second
             if error.code == "invalid_argument":
                 raise _shift(InvalidArgument(error.field or "request", error.message), start)

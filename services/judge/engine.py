@@ -2,8 +2,9 @@
 
 request -> content addresses -> de-duplication (within the request and against identical items
 already in flight) -> cache -> micro-batches to the backend -> cache the stable verdicts ->
-one result per item, in request order. Only a malformed request raises; every item-level
-failure is that item's ``unscorable`` result.
+one result per item, in request order. A ``fresh`` request (a re-judging) skips the cache and
+the sharing and sends every distinct item to the backend; its verdicts are not cached. Only a
+malformed request raises; every item-level failure is that item's ``unscorable`` result.
 """
 
 from __future__ import annotations
@@ -102,34 +103,13 @@ class Judge:
         for w in work:
             distinct.setdefault(w.key, w)
 
-        # Claim every key nobody is scoring yet *before* the first await: a concurrent request
-        # then either waits for our claim or starts after we released it, by which time the
-        # verdict is in the cache. Identical items never go upstream twice.
-        loop = asyncio.get_running_loop()
-        claimed: dict[str, WorkItem] = {}
-        theirs: dict[str, asyncio.Future[Verdict]] = {}
-        for key, w in distinct.items():
-            if key in self._inflight:
-                theirs[key] = self._inflight[key]
-            else:
-                self._inflight[key] = loop.create_future()
-                claimed[key] = w
-        try:
-            cached = await self.cache.get_many(claimed)
-        except BaseException:
-            self._release(claimed, {})
-            raise
-        self._release({k: claimed[k] for k in cached}, cached)
-        self.cache_hits += len(cached)
-        self.cache_misses += len(claimed) - len(cached)
-        if cached:
-            self._metrics.cache_hits.labels(self.backend.name).inc(len(cached))
-        if len(claimed) > len(cached):
-            self._metrics.cache_misses.labels(self.backend.name).inc(len(claimed) - len(cached))
-
-        mine = [w for key, w in claimed.items() if key not in cached]
-        own, shared = await asyncio.gather(self._run(mine), self._wait(theirs))
-        reused = {**cached, **shared}
+        reused: dict[str, Verdict] = {}
+        if request.fresh:
+            # A re-judging: every distinct item goes to the backend, and its verdict stays out
+            # of the cache (the cached one is what the first judging used).
+            own = await self._run(list(distinct.values()), fresh=True)
+        else:
+            own, reused = await self._cached_or_run(distinct)
         verdicts: dict[str, Verdict] = dict(own)
         for key, verdict in reused.items():
             # Nothing was spent on these in this call.
@@ -159,6 +139,39 @@ class Judge:
             self._metrics.item_latency.labels(self.backend.name).observe(elapsed)
         return results
 
+    async def _cached_or_run(
+        self, distinct: dict[str, WorkItem]
+    ) -> tuple[dict[str, Verdict], dict[str, Verdict]]:
+        """(scored here, reused): cached verdicts, identical items in flight, the rest scored."""
+        # Claim every key nobody is scoring yet *before* the first await: a concurrent request
+        # then either waits for our claim or starts after we released it, by which time the
+        # verdict is in the cache. Identical items never go upstream twice.
+        loop = asyncio.get_running_loop()
+        claimed: dict[str, WorkItem] = {}
+        theirs: dict[str, asyncio.Future[Verdict]] = {}
+        for key, w in distinct.items():
+            if key in self._inflight:
+                theirs[key] = self._inflight[key]
+            else:
+                self._inflight[key] = loop.create_future()
+                claimed[key] = w
+        try:
+            cached = await self.cache.get_many(claimed)
+        except BaseException:
+            self._release(claimed, {})
+            raise
+        self._release({k: claimed[k] for k in cached}, cached)
+        self.cache_hits += len(cached)
+        self.cache_misses += len(claimed) - len(cached)
+        if cached:
+            self._metrics.cache_hits.labels(self.backend.name).inc(len(cached))
+        if len(claimed) > len(cached):
+            self._metrics.cache_misses.labels(self.backend.name).inc(len(claimed) - len(cached))
+
+        mine = [w for key, w in claimed.items() if key not in cached]
+        own, shared = await asyncio.gather(self._run(mine), self._wait(theirs))
+        return own, {**cached, **shared}
+
     def _release(self, items: dict[str, WorkItem], verdicts: dict[str, Verdict]) -> None:
         """Drop claims, handing their verdicts to waiters (no verdict: the waiters' turn)."""
         for key in items:
@@ -169,18 +182,23 @@ class Judge:
                 else:
                     fut.cancel()
 
-    async def _run(self, mine: Sequence[WorkItem]) -> dict[str, Verdict]:
-        """Score this request's own misses, cache the stable verdicts, release waiters."""
+    async def _run(self, mine: Sequence[WorkItem], *, fresh: bool = False) -> dict[str, Verdict]:
+        """Score this request's own misses, cache the stable verdicts, release waiters.
+
+        ``fresh`` (a re-judging): nothing is cached and no claim is released (it made none; an
+        identical item a normal request is scoring keeps its own claim)."""
         if not mine:
             return {}
         out: dict[str, Verdict] = {}
         try:
             verdicts = await self._batcher.submit_many(mine)
             out = {w.key: v for w, v in zip(mine, verdicts, strict=True)}
-            await self.cache.put_many({k: v for k, v in out.items() if v.cacheable})
+            if not fresh:
+                await self.cache.put_many({k: v for k, v in out.items() if v.cacheable})
             return out
         finally:
-            self._release({w.key: w for w in mine}, out)
+            if not fresh:
+                self._release({w.key: w for w in mine}, out)
 
     async def _wait(self, theirs: dict[str, asyncio.Future[Verdict]]) -> dict[str, Verdict]:
         """Wait for identical items another request is already scoring."""

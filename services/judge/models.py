@@ -3,6 +3,7 @@
 A request carries its rubrics once, keyed by trait (``pv/evil``); each item names the rubric it
 is judged by, or ``coherence`` for the built-in coherence rubric. Every result records the
 backend, judge model and rubric hash that produced it, and why an item could not be scored.
+A ``fresh`` request bypasses the verdict cache (a re-judging) without updating it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from services.common.errors import InvalidArgument
 
@@ -95,6 +104,14 @@ class JudgeRequest(BaseModel):
     items: list[JudgeItem] = Field(max_length=REQUEST_LIMIT)
     rubrics: dict[str, Rubric] = Field(default_factory=dict)
     request_id: str = Field("", max_length=200, description="Caller's id, echoed in logs.")
+    fresh: StrictBool = Field(
+        False,
+        description="Score every item with the backend again: no cached verdict, no sharing "
+        "with identical items other requests are scoring (a re-judging, e.g. the noise floor's). "
+        "Fresh verdicts are returned but never written to the cache, so the cached verdict "
+        "stays the one the first judging used. Identical items within the request are still "
+        "scored once.",
+    )
 
     @model_validator(mode="after")
     def _rubrics_resolve(self) -> JudgeRequest:

@@ -196,18 +196,20 @@ class SteeringEvaluator:
         return await self._judged(settings, generations)
 
     async def judge_again(self, evaluations: Sequence[Evaluation]) -> list[Evaluation]:
-        """The same answers judged once more (the judge's own noise), in one judge call."""
+        """The same answers judged once more (the judge's own noise), in one judge call.
+
+        A fresh judging: the backend scores every answer again instead of the cache answering."""
         generations = [
             Generation(text=a.answer, token_ids=[], finish_reason=a.finish_reason, prompt_tokens=0)
             for e in evaluations
             for a in e.answers
         ]
-        return await self._judged([e.setting for e in evaluations], generations)
+        return await self._judged([e.setting for e in evaluations], generations, fresh=True)
 
     async def _judged(
-        self, settings: Sequence[Setting], generations: Sequence[Generation]
+        self, settings: Sequence[Setting], generations: Sequence[Generation], *, fresh: bool = False
     ) -> list[Evaluation]:
-        results = await self._judge([g.text for g in generations])
+        results = await self._judge([g.text for g in generations], fresh=fresh)
         n = len(self.questions)
         out: list[Evaluation] = []
         for k, setting in enumerate(settings):
@@ -245,7 +247,7 @@ class SteeringEvaluator:
             coherence=to_verdict(coherence, refusal_is_trait=False),
         )
 
-    async def _judge(self, answers: Sequence[str]) -> list[JudgeResult]:
+    async def _judge(self, answers: Sequence[str], *, fresh: bool = False) -> list[JudgeResult]:
         """Trait and coherence verdicts, interleaved (trait, coherence) per answer."""
         n = len(self.questions)
         items: list[JudgeItem] = []
@@ -253,7 +255,7 @@ class SteeringEvaluator:
             question = self.questions[j % n]
             items.append(JudgeItem(question=question, answer=text, rubric=self.trait))
             items.append(JudgeItem(question=question, answer=text, rubric=COHERENCE))
-        results = await self.judge.score(items, {self.trait: self.rubric}, strict=True)
+        results = await self.judge.score(items, {self.trait: self.rubric}, strict=True, fresh=fresh)
         self._count(judge_calls=1, judge_items=len(items))
         # A re-judging (the noise floor) is no measurement where the cache answered.
         self.last_cached = sum(bool(r.cached) for r in results)

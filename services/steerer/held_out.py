@@ -13,7 +13,10 @@ The noise floor (``noise_floor`` jobs) replicates that measurement where only ch
   questions, the held-out batch on the rest; nothing is generated again);
 * ``seeds``: the held-out questions answered again at ``noise.temperature`` with ``repeats``
   sampling seeds (one batch: steered and unsteered rows, each copy with its own row seed);
-* ``rejudge``: the held-out greedy answers judged ``repeats`` more times.
+* ``rejudge``: the held-out greedy answers judged ``repeats`` more times, fresh (the judge's
+  backend scores them again instead of its verdict cache answering): the judge's own
+  nondeterminism. A deterministic judge (the embedding heuristic, a rule-based endpoint) gives
+  a measured SD of 0, which counts; only a re-judging the cache still answered is left out.
 
 Each replicate's statistic is the steering effect: the signed mean paired (steered -
 unsteered) trait score over its questions, the quantity compared across precisions.
@@ -171,7 +174,7 @@ async def _rejudged(
     pair: tuple[Evaluation, Evaluation],
     repeats: int,
 ) -> NoiseComponent:
-    """The held-out greedy answers judged ``repeats`` more times."""
+    """The held-out greedy answers judged ``repeats`` more times, each a fresh judging."""
     effects: list[float | None] = []
     cached = judged = 0
     n = len(greedy.questions)
@@ -181,13 +184,13 @@ async def _rejudged(
         cached, judged = cached + greedy.last_cached, judged + 4 * len(greedy.questions)
     note = None
     if cached == judged:
-        # The judge's content cache answered every item again: that says nothing about how
-        # much the judge itself varies, so it must not narrow the band to zero.
+        # Fresh judgings bypass the cache; should a judge service answer from it anyway, that
+        # says nothing about how much the judge itself varies and must not narrow the band.
         note = "every verdict came from the judge's cache; not counted in the band"
     return NoiseComponent(
         source="rejudge",
-        description=f"the {n} held-out greedy answers judged {repeats} more times "
-        f"({cached} of {judged} verdicts from the judge's cache)",
+        description=f"the {n} held-out greedy answers judged afresh {repeats} more times "
+        f"({judged - cached} of {judged} verdicts scored again by the judge's backend)",
         effects=effects,
         sd=None,
         note=note,

@@ -30,7 +30,7 @@ async def test_held_out_rescore_and_noise_floor(
     plain = steer_job(run_id, search=search, layers=[2], held_out=4, direction="-")
     records = await plane.run(run_id, [ref, plain])
     assert all(r.state == JobState.DONE for r in records), [r.error for r in records]
-    # Asking for more held-out questions than the trait has: the rest of the pool is used.
+    # Held-out questions past the search's 18: up to 10, fewer where the pool ends first.
     tail_run = f"{run_id}-tail"
     write_extraction(plane.store, tail_run, "toy@fp32", "pv/evil", toy_vectors())
     tail = steer_job(tail_run, search=search, layers=[1], questions=18, held_out=10)
@@ -62,10 +62,13 @@ async def test_held_out_rescore_and_noise_floor(
     seeds = by_source["seeds"]
     assert len(seeds.effects) == 3 and all(e is not None for e in seeds.effects)
     assert seeds.sd is not None and seeds.sd > 0, seeds.effects
-    # The judge caches by content: re-asking it is no measurement and does not count.
+    # The re-judging is fresh: all 3 x 16 verdicts (4 answers x trait and coherence, steered
+    # and unsteered) come from the judge's backend again, not its cache. The rule-based toy
+    # judge is deterministic: a measured SD of 0 that counts in the band.
     rejudge = by_source["rejudge"]
     assert rejudge.effects == [held.delta] * 3
-    assert rejudge.sd is None and rejudge.note is not None and "cache" in rejudge.note
+    assert "(48 of 48 verdicts scored again" in rejudge.description, rejudge.description
+    assert rejudge.sd == 0 and rejudge.note is None
     assert noise.sd == pytest.approx(seeds.sd)
     assert noise.band == pytest.approx(BAND_Z * seeds.sd)
     # Work: the search's 4 steps, the held-out batch (4 questions x 2), one batch of the 3
@@ -81,7 +84,7 @@ async def test_held_out_rescore_and_noise_floor(
     assert away.calls.loader_calls == 4 + 1
 
     short, _ = read_result(plane, tail_run, tail)
-    assert short.held_out is not None and short.held_out.questions == list(pool[18:20])
+    assert short.held_out is not None and short.held_out.questions == list(pool[18:28])
 
 
 def test_noise_band_adds_component_sds_in_quadrature() -> None:

@@ -184,8 +184,9 @@ _NOISE_TEXT = (
     "Noise floor: the reference's chosen setting measured again where only chance changes — "
     "other samples of the steering questions, other sampling seeds, the judge asked again. "
     "Band = 1.96·√2·SD (SDs added in quadrature): a precision whose steering effect is within "
-    "the band of the reference's is classed robust (within_noise). A re-judging answered "
-    "from the judge's cache is shown but not counted."
+    "the band of the reference's is classed robust (within_noise). The re-judging bypasses "
+    "the judge's cache (a deterministic judge measures 0); one the cache answered is shown "
+    "but not counted."
 )
 
 
