@@ -154,6 +154,14 @@ def score(
     via_nats: Annotated[
         bool, typer.Option("--via-nats", help="Ask the judge services on NATS.")
     ] = False,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="Re-judge: the backend scores every answer again; cached verdicts are neither "
+            "used nor replaced.",
+        ),
+    ] = False,
     backend: Backend = None,
     base_url: BaseUrl = None,
     model: Model = None,
@@ -183,14 +191,19 @@ def score(
         variant=loader_variant,
     )
     results = asyncio.run(
-        _score(pairs, rubric, settings, via_nats, _nats_settings(nats_url, namespace))
+        _score(pairs, rubric, settings, via_nats, _nats_settings(nats_url, namespace), fresh)
     )
     for result in results:
         typer.echo(result.model_dump_json())
 
 
 async def _score(
-    pairs: list[tuple[str, str]], rubric: Any, settings: Any, via_nats: bool, nats_settings: Any
+    pairs: list[tuple[str, str]],
+    rubric: Any,
+    settings: Any,
+    via_nats: bool,
+    nats_settings: Any,
+    fresh: bool = False,
 ) -> list[Any]:
     from services.judge.client import JudgeClient
 
@@ -206,8 +219,8 @@ async def _score(
             client = await JudgeClient.direct(settings)
         try:
             if rubric is None:
-                return await client.score_coherence(pairs)
-            return await client.score_trait(pairs, rubric, trait="trait")
+                return await client.score_coherence(pairs, fresh=fresh)
+            return await client.score_trait(pairs, rubric, trait="trait", fresh=fresh)
         finally:
             await client.close()
     finally:

@@ -200,17 +200,18 @@ class JudgeClient:
         *,
         trait: str = "trait",
         strict: bool = False,
+        fresh: bool = False,
     ) -> list[JudgeResult]:
         """Trait scores of ``(question, answer)`` pairs under one rubric."""
         items = [JudgeItem(question=q, answer=a, rubric=trait) for q, a in pairs]
-        return await self.score(items, {trait: rubric}, strict=strict)
+        return await self.score(items, {trait: rubric}, strict=strict, fresh=fresh)
 
     async def score_coherence(
-        self, pairs: Sequence[tuple[str, str]], *, strict: bool = False
+        self, pairs: Sequence[tuple[str, str]], *, strict: bool = False, fresh: bool = False
     ) -> list[JudgeResult]:
         """Coherence scores of ``(question, answer)`` pairs."""
         items = [JudgeItem(question=q, answer=a, rubric=COHERENCE) for q, a in pairs]
-        return await self.score(items, strict=strict)
+        return await self.score(items, strict=strict, fresh=fresh)
 
     # -- chunking and transport --------------------------------------------------------------
 

@@ -89,6 +89,14 @@ async def test_served_process_restart_keeps_cache(
         assert [r.cached for r in second] == [True] * 4
         assert [r.score for r in second] == [r.score for r in first]
         assert fake.call_count == 3  # nothing went upstream after the restart
+        # `qsens judge score --via-nats --fresh` re-judges: the three distinct answers go
+        # upstream again, and a normal request afterwards is still answered from the cache.
+        fresh = await asyncio.to_thread(_score_fresh, nats_settings, pairs, tmp_path)
+        assert [o["cached"] for o in fresh] == [False] * 4
+        assert [o["score"] for o in fresh] == [r.score for r in first]
+        assert fake.call_count == 6
+        third = await client.score(rubric_items)
+        assert [r.cached for r in third] == [True] * 4 and fake.call_count == 6
         assert await _stop(proc) == 0
         ready = json.loads((tmp_path / "ready.json").read_text())
         assert ready["subject"] == f"{nats_settings.namespace}.judge.score"
@@ -102,6 +110,25 @@ async def test_served_process_restart_keeps_cache(
     assert "judge serving" in text and "judge draining" in text
     assert fake.calls[0].authorization == f"Bearer {SECRET}"
     assert SECRET not in text
+
+
+def _score_fresh(
+    nats: NatsSettings, pairs: list[tuple[str, str]], tmp_path: Path
+) -> list[dict[str, Any]]:
+    """``qsens judge score --coherence --via-nats --fresh`` on ``pairs`` (in a thread: the
+    command runs its own event loop)."""
+    assert nats.password is not None
+    answers = tmp_path / "fresh.jsonl"
+    answers.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    args = ["score", str(answers), "--coherence", "--via-nats", "--fresh"]
+    args += ["--nats-url", nats.url, "--namespace", nats.namespace]
+    env = {
+        "QSENS_NATS_USER": nats.user or "",
+        "QSENS_NATS_PASSWORD": nats.password.get_secret_value(),
+    }
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_score_command_embedding(tmp_path: Path) -> None:
