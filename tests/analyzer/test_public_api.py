@@ -44,6 +44,7 @@ EXPECTED = {
         "classify_cosine",
         "classify_logit_correlation",
         "classify_steering_degradation",
+        "with_noise_band",
     },
     "services.analyzer.handler": {"DOCUMENTS", "handle", "jsonable", "run_analysis"},
     "services.analyzer.report_cmd": {"generate_report"},

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from scipy.stats import fisher_exact
-
 from services.analyzer.blocks import Block, Table, fmt_ci, fmt_num
 from services.analyzer.loading import Extraction, RunArtefacts
 from services.analyzer.stats import Estimate, wilson
@@ -100,6 +98,8 @@ def _row(run: RunArtefacts, ex: Extraction, ref: Extraction | None) -> dict[str,
         row["difference"] = newcombe_difference(rate, wilson(ref_refused, ref_n))
         if n and ref_n:
             table = [[refused, n - refused], [ref_refused, ref_n - ref_refused]]
+            from scipy.stats import fisher_exact  # lazily: importing the analyzer stays light
+
             row["fisher_p"] = float(fisher_exact(table).pvalue)
     return row
 
