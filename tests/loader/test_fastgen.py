@@ -343,6 +343,20 @@ def test_unsteered_capture_leaves_padding_out_and_equals_the_hooked_forward(
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
+def test_fast_paths_switched_off_while_serving_show_in_info_notes(engine: Engine) -> None:
+    """A failed compilation or a varlen kernel refusal only logs once: Info must say it."""
+    fast = engine.fast
+    assert fast is not None
+    assert not any("compiled" in n or "varlen" in n for n in engine.live_notes())
+    fast.fused.disabled, fast.varlen_disabled = "BackendCompilerFailed: x", "no varlen_attn: y"
+    try:
+        notes = engine.live_notes()
+    finally:
+        fast.fused.disabled = fast.varlen_disabled = None
+    assert any("BackendCompilerFailed: x" in n for n in notes)
+    assert any("no varlen_attn: y" in n for n in notes)
+
+
 def test_compiled_elementwise_equals_eager_for_every_batch_size() -> None:
     """``Fused`` (torch.compile, the token dimension dynamic) computes what the eager helpers
     compute, below its threshold it is not used, and one compilation serves new sizes."""

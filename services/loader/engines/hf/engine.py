@@ -168,10 +168,20 @@ class HFEngine(HFCore, Engine):
         return notes
 
     def live_notes(self) -> list[str]:
-        """Capture graphs may be switched off while serving (a failed recording)."""
+        """Fast paths switched off while serving: capture graphs (a failed recording), the
+        compiled elementwise kernels (a failed compilation) and packed capture's varlen
+        attention (a kernel refusal); each is logged once, and Info shows it from then on."""
+        notes = []
         if self.device.type == "cuda" and self.graphs.disabled:
-            return [f"capture CUDA graphs off: {self.graphs.disabled}"]
-        return []
+            notes.append(f"capture CUDA graphs off: {self.graphs.disabled}")
+        fast = self.fast
+        if fast is not None and fast.fused.disabled:
+            notes.append(f"compiled rotary and SiLU x up off (eager): {fast.fused.disabled}")
+        if fast is not None and fast.varlen_disabled:
+            notes.append(
+                f"packed capture attends padded (no varlen kernel): {fast.varlen_disabled}"
+            )
+        return notes
 
     def counters(self) -> dict[str, int]:
         return {
