@@ -242,5 +242,27 @@ def test_steering_comparison_on_held_out_scores_noise_and_imported_sets() -> Non
     assert any("Held-out steering questions" in t and "pv/evil: 4" in t for t in texts), texts
 
 
+def test_each_imported_set_is_compared_with_the_reference_steered_by_the_same_set() -> None:
+    """Two imported sets of one trait share the method ``imported``: neither set's variants
+    may be measured against the other set's reference run, nor spread together."""
+    views = [
+        _view(t, s, BASE, key=f"runs/r/{n}/{t}", source=f"imported-{n}", method="imported")
+        for n, t, s in (
+            ("a", "m@bf16", [60] * 4),
+            ("a", "m@nf4", [45] * 4),
+            ("b", "m@bf16", [30] * 4),
+            ("b", "m@nf4", [25] * 4),
+        )
+    ]
+    doc = steering_comparison(_run(views))
+    by = {(e.target, e.source): e for e in doc.entries}
+    assert by[("m@bf16", "imported-a")].is_reference and by[("m@bf16", "imported-b")].is_reference
+    for name, want in (("a", 30.0), ("b", 25.0)):  # BASE 10: effects 50 vs 35, 20 vs 15
+        deg = by[("m@nf4", f"imported-{name}")].degradation_pct
+        assert deg is not None and deg["value"] == pytest.approx(want), name
+    spreads = [s for s in doc.spread if s["steering"] == "reference_vectors"]
+    assert sorted(len(s["sources"]) for s in spreads) == [2, 2]
+
+
 def _texts(block: Bullets | Paragraph) -> list[str]:
     return list(block.items) if isinstance(block, Bullets) else [block.text]

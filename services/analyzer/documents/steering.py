@@ -216,6 +216,16 @@ def _reference_view(views: Sequence[SteerView], ref_id: str) -> SteerView | None
     )
 
 
+def _by_vector_set(views: Sequence[SteerView]) -> list[list[SteerView]]:
+    """A group's views, each imported vector set apart (all share the method ``imported``;
+    a set is compared only with the reference steered by the same set), extracted ones
+    together."""
+    sets: dict[str, list[SteerView]] = defaultdict(list)
+    for v in views:
+        sets[v.source if v.source.startswith(IMPORTED_PREFIX) else ""].append(v)
+    return [sets[name] for name in sorted(sets)]
+
+
 def _spreads(
     run: RunArtefacts, key: tuple[str, str, str, str, str], views: list[SteerView], base_seed: int
 ) -> list[dict[str, Any]]:
@@ -268,14 +278,14 @@ def steering_comparison(run: RunArtefacts) -> SteeringComparison:
     entries: list[dict[str, Any]] = []
     spreads: list[dict[str, Any]] = []
     for key in sorted(groups):
-        views = groups[key]
         ref_id = run.reference_of(key[0])
-        ref = _reference_view(views, ref_id)
-        for v in sorted(views, key=lambda x: (x.target, x.source)):
-            entry = _entry(run, key, v, ref)
-            _compare_entry(run, entry, v, ref, base_seed)
-            entries.append(entry)
-        spreads += _spreads(run, key, views, base_seed)
+        for views in _by_vector_set(groups[key]):
+            ref = _reference_view(views, ref_id)
+            for v in sorted(views, key=lambda x: (x.target, x.source)):
+                entry = _entry(run, key, v, ref)
+                _compare_entry(run, entry, v, ref, base_seed)
+                entries.append(entry)
+            spreads += _spreads(run, key, views, base_seed)
     return SteeringComparison.model_validate(
         {
             "run_id": run.run_id,
