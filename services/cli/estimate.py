@@ -102,7 +102,7 @@ def _workload(kind: str, params: dict[str, Any]) -> float:
     """The job's work relative to the one its per-kind seconds were stated for."""
     if kind == "steer":
         steering = params.get("steering") or {}
-        questions = steering.get("questions") or 20  # None: all (the built-ins hold 20)
+        questions = steering.get("questions") or 40  # None: all (every built-in holds 40)
         return float(questions) / 20.0 * float(steering.get("max_new_tokens", 64)) / 64.0
     if kind == "extract":
         if params.get("mode") in ("replay", "reverse"):
