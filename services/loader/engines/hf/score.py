@@ -111,20 +111,7 @@ def _forward(
     cache = DynamicCache(config=core.model.config)
     state = ForwardState(ctx.prompt_mask, ctx.response_mask, plan)
     with install_hooks(core.layers, state):
-        hidden = core.base(
-            input_ids=ctx.input_ids,
-            attention_mask=ctx.attention_mask,
-            position_ids=ctx.position_ids,
-            **cache_kwargs(core.base, cache),
-            use_cache=True,
-        ).last_hidden_state.to(dev)
-        last = torch.tensor(
-            [ctx.offsets[b] + len(batch[b].context_ids) - 1 for b in range(len(batch))],
-            device=dev,
-        )
-        first_logprobs = torch.log_softmax(
-            core._logits(hidden[torch.arange(len(batch), device=dev), last]), -1
-        )
+        first_logprobs, _ = _context_pass(core, batch, ctx, cache)
         owner = [b for b, it in enumerate(batch) for _ in it.continuations]
         conts = [c for it in batch for c in it.continuations]
         owner_t = torch.tensor(owner, device=dev)
@@ -145,6 +132,27 @@ def _forward(
             use_cache=True,
         ).last_hidden_state.to(dev)
     return first_logprobs, cont_hidden, owner_t, conts
+
+
+def _context_pass(
+    core: HFCore, batch: Sequence[ScoreInput], ctx: Any, cache: Any
+) -> tuple[torch.Tensor, torch.dtype]:
+    """The padded contexts ``ctx`` through the model into ``cache`` (under the caller's
+    steering hooks): the log-probs of each context's next token [B, V], and the hidden
+    states' dtype (a continuation pass's additive mask takes it)."""
+    dev = core.device
+    hidden = core.base(
+        input_ids=ctx.input_ids,
+        attention_mask=ctx.attention_mask,
+        position_ids=ctx.position_ids,
+        **cache_kwargs(core.base, cache),
+        use_cache=True,
+    ).last_hidden_state.to(dev)
+    last = torch.tensor(
+        [ctx.offsets[b] + len(batch[b].context_ids) - 1 for b in range(len(batch))], device=dev
+    )
+    first = torch.log_softmax(core._logits(hidden[torch.arange(len(batch), device=dev), last]), -1)
+    return first, hidden.dtype
 
 
 def _continuation_tensors(
@@ -288,18 +296,10 @@ def _tree_scores(
     )
     node_hidden: torch.Tensor | None = None
     with install_hooks(core.layers, state):
-        hidden = core.base(
-            input_ids=ctx.input_ids,
-            attention_mask=ctx.attention_mask,
-            position_ids=ctx.position_ids,
-            **cache_kwargs(core.base, cache),
-            use_cache=True,
-        ).last_hidden_state.to(dev)
-        last = torch.tensor([ctx.offsets[b] + ctx_lens[b] - 1 for b in range(len(batch))])
-        first = torch.log_softmax(core._logits(hidden[torch.arange(len(batch)), last.to(dev)]), -1)
+        first, dtype = _context_pass(core, batch, ctx, cache)
         if any(t.tokens for t in tries):
             ids, positions, real, mask = _tree_inputs(
-                core, tries, ctx.attention_mask, ctx_lens, hidden.dtype
+                core, tries, ctx.attention_mask, ctx_lens, dtype
             )
             state.prompt = torch.zeros_like(real, dtype=torch.bool)
             state.response = real.bool()
