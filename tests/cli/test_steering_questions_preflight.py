@@ -48,7 +48,7 @@ def test_the_defaults_fit_every_built_in_trait(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("steering", "field", "needed"),
     [
-        ("{questions: 41, held_out: 0}", "steering.questions", "41 asked"),
+        ("{questions: 41, held_out: 0, noise: {enabled: false}}", "steering.questions", "41 asked"),
         ("{questions: 30}", "steering.held_out", "need 50"),
         ("{questions: null}", "steering.held_out", "need 60"),
     ],
@@ -81,3 +81,13 @@ def test_qsens_plan_refuses_it_before_printing_a_plan(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["plan", str(path), "--local"])
     assert result.exit_code != 0
     assert "steering.held_out" in result.output and "jobs" not in result.output
+
+
+def test_a_noise_floor_without_held_out_questions_is_refused_by_name(tmp_path: Path) -> None:
+    """The noise floor's seed replicates run on held-out questions: asking for it with none
+    would measure nothing, silently."""
+    with pytest.raises(InvalidArgument) as err:
+        _spec(tmp_path, "traits: [pv/evil]\nsteering: {held_out: 0}\n")
+    assert "steering" in err.value.field and "noise.enabled" in str(err.value)
+    off = _spec(tmp_path, "traits: [pv/evil]\nsteering: {held_out: 0, noise: {enabled: false}}\n")
+    assert off.steering.held_out == 0 and not off.steering.noise.enabled
