@@ -193,7 +193,7 @@ def capture_profile(model: str, dev: torch.device) -> dict[str, Any]:
     run()
     result: dict[str, Any] = {
         "varlen_disabled": fast.varlen_disabled,
-        "varlen_repeat_kv": fast.varlen_repeat_kv,
+        "varlen_repeat_kv": fast.varlen.repeat_kv,
     }
     for name, fn in (
         ("packed_varlen", run),

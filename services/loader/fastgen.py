@@ -42,16 +42,16 @@ output, ``hooks.ablate_only`` on its input and attention output), so it means th
 both paths. A failure to record a graph switches graphs off for the engine (logged); the call
 goes on eagerly.
 
-Why one module of about 680 lines (above the project's ~500): the layer loop
-(``FastGenerator``) and the per-call state it prefills and steps (``FastRun``) share the cache
-layout, the stream composition and the graph buffers; apart, each half reads only against the
-other. It belongs to the transformers engine (``services.loader.engines.hf``).
+Why one module of about 750 lines (above the project's ~500): the layer loop
+(``FastGenerator``, with packed capture) and the per-call state it prefills and steps
+(``FastRun``) share the cache layout, the stream composition and the graph buffers; apart, each
+half reads only against the other. The compiled and varlen kernels live in
+``fastgen_kernels``. It belongs to the transformers engine (``services.loader.engines.hf``).
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +64,7 @@ from torch import nn
 from services.common.errors import FailedPrecondition
 from services.common.logging import get_logger
 from services.loader.capture_graphs import pad_arrays
+from services.loader.fastgen_kernels import Fused, VarlenAttention
 from services.loader.hooks import ForwardState, ablate_only, apply_plan
 from services.loader.steering import SteeringPlan, select_rows
 from services.loader.transfer import is_oom, to_device
@@ -178,72 +179,6 @@ def _fuse(modules: list[Any]) -> FusedLinear | None:
     return FusedLinear(modules, weight, bias)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate-half rotary embedding of ``q`` [N, heads, D] and ``k`` [N, kv heads, D] by
-    ``cos``/``sin`` [N, 1, D] (the model's ``apply_rotary_pos_emb``, tokens flattened)."""
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of a fused gate/up output [N, 2I]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-class Fused:
-    """``rope`` and ``silu_mul`` compiled by ``torch.compile`` (one kernel each instead of
-    five to eight passes over the activations), used for batches of at least ``min_tokens``
-    tokens on a GPU. Eager these passes are ~25% of a layer's time at 14k tokens of an 8B
-    shape (H100: rope 1.03 ms and SiLU x up 1.15 ms next to 8.3 ms of matmuls; compiled 0.15
-    and 0.44 ms, ``bench/fastgen_parts.py``). The token dimension is marked dynamic, so one
-    compilation serves every batch size; smaller batches (decode steps, replayed from a CUDA
-    graph where the passes cost little) stay eager. A failure to compile switches it off
-    for the engine (logged) and the call goes on eagerly."""
-
-    def __init__(self, enabled: bool, min_tokens: int = 2048) -> None:
-        self.enabled = enabled
-        self.min_tokens = min_tokens
-        self.disabled: str | None = None
-        self._rope: Any = torch.compile(rope) if enabled else None
-        self._silu_mul: Any = torch.compile(silu_mul) if enabled else None
-
-    def _use(self, tokens: int) -> bool:
-        return self.enabled and self.disabled is None and tokens >= self.min_tokens
-
-    def _call(self, fn: Any, eager: Any, *args: torch.Tensor) -> Any:
-        for a in args:
-            torch._dynamo.mark_dynamic(a, 0)
-        try:
-            return fn(*args)
-        except Exception as exc:  # any compiler failure: eager
-            if is_oom(exc):
-                raise
-            self.disabled = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("compiled elementwise switched off", extra={"reason": self.disabled})
-            return eager(*args)
-
-    def rope(
-        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._use(q.shape[0]):
-            return rope(q, k, cos, sin)
-        out: tuple[torch.Tensor, torch.Tensor] = self._call(self._rope, rope, q, k, cos, sin)
-        return out
-
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if not self._use(gate_up.shape[0]):
-            return silu_mul(gate_up)
-        out: torch.Tensor = self._call(self._silu_mul, silu_mul, gate_up)
-        return out
-
-
 @dataclass
 class RunStats:
     """What one call computed (the bench turns these into its roofline of shared work)."""
@@ -336,11 +271,19 @@ class FastGenerator:
             for d in decoders
         ]
         self.fused = Fused(compile_elementwise)
-        self.varlen_disabled: str | None = None  # why packed capture attends padded (GPU)
-        self.varlen_repeat_kv = False  # key/value heads repeated for varlen (no native GQA)
+        self.varlen = VarlenAttention()  # packed capture's attention on a GPU
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
         self.last: RunStats | None = None
+
+    @property
+    def varlen_disabled(self) -> str | None:
+        """Why packed capture attends in the padded layout (None: varlen is on)."""
+        return self.varlen.disabled
+
+    @varlen_disabled.setter
+    def varlen_disabled(self, reason: str | None) -> None:
+        self.varlen.disabled = reason
 
     # ------------------------------------------------------------------ the layer loop
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -478,7 +421,11 @@ class FastGenerator:
         hidden = self.base.embed_tokens(input_ids.reshape(-1).index_select(0, flat)[None])
         cos, sin = self.rotary(hidden, positions.reshape(-1).index_select(0, flat)[None])
         lengths = attention.sum(dim=1)
-        varlen = self._varlen(lengths) if self.device.type == "cuda" else None
+        varlen = (
+            self.varlen.for_lengths(lengths, self.scale, self.groups)
+            if self.device.type == "cuda"
+            else None
+        )
         biases: list[torch.Tensor] = []  # the padded layout's mask, built when first needed
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # [1, h, N, D] -> [B, h, T, D]
@@ -508,49 +455,6 @@ class FastGenerator:
             if index in sink.layers:
                 sink.record(index, unpacked(hidden))
         return sink.result()
-
-    def _varlen(self, lengths: torch.Tensor) -> Callable[..., torch.Tensor | None] | None:
-        """Causal attention over packed rows ``[N, heads, D]`` with torch's variable-length
-        flash kernel (CUDA only: no padding, no key/value heads repeated), or None where
-        torch has none. Its first failure switches it off for the engine (logged); the call
-        then attends in the padded layout."""
-        if self.varlen_disabled is not None:
-            return None
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError as exc:
-            self.varlen_disabled = f"no varlen_attn: {exc}"
-            return None
-        params = inspect.signature(varlen_attn).parameters
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        longest = int(lengths.max())
-        options: dict[str, Any] = {"scale": self.scale}
-        if "window_size" in params:
-            options["window_size"] = (-1, 0)
-        else:
-            options["is_causal"] = True
-        if "enable_gqa" in params:
-            options["enable_gqa"] = self.groups > 1
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-            if self.varlen_disabled is not None:
-                return None
-            if self.varlen_repeat_kv and self.groups > 1:  # a torch without native GQA
-                k, v = (t.repeat_interleave(self.groups, dim=1) for t in (k, v))
-            try:
-                out: Any = varlen_attn(q, k, v, cu, cu, longest, longest, **options)
-            except Exception as exc:  # any kernel refusal: the padded layout
-                if self.groups > 1 and not self.varlen_repeat_kv and not is_oom(exc):
-                    self.varlen_repeat_kv = True
-                    return attend(q, k, v)
-                if is_oom(exc):
-                    raise
-                self.varlen_disabled = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("varlen attention switched off", extra={"reason": self.varlen_disabled})
-                return None
-            return out if isinstance(out, torch.Tensor) else out[0]
-
-        return attend
 
     # ------------------------------------------------------------------ a call
     def start(

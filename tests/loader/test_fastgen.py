@@ -17,7 +17,8 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.loader.engine import ChatPrompt, Engine, EngineItem, GenParams, GenResult
-from services.loader.fastgen import Fused, prefill_chunks, rope, silu_mul, unsupported_reason
+from services.loader.fastgen import prefill_chunks, unsupported_reason
+from services.loader.fastgen_kernels import Fused, rope, silu_mul
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec, first_prompt_layer
 
