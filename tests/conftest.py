@@ -51,6 +51,11 @@ SLOW_MODULES = frozenset(
         "tests/common/test_worker_kill.py",  # SIGKILLed workers and redelivery
         "tests/common/test_dispatch.py",  # workers through NATS restarts and late replies
         "tests/loader/test_quantized.py",  # bitsandbytes' CPU kernels on loaders
+        "tests/bench/test_multi_gpu_check.py",  # the multi-GPU check dry-run on CPU labels
+        "tests/loader/test_quantized_placement.py",  # a GPTQ checkpoint quantized and split
+        "tests/loader/test_tiny_direct.py",  # models built block by block, memory measured
+        "tests/steerer/test_held_out.py",  # held-out re-score and noise floor over a stack
+        "tests/judge/test_loader_judge.py",  # a tiny judge model trained on the CPU
     }
 )
 SLOW_FIXTURES = frozenset({"smollm2_bf16", "smollm2_loader_http"})
