@@ -40,7 +40,9 @@ def test_one_batch_per_add_job_and_one_per_noise_floor_job() -> None:
 def test_no_held_out_questions_no_extra_batches() -> None:
     spec = _one_8b_at_bf16()
     full = estimate_gpu_hours(spec, build_plan(spec, "run-one").jobs)
-    none = spec.model_copy(update={"steering": spec.steering.model_copy(update={"held_out": 0})})
+    no_noise = spec.steering.noise.model_copy(update={"enabled": False})
+    steering = spec.steering.model_copy(update={"held_out": 0, "noise": no_noise})
+    none = spec.model_copy(update={"steering": steering})
     bare = estimate_gpu_hours(none, build_plan(none, "run-one").jobs)
     # The held-out re-score runs the noise floor too: without it neither batch is planned.
     assert "held_out" not in bare.by_kind and "noise_floor" not in bare.by_kind

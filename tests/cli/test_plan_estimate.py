@@ -93,7 +93,8 @@ def test_the_estimate_follows_the_specs_workload() -> None:
     assert halved.by_kind["steer"] == pytest.approx(full.by_kind["steer"] / 2)
     assert halved.by_kind["extract"] == pytest.approx(full.by_kind["extract"])
     # questions: null searches on all of a trait's steering questions: 40 in every built-in.
-    every = spec.steering.model_copy(update={"questions": None, "held_out": 0})
+    no_noise = spec.steering.noise.model_copy(update={"enabled": False})
+    every = spec.steering.model_copy(update={"questions": None, "held_out": 0, "noise": no_noise})
     all_questions = spec.model_copy(update={"steering": every})
     doubled = estimate_gpu_hours(all_questions, build_plan(all_questions, "run-seeds").jobs)
     assert doubled.by_kind["steer"] == pytest.approx(full.by_kind["steer"] * 2)
