@@ -82,6 +82,7 @@ class SurfaceJudge:
         *,
         strict: bool = False,
         request_id: str = "",
+        fresh: bool = False,  # deterministic: a re-judging scores the same
     ) -> list[JudgeResult]:
         self.calls += 1
         self.items += len(items)

@@ -234,8 +234,10 @@ def _wants_noise(
     steering: SteeringSpec, target: str, source: str, reference: str, mode: SteerMode
 ) -> bool:
     """The noise floor is measured once per trait and method: on the reference's own vectors,
-    add mode (ablation has no coefficient to pick)."""
-    return steering.noise.enabled and target == source == reference and mode == "add"
+    add mode (ablation has no coefficient to pick), where held-out questions exist (its seed
+    replicates run on them; the spec refuses an explicit request without them)."""
+    wanted = steering.noise.enabled and steering.held_out > 0
+    return wanted and target == source == reference and mode == "add"
 
 
 def _cross_sources(

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from services.cli.runs import app, preflight
 from services.common.errors import InvalidArgument
+from services.common.planner import build_plan
 from services.common.spec import ExperimentSpec, SteeringSpec, load_spec
 from services.extractor.datasets import BUILTIN_TRAITS, builtin_dir
 
@@ -48,7 +49,7 @@ def test_the_defaults_fit_every_built_in_trait(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("steering", "field", "needed"),
     [
-        ("{questions: 41, held_out: 0, noise: {enabled: false}}", "steering.questions", "41 asked"),
+        ("{questions: 41, held_out: 0}", "steering.questions", "41 asked"),
         ("{questions: 30}", "steering.held_out", "need 50"),
         ("{questions: null}", "steering.held_out", "need 60"),
     ],
@@ -83,11 +84,10 @@ def test_qsens_plan_refuses_it_before_printing_a_plan(tmp_path: Path) -> None:
     assert "steering.held_out" in result.output and "jobs" not in result.output
 
 
-def test_a_noise_floor_without_held_out_questions_is_refused_by_name(tmp_path: Path) -> None:
-    """The noise floor's seed replicates run on held-out questions: asking for it with none
-    would measure nothing, silently."""
-    with pytest.raises(InvalidArgument) as err:
-        _spec(tmp_path, "traits: [pv/evil]\nsteering: {held_out: 0}\n")
-    assert "steering" in err.value.field and "noise.enabled" in str(err.value)
-    off = _spec(tmp_path, "traits: [pv/evil]\nsteering: {held_out: 0, noise: {enabled: false}}\n")
-    assert off.steering.held_out == 0 and not off.steering.noise.enabled
+def test_no_noise_floor_is_planned_without_held_out_questions(tmp_path: Path) -> None:
+    """The noise floor's seed replicates run on held-out questions: with none, no steer job
+    is flagged for it (it would measure nothing), and with them the reference's is."""
+    for held_out, flagged in ((0, False), (4, True)):
+        spec = _spec(tmp_path, f"traits: [pv/evil]\nsteering: {{held_out: {held_out}}}\n")
+        steer = [j for j in build_plan(spec, "run-noise").jobs if j.kind == "steer"]
+        assert steer and any(j.params.get("noise_floor") for j in steer) is flagged

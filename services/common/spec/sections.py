@@ -257,17 +257,6 @@ class SteeringSpec(_Strict):
     bootstrap: int = Field(1000, ge=100, le=100000, description="Bootstrap resamples for CIs.")
     seed: Seed = Field(0, description="Sampling and bootstrap seed.")
 
-    @model_validator(mode="after")
-    def _noise_needs_held_out(self) -> SteeringSpec:
-        # The seed replicates run on the held-out questions: without them the noise floor
-        # would be asked for and silently not measured.
-        if self.enabled and self.noise.enabled and self.held_out == 0:
-            raise ValueError(
-                "noise.enabled: the noise floor is measured on held-out questions; set "
-                "held_out > 0 or noise: {enabled: false}"
-            )
-        return self
-
 
 class LogitDiffSpec(_Strict):
     """CAA A/B logit difference under steering."""
