@@ -251,7 +251,7 @@ def _read_pt(blob: bytes) -> tuple[dict[int, NDArray[np.float32]], dict[str, Any
         obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise InvalidArgument(
-            "file", f"not a tensor file torch.load(weights_only) reads: {exc}"
+            "file", f"not a tensor file a weights-only torch.load reads: {exc}"
         ) from None
     if not isinstance(obj, torch.Tensor) or obj.dim() != 2 or obj.shape[0] < 2:
         shape = tuple(obj.shape) if isinstance(obj, torch.Tensor) else type(obj).__name__

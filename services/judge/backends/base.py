@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 
 from services.common.errors import InvalidArgument
 from services.common.settings import JudgeSettings
-from services.judge.models import Rubric, Verdict
+from services.judge.aggregate import aggregate
+from services.judge.metrics import judge_metrics
+from services.judge.models import JudgeStatus, Reason, Rubric, TokenLogprob, Verdict
 
 __all__ = [
     "BACKENDS",
@@ -97,6 +99,42 @@ class JudgeBackend(ABC):
     async def close(self) -> None:
         """Release connections and models."""
         return None
+
+    def table_verdict(
+        self,
+        table: Sequence[tuple[str, float]],
+        settings: JudgeSettings,
+        shown: Sequence[tuple[str, float]],
+        **extra: Any,
+    ) -> Verdict:
+        """The verdict of a log-prob table of answers (``aggregate``), counting the verdicts
+        the refusal-over-score rule decided; ``shown``: the entries kept in the verdict,
+        ``extra``: fields every verdict of this call carries (token usage)."""
+        try:
+            result = aggregate(
+                table, settings.min_numeric_mass, refusal_over_score=settings.refusal_over_score
+            )
+        except ValueError as exc:
+            return Verdict(
+                status=JudgeStatus.UNSCORABLE,
+                reason=Reason.INVALID_RESPONSE,
+                detail=str(exc)[:2000],
+                **extra,
+            )
+        if result.contested:
+            self.stats.refusal_over_score += 1
+            judge_metrics().refusal_over_score.labels(self.name, result.status.value).inc()
+        return Verdict(
+            status=result.status,
+            score=result.score,
+            reason=result.reason,
+            detail=result.detail,
+            numeric_mass=result.numeric_mass,
+            refusal_mass=result.refusal_mass,
+            refusal_over_score=result.contested,
+            top_logprobs=[TokenLogprob(token=t[:64], logprob=lp) for t, lp in shown],
+            **extra,
+        )
 
 
 def create_backend(settings: JudgeSettings, **options: Any) -> JudgeBackend:

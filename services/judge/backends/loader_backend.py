@@ -41,10 +41,10 @@ from typing import Any
 from services.common.errors import FailedPrecondition, InvalidArgument, QsensError
 from services.common.logging import get_logger
 from services.common.settings import JudgeSettings
-from services.judge.aggregate import REFUSAL_WORD, aggregate
+from services.judge.aggregate import REFUSAL_WORD
 from services.judge.backends.base import JudgeBackend, WorkItem
 from services.judge.metrics import judge_metrics
-from services.judge.models import JudgeStatus, Reason, Rubric, TokenLogprob, Verdict
+from services.judge.models import JudgeStatus, Reason, Rubric, Verdict
 from services.judge.rubrics import render_prompt
 from services.loader.client import Chat, LoaderClient, PromptItem, ScoreItem
 
@@ -230,29 +230,5 @@ class LoaderJudgeBackend(JudgeBackend):
         labels = [str(n) for n in SCALE] + [REFUSAL_WORD]
         # Float rounding can put a near-certain answer a hair above 0.
         table = [(label, min(0.0, lp)) for label, lp in zip(labels, logprobs, strict=True)]
-        try:
-            result = aggregate(
-                table,
-                self.settings.min_numeric_mass,
-                refusal_over_score=self.settings.refusal_over_score,
-            )
-        except ValueError as exc:
-            return Verdict(
-                status=JudgeStatus.UNSCORABLE,
-                reason=Reason.INVALID_RESPONSE,
-                detail=str(exc)[:2000],
-            )
-        if result.contested:
-            self.stats.refusal_over_score += 1
-            self._metrics.refusal_over_score.labels(self.name, result.status.value).inc()
         top = sorted(table, key=lambda t: t[1], reverse=True)[:_TABLE_KEEP]
-        return Verdict(
-            status=result.status,
-            score=result.score,
-            reason=result.reason,
-            detail=result.detail,
-            numeric_mass=result.numeric_mass,
-            refusal_mass=result.refusal_mass,
-            refusal_over_score=result.contested,
-            top_logprobs=[TokenLogprob(token=t, logprob=lp) for t, lp in top],
-        )
+        return self.table_verdict(table, self.settings, top)

@@ -23,10 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.common.errors import FailedPrecondition
 from services.common.logging import get_logger
 from services.common.settings import JudgeSettings
-from services.judge.aggregate import aggregate
 from services.judge.backends.base import JudgeBackend, WorkItem
 from services.judge.metrics import judge_metrics
-from services.judge.models import JudgeStatus, Reason, TokenLogprob, Verdict
+from services.judge.models import JudgeStatus, Reason, Verdict
 from services.judge.resilience import (
     BreakerState,
     CircuitBreaker,
@@ -355,33 +354,10 @@ class OpenAIBackend(JudgeBackend):
         table = [(t.token, t.logprob) for t in first.top_logprobs]
         if first.token not in {token for token, _ in table}:
             table.append((first.token, first.logprob))
-        try:
-            result = aggregate(
-                table,
-                self.settings.min_numeric_mass,
-                refusal_over_score=self.settings.refusal_over_score,
-            )
-        except ValueError as exc:
-            return Verdict(
-                status=JudgeStatus.UNSCORABLE,
-                reason=Reason.INVALID_RESPONSE,
-                detail=str(exc)[:2000],
-                retryable=False,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-            )
-        if result.contested:
-            self.stats.refusal_over_score += 1
-            self._metrics.refusal_over_score.labels(self.name, result.status.value).inc()
-        return Verdict(
-            status=result.status,
-            score=result.score,
-            reason=result.reason,
-            detail=result.detail,
-            numeric_mass=result.numeric_mass,
-            refusal_mass=result.refusal_mass,
-            refusal_over_score=result.contested,
-            top_logprobs=[TokenLogprob(token=t[:64], logprob=lp) for t, lp in table],
+        return self.table_verdict(
+            table,
+            self.settings,
+            table,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
         )
