@@ -283,6 +283,24 @@ def _captures(
     return [r.activations for r in out]
 
 
+def _assert_equals_hooked(
+    engine: Engine,
+    items: list[EngineItem],
+    position: str,
+    reduction: str,
+    looped: list[torch.Tensor],
+) -> None:
+    """``looped`` equals the same capture through transformers' hooked forward."""
+    fast = engine.fast
+    engine.fast = None
+    try:
+        hooked = _captures(engine, items, position, reduction)
+    finally:
+        engine.fast = fast
+    for a, b in zip(looped, hooked, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("position", "reduction"), [("response[:]", "mean"), ("all", "none"), ("prompt[-1]", "last")]
 )
@@ -297,16 +315,9 @@ def test_capture_through_the_layer_loop_equals_the_hooked_forward(
         for i, p in enumerate(prompts)
         for s in ([], [SteerSpec((1,), v, 3.0)], [SteerSpec((2, 4), v, 1.0, "ablate")])
     ]
-    fast = engine.fast
-    assert fast is not None
-    looped = _captures(engine, items, position, reduction)
-    engine.fast = None  # the hooked transformers forward
-    try:
-        hooked = _captures(engine, items, position, reduction)
-    finally:
-        engine.fast = fast
-    for a, b in zip(looped, hooked, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_equals_hooked(
+        engine, items, position, reduction, _captures(engine, items, position, reduction)
+    )
 
 
 @pytest.mark.parametrize(
@@ -335,13 +346,7 @@ def test_unsteered_capture_leaves_padding_out_and_equals_the_hooked_forward(
     finally:
         del fast.capture_packed
     assert calls, "an unsteered capture must take the packed path"
-    engine.fast = None
-    try:
-        hooked = _captures(engine, items, position, reduction)
-    finally:
-        engine.fast = fast
-    for a, b in zip(looped, hooked, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _assert_equals_hooked(engine, items, position, reduction, looped)
 
 
 def test_fast_paths_switched_off_while_serving_show_in_info_notes(engine: Engine) -> None:
