@@ -259,6 +259,13 @@ class LoaderSettings(BaseSettings):
         description="Share of each GPU's free memory kept out of the weights' budget (KV cache, "
         "activations) when a variant is placed over several GPUs.",
     )
+    vllm_gpu_memory: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Share of the GPU's memory the vllm engine takes (weights, activations, KV "
+        "cache); lower it where another model shares the card. Default: vLLM's (0.9).",
+    )
     max_message_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="gRPC message limit.")
     fault_oom_above_batch: int = Field(
         0, ge=0, description="Fault injection for tests: raise OOM for passes with more rows."

@@ -74,6 +74,37 @@ def _no_checkpoint() -> None:
     return None
 
 
+def model_runner(llm: LLM) -> Any:
+    """The model runner of vLLM's in-process engine core (the same path in vLLM 0.26, the
+    newest CUDA build for torch 2.11, and 0.32): the engine core client holds the core, its
+    executor the one worker's wrapper."""
+    node: Any = llm.llm_engine
+    for name in ("engine_core", "engine_core", "model_executor", "driver_worker", "worker"):
+        node = getattr(node, name, None)
+        if node is None:
+            raise FailedPrecondition(
+                f"vLLM {_version()}: no in-process {name} on the way to the model runner "
+                "(the engine needs VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker)"
+            )
+    return node.model_runner
+
+
+def query_starts(runner: Any, num_reqs: int) -> list[int]:
+    """The first token of each scheduled request in the forward, and the end: the runner's
+    ``query_start_loc`` (a CPU/GPU buffer pair; its CPU side is ``np`` in 0.26 and 0.32)."""
+    buffer = runner.query_start_loc
+    host = getattr(buffer, "np", None)
+    if host is None:
+        host = buffer.cpu.numpy()
+    return [int(x) for x in host[: num_reqs + 1]]
+
+
+def _version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
 def _platform() -> tuple[bool, bool]:
     """Whether vLLM runs on the CPU here, and whether its int4 weight-only GEMM (GPTQ/AWQ on
     a CPU) exists in the build it loaded."""
@@ -107,8 +138,7 @@ class VLLMEngine(Engine):
         self.precision = precision
         self.settings = settings
         self.options = options
-        engine_core = llm.llm_engine.engine_core.engine_core  # in-process client
-        self.runner = engine_core.model_executor.driver_worker.worker.model_runner
+        self.runner = model_runner(llm)
         self.model = self.runner.get_model()
         # Steering tensors live where the model runs: the hooks index them by token owners
         # built on the forward's own device.
@@ -157,6 +187,8 @@ class VLLMEngine(Engine):
             raise InvalidArgument("precision", f"engine 'vllm' serves {names}, not {precision}")
         # In-process engine core: the hooks must live where the model runs.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # The V1 model runner (input_batch, query_start_loc) that the token owners read.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default is larger
         try:
             from vllm import LLM
@@ -168,6 +200,12 @@ class VLLMEngine(Engine):
             ) from exc
         on_cpu, int4 = _platform()
         options = vllm_options(precision, gpus=settings.gpus, on_cpu=on_cpu, has_int4_kernel=int4)
+        extra: dict[str, Any] = {}
+        if settings.vllm_gpu_memory is not None and not on_cpu:
+            extra["gpu_memory_utilization"] = settings.vllm_gpu_memory
+        # Eager (no torch.compile, no CUDA graphs): the hooks read each forward's token
+        # owners on the host and index per-row plans with them; a compiled graph or a
+        # recorded CUDA graph would bake one forward's owners into every replay.
         llm = LLM(
             model=str(source.folder),
             dtype=options.dtype,
@@ -175,9 +213,12 @@ class VLLMEngine(Engine):
             tensor_parallel_size=options.tensor_parallel_size,
             enforce_eager=True,
             enable_prefix_caching=False,
-            max_num_seqs=max(1, min(256, settings.max_batch_size)),
+            # Rows decoded together: a GPU's decode step is bound by the weights' reads, so
+            # more rows per step are nearly free (vLLM's GPU default for a server is 1 024).
+            max_num_seqs=max(1, min(256 if on_cpu else 1024, settings.max_batch_size)),
             max_logprobs=-1,  # next token and log-prob requests may ask for any top-k
             seed=0,
+            **extra,
         )
         log.info("vllm engine loaded", extra={"model": source.name, "precision": precision.value})
         served = served_precisions(on_cpu=on_cpu, has_int4_kernel=int4)
@@ -217,7 +258,7 @@ class VLLMEngine(Engine):
             batch = self.runner.input_batch
             n = batch.num_reqs
             rows = [row_of.get(rid, sentinel) for rid in batch.req_ids[:n]]
-            starts = self.runner.query_start_loc.np[: n + 1].tolist()
+            starts = query_starts(self.runner, n)
             return owners_from_batch(rows, starts, positions, sentinel)
 
         outputs: dict[int, Any] = {}
@@ -408,7 +449,7 @@ class VLLMEngine(Engine):
             [len(it.prompt_ids) for it in items],
             capture,
         )
-        hidden = torch.cat([capture.tokens(-1, row) for row in range(len(items))])
+        hidden = torch.cat([capture.tokens(-1, row) for row in range(len(items))]).to(self.device)
         with torch.inference_mode():
             logits = self.model.compute_logits(hidden)[:, : self.vocab_size].float()
         # The HF engine's statistics, from this model's logits (``_distribution`` reads only
@@ -437,10 +478,8 @@ class VLLMEngine(Engine):
         return dict(found) if isinstance(found, dict) else {}
 
     def load_notes(self) -> list[str]:
-        import vllm
-
         notes = [
-            f"vLLM {vllm.__version__} in-process, eager, prefix caching off",
+            f"vLLM {_version()} in-process, eager, prefix caching off",
             "samples at temperature > 0 come from vLLM's sampler (per-row seeds)",
             f"tensor parallel size {self.options.tensor_parallel_size}",
         ]
