@@ -214,9 +214,16 @@ class LoaderSettings(BaseSettings):
     compile_elementwise: bool = Field(
         True,
         description="On a GPU, run the fast path's rotary embedding and SiLU x up as "
-        "torch.compile kernels for batches of 2 048 tokens or more (prefill, capture): about "
-        "15% of an 8B-shaped layer's time at 14k tokens. The first such batch compiles (a few "
-        "seconds).",
+        "torch.compile kernels for batches of compile_min_tokens tokens or more (prefill, "
+        "capture, decode steps of many rows): about 15% of an 8B-shaped layer's time at 14k "
+        "tokens. The first such batch compiles (a few seconds).",
+    )
+    compile_min_tokens: int = Field(
+        256,
+        ge=1,
+        description="Smallest batch (tokens in one forward) that uses the compiled elementwise "
+        "kernels; smaller ones run eagerly (a compiled call costs more host time than it "
+        "saves on a few rows outside a CUDA graph).",
     )
     max_pending: int = Field(
         8,

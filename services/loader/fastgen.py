@@ -237,6 +237,7 @@ class FastGenerator:
         prefill_tokens: int = 32768,
         min_chunk_tokens: int = 8192,
         compile_elementwise: bool = False,
+        compile_min_tokens: int = 2048,
     ) -> None:
         self.model = model
         self.base: Any = getattr(model, str(getattr(model, "base_model_prefix", "model")))
@@ -270,7 +271,7 @@ class FastGenerator:
             else None
             for d in decoders
         ]
-        self.fused = Fused(compile_elementwise)
+        self.fused = Fused(compile_elementwise, compile_min_tokens)
         self.varlen = VarlenAttention()  # packed capture's attention on a GPU
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
@@ -449,10 +450,15 @@ class FastGenerator:
             out.index_copy_(0, flat, h[0])
             return out.view(rows, width, -1)
 
+        packed_mean = sink.packed_mean(flat)  # a mean reduces from the packed layout
         last = max(sink.layers) if sink.stop_after is None else sink.stop_after
         for index in range(last + 1):
             hidden = self.layer(index, hidden, cos, sin, state, attend)
-            if index in sink.layers:
+            if index not in sink.layers:
+                continue
+            if packed_mean is not None:
+                sink.record_reduced(index, packed_mean.reduce(hidden[0]))
+            else:
                 sink.record(index, unpacked(hidden))
         return sink.result()
 

@@ -46,9 +46,10 @@ class Fused:
     tokens on a GPU. Eager these passes are ~25% of a layer's time at 14k tokens of an 8B
     shape (H100: rope 1.03 ms and SiLU x up 1.15 ms next to 8.3 ms of matmuls; compiled 0.15
     and 0.44 ms, ``bench/fastgen_parts.py``). The token dimension is marked dynamic, so one
-    compilation serves every batch size; smaller batches (decode steps, replayed from a CUDA
-    graph where the passes cost little) stay eager. A failure to compile switches it off
-    for the engine (logged) and the call goes on eagerly."""
+    compilation serves every batch size, decode steps of many rows included (their graphs
+    record the compiled kernels); batches under ``min_tokens`` stay eager, where a compiled
+    call's host time outweighs what it saves. A failure to compile switches it off for the
+    engine (logged) and the call goes on eagerly."""
 
     def __init__(self, enabled: bool, min_tokens: int = 2048) -> None:
         self.enabled = enabled

@@ -173,6 +173,25 @@ class CaptureSink:
         if self._pending_bytes >= self.fuse_bytes:
             self._flush()
 
+    def packed_mean(self, flat: torch.Tensor) -> PackedMean | None:
+        """The mean's inputs for layer outputs packed as ``flat`` (the padded positions
+        [B*T] of the packed tokens, row by row), or None where this sink cannot reduce
+        packed outputs (another reduction; inputs on another device)."""
+        weights = self._weights
+        if self.reduction != "mean" or weights is None or weights.device != flat.device:
+            return None
+        batch = weights.shape[0]
+        packed = weights.reshape(-1).index_select(0, flat)  # each packed token's share
+        index = (packed > 0).nonzero().squeeze(1)
+        lengths = (weights > 0).reshape(batch, -1).sum(dim=1)
+        return PackedMean(index, lengths)
+
+    def record_reduced(self, layer: int, reduced: torch.Tensor) -> None:
+        """Record ``layer``'s already reduced output [B, 1, H] (after any held ones)."""
+        self._flush()
+        self.recorded.append(layer)
+        self._groups.append(reduced)
+
     def _flush(self) -> None:
         """Reduce the held outputs. A mean is taken in float32 with float32 weights and stays
         float32: 1/n rounded to bf16 is off by up to 2^-9, which scaled a whole row's mean by
@@ -202,6 +221,24 @@ class CaptureSink:
         if not self._groups:
             raise FailedPrecondition("capture recorded no layer")
         return self._groups[0] if len(self._groups) == 1 else torch.cat(self._groups, dim=1)
+
+
+@dataclass
+class PackedMean:
+    """A mean over selected tokens of packed layer outputs [N, H] (rows' tokens one after
+    another): ``index`` [S] the selected tokens, row by row, ``lengths`` [B] how many each
+    row has. Reduces straight from the packed layout (no padded copy of each layer): the
+    selected tokens upcast to float32, one segmented mean, rows without any token 0 — the
+    padded path's float32 bmm up to summation order."""
+
+    index: torch.Tensor
+    lengths: torch.Tensor
+
+    def reduce(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, 1, H] float32 means of ``hidden`` [N, H]."""
+        picked = hidden.index_select(0, self.index).float()
+        means = torch.segment_reduce(picked, "mean", lengths=self.lengths, axis=0, unsafe=True)
+        return torch.where(self.lengths[:, None] > 0, means, 0.0)[:, None]
 
 
 @dataclass

@@ -45,6 +45,34 @@ def test_sink_mean_of_bf16_outputs_matches_float64() -> None:
     assert (old - ref).abs().max().item() > 1e-3 * ref.abs().max().item()
 
 
+def test_packed_mean_equals_the_padded_mean_and_zeroes_rows_without_tokens() -> None:
+    """The packed capture's mean (selected tokens straight from the packed layout) equals the
+    padded sink's, interleaved with padded records in layer order; a row with no selected
+    token gives 0 in both."""
+    gen = torch.Generator().manual_seed(1)
+    width, hidden = 12, 40
+    attention = torch.arange(width)[None, :] >= torch.tensor([[9], [2], [0], [6]])
+    select = attention & (torch.arange(width)[None, :] >= torch.tensor([[10], [12], [5], [8]]))
+    flat = attention.reshape(-1).nonzero().squeeze(1)
+    outputs = [
+        (torch.randn(4, width, hidden, generator=gen) + 5.0).to(torch.bfloat16) for _ in "ab"
+    ]
+    padded = CaptureSink(frozenset({0, 1}), "mean", reduction_inputs(select, "mean"))
+    packed = CaptureSink(frozenset({0, 1}), "mean", reduction_inputs(select, "mean"))
+    reducer = packed.packed_mean(flat)
+    assert reducer is not None and reducer.lengths.tolist() == [2, 0, 7, 4]
+    for layer, out in enumerate(outputs):
+        padded.record(layer, out)
+    packed.record(0, outputs[0])  # a held padded layer stays first
+    packed.record_reduced(1, reducer.reduce(outputs[1].reshape(-1, hidden).index_select(0, flat)))
+    want, got = padded.result(), packed.result()
+    assert packed.recorded == [0, 1] and got.shape == want.shape == (4, 2, hidden)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    assert got[1].abs().max().item() == 0.0
+    last = CaptureSink(frozenset({0}), "last", reduction_inputs(select, "last"))
+    assert last.packed_mean(flat) is None  # other reductions unpack
+
+
 def test_bf16_engine_mean_capture_equals_float64_mean_of_its_tokens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -104,6 +104,7 @@ class HFCore:
             use_graphs=on_gpu and self.settings.decode_graphs,
             static=on_gpu,
             compile_elementwise=on_gpu and self.settings.compile_elementwise,
+            compile_min_tokens=self.settings.compile_min_tokens,
             # Kernels not checked under graph capture (bench/gpu_check.py) stay eager.
             graphs_disabled=None if facts.graph_checked else "quantized kernels not graph-checked",
         )
