@@ -70,9 +70,9 @@ rc=$?
 cat "$OUT/smoke.txt"
 [ $rc -eq 0 ] || exit 4
 echo "bench: $(date -u +%T)"
-timeout "${QSENS_VLLM_BENCH_TIMEOUT:-520}" python3 bench/bench_engines.py --device cuda \
+timeout "${QSENS_VLLM_BENCH_TIMEOUT:-500}" python3 bench/bench_engines.py --device cuda \
   --model 'tiny:llama?layers=16&hidden=4096&heads=32&kv_heads=8&intermediate=14336&bf16=1' \
-  --repeats 3 --total "${QSENS_VLLM_BENCH_TOTAL:-500}" --out "$OUT/engines.json" "$@" \
+  --repeats 3 --total "${QSENS_VLLM_BENCH_TOTAL:-480}" --out "$OUT/engines.json" "$@" \
   > "$OUT/engines.log" 2>&1
 rc=$?
 tail -c 6000 "$OUT/engines.log"
