@@ -100,7 +100,7 @@ def decode_attention(rows: int, length: int, valid_from: int, dev: torch.device)
     order = torch.argsort(starts)
     sq, sk, sv, sbias = q[order], k[order], v[order], bias[order]
     bounds = [rows * i // 4 for i in range(5)]
-    firsts = [int(starts[order[b]]) for b in bounds[:-1]]
+    firsts = [int(starts[order[b]]) // 16 * 16 for b in bounds[:-1]]  # aligned slices
 
     def sdpa_grouped() -> torch.Tensor:
         outs = [

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
+from services.loader.fastgen_kernels import DecodeFlash
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec
@@ -185,6 +186,11 @@ def fastgen_check(e: Any) -> dict[str, Any]:
         for z, p in zip(zero, plain, strict=True)
     )
     out["fast_vs_transformers_static"] = compare(graphed, gen(cache_mode="static"))
+    # Flash decode attention (each row's own keys) vs SDPA over the masked cache.
+    out["decode_flash_disabled"] = fast.decode_flash.disabled
+    if fast.decode_flash.disabled is None:
+        masked = DecodeFlash(False)
+        out["flash_vs_masked_decode"] = compare(graphed, gen(decode_flash=masked))
     return out
 
 

@@ -64,7 +64,7 @@ from torch import nn
 from services.common.errors import FailedPrecondition
 from services.common.logging import get_logger
 from services.loader.capture_graphs import pad_arrays
-from services.loader.fastgen_kernels import Fused, VarlenAttention
+from services.loader.fastgen_kernels import DecodeFlash, Fused, VarlenAttention
 from services.loader.hooks import ForwardState, ablate_only, apply_plan
 from services.loader.steering import SteeringPlan, select_rows
 from services.loader.transfer import is_oom, to_device
@@ -273,6 +273,7 @@ class FastGenerator:
         ]
         self.fused = Fused(compile_elementwise, compile_min_tokens)
         self.varlen = VarlenAttention()  # packed capture's attention on a GPU
+        self.decode_flash = DecodeFlash(device.type == "cuda")  # decode attention on a GPU
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
         self.last: RunStats | None = None
@@ -611,12 +612,12 @@ class FastGenerator:
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
         """One new token per row against the cache: ``q`` [B, heads, 1, D], ``keys``/``values``
-        [B, kv heads, L, D], ``bias`` [B, 1, 1, L] additive. A key/value head's query heads
+        [B, L, kv heads, D], ``bias`` [B, 1, 1, L] additive. A key/value head's query heads
         are its query *positions* (same mask for each), so nothing is repeated."""
         rows = q.shape[0]
         grouped = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
         out = F.scaled_dot_product_attention(
-            grouped, keys, values, attn_mask=bias, scale=self.scale
+            grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias, scale=self.scale
         )
         return out.reshape(rows, 1, self.heads * self.head_dim)
 
@@ -640,8 +641,10 @@ class FastRun:
         # Columns: prompts right-aligned at ``width``; decode step s writes ``width + s``.
         self.length = self.width + -(-max(1, max_new_tokens) // 16) * 16
         dev = gen.device
+        # [layer, k/v, row, column, kv head, D]: a layer's keys are one [rows x columns] run
+        # of tokens, so the flash decode kernel reads each row's own columns in place.
         self.kv = torch.zeros(
-            (len(gen.layers), 2, self.rows, gen.kv_heads, self.length, gen.head_dim),
+            (len(gen.layers), 2, self.rows, self.length, gen.kv_heads, gen.head_dim),
             dtype=gen.dtype,
             device=dev,
         )
@@ -652,6 +655,7 @@ class FastRun:
         self.tokens = self.tokens.clone()
         self.valid = to_device(torch.from_numpy(valid), dev)
         self.step_t = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.cu = self._flash_offsets()
         self.logits = torch.empty((self.rows, 0), dtype=torch.float32, device=dev)
         decode_plan = select_rows(plan, torch.arange(self.rows, device=dev))
         self.state = ForwardState(
@@ -663,6 +667,15 @@ class FastRun:
         self.graph_out: torch.Tensor | None = None
         self.stats = RunStats(rows=self.rows, width=self.width)
 
+    def _flash_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flash decode kernel's offsets (int32, [B + 1] each): query i is token i; row
+        r's keys start at its first prompt column of the flattened [rows x columns]."""
+        rows = self.plen.shape[0]
+        ends = torch.arange(rows + 1, device=self.plen.device)
+        starts = ends * self.length
+        starts[:-1] += self.width - self.plen
+        return ends.to(torch.int32), starts.to(torch.int32)
+
     def write_prefill(
         self, index: int, k: torch.Tensor, v: torch.Tensor, dst: torch.Tensor, src: torch.Tensor
     ) -> None:
@@ -670,8 +683,8 @@ class FastRun:
         units ``src``), right-aligned at the prompt width."""
         width = k.shape[2]
         start = self.width - width
-        self.kv[index, 0, dst, :, start : self.width] = k.index_select(0, src)
-        self.kv[index, 1, dst, :, start : self.width] = v.index_select(0, src)
+        self.kv[index, 0, dst, start : self.width] = k.index_select(0, src).transpose(1, 2)
+        self.kv[index, 1, dst, start : self.width] = v.index_select(0, src).transpose(1, 2)
 
     def set_logits(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
         if self.logits.shape[1] != logits.shape[1]:
@@ -695,9 +708,16 @@ class FastRun:
         cos, sin = gen.rotary(hidden, positions)
         kv = self.kv
 
+        flash = gen.decode_flash if gen.decode_flash.usable(kv.dtype) else None
+        used = (self.plen + self.step_t + 1).to(torch.int32) if flash is not None else None
+
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kv[i, 0].index_copy_(2, col, k)
-            kv[i, 1].index_copy_(2, col, v)
+            kv[i, 0].index_copy_(1, col, k.transpose(1, 2))
+            kv[i, 1].index_copy_(1, col, v.transpose(1, 2))
+            if flash is not None and used is not None:
+                out = flash(q[:, :, 0], kv[i, 0], kv[i, 1], self.cu, used, gen.scale)
+                if out is not None:
+                    return out.reshape(out.shape[0], 1, -1)
             return gen.decode_attention(q, kv[i, 0], kv[i, 1], bias)
 
         for index in range(len(gen.layers)):
@@ -752,6 +772,7 @@ class FastRun:
         self.kv = self.kv.index_select(2, keep)
         self.valid = self.valid.index_select(0, keep)
         self.plen = self.plen.index_select(0, keep)
+        self.cu = self._flash_offsets()
         self.tokens = self.tokens.index_select(0, keep)
         self.state = ForwardState(
             self.state.prompt.index_select(0, keep),

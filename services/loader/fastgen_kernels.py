@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from services.common.logging import get_logger
 from services.loader.transfer import is_oom
 
-__all__ = ["Fused", "VarlenAttention", "rope", "silu_mul"]
+__all__ = ["DecodeFlash", "Fused", "VarlenAttention", "rope", "silu_mul"]
 
 log = get_logger(__name__)
 
@@ -140,3 +140,62 @@ class VarlenAttention:
             return out if isinstance(out, torch.Tensor) else out[0]
 
         return attend
+
+
+class DecodeFlash:
+    """Decode attention with torch's flash kernel: one new token per row against a cache laid
+    out ``[rows, columns, kv heads, D]``, each row reading only its own keys — from its first
+    prompt column (``cu_k``) for as many columns as it has filled (``seqused_k``, updated inside
+    the decode graph) — with grouped-query heads native. The masked SDPA it replaces reads
+    every column of every row (the request's longest prompt plus all new tokens). CUDA, fp16
+    and bf16 only; a torch whose flash op lacks ``seqused_k``, or any kernel refusal, switches
+    it off for the engine (logged, shown in ``Info``) and decode attends through SDPA."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.disabled: str | None = None if enabled else "not on a CUDA device"
+        if enabled:
+            op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+            if op is None or "seqused_k" not in str(op.default._schema):
+                self.disabled = "torch's flash attention op has no seqused_k"
+
+    def usable(self, dtype: torch.dtype) -> bool:
+        return self.disabled is None and dtype in (torch.float16, torch.bfloat16)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cu: tuple[torch.Tensor, torch.Tensor],
+        used: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor | None:
+        """``q`` [B, heads, D], ``keys``/``values`` [B, L, kv heads, D] (contiguous), ``cu``
+        the query offsets [B + 1] and each row's first key [B + 1] (int32, into the rows'
+        columns flattened), ``used`` [B] int32 keys per row: [B, heads, D], or None (off)."""
+        if self.disabled is not None:
+            return None
+        rows, length, kv_heads, dim = keys.shape
+        try:
+            out = torch.ops.aten._flash_attention_forward(
+                q,
+                keys.view(rows * length, kv_heads, dim),
+                values.view(rows * length, kv_heads, dim),
+                cu[0],
+                cu[1],
+                1,
+                length,
+                0.0,
+                False,
+                False,
+                scale=scale,
+                seqused_k=used,
+            )[0]
+        except Exception as exc:  # any kernel refusal: SDPA over the masked cache
+            if is_oom(exc):
+                raise
+            self.disabled = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("flash decode attention switched off", extra={"reason": self.disabled})
+            return None
+        result: torch.Tensor = out
+        return result

@@ -183,6 +183,53 @@ def test_static_step_equals_the_step_that_drops_finished_rows(engine: Engine) ->
     assert len(lengths) > 1  # rows finished at different steps: rows were dropped
 
 
+class _FlashSemantics:
+    """The flash decode op's contract in plain torch (the kernel runs on CUDA only): row b
+    attends to keys ``[cu_k[b], cu_k[b] + used[b])`` of the flattened cache, grouped-query."""
+
+    calls = 0
+
+    def usable(self, dtype: torch.dtype) -> bool:
+        return True
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cu: tuple[torch.Tensor, torch.Tensor],
+        used: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        self.calls += 1
+        rows, length, kv_heads, dim = keys.shape
+        flat_k, flat_v = (t.reshape(rows * length, kv_heads, dim) for t in (keys, values))
+        groups = q.shape[1] // kv_heads
+        assert cu[0].tolist() == list(range(q.shape[0] + 1))
+        out = []
+        for b in range(q.shape[0]):
+            start, n = int(cu[1][b]), int(used[b])
+            k = flat_k[start : start + n].repeat_interleave(groups, dim=1)  # [n, heads, D]
+            v = flat_v[start : start + n].repeat_interleave(groups, dim=1)
+            weights = (torch.einsum("hd,nhd->hn", q[b], k) * scale).softmax(-1)
+            out.append(torch.einsum("hn,nhd->hd", weights, v))
+        return torch.stack(out)
+
+
+def test_flash_decode_offsets_read_each_rows_own_keys(engine: Engine) -> None:
+    """The flash decode path's bookkeeping (cache layout, each row's first key column, keys
+    used per step, rows dropped on the way) gives what the masked SDPA decode gives."""
+    items = sweep_items(engine)
+    stop = _stop_string(engine, items)
+    params = GenParams(max_new_tokens=10, stop=(stop,), logprobs=True)
+    flash = _FlashSemantics()
+    for static in (True, False):
+        masked = generate(engine, items, params, static=static)
+        with_flash = generate(engine, items, params, static=static, decode_flash=flash)
+        assert_same(masked, with_flash, atol=1e-5)
+    assert flash.calls >= 2 * 6 * 9  # every layer of every decode step of both runs
+
+
 def test_chunked_prefill_equals_one_chunk(engine: Engine) -> None:
     items = sweep_items(engine)
     params = GenParams(max_new_tokens=6, logprobs=True, ignore_eos=True)

@@ -169,8 +169,8 @@ class HFEngine(HFCore, Engine):
 
     def live_notes(self) -> list[str]:
         """Fast paths switched off while serving: capture graphs (a failed recording), the
-        compiled elementwise kernels (a failed compilation) and packed capture's varlen
-        attention (a kernel refusal); each is logged once, and Info shows it from then on."""
+        compiled elementwise kernels (a failed compilation), packed capture's varlen
+        attention and flash decode attention (a kernel refusal); each is logged once, and Info shows it from then on."""
         notes = []
         if self.device.type == "cuda" and self.graphs.disabled:
             notes.append(f"capture CUDA graphs off: {self.graphs.disabled}")
@@ -180,6 +180,10 @@ class HFEngine(HFCore, Engine):
         if fast is not None and fast.varlen_disabled:
             notes.append(
                 f"packed capture attends padded (no varlen kernel): {fast.varlen_disabled}"
+            )
+        if self.device.type == "cuda" and fast is not None and fast.decode_flash.disabled:
+            notes.append(
+                f"decode attends the masked cache (no flash): {fast.decode_flash.disabled}"
             )
         return notes
 
