@@ -2,7 +2,8 @@
 run it with the vLLM virtual environment's Python (vLLM pins its own torch and transformers,
 so it never shares a process with the HF engine) and compare against the HF engine.
 
-Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS RESULTS`` (or ``--refusals
+Usage: ``python -m tests.vllm_driver FOLDER PRECISION CALLS RESULTS [RANKS]`` (RANKS > 1:
+tensor parallelism over that many CPU processes; or ``--refusals
 FOLDER RESULTS``: the errors of loads this machine cannot serve); each call is
 ``(method name, args, kwargs)`` of ``services.loader.engine.Engine``; both files are written
 by ``tests.engine_codec`` (safetensors + JSON, no ``torch.load``).
@@ -23,14 +24,11 @@ from services.loader.model_source import ResolvedSource
 from tests import engine_codec
 
 
-def _load(folder: str, precision: str, settings: LoaderSettings) -> VLLMEngine:
-    return VLLMEngine.load(
-        ResolvedSource(Path(folder), "smollm2-135m", folder),
-        Precision(precision),
-        "vllm",
-        device="cpu",
-        settings=settings,
-    )
+def _load(folder: str, precision: str, settings: LoaderSettings, ranks: int = 1) -> VLLMEngine:
+    source = ResolvedSource(Path(folder), Path(folder).name, folder)
+    if ranks > 1:  # tensor parallelism over CPU processes
+        return VLLMEngine.start(source, Precision(precision), settings, cpu_ranks=ranks)
+    return VLLMEngine.load(source, Precision(precision), "vllm", device="cpu", settings=settings)
 
 
 def refusals(folder: str, out_path: str) -> None:
@@ -45,10 +43,10 @@ def refusals(folder: str, out_path: str) -> None:
     engine_codec.write(found, out_path)
 
 
-def main(folder: str, precision: str, calls_path: str, out_path: str) -> None:
-    """Load, run the calls, save the results."""
+def main(folder: str, precision: str, calls_path: str, out_path: str, ranks: str = "1") -> None:
+    """Load (over ``ranks`` tensor-parallel CPU processes), run the calls, save the results."""
     started = time.perf_counter()
-    engine = _load(folder, precision, LoaderSettings())
+    engine = _load(folder, precision, LoaderSettings(), int(ranks))
     loaded = time.perf_counter() - started
     calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = engine_codec.read(calls_path)
     results: list[Any] = []
@@ -74,4 +72,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--refusals":
         refusals(*sys.argv[2:4])
     else:
-        main(*sys.argv[1:5])
+        main(*sys.argv[1:6])

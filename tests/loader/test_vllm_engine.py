@@ -107,9 +107,12 @@ def _run_hf(engine: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]
     ]
 
 
-def _drive(folder: Path, precision: str, calls: list[Any]) -> dict[str, Any]:
-    """The vLLM driver's results for ``calls`` on SmolLM2 at ``precision`` (or its error)."""
-    source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
+def _drive(
+    folder: Path, precision: str, calls: list[Any], model: str = "smollm2-135m", ranks: int = 1
+) -> dict[str, Any]:
+    """The vLLM driver's results for ``calls`` on ``model`` at ``precision`` over ``ranks``
+    tensor-parallel CPU processes."""
+    source = resolve_source(model, settings.get(settings.CommonSettings).cache_dir)
     engine_codec.write(calls, folder / "calls.safetensors")
     done = subprocess.run(
         [
@@ -120,6 +123,7 @@ def _drive(folder: Path, precision: str, calls: list[Any]) -> dict[str, Any]:
             precision,
             str(folder / "calls.safetensors"),
             str(folder / "out.safetensors"),
+            str(ranks),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
@@ -302,3 +306,54 @@ async def test_grpc_loader_on_vllm_serves_like_hf(both: tuple[list[Any], dict[st
     np.testing.assert_allclose(
         captured.activations[0], hf[1][0][0].activations.numpy(), atol=2e-3, rtol=1e-3
     )
+
+
+# Tensor parallelism needs head counts divisible by the ranks (SmolLM2 has 9 heads); vLLM's
+# CPU attention wants a head size of 32 or more.
+TP_MODEL = "tiny:llama?layers=3&hidden=256&heads=4&kv_heads=2&intermediate=512"
+
+
+def test_tensor_parallel_ranks_equal_the_hf_engine(tmp_path: Path) -> None:
+    """Two tensor-parallel ranks (vLLM's worker processes, the hooks installed in each through
+    ``worker_extension_cls``) give the HF engine's greedy tokens unsteered, at coefficient 0,
+    at a working coefficient (add, response-only add) and ablated, its captured streams
+    (rank 0's, steered and not) and its Score and NextToken numbers."""
+    engine = build_runtime(TP_MODEL, "fp32", device="cpu").engine
+    prompts = [engine.encode_prompt(ChatPrompt((("user", q),)), "prompt") for q in QUESTIONS]
+    reply = engine.encode_text("The sea is deep and blue.")
+    (probe,) = list(engine.capture([EngineItem(prompts[0], reply)], [1], parse_position("all"),
+                                   "mean"))  # fmt: skip
+    vec = _direction(engine.hidden_size) * 2.0 * float(probe[0].activations.norm())
+    layers = (1, 2)
+    add = [SteerSpec(layers, vec, 1.0, "add", "all")]
+    gen_items = [
+        EngineItem(prompts[0]),
+        EngineItem(prompts[0], steering=[SteerSpec(layers, vec, 0.0, "add", "all")]),
+        EngineItem(prompts[0], steering=add),
+        EngineItem(prompts[1], steering=[SteerSpec(layers, vec, 1.0, "ablate", "all")]),
+        EngineItem(prompts[2], steering=[SteerSpec(layers, vec, 1.0, "add", "response")]),
+    ]
+    cap_items = [EngineItem(prompts[0], reply), EngineItem(prompts[1], reply, steering=add)]
+    context = engine.encode_text("The capital of France is")
+    score_items = [ScoreInput(context, [engine.encode_text(" Paris")], [6], steering=add)]
+    calls = [
+        ("generate", (gen_items, GenParams(max_new_tokens=8)), {}),
+        ("capture", (cap_items, [0, 1, 2], parse_position("response[:]"), "mean"), {}),
+        ("score", (score_items,), {"token_logprobs": True}),
+        ("next_token", (cap_items,), {"top_k": 5, "token_ids": [context[0]]}),
+    ]
+    hf, out = _run_hf(engine, calls), _drive(tmp_path, "fp32", calls, TP_MODEL, ranks=2)
+    assert out["capabilities"].tensor_parallel_size == 2
+    assert any("each tensor-parallel worker" in n for n in out["describe"].notes)
+    vl_gen = out["results"][0]
+    assert [v.token_ids for v in vl_gen] == [h.token_ids for h in hf[0]]
+    assert vl_gen[1].token_ids == vl_gen[0].token_ids
+    assert vl_gen[2].token_ids != vl_gen[0].token_ids  # the coefficient works
+    for h_chunk, v_chunk in zip(hf[1], out["results"][1], strict=True):
+        for h, v in zip(h_chunk, v_chunk, strict=True):
+            torch.testing.assert_close(v.activations, h.activations, atol=2e-3, rtol=1e-3)
+    (h_score,), (v_score,) = hf[2][0], out["results"][2][0]
+    assert abs(v_score.logprob - h_score.logprob) < 1e-3
+    for h, v in zip(hf[3], out["results"][3], strict=True):
+        assert [t[0] for t in v.top] == [t[0] for t in h.top]
+        assert v.requested_logits == pytest.approx(h.requested_logits, abs=1e-3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument
 from services.common.planner import check_precisions
 from services.common.spec import parse_spec
 from services.common.variants import Precision
@@ -57,9 +57,10 @@ def test_gpu_count_is_the_tensor_parallel_size_and_refused_on_a_cpu() -> None:
     with pytest.raises(InvalidArgument, match="tensor parallelism over 2 GPUs needs CUDA") as err:
         vllm_options(Precision.BF16, gpus=2, **CPU)
     assert err.value.field == "gpus"
-    # On GPUs the count reaches vLLM only once the hooks run in its worker processes.
-    with pytest.raises(FailedPrecondition, match="over 4 GPUs needs its steering and capture"):
-        vllm_options(Precision.BF16, gpus=4, on_cpu=False, has_int4_kernel=True)
+    # On GPUs the count is vLLM's tensor parallel size (the hooks run in each worker).
+    assert vllm_options(Precision.BF16, gpus=4, on_cpu=False, has_int4_kernel=True) == (
+        VLLMOptions("bfloat16", None, 4)
+    )
 
 
 def test_fp8_is_served_by_vllm_only() -> None:

@@ -1,10 +1,15 @@
 """The vLLM engine behind the ``Engine`` interface.
 
-vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, one worker, eager mode), so
-the hooks of ``services.loader.engines.vllm.hooks`` reach its decoder layers; each call adds
-its rows as requests, steps the engine until they finish, and reads which request owns each
-token of a forward from the model runner's batch (request ids, query start offsets) and the
-token positions the model receives. Generation decodes through vLLM's scheduler, sampler and
+vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, eager mode).
+With one rank its model runner is here too, and the hooks of
+``services.loader.engines.vllm.hooks`` go on its decoder layers directly; with tensor
+parallelism (``gpus`` > 1) each rank is a vLLM worker process and the same hooks are installed
+in every one of them through ``worker_extension_cls`` and ``collective_rpc``
+(``services.loader.engines.vllm.workers``). Each call adds its rows as requests, hands the
+hooks which request is which row, steps the engine until they finish, and the hooks read which
+request owns each token of a forward from the model runner's batch (request ids, query start
+offsets) and the token positions the model receives. Works on vLLM 0.26 (the newest CUDA build
+for torch 2.11) and 0.32 (the CPU build of the tests). Generation decodes through vLLM's scheduler, sampler and
 stop handling; capture, score and next token replay each item's tokens as a prompt (prefix
 caching off: a cached prefix would skip the tokens a capture reads). Score reads vLLM's prompt
 log-probs; next token computes the full distribution from the final hidden state through the
@@ -14,10 +19,12 @@ is refused before loading, is in ``services.loader.engines.vllm.options``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -42,23 +49,17 @@ from services.loader.engine import (
     StepLogprob,
 )
 from services.loader.engines.hf.tokens import Tokens
-from services.loader.engines.vllm.hooks import (
-    FlatCapture,
-    FlatState,
-    TokenOwners,
-    install_flat_hooks,
-    owners_from_batch,
-)
+from services.loader.engines.vllm.hooks import FlatCapture
 from services.loader.engines.vllm.options import (
     DTYPES,
     VLLMOptions,
     served_precisions,
     vllm_options,
 )
-from services.loader.hooks import find_decoder_layers
+from services.loader.engines.vllm.workers import HookCall, installed, rank_zero
 from services.loader.model_source import ResolvedSource
 from services.loader.positions import Position
-from services.loader.steering import SteerSpec, build_plan
+from services.loader.steering import SteerSpec
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -89,14 +90,18 @@ def model_runner(llm: LLM) -> Any:
     return node.model_runner
 
 
-def query_starts(runner: Any, num_reqs: int) -> list[int]:
-    """The first token of each scheduled request in the forward, and the end: the runner's
-    ``query_start_loc`` (a CPU/GPU buffer pair; its CPU side is ``np`` in 0.26 and 0.32)."""
-    buffer = runner.query_start_loc
-    host = getattr(buffer, "np", None)
-    if host is None:
-        host = buffer.cpu.numpy()
-    return [int(x) for x in host[: num_reqs + 1]]
+def _bind_cpu_ranks(ranks: int) -> None:
+    """Split this process's cores between ``ranks`` CPU workers (vLLM's automatic binding
+    wants a NUMA node per rank, which one-node machines lack) unless
+    ``VLLM_CPU_OMP_THREADS_BIND`` says otherwise."""
+    cores = sorted(os.sched_getaffinity(0))
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < ranks:
+        return
+    share = len(cores) // ranks
+    groups = [cores[r * share : (r + 1) * share] for r in range(ranks)]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+        str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in groups
+    )
 
 
 def _version() -> str:
@@ -115,6 +120,62 @@ def _platform() -> tuple[bool, bool]:
     return on_cpu, not on_cpu or hasattr(torch.ops._C, "cpu_gemm_wna16")
 
 
+#: ``worker_extension_cls`` of a tensor-parallel LLM: the hooks' methods on every worker.
+WORKER_EXTENSION = "services.loader.engines.vllm.workers.QsensWorkerExtension"
+
+
+class _InProcess:
+    """One rank: vLLM's model runner in this process, hooks installed directly."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = model_runner(llm)
+        self.config = llm.llm_engine.model_config
+        self.device = torch.device(self.runner.device)
+
+    @contextmanager
+    def hooks(self, call: HookCall) -> Iterator[FlatCapture | None]:
+        with installed(self.runner, call, self.config.hf_text_config, self.config.dtype) as cap:
+            yield cap
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.runner.get_model().compute_logits(hidden.to(self.device))
+        return cast(torch.Tensor, out).float()
+
+    def parameter_bytes(self) -> int:
+        model = self.runner.get_model()
+        return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+class _Workers:
+    """Tensor-parallel ranks in vLLM's worker processes: the same hook calls on every rank
+    through ``collective_rpc`` (``services.loader.engines.vllm.workers``), rank 0's
+    capture and logits back."""
+
+    def __init__(self, llm: LLM, device: torch.device) -> None:
+        self.llm = llm
+        self.device = device
+
+    @contextmanager
+    def hooks(self, call: HookCall) -> Iterator[FlatCapture | None]:
+        capture = call.new_capture()
+        self.llm.collective_rpc("qsens_begin", args=(call.to_data(),))
+        try:
+            yield capture
+        finally:
+            chunks = rank_zero(self.llm.collective_rpc("qsens_end"))
+            if capture is not None and chunks:
+                capture.chunks = chunks
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return cast(
+            torch.Tensor, rank_zero(self.llm.collective_rpc("qsens_logits", args=(hidden,)))
+        )
+
+    def parameter_bytes(self) -> int:
+        return int(sum(self.llm.collective_rpc("qsens_parameter_bytes")))
+
+
 class VLLMEngine(Engine):
     """One model in vLLM: per-row steering (add and ablate at prompt, response or all
     tokens), every capture position and reduction (items are replayed as prompts), Score
@@ -131,6 +192,8 @@ class VLLMEngine(Engine):
         settings: LoaderSettings,
         options: VLLMOptions,
         served: frozenset[Precision],
+        *,
+        on_cpu: bool = False,
     ) -> None:
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -138,18 +201,19 @@ class VLLMEngine(Engine):
         self.precision = precision
         self.settings = settings
         self.options = options
-        self.runner = model_runner(llm)
-        self.model = self.runner.get_model()
-        # Steering tensors live where the model runs: the hooks index them by token owners
-        # built on the forward's own device.
-        self.device = torch.device(self.runner.device)
+        # Where the model runs: this process (one rank) or vLLM's tensor-parallel workers.
+        self.host: _InProcess | _Workers
+        if options.tensor_parallel_size == 1:
+            self.host = _InProcess(llm)
+        else:
+            self.host = _Workers(llm, torch.device("cpu" if on_cpu else "cuda:0"))
+        self.device = self.host.device
         model_config = llm.llm_engine.model_config
         hf_config = model_config.hf_text_config
         self.num_layers = int(hf_config.num_hidden_layers)
         self.hidden_size = int(hf_config.hidden_size)
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = model_config.dtype
-        self.layers = find_decoder_layers(self.model, self.num_layers)
         folder = model_config.model
         tokenizer = AutoTokenizer.from_pretrained(folder)
         try:
@@ -182,6 +246,19 @@ class VLLMEngine(Engine):
     ) -> VLLMEngine:
         """Build ``vllm.LLM`` in this process on ``source``'s folder at ``precision`` (fp8:
         quantized as it loads; gptq/awq: the checkpoint's own), on ``settings.gpus`` GPUs."""
+        return cls.start(source, precision, settings)
+
+    @classmethod
+    def start(
+        cls,
+        source: ResolvedSource,
+        precision: Precision,
+        settings: LoaderSettings,
+        *,
+        cpu_ranks: int | None = None,
+    ) -> VLLMEngine:
+        """``load``; ``cpu_ranks`` > 1 runs tensor parallelism over that many CPU processes
+        where vLLM runs on the CPU (the tests' way to run the several-GPU code path)."""
         if precision not in DTYPES:
             names = " ".join(p.value for p in DTYPES)
             raise InvalidArgument("precision", f"engine 'vllm' serves {names}, not {precision}")
@@ -200,9 +277,17 @@ class VLLMEngine(Engine):
             ) from exc
         on_cpu, int4 = _platform()
         options = vllm_options(precision, gpus=settings.gpus, on_cpu=on_cpu, has_int4_kernel=int4)
+        if cpu_ranks is not None and on_cpu:
+            options = dataclasses.replace(options, tensor_parallel_size=cpu_ranks)
         extra: dict[str, Any] = {}
         if settings.vllm_gpu_memory is not None and not on_cpu:
             extra["gpu_memory_utilization"] = settings.vllm_gpu_memory
+        if options.tensor_parallel_size > 1:
+            # Ranks in worker processes; the hooks' methods mixed into each worker.
+            extra["distributed_executor_backend"] = "mp"
+            extra["worker_extension_cls"] = WORKER_EXTENSION
+            if on_cpu:
+                _bind_cpu_ranks(options.tensor_parallel_size)
         # Eager (no torch.compile, no CUDA graphs): the hooks read each forward's token
         # owners on the host and index per-row plans with them; a compiled graph or a
         # recorded CUDA graph would bake one forward's owners into every replay.
@@ -222,7 +307,7 @@ class VLLMEngine(Engine):
         )
         log.info("vllm engine loaded", extra={"model": source.name, "precision": precision.value})
         served = served_precisions(on_cpu=on_cpu, has_int4_kernel=int4)
-        return cls(llm, precision, settings, options, served)
+        return cls(llm, precision, settings, options, served, on_cpu=on_cpu)
 
     # ------------------------------------------------------------------ running requests
     def _run(
@@ -231,39 +316,26 @@ class VLLMEngine(Engine):
         params: Sequence[SamplingParams],
         steering: Sequence[Sequence[SteerSpec]],
         prompt_lengths: Sequence[int],
-        capture: FlatCapture | None = None,
-    ) -> list[Any]:
+        capture: tuple[list[int], list[list[int]], list[int] | None] | None = None,
+    ) -> tuple[list[Any], FlatCapture | None]:
         """Add one request per row, step the engine until all finish under the rows'
-        steering and ``capture``; the rows' ``RequestOutput``s in order (lengths were checked
-        against ``max_model_len`` by ``Engine``'s public methods)."""
+        steering and ``capture`` ((layers, spans [R, 2], final_at [R] or None) of
+        ``HookCall``); the rows' ``RequestOutput``s in order and the filled capture (lengths
+        were checked against ``max_model_len`` by ``Engine``'s public methods)."""
         engine = self.llm.llm_engine
-        plan = build_plan(
-            [*steering, []],
-            hidden_size=self.hidden_size,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        state = FlatState(plan, torch.tensor([*prompt_lengths, 0]), capture)
-        sentinel = len(prompts)
         row_of: dict[str, int] = {}
         external: dict[str, int] = {}
-        for row, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
-            request = f"qsens-{next(_REQUEST_IDS)}"
-            internal = engine.add_request(request, {"prompt_token_ids": list(ids)}, sp)
-            row_of[internal] = row
-            external[request] = row
-
-        def owners(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TokenOwners:
-            positions = kwargs["positions"] if "positions" in kwargs else args[1]
-            batch = self.runner.input_batch
-            n = batch.num_reqs
-            rows = [row_of.get(rid, sentinel) for rid in batch.req_ids[:n]]
-            starts = query_starts(self.runner, n)
-            return owners_from_batch(rows, starts, positions, sentinel)
-
         outputs: dict[int, Any] = {}
         try:
-            with install_flat_hooks(self.model, self.layers, state, owners), torch.inference_mode():
+            for row, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
+                request = f"qsens-{next(_REQUEST_IDS)}"
+                internal = engine.add_request(request, {"prompt_token_ids": list(ids)}, sp)
+                row_of[internal] = row
+                external[request] = row
+            call = HookCall(row_of, [list(s) for s in steering], list(prompt_lengths))
+            if capture is not None:
+                call.capture_layers, call.capture_spans, call.final_at = capture
+            with self.host.hooks(call) as captured, torch.inference_mode():
                 while len(outputs) < len(prompts):
                     self.checkpoint()
                     for out in engine.step():
@@ -278,7 +350,7 @@ class VLLMEngine(Engine):
         self.tokens_processed += sum(len(p) for p in prompts) + sum(
             len(o.outputs[0].token_ids) for o in outputs.values()
         )
-        return [outputs[i] for i in range(len(prompts))]
+        return [outputs[i] for i in range(len(prompts))], captured
 
     # ------------------------------------------------------------------ computations
     def _generate(
@@ -301,7 +373,7 @@ class VLLMEngine(Engine):
             )
             for it in items
         ]
-        outs = self._run(
+        outs, _ = self._run(
             [it.prompt_ids for it in items],
             sampling,
             [it.steering for it in items],
@@ -364,14 +436,14 @@ class VLLMEngine(Engine):
         chunk = max(1, chunk_items)
         for first in range(0, len(items), chunk):
             window = list(range(first, min(len(items), first + chunk)))
-            capture = FlatCapture(frozenset(layers), torch.tensor([spans[i] for i in window]))
-            self._run(
+            _, capture = self._run(
                 [items[i].prompt_ids + items[i].response_ids for i in window],
                 [SamplingParams(max_tokens=1, temperature=0.0) for _ in window],
                 [items[i].steering for i in window],
                 [len(items[i].prompt_ids) for i in window],
-                capture,
+                (layers, [list(spans[i]) for i in window], None),
             )
+            assert capture is not None
             results = []
             for row, i in enumerate(window):
                 per_layer = [capture.tokens(layer, row) for layer in layers]  # [n, H] each
@@ -403,7 +475,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         rows = [(it, c) for it in items for c in range(len(it.continuations))]
-        outs = self._run(
+        outs, _ = self._run(
             [it.context_ids + it.continuations[c] for it, c in rows],
             [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0) for _ in rows],
             [it.steering for it, _ in rows],
@@ -440,18 +512,16 @@ class VLLMEngine(Engine):
 
         from services.loader.engines.hf.next_token import _distribution
 
-        last = torch.tensor([it.length - 1 for it in items])
-        capture = FlatCapture(frozenset(), torch.zeros(len(items), 2, dtype=torch.long), last)
-        self._run(
+        _, capture = self._run(
             [it.prompt_ids + it.response_ids for it in items],
             [SamplingParams(max_tokens=1, temperature=0.0) for _ in items],
             [it.steering for it in items],
             [len(it.prompt_ids) for it in items],
-            capture,
+            ([], [[0, 0]] * len(items), [it.length - 1 for it in items]),
         )
-        hidden = torch.cat([capture.tokens(-1, row) for row in range(len(items))]).to(self.device)
-        with torch.inference_mode():
-            logits = self.model.compute_logits(hidden)[:, : self.vocab_size].float()
+        assert capture is not None
+        hidden = torch.cat([capture.tokens(-1, row) for row in range(len(items))])
+        logits = self.host.logits(hidden)[:, : self.vocab_size]
         # The HF engine's statistics, from this model's logits (``_distribution`` reads only
         # ``token_string`` from its engine).
         return [
@@ -468,7 +538,7 @@ class VLLMEngine(Engine):
         return str(self.device)
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return self.host.parameter_bytes()
 
     def quantization_config(self) -> dict[str, Any]:
         """The checkpoint's quantization config (gptq/awq), or vLLM's online method (fp8)."""
@@ -480,6 +550,9 @@ class VLLMEngine(Engine):
     def load_notes(self) -> list[str]:
         notes = [
             f"vLLM {_version()} in-process, eager, prefix caching off",
+            "hooks in this process"
+            if self.options.tensor_parallel_size == 1
+            else "hooks in each tensor-parallel worker (worker_extension_cls)",
             "samples at temperature > 0 come from vLLM's sampler (per-row seeds)",
             f"tensor parallel size {self.options.tensor_parallel_size}",
         ]

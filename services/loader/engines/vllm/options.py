@@ -10,14 +10,15 @@ GPTQ/AWQ where its int4 weight-only GEMM ``cpu_gemm_wna16`` is missing (in the A
 the op does not exist: ``AttributeError: '_OpNamespace' '_C' object has no attribute
 'cpu_gemm_wna16'`` at the first forward), ``fp8`` / ``fp8_per_tensor`` (its
 ``static_scaled_fp8_quant`` is a stub without arguments there), fp8 at float32 (vLLM accepts
-fp8 only over bf16/fp16), and tensor parallelism over GPUs.
+fp8 only over bf16/fp16), and tensor parallelism over GPUs (``gpus`` > 1 needs CUDA GPUs:
+vLLM then runs one worker process per GPU, and the engine installs its hooks in each).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import InvalidArgument
 from services.common.variants import Precision
 
 __all__ = ["DTYPES", "VLLMOptions", "served_precisions", "vllm_options"]
@@ -75,13 +76,5 @@ def vllm_options(
             "gpus",
             f"tensor parallelism over {tp} GPUs needs CUDA GPUs; this vLLM runs on the CPU "
             "(unset QSENS_LOADER_GPUS / --gpus or set it to 1)",
-        )
-    if tp > 1:
-        # vLLM runs tensor-parallel ranks in worker processes of their own; the steering and
-        # capture hooks live in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0).
-        raise FailedPrecondition(
-            f"gpus: engine 'vllm' over {tp} GPUs needs its steering and capture hooks in "
-            "vLLM's worker processes, which this engine does not install yet; use the hf "
-            "engine's layer-wise placement (backend hf) for a model larger than one GPU"
         )
     return VLLMOptions(DTYPES[precision], QUANTIZATION.get(precision), tp)
