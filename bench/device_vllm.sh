@@ -14,11 +14,13 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/vstage
+PIP="python3 -m pip"
+$PIP --version >/dev/null 2>&1 || PIP=pip  # a venv made without pip: the PATH's pip
 for part in .stage/v*/; do
   [ -d "$part" ] && cp -r "$part". /tmp/vstage/
 done
 ls -la /tmp/vstage /tmp/vstage/wheels 2>/dev/null | tail -n +1 > "$OUT/staged.txt"
-python3 -m pip freeze > "$OUT/freeze.txt" 2>&1
+$PIP freeze > "$OUT/freeze.txt" 2>&1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -V; } \
   >> "$OUT/staged.txt" 2>&1
 [ "${1:-stage}" = "stage" ] && { cat "$OUT/staged.txt"; exit 0; }
@@ -47,9 +49,9 @@ EOF
 )
   echo "installing: $(echo $missing | wc -w) wheels"
   # shellcheck disable=SC2086
-  [ -z "$missing" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+  [ -z "$missing" ] || $PIP install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/vsite $missing || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  $PIP install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/rest/*.whl || exit 3
   touch /tmp/vsite/.done
   echo "installed: $(date -u +%T)"

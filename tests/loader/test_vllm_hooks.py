@@ -222,3 +222,17 @@ def test_hooks_removed_after_an_error_and_bad_layer_is_named() -> None:
         pass
     assert all(not layer._forward_hooks for layer in flat.layers)
     assert not flat._forward_pre_hooks
+
+
+def test_capture_keeps_each_token_once_in_position_order() -> None:
+    """A token recorded twice (a preempted request recomputed) counts once, its last
+    recording; each row's tokens come back in position order whatever the forward order."""
+    capture = FlatCapture(frozenset({0}), torch.tensor([[0, 3], [0, 3]]))
+    first = TokenOwners(torch.tensor([1, 0, 0]), torch.tensor([0, 1, 0]))
+    capture.record(0, first, torch.tensor([[10.0], [1.0], [0.0]]))
+    again = TokenOwners(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 1]))
+    capture.record(0, again, torch.tensor([[1.5], [2.0], [11.0]]))
+    assert capture.tokens(0, 0).flatten().tolist() == [0.0, 1.5, 2.0]
+    assert capture.tokens(0, 1).flatten().tolist() == [10.0, 11.0]
+    with pytest.raises(FailedPrecondition, match="no token of row 2"):
+        capture.tokens(0, 2)

@@ -68,6 +68,8 @@ class FlatCapture:
     chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(
         default_factory=dict
     )
+    # layer -> (rows, streams) of every recorded token once, sorted by row then position.
+    _sorted: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def record(self, layer: int, owners: TokenOwners, stream: torch.Tensor) -> None:
         rows, pos = owners.rows, owners.positions
@@ -80,6 +82,7 @@ class FlatCapture:
             spans = self.spans.to(rows.device)
             keep = valid & (pos >= spans[safe, 0]) & (pos < spans[safe, 1])
         if bool(keep.any()):
+            self._sorted.pop(layer, None)
             self.chunks.setdefault(layer, []).append(
                 (rows[keep].cpu(), pos[keep].cpu(), stream[keep].detach().cpu().clone())
             )
@@ -87,13 +90,32 @@ class FlatCapture:
     def tokens(self, layer: int, row: int) -> torch.Tensor:
         """Row ``row``'s recorded streams after ``layer`` in position order [n, H] (a token
         computed twice, e.g. after a preemption, counts once: its last computation)."""
-        found: dict[int, torch.Tensor] = {}
-        for rows, pos, stream in self.chunks.get(layer, []):
-            for j in torch.nonzero(rows == row).flatten().tolist():
-                found[int(pos[j])] = stream[j]
-        if not found:
+        rows, streams = self._by_row(layer)
+        lo = int(torch.searchsorted(rows, row, side="left"))
+        hi = int(torch.searchsorted(rows, row, side="right"))
+        if hi == lo:
             raise FailedPrecondition(f"capture recorded no token of row {row} after layer {layer}")
-        return torch.stack([found[p] for p in sorted(found)])
+        return streams[lo:hi]
+
+    def _by_row(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every recorded token of ``layer`` once (its last recording), sorted by row then
+        position: one sort per layer instead of a scan per row."""
+        if layer not in self._sorted:
+            parts = self.chunks.get(layer, [])
+            if not parts:
+                empty = torch.empty(0, dtype=torch.long)
+                return empty, torch.empty(0)
+            rows = torch.cat([p[0] for p in parts]).long()
+            pos = torch.cat([p[1] for p in parts]).long()
+            streams = torch.cat([p[2] for p in parts])
+            key = rows * (int(pos.max()) + 1) + pos
+            order = torch.sort(key, stable=True).indices  # recording order within a key
+            ordered = key[order]
+            last = torch.ones_like(ordered, dtype=torch.bool)
+            last[:-1] = ordered[1:] != ordered[:-1]
+            keep = order[last]
+            self._sorted[layer] = (rows[keep].contiguous(), streams[keep])
+        return self._sorted[layer]
 
 
 @dataclass
