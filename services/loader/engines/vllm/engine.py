@@ -54,6 +54,7 @@ from services.loader.engines.vllm.options import (
     DTYPES,
     VLLMOptions,
     served_precisions,
+    tensor_parallel_size,
     vllm_options,
 )
 from services.loader.engines.vllm.workers import HookCall, installed, rank_zero
@@ -88,6 +89,40 @@ def model_runner(llm: LLM) -> Any:
                 "(the engine needs VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker)"
             )
     return node.model_runner
+
+
+def _derived_gpus(
+    source: ResolvedSource, precision: Precision, settings: LoaderSettings
+) -> tuple[int, str | None]:
+    """The tensor parallel size where ``gpus`` is unset: one GPU when the weights fit it with
+    ``gpu_headroom`` left, else the fewest visible GPUs that hold them and split the model
+    evenly; and the note that says why (None: one GPU, nothing to say)."""
+    visible = torch.cuda.device_count()
+    if visible <= 1:
+        return 1, None
+    from transformers import AutoConfig
+
+    from services.loader.placement import gpus_needed, meta_model, total_bytes, units_of
+
+    config = AutoConfig.from_pretrained(str(source.folder))
+    units = units_of(meta_model(config), precision)
+    free = min(int(torch.cuda.mem_get_info(i)[0]) for i in range(visible))
+    needed = gpus_needed(units, free, headroom=settings.gpu_headroom)
+    heads = int(config.num_attention_heads)
+    size = tensor_parallel_size(
+        needed,
+        heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        intermediate=int(config.intermediate_size),
+        visible=visible,
+    )
+    if size == 1:
+        return 1, None
+    gib = 2**30
+    return size, (
+        f"tensor parallel size {size} chosen: the weights ({total_bytes(units) / gib:.1f} GiB) "
+        f"need {needed} of {visible} GPUs with {free / gib:.1f} GiB free each"
+    )
 
 
 def _bind_cpu_ranks(ranks: int) -> None:
@@ -225,6 +260,7 @@ class VLLMEngine(Engine):
         self.max_model_len = int(model_config.max_model_len)
         self.tokens_processed = 0
         self.checkpoint = _no_checkpoint
+        self.gpus_note: str | None = None  # why this GPU count, where the loader chose it
         self.capabilities = EngineCapabilities(
             engine=self.name,
             batch_invariant=False,
@@ -276,7 +312,10 @@ class VLLMEngine(Engine):
                 "virtual environment: pip install -e '.[vllm]'",
             ) from exc
         on_cpu, int4 = _platform()
-        options = vllm_options(precision, gpus=settings.gpus, on_cpu=on_cpu, has_int4_kernel=int4)
+        gpus, chosen = settings.gpus, None
+        if gpus is None and not on_cpu:
+            gpus, chosen = _derived_gpus(source, precision, settings)
+        options = vllm_options(precision, gpus=gpus, on_cpu=on_cpu, has_int4_kernel=int4)
         if cpu_ranks is not None and on_cpu:
             options = dataclasses.replace(options, tensor_parallel_size=cpu_ranks)
         extra: dict[str, Any] = {}
@@ -307,7 +346,9 @@ class VLLMEngine(Engine):
         )
         log.info("vllm engine loaded", extra={"model": source.name, "precision": precision.value})
         served = served_precisions(on_cpu=on_cpu, has_int4_kernel=int4)
-        return cls(llm, precision, settings, options, served, on_cpu=on_cpu)
+        engine = cls(llm, precision, settings, options, served, on_cpu=on_cpu)
+        engine.gpus_note = chosen
+        return engine
 
     # ------------------------------------------------------------------ running requests
     def _run(
@@ -554,7 +595,7 @@ class VLLMEngine(Engine):
             if self.options.tensor_parallel_size == 1
             else "hooks in each tensor-parallel worker (worker_extension_cls)",
             "samples at temperature > 0 come from vLLM's sampler (per-row seeds)",
-            f"tensor parallel size {self.options.tensor_parallel_size}",
+            self.gpus_note or f"tensor parallel size {self.options.tensor_parallel_size}",
         ]
         if self.options.quantization is not None:
             notes.append(

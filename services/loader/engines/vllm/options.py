@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from services.common.errors import InvalidArgument
 from services.common.variants import Precision
 
-__all__ = ["DTYPES", "VLLMOptions", "served_precisions", "vllm_options"]
+__all__ = [
+    "DTYPES",
+    "VLLMOptions",
+    "served_precisions",
+    "tensor_parallel_size",
+    "vllm_options",
+]
 
 # The activation dtype each precision runs at; quantized weights compute in bf16.
 DTYPES: dict[Precision, str] = {
@@ -78,3 +84,22 @@ def vllm_options(
             "(unset QSENS_LOADER_GPUS / --gpus or set it to 1)",
         )
     return VLLMOptions(DTYPES[precision], QUANTIZATION.get(precision), tp)
+
+
+def tensor_parallel_size(
+    needed: int, *, heads: int, kv_heads: int, intermediate: int, visible: int
+) -> int:
+    """The fewest ranks, at least ``needed`` (the GPUs the weights take), that vLLM can split
+    the model over: the attention heads and the MLP width divide evenly, and the KV heads
+    divide evenly or are replicated whole; at most the ``visible`` GPUs. InvalidArgument
+    naming ``gpus`` when none fits."""
+    for size in range(max(1, needed), visible + 1):
+        kv_ok = kv_heads % size == 0 or size % kv_heads == 0
+        if heads % size == 0 and intermediate % size == 0 and kv_ok:
+            return size
+    raise InvalidArgument(
+        "gpus",
+        f"the weights need {needed} GPU(s) and no tensor parallel size from {needed} to the "
+        f"{visible} visible GPUs divides {heads} attention heads, {kv_heads} KV heads and an "
+        f"MLP width of {intermediate}; set QSENS_LOADER_GPUS / --gpus",
+    )
