@@ -352,9 +352,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "hf" not in engines:
         return result
     hf = engines["hf"]
-    import vllm as vllm_module
+    result["notes"] = {name: engine.load_notes() for name, engine in engines.items()}
+    if "vllm" in engines:
+        import vllm as vllm_module
 
-    result["vllm"] = vllm_module.__version__
+        result["vllm"] = vllm_module.__version__
     result["device_name"] = (
         torch.cuda.get_device_name(0) if hf.device_label().startswith("cuda") else "cpu"
     )

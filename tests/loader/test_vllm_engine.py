@@ -12,6 +12,7 @@ environment the module is skipped with the reason named.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -357,3 +358,44 @@ def test_tensor_parallel_ranks_equal_the_hf_engine(tmp_path: Path) -> None:
     for h, v in zip(hf[3], out["results"][3], strict=True):
         assert [t[0] for t in v.top] == [t[0] for t in h.top]
         assert v.requested_logits == pytest.approx(h.requested_logits, abs=1e-3)
+
+
+def test_engines_bench_runs_both_engines_side_by_side(tmp_path: Path) -> None:
+    """bench/bench_engines.py --smoke in the vLLM environment (the GPU run's program at a tiny
+    shape): both engines load in one process, every phase reports times for both and their
+    ratio, and the equality check finds the same greedy tokens and captures."""
+    out = tmp_path / "engines.json"
+    done = subprocess.run(
+        [
+            str(VLLM_PYTHON),
+            str(ROOT / "bench" / "bench_engines.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--precision",
+            "fp32",
+            "--model",
+            TP_MODEL,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == {} and set(result["load_s"]) == {"folder", "vllm", "hf"}
+    timed = {"capture": "capture", "generation": "steered", "sweep": "per_setting_calls"}
+    for phase, part in timed.items():
+        assert "error" not in result[phase]["vllm"] and "error" not in result[phase]["hf"]
+        assert result[phase]["ratio_vllm_over_hf"][part] > 0
+    assert result["sweep"]["vllm"]["rows"] == 2 * 2 * 3  # layers x coefficients x prompts
+    equality = result["equality"]
+    for case in ("unsteered", "coef_0", "working"):
+        assert equality["tokens"][case]["same_rows"] == equality["tokens"][case]["rows"]
+    assert equality["steering_changes_tokens_vllm"] and equality["steering_changes_tokens_hf"]
+    assert equality["capture"]["max_relative_difference"] < 1e-3
