@@ -74,13 +74,14 @@ def budget(seconds: float) -> Iterator[None]:
 
 
 class Bench:
-    """The workloads, built once with the HF engine's tokenizer (both engines read the same
+    """The workloads, built once with one engine's tokenizer (both engines read the same
     folder's tokenizer), and the per-engine phases."""
 
-    def __init__(self, args: argparse.Namespace, hf: Any, card: Card | None) -> None:
+    def __init__(self, args: argparse.Namespace, hf: Any, card: Card | None, folder: str) -> None:
         self.args = args
         self.card = card
-        self.shape = ModelShape.of(hf.config, args.precision)
+        config = transformers.AutoConfig.from_pretrained(folder)
+        self.shape = ModelShape.of(config, args.precision)
         self.num_layers = hf.num_layers
         asked = QUESTIONS[: args.prompts]
         self.prompts = [hf.encode_prompt(ChatPrompt((("user", q),)), "bench") for q in asked]
@@ -349,27 +350,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             engines[name] = loaded["engine"]
             result["load_s"][name] = time.perf_counter() - started
         save()
-    if "hf" not in engines:
+    if not engines:
         return result
-    hf = engines["hf"]
+    base = engines.get("hf") or engines["vllm"]  # builds the workloads
     result["notes"] = {name: engine.load_notes() for name, engine in engines.items()}
     if "vllm" in engines:
         import vllm as vllm_module
 
         result["vllm"] = vllm_module.__version__
     result["device_name"] = (
-        torch.cuda.get_device_name(0) if hf.device_label().startswith("cuda") else "cpu"
+        torch.cuda.get_device_name(0) if base.device_label().startswith("cuda") else "cpu"
     )
     card = card_for(args.card or result["device_name"])
     result["card_peaks"] = None if card is None else vars(card)
-    bench = Bench(args, hf, card)
+    bench = Bench(args, base, card, result["folder"])
     result["model_shape"] = {**vars(bench.shape), "parameters": bench.shape.parameters}
     result["prompt_tokens_mean"] = statistics.mean(len(p) for p in bench.prompts)
     for phase in args.phases:
         if phase == "equality":
-            if "vllm" in engines:
+            if len(engines) == 2:
                 result["equality"] = _guarded(
-                    args.budget[phase], lambda: equality(bench, engines["vllm"], hf), deadline
+                    args.budget[phase],
+                    lambda: equality(bench, engines["vllm"], engines["hf"]),
+                    deadline,
                 )
             save()
             continue
