@@ -612,12 +612,12 @@ class FastGenerator:
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
         """One new token per row against the cache: ``q`` [B, heads, 1, D], ``keys``/``values``
-        [B, L, kv heads, D], ``bias`` [B, 1, 1, L] additive. A key/value head's query heads
+        [B, kv heads, L, D], ``bias`` [B, 1, 1, L] additive. A key/value head's query heads
         are its query *positions* (same mask for each), so nothing is repeated."""
         rows = q.shape[0]
         grouped = q.reshape(rows, self.kv_heads, self.groups, self.head_dim)
         out = F.scaled_dot_product_attention(
-            grouped, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=bias, scale=self.scale
+            grouped, keys, values, attn_mask=bias, scale=self.scale
         )
         return out.reshape(rows, 1, self.heads * self.head_dim)
 
@@ -641,12 +641,13 @@ class FastRun:
         # Columns: prompts right-aligned at ``width``; decode step s writes ``width + s``.
         self.length = self.width + -(-max(1, max_new_tokens) // 16) * 16
         dev = gen.device
-        # [layer, k/v, row, column, kv head, D]: a layer's keys are one [rows x columns] run
-        # of tokens, so the flash decode kernel reads each row's own columns in place.
+        # With flash decode [layer, k/v, row, column, kv head, D]: a layer's keys are one
+        # [rows x columns] run of tokens, so the kernel reads each row's own columns in place.
+        # Otherwise [.., row, kv head, column, D], what SDPA reads without a copy.
+        self.token_major = gen.decode_flash.usable(gen.dtype)
+        inner = (self.length, gen.kv_heads) if self.token_major else (gen.kv_heads, self.length)
         self.kv = torch.zeros(
-            (len(gen.layers), 2, self.rows, self.length, gen.kv_heads, gen.head_dim),
-            dtype=gen.dtype,
-            device=dev,
+            (len(gen.layers), 2, self.rows, *inner, gen.head_dim), dtype=gen.dtype, device=dev
         )
         col = np.arange(self.length)[None, :]
         valid = (col >= self.width - lengths[:, None]) & (col < self.width)
@@ -681,10 +682,13 @@ class FastRun:
     ) -> None:
         """Prefill keys/values [U, kv heads, w, D] of layer ``index`` into rows ``dst`` (from
         units ``src``), right-aligned at the prompt width."""
-        width = k.shape[2]
-        start = self.width - width
-        self.kv[index, 0, dst, start : self.width] = k.index_select(0, src).transpose(1, 2)
-        self.kv[index, 1, dst, start : self.width] = v.index_select(0, src).transpose(1, 2)
+        start = self.width - k.shape[2]
+        for which, t in enumerate((k, v)):
+            rows = t.index_select(0, src)
+            if self.token_major:
+                self.kv[index, which, dst, start : self.width] = rows.transpose(1, 2)
+            else:
+                self.kv[index, which, dst, :, start : self.width] = rows
 
     def set_logits(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
         if self.logits.shape[1] != logits.shape[1]:
@@ -708,17 +712,22 @@ class FastRun:
         cos, sin = gen.rotary(hidden, positions)
         kv = self.kv
 
-        flash = gen.decode_flash if gen.decode_flash.usable(kv.dtype) else None
-        used = (self.plen + self.step_t + 1).to(torch.int32) if flash is not None else None
+        major = self.token_major
+        used = (self.plen + self.step_t + 1).to(torch.int32) if major else None
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kv[i, 0].index_copy_(1, col, k.transpose(1, 2))
-            kv[i, 1].index_copy_(1, col, v.transpose(1, 2))
-            if flash is not None and used is not None:
-                out = flash(q[:, :, 0], kv[i, 0], kv[i, 1], self.cu, used, gen.scale)
-                if out is not None:
-                    return out.reshape(out.shape[0], 1, -1)
-            return gen.decode_attention(q, kv[i, 0], kv[i, 1], bias)
+            keys, values = kv[i, 0], kv[i, 1]
+            if not major:
+                keys.index_copy_(2, col, k)
+                values.index_copy_(2, col, v)
+                return gen.decode_attention(q, keys, values, bias)
+            keys.index_copy_(1, col, k.transpose(1, 2))
+            values.index_copy_(1, col, v.transpose(1, 2))
+            assert used is not None
+            out = gen.decode_flash(q[:, :, 0], keys, values, self.cu, used, gen.scale)
+            if out is not None:
+                return out.reshape(out.shape[0], 1, -1)
+            return gen.decode_attention(q, keys.transpose(1, 2), values.transpose(1, 2), bias)
 
         for index in range(len(gen.layers)):
             hidden = gen.layer(index, hidden, cos, sin, self.state, attend)

@@ -187,7 +187,9 @@ class _FlashSemantics:
     """The flash decode op's contract in plain torch (the kernel runs on CUDA only): row b
     attends to keys ``[cu_k[b], cu_k[b] + used[b])`` of the flattened cache, grouped-query."""
 
-    calls = 0
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls = 0
+        self.refuse = refuse  # a kernel that refuses at run time: SDPA on the same cache
 
     def usable(self, dtype: torch.dtype) -> bool:
         return True
@@ -200,8 +202,10 @@ class _FlashSemantics:
         cu: tuple[torch.Tensor, torch.Tensor],
         used: torch.Tensor,
         scale: float,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         self.calls += 1
+        if self.refuse:
+            return None
         rows, length, kv_heads, dim = keys.shape
         flat_k, flat_v = (t.reshape(rows * length, kv_heads, dim) for t in (keys, values))
         groups = q.shape[1] // kv_heads
@@ -218,16 +222,20 @@ class _FlashSemantics:
 
 def test_flash_decode_offsets_read_each_rows_own_keys(engine: Engine) -> None:
     """The flash decode path's bookkeeping (cache layout, each row's first key column, keys
-    used per step, rows dropped on the way) gives what the masked SDPA decode gives."""
+    used per step, rows dropped on the way) gives what the masked SDPA decode gives, and so
+    does SDPA over the same token-major cache when the kernel refuses."""
     items = sweep_items(engine)
     stop = _stop_string(engine, items)
     params = GenParams(max_new_tokens=10, stop=(stop,), logprobs=True)
-    flash = _FlashSemantics()
+    flash, refusing = _FlashSemantics(), _FlashSemantics(refuse=True)
     for static in (True, False):
         masked = generate(engine, items, params, static=static)
         with_flash = generate(engine, items, params, static=static, decode_flash=flash)
         assert_same(masked, with_flash, atol=1e-5)
+        fallback = generate(engine, items, params, static=static, decode_flash=refusing)
+        assert_same(masked, fallback, atol=1e-5)
     assert flash.calls >= 2 * 6 * 9  # every layer of every decode step of both runs
+    assert refusing.calls == flash.calls
 
 
 def test_chunked_prefill_equals_one_chunk(engine: Engine) -> None:
