@@ -20,6 +20,16 @@ loaders is then ``LoaderStarting`` when a supervisor is restarting its loader, a
 (a ``FailedPrecondition``: the job fails at once, not after an hour of retries) when a
 supervisor gave up on it (crash loop) or no supervisor of the namespace runs one for it.
 Without any supervisor (a cluster, a hand-started loader) it stays ``Unavailable``.
+
+Routing: a ready entry carries its engine's capabilities (``capabilities_to_json``; an entry
+of an older loader has none and counts as able to do anything). ``find(variant, needs)`` picks
+only among the ready loaders whose engine covers what the job needs (RPCs, capture segment and
+reduction, steering mode and positions; ``services.loader.capabilities.Needs``), so a job a
+vLLM loader cannot compute exactly goes to an HF loader of the same variant. When ready
+loaders exist but none covers it, a loader still waiting or starting (capabilities not yet
+known) makes it ``LoaderStarting``; otherwise the error names what is needed and the engines
+that are live: ``NoLoader`` when the local stack's supervisor brings no other loader of it,
+``Unavailable`` (retried) without a supervisor.
 """
 
 from __future__ import annotations
@@ -32,9 +42,10 @@ import re
 import socket
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 import nats.js.errors
+from google.protobuf import json_format
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
@@ -45,6 +56,12 @@ from services.common.logging import get_logger
 from services.common.natsconn import PlaneNames, connection, ensure_kv, kv_values
 from services.common.settings import NatsSettings
 from services.common.variants import Variant
+from services.loader.capabilities import (
+    EngineCapabilities,
+    Needs,
+    capabilities_from_json,
+    capabilities_to_json,
+)
 
 __all__ = [
     "Announcement",
@@ -115,6 +132,33 @@ class LoaderEntry(BaseModel):
     pid: int = Field(description="Process id of the loader.")
     announced_at: float = Field(description="Unix time of the latest heartbeat.")
     metadata: dict[str, str] = Field(default_factory=dict, description="e.g. http address.")
+    capabilities: dict[str, Any] | None = Field(
+        None,
+        description="Its engine's capabilities (capabilities_to_json); None: not stated (an "
+        "older loader, or one not loaded yet), taken as able to do anything.",
+    )
+
+    def engine_capabilities(self) -> EngineCapabilities | None:
+        """The stated capabilities (None: not stated, or not readable by this version)."""
+        if self.capabilities is None:
+            return None
+        try:
+            return capabilities_from_json(self.capabilities)
+        except json_format.Error:
+            log.warning("unreadable loader capabilities", extra={"instance": self.instance})
+            return None
+
+    def covers(self, needs: Needs | None) -> bool:
+        """Whether this loader's engine can serve a job that needs ``needs``."""
+        caps = self.engine_capabilities()
+        return needs is None or caps is None or caps.covers(needs)
+
+    def engine_line(self, needs: Needs | None = None) -> str:
+        """``vllm at host:port (lacks capture response:mean)``, for error messages."""
+        caps = self.engine_capabilities()
+        name = caps.engine if caps is not None else "unstated engine"
+        lacks = caps.missing(needs) if caps is not None and needs is not None else Needs()
+        return f"{name} at {self.address}" + (f" (lacks {lacks})" if lacks != Needs() else "")
 
 
 class Announcement:
@@ -189,8 +233,10 @@ class LoaderRegistry:
         instance: str | None = None,
         state: LoaderState = "ready",
         detail: str = "",
+        capabilities: EngineCapabilities | None = None,
     ) -> Announcement:
-        """Publish ``variant -> address`` (in ``state``) now and keep it alive until ``stop()``."""
+        """Publish ``variant -> address`` (in ``state``, with its engine's ``capabilities``) now
+        and keep it alive until ``stop()``."""
         token = variant_token(variant)
         inst = instance or uuid.uuid4().hex[:12]
         entry = LoaderEntry(
@@ -204,6 +250,7 @@ class LoaderRegistry:
             state=state,
             since=time.time(),
             detail=detail,
+            capabilities=None if capabilities is None else capabilities_to_json(capabilities),
         )
         key = f"{token}.{inst}"
         await self.kv.put(key, entry.model_dump_json().encode())
@@ -244,9 +291,10 @@ class LoaderRegistry:
             await self.kv.delete(f"{variant_token(variant)}.{entry.instance}")
         return len(gone)
 
-    async def find(self, variant: str | Variant) -> str:
-        """Address of a live ready loader for ``variant``; ``LoaderStarting`` when its loaders
-        are only waiting or starting, ``Unavailable`` naming the variant when there are none."""
+    async def find(self, variant: str | Variant, needs: Needs | None = None) -> str:
+        """Address of a live ready loader for ``variant`` whose engine covers ``needs`` (None:
+        any); ``LoaderStarting`` when the loaders that could are only waiting or starting,
+        ``Unavailable``/``NoLoader`` naming the variant (and ``needs``) when none can."""
         try:
             live = await self.entries(variant)
         except nats.js.errors.Error as err:
@@ -254,20 +302,46 @@ class LoaderRegistry:
                 f"loader registry unreachable while looking for {variant}: {err}"
             ) from err
         ready = [e for e in live if e.state == "ready" and e.address]
-        if ready:
-            return random.choice(ready).address
-        if live:
-            first = min(live, key=lambda e: e.since or e.announced_at)
+        capable = [e for e in ready if e.covers(needs)]
+        if capable:
+            return random.choice(capable).address
+        coming = [e for e in live if e not in ready and e.covers(needs)]
+        if coming:
+            first = min(coming, key=lambda e: e.since or e.announced_at)
             waited = time.time() - (first.since or first.announced_at)
             raise LoaderStarting(
                 f"the loader of {variant} is {first.state} ({waited:.0f} s)"
                 + (f": {first.detail}" if first.detail else "")
             )
+        if ready and needs is not None:
+            await self._none_capable(variant, needs, ready)
         await self._none_coming(variant)
         raise Unavailable(
             f"no loader for variant {variant} is announced "
             f"(start one with `qsens serve loader ... --announce`)"
         )
+
+    async def _none_capable(
+        self, variant: str | Variant, needs: Needs, ready: list[LoaderEntry]
+    ) -> NoReturn:
+        """Ready loaders of ``variant`` exist but none can serve ``needs``: LoaderStarting when
+        a supervisor is restarting one of it, NoLoader when the local stack brings none,
+        Unavailable (another loader may be started) without a supervisor."""
+        name = str(variant if isinstance(variant, Variant) else Variant.parse(variant))
+        live = "; ".join(sorted(e.engine_line(needs) for e in ready))
+        what = f"no live loader of {name} can serve a job that needs {needs} (live: {live})"
+        try:
+            declared = await self.supervised()
+        except nats.js.errors.Error:
+            declared = []
+        for doc in declared:
+            mine = doc.loaders.get(name)
+            if mine is not None and mine.state == "restarting":
+                raise LoaderStarting(f"{what}; the supervisor of {doc.stack} is restarting one")
+        hint = "start a loader of it on an engine that can (e.g. `qsens serve loader --engine hf`)"
+        if declared:
+            raise NoLoader(f"{what} and the local stack runs no other; {hint}")
+        raise Unavailable(f"{what}; {hint} with --announce")
 
     async def _none_coming(self, variant: str | Variant) -> None:
         """Raise LoaderStarting/NoLoader from the supervisors' declarations (none: return)."""
@@ -303,12 +377,16 @@ async def announce_forever(
     address: str,
     *,
     metadata: dict[str, str] | None = None,
+    capabilities: EngineCapabilities | None = None,
     settings: NatsSettings | None = None,
 ) -> None:
-    """Connect, announce, and keep the announcement alive until cancelled (then withdraw it)."""
+    """Connect, announce (with the engine's ``capabilities``), and keep the announcement alive
+    until cancelled (then withdraw it)."""
     async with connection(settings, name=f"qsens-loader-{variant}") as nc:
         registry = await LoaderRegistry.open(nc.jetstream(), settings)
-        announcement = await registry.announce(variant, address, metadata=metadata)
+        announcement = await registry.announce(
+            variant, address, metadata=metadata, capabilities=capabilities
+        )
         try:
             await asyncio.Event().wait()
         finally:

@@ -1,12 +1,15 @@
-"""What an engine computes exactly, as the loader reports it in ``Info`` and the planner
-reads it: the capability flags, the checks an engine applies before computing, and their
-protobuf form. Free of torch, so clients and the planner can use it."""
+"""What an engine computes exactly, as the loader reports it in ``Info`` and in its registry
+entry, and what a job needs of it: the capability flags, the checks an engine applies before
+computing, ``Needs`` (which the loader registry routes by) and the protobuf and JSON forms.
+Free of torch, so clients, workers and the planner can use it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+from google.protobuf import json_format
 
 from services.common.errors import FailedPrecondition
 from services.loader.pb import loader_pb2 as pb
@@ -16,9 +19,13 @@ __all__ = [
     "CAPTURE_SEGMENTS",
     "REDUCTIONS",
     "RPCS",
+    "STEERING_MODES",
     "EngineCapabilities",
+    "Needs",
     "Reduction",
+    "capabilities_from_json",
     "capabilities_from_proto",
+    "capabilities_to_json",
     "capabilities_to_proto",
 ]
 
@@ -27,6 +34,7 @@ REDUCTIONS: tuple[Reduction, ...] = ("mean", "last", "none")
 # Position segments (``services.loader.positions``) and steering positions share these names.
 CAPTURE_SEGMENTS = ("prompt", "response", "all")
 RPCS = ("generate", "capture", "score", "next_token")
+STEERING_MODES = ("add", "ablate")
 
 
 class _Steering(Protocol):
@@ -39,6 +47,52 @@ class _Steering(Protocol):
 
 def _every_capture() -> frozenset[tuple[str, str]]:
     return frozenset((s, r) for s in CAPTURE_SEGMENTS for r in REDUCTIONS)
+
+
+def _known(kind: str, names: Iterable[str], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {kind} {unknown}; known: {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a job asks of a loader's engine: the RPCs it calls, the (segment, reduction)
+    pairs it captures and the (mode, positions) it steers with. ``a | b`` needs both."""
+
+    rpcs: frozenset[str] = frozenset()
+    captures: frozenset[tuple[str, str]] = frozenset()
+    steering: frozenset[tuple[str, str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        # Needs are built by code from validated params: an unknown name is a bug here.
+        _known("rpcs", self.rpcs, RPCS)
+        _known("capture segments", (s for s, _ in self.captures), CAPTURE_SEGMENTS)
+        _known("reductions", (r for _, r in self.captures), REDUCTIONS)
+        _known("steering modes", (m for m, _ in self.steering), STEERING_MODES)
+        _known("steering positions", (p for _, p in self.steering), CAPTURE_SEGMENTS)
+
+    @classmethod
+    def of(
+        cls,
+        *rpcs: str,
+        captures: Iterable[tuple[str, str]] = (),
+        steering: Iterable[tuple[str, str]] = (),
+    ) -> Needs:
+        """``Needs.of("generate", steering=[("add", "all")])``; a capture implies its RPC."""
+        caps = frozenset(captures)
+        return cls(frozenset(rpcs) | ({"capture"} if caps else set()), caps, frozenset(steering))
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(
+            self.rpcs | other.rpcs, self.captures | other.captures, self.steering | other.steering
+        )
+
+    def __str__(self) -> str:
+        parts = sorted(self.rpcs - {"capture"} if self.captures else self.rpcs)
+        parts += [f"capture {s}:{r}" for s, r in sorted(self.captures)]
+        parts += [f"steer {m} at {p}" for m, p in sorted(self.steering)]
+        return ", ".join(parts) or "nothing"
 
 
 @dataclass(frozen=True)
@@ -97,6 +151,23 @@ class EngineCapabilities:
         """Whether ``capture`` at ``position`` with ``reduction`` is computed exactly here."""
         return (position.segment, reduction) in self.captures
 
+    def missing(self, needs: Needs) -> Needs:
+        """The part of ``needs`` this engine does not compute (empty: it covers them)."""
+        steers = self.steering_modes if self.supports_steering else frozenset()
+        return Needs(
+            needs.rpcs - self.rpcs,
+            needs.captures - self.captures,
+            frozenset(
+                (m, p)
+                for m, p in needs.steering
+                if m not in steers or p not in self.steering_positions
+            ),
+        )
+
+    def covers(self, needs: Needs) -> bool:
+        """Whether this engine computes everything ``needs`` asks, exactly."""
+        return self.missing(needs) == Needs()
+
 
 def capabilities_to_proto(caps: EngineCapabilities) -> pb.EngineCapabilities:
     """The ``Info`` form (lists sorted, captures as "segment:reduction")."""
@@ -130,3 +201,17 @@ def capabilities_from_proto(engine: str, message: pb.EngineCapabilities) -> Engi
         precisions=frozenset(message.precisions),
         tensor_parallel_size=message.tensor_parallel_size or 1,
     )
+
+
+def capabilities_to_json(caps: EngineCapabilities) -> dict[str, Any]:
+    """The registry form: ``Info.capabilities`` as protobuf JSON, plus the engine's name."""
+    doc = json_format.MessageToDict(capabilities_to_proto(caps), preserving_proto_field_name=True)
+    return {"engine": caps.engine, **doc}
+
+
+def capabilities_from_json(doc: dict[str, Any]) -> EngineCapabilities:
+    """``capabilities_to_json`` read back; fields a newer loader adds are ignored.
+    ``json_format.ParseError`` on a malformed document."""
+    rest = {k: v for k, v in doc.items() if k != "engine"}
+    message = json_format.ParseDict(rest, pb.EngineCapabilities(), ignore_unknown_fields=True)
+    return capabilities_from_proto(str(doc.get("engine", "")), message)

@@ -248,7 +248,13 @@ async def serve(
             {"http": f"{scheme}://{bind}:{running.http_port}/v1"} if running.http_port else {}
         )
         announcer = asyncio.create_task(
-            announce_forever(runtime.variant, f"{bind}:{running.port}", metadata=metadata)
+            announce_forever(
+                runtime.variant,
+                f"{bind}:{running.port}",
+                metadata=metadata,
+                # Workers route each job to a loader whose engine computes it exactly.
+                capabilities=runtime.engine.capabilities,
+            )
         )
     if ready_file:
         write_ready_file(
