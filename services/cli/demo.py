@@ -52,6 +52,7 @@ async def _warmup(spec_path: Path) -> None:
     from services.common.planner import variants_of
     from services.common.spec import load_spec
     from services.extractor.datasets import load_trait
+    from services.loader.capabilities import Needs
     from services.loader.client import Chat, LoaderClient, PromptItem, Steer
 
     spec = load_spec(spec_path)
@@ -64,7 +65,9 @@ async def _warmup(spec_path: Path) -> None:
     async with connection(name="qsens-demo") as nc:
         registry = await LoaderRegistry.open(nc.jetstream())
         for variant in shown:
-            address = await registry.find(variant.id)
+            # The calls below: answer, capture the answers' mean, answer steered.
+            needs = Needs.of("generate", captures=[("response", "mean")], steering=[("add", "all")])
+            address = await registry.find(variant.id, needs)
             async with LoaderClient(address, expect_variant=variant.id) as loader:
                 info = await loader.info()
                 layer = round(info.num_layers / 3)
@@ -344,11 +347,13 @@ async def _agreement(spec: Any, run_id: str, per_trait: int) -> dict[str, Any]:
         sample_answers,
     )
     from services.judge.client import trait_rubric
+    from services.loader.capabilities import Needs
 
     reference = next(v for v in variants_of(spec) if v.precision == spec.reference)
     async with connection(name="qsens-demo-judge") as nc:
         registry = await LoaderRegistry.open(nc.jetstream())
-        address = await registry.find(reference.id)
+        # The loader judge backend reads next-token log-probs of the score tokens.
+        address = await registry.find(reference.id, Needs.of("next_token"))
     store = AsyncS3Store()
     items = sample_answers(await collect_answers(store, run_prefix(run_id)), per_trait)
     rubrics = {t: trait_rubric(load_trait(t).eval_prompt) for t in {i.trait for i in items}}

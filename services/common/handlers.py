@@ -25,6 +25,7 @@ from services.common.contracts.common import parse_params
 from services.common.errors import InvalidArgument, NotFound
 from services.common.jobs import Job, JobKind
 from services.common.store import AsyncS3Store, run_key
+from services.loader.capabilities import Needs
 
 __all__ = [
     "Handler",
@@ -49,15 +50,16 @@ class JobContext:
     log: logging.LoggerAdapter[logging.Logger]
     worker_id: str
     _msg: Msg
-    _find_loader: Callable[[str], Awaitable[str]]
+    _find_loader: Callable[[str, Needs | None], Awaitable[str]]
 
     async def heartbeat(self) -> None:
         """Tell the server the job is still running (also sent on a timer)."""
         await self._msg.in_progress()
 
-    async def find_loader(self, variant: str) -> str:
-        """Address of a live loader for ``variant``; Unavailable (retried later) if none."""
-        return await self._find_loader(variant)
+    async def find_loader(self, variant: str, needs: Needs | None = None) -> str:
+        """Address of a live loader for ``variant`` whose engine covers ``needs`` (None: any);
+        Unavailable (retried later) if none (``LoaderRegistry.find``)."""
+        return await self._find_loader(variant, needs)
 
     def key(self, *parts: str) -> str:
         """An S3 key below this job's run (``runs/<run_id>/...``)."""

@@ -85,6 +85,7 @@ from services.common.queue import DeadLetter, JobQueue, retry_delay
 from services.common.settings import CommonSettings, NatsSettings
 from services.common.state import JobRecord, JobState, StateStore
 from services.common.store import AsyncS3Store
+from services.loader.capabilities import Needs
 
 __all__ = ["WorkerStats", "load_handler", "run_worker", "serve_worker"]
 
@@ -133,7 +134,7 @@ class _Worker:
         state: StateStore,
         store: AsyncS3Store,
         handler: Handler,
-        find_loader: Callable[[str], Awaitable[str]],
+        find_loader: Callable[[str, Needs | None], Awaitable[str]],
         settings: NatsSettings,
         worker_id: str,
     ) -> None:

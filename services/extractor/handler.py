@@ -11,7 +11,12 @@ from services.common.handlers import JobContext, KindHandler, registry_handler
 from services.common.jobs import Job, JobKind
 from services.common.natsconn import shared_connection
 from services.extractor.datasets import TraitDataset
-from services.extractor.pipeline import extract_result_key, extract_summary, run_extraction
+from services.extractor.pipeline import (
+    extract_needs,
+    extract_result_key,
+    extract_summary,
+    run_extraction,
+)
 from services.loader.client import LoaderClient
 
 __all__ = ["HANDLERS", "handle", "judge_over_nats"]
@@ -36,7 +41,7 @@ async def judge_over_nats(
 
 async def _extract(job: Job, params: ExtractParams, ctx: JobContext) -> dict[str, Any]:
     """Run one extraction against the variant's loader and the judge service."""
-    address = await ctx.find_loader(params.variant)
+    address = await ctx.find_loader(params.variant, extract_needs(params))
     expected = params.judge.backend
 
     async def judge(

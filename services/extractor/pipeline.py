@@ -43,16 +43,22 @@ from services.extractor.datasets import (
     load_trait,
 )
 from services.extractor.methods import compute_vectors
+from services.loader.capabilities import Needs, Reduction
 from services.loader.client import Chat, LoaderClient, LoaderInfo, PromptItem
+from services.loader.positions import parse_position
 
 __all__ = [
     "ExtractParams",
     "JudgeLike",
     "TooFewVettedExamples",
+    "extract_needs",
     "extract_result_key",
     "extract_summary",
     "run_extraction",
 ]
+
+# Activations are averaged over the position's tokens (``_capture``).
+CAPTURE_REDUCTION: Reduction = "mean"
 
 log = get_logger(__name__)
 
@@ -431,6 +437,16 @@ async def run_extraction(
     return _outcome(summary, params)
 
 
+def extract_needs(params: ExtractParams) -> Needs:
+    """What the extraction asks of its loader: the capture at its position, and generation
+    when it answers its own contrast rows (native mode; replays read another's answers)."""
+    segment = parse_position(params.position, "position").segment
+    return Needs.of(
+        *(("generate",) if params.mode == "native" else ()),
+        captures=[(segment, CAPTURE_REDUCTION)],
+    )
+
+
 async def _capture(
     loader: LoaderClient, kept: list[_Row], params: ExtractParams
 ) -> tuple[NDArray[np.float32], list[int]]:
@@ -439,7 +455,7 @@ async def _capture(
         [PromptItem(_prompt(r.example), response=r.response) for r in kept],
         position=params.position,
         layers=params.layers,
-        reduction="mean",
+        reduction=CAPTURE_REDUCTION,
     )
     return capture.stacked().astype(np.float32), list(capture.layers)
 

@@ -42,6 +42,7 @@ from typing import Any
 from services.common.contracts.steer import BenchmarkParams, benchmark_result_key
 from services.common.contracts.steer_results import BenchmarkItem, BenchmarkResult, CallCounts
 from services.common.store import AsyncS3Store
+from services.loader.capabilities import Needs
 from services.loader.client import ContinuationScore, LoaderClient, ScoreItem
 from services.steerer.benchmark_readers import (
     PROMPT_FORMATS,
@@ -59,6 +60,7 @@ from services.steerer.context import Heartbeat, loader_record, no_heartbeat
 from services.steerer.stats import bootstrap_mean, wilson
 
 __all__ = [
+    "NEEDS",
     "PROMPT_FORMATS",
     "READERS",
     "MCItem",
@@ -73,6 +75,9 @@ __all__ = [
     "run_benchmark",
     "score_items",
 ]
+
+#: What a benchmark job asks of its loader: log-likelihoods of the choices (``score_items``).
+NEEDS = Needs.of("score")
 
 # Items per Score request: big enough to fill a GPU, small enough to heartbeat between.
 _CHUNK = 256

@@ -3,8 +3,8 @@
 ``qsens worker run steerer`` consumes the four queues through ``HANDLERS``: the worker
 runtime parses each job's params (a malformed job is ``InvalidArgument`` and dead-lettered)
 and returns at once when the job's ``result.json`` already exists (a redelivery after a
-crash); the handler finds the variant's loader in the registry (``Unavailable`` when none is
-announced: the job is retried later) and runs the job. Judge calls go to the judge services
+crash); the handler finds the variant's loader in the registry, among those whose engine computes
+what the job needs (``Unavailable`` when none is announced: the job is retried later) and runs the job. Judge calls go to the judge services
 over NATS through one connection per process (per event loop), opened on first use.
 """
 
@@ -37,10 +37,11 @@ from services.common.jobs import Job, JobKind
 from services.common.natsconn import connect
 from services.judge.client import JudgeClient
 from services.loader.client import LoaderClient
+from services.steerer import benchmarks, logit_diff, probes
 from services.steerer.benchmarks import benchmark_summary, run_benchmark
 from services.steerer.logit_diff import logit_diff_summary, run_logit_diff
 from services.steerer.probes import probe_name, probe_summary, run_probes
-from services.steerer.steer import run_steer, steer_summary
+from services.steerer.steer import run_steer, steer_needs, steer_summary
 
 __all__ = ["HANDLERS", "KINDS", "handle", "judge_client", "probe_result_key"]
 
@@ -70,7 +71,7 @@ def probe_result_key(run_id: str, params: ProbeParams) -> str:
 
 
 async def _steer(job: Job, steer: SteerParams, ctx: JobContext) -> dict[str, Any]:
-    address = await ctx.find_loader(steer.target)
+    address = await ctx.find_loader(steer.target, steer_needs(steer))
     judge = await judge_client()
     async with LoaderClient(address, expect_variant=steer.target) as loader:
         return await run_steer(
@@ -79,7 +80,7 @@ async def _steer(job: Job, steer: SteerParams, ctx: JobContext) -> dict[str, Any
 
 
 async def _logit_diff(job: Job, ld: LogitDiffParams, ctx: JobContext) -> dict[str, Any]:
-    address = await ctx.find_loader(ld.variant)
+    address = await ctx.find_loader(ld.variant, logit_diff.NEEDS)
     async with LoaderClient(address, expect_variant=ld.variant) as loader:
         return await run_logit_diff(
             job.run_id, ld, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
@@ -87,7 +88,7 @@ async def _logit_diff(job: Job, ld: LogitDiffParams, ctx: JobContext) -> dict[st
 
 
 async def _benchmark(job: Job, bench: BenchmarkParams, ctx: JobContext) -> dict[str, Any]:
-    address = await ctx.find_loader(bench.variant)
+    address = await ctx.find_loader(bench.variant, benchmarks.NEEDS)
     async with LoaderClient(address, expect_variant=bench.variant) as loader:
         return await run_benchmark(
             job.run_id, bench, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat
@@ -95,7 +96,7 @@ async def _benchmark(job: Job, bench: BenchmarkParams, ctx: JobContext) -> dict[
 
 
 async def _probe(job: Job, probe: ProbeParams, ctx: JobContext) -> dict[str, Any]:
-    address = await ctx.find_loader(probe.variant)
+    address = await ctx.find_loader(probe.variant, probes.NEEDS)
     async with LoaderClient(address, expect_variant=probe.variant) as loader:
         return await run_probes(
             job.run_id, probe, store=ctx.store, loader=loader, heartbeat=ctx.heartbeat

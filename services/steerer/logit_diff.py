@@ -33,15 +33,19 @@ from services.common.contracts.steer_results import (
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import LogitDiffItem, TraitDataset, load_trait, logit_diff_items
+from services.loader.capabilities import Needs
 from services.loader.client import Chat, LoaderClient, NextToken, PromptItem, Steer
 from services.steerer.benchmarks import deterministic_subset
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
 from services.steerer.sources import layer_at_depth, load_vector_source
 from services.steerer.stats import bootstrap_mean, bootstrap_slope
 
-__all__ = ["logit_diff_summary", "run_logit_diff"]
+__all__ = ["NEEDS", "logit_diff_summary", "run_logit_diff"]
 
 PROMPT_SUFFIX = "("
+#: What a logit_diff job asks of its loader: next-token logits under the ``Steer`` rows of
+#: ``run_logit_diff`` (add, at every position: ``Steer``'s defaults).
+NEEDS = Needs.of("next_token", steering=[("add", "all")])
 
 
 def _items(dataset: TraitDataset, limit: int | None) -> list[LogitDiffItem]:

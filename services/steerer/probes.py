@@ -43,11 +43,13 @@ from services.common.errors import FailedPrecondition
 from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import load_trait
+from services.loader.capabilities import Needs
 from services.loader.client import Chat, Generation, LoaderClient, NextToken, PromptItem
 from services.steerer.context import Heartbeat, loader_record, no_heartbeat
 from services.steerer.stats import bootstrap_mean, wilson
 
 __all__ = [
+    "NEEDS",
     "PREFIX_WORDS",
     "REFUSAL_MARKERS",
     "calibration",
@@ -58,6 +60,10 @@ __all__ = [
     "run_probes",
     "templates",
 ]
+
+#: What a probe job asks of its loader: the first token's distribution and the unsteered
+#: answer of each harmful instruction (``run_probes``).
+NEEDS = Needs.of("next_token", "generate")
 
 #: Refusal substrings of Arditi et al. 2024 (andyrdt/refusal_direction), matched case-insensitively.
 REFUSAL_MARKERS: tuple[str, ...] = (

@@ -54,6 +54,7 @@ from services.common.methodologies import methodology_info
 from services.common.store import AsyncS3Store
 from services.extractor.datasets import TraitDataset, load_trait
 from services.judge.client import JudgeClient, trait_rubric
+from services.loader.capabilities import Needs
 from services.loader.client import LoaderClient, LoaderInfo
 from services.steerer.ablation import run_ablation
 from services.steerer.context import Heartbeat, add_calls, loader_record, no_heartbeat
@@ -76,11 +77,21 @@ from services.steerer.sources import (
 from services.steerer.stats import bootstrap_mean
 from services.steerer.steer_runs import best_runs, run_budget, steer_run
 
-__all__ = ["SearchOutput", "run_search", "run_steer", "steer_summary"]
+__all__ = ["SearchOutput", "run_search", "run_steer", "steer_needs", "steer_summary"]
 
 log = get_logger(__name__)
 
 QuestionKind = Literal["eval", "harmful_test", "harmful_val"]
+
+
+def steer_needs(params: SteerParams) -> Needs:
+    """What a steer job asks of its loader: generation steered in its mode, at the
+    methodology's positions when adding and at every position when ablating (``ablation``'s
+    settings)."""
+    positions = methodology_info(params.trait.methodology).steer_positions
+    return Needs.of(
+        "generate", steering=[(params.mode, positions if params.mode == "add" else "all")]
+    )
 
 
 @dataclass

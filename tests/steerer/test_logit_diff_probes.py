@@ -131,7 +131,7 @@ async def test_a_redelivered_finished_job_returns_its_stored_result_without_a_lo
     [record] = await plane.run(run_id, [job])
     assert record.state == JobState.DONE, record.error
 
-    async def no_loader(variant: str) -> str:
+    async def no_loader(variant: str, needs: object = None) -> str:
         raise Unavailable(f"no loader for {variant}")
 
     ctx = JobContext(
