@@ -19,14 +19,16 @@ rotary embedding: quantized linears work unchanged) in a loop it controls:
   at most ``prefill_tokens`` (rows and streams times width) whose padding stays under 1/16
   once a chunk holds ``min_chunk_tokens``: padded tokens are computed tokens.
 * **A KV cache sized to the request**: ``[layers, 2, rows, kv heads, prompt width + new
-  tokens, head dim]`` (width rounded up to 16), zeroed, with a per-row validity mask; prompts
-  are right-aligned at the prompt width, decode step ``s`` writes column ``width + s``.
+  tokens, head dim]`` (width rounded up to 16; columns before kv heads where flash decode
+  runs), zeroed, with a per-row validity mask; prompts are right-aligned at the prompt width,
+  decode step ``s`` writes column ``width + s``.
 * **One matmul for q/k/v and one for gate/up** where they are plain linears: the modules'
   weights are re-pointed to slices of one tensor (the modules compute what they did, no memory
   is added); quantized linears keep their own kernels.
-* **Decode attention without copies**: the query heads of a key/value head are treated as
-  query positions of one head (no key/value repeated per query head), one fused attention
-  kernel over the cache with the validity mask.
+* **Decode attention reading each row's own keys**: on a GPU torch's flash kernel with
+  per-row key offsets and used lengths (``fastgen_kernels.DecodeFlash``; grouped-query heads
+  native), elsewhere one fused SDPA over the masked cache with the query heads of a
+  key/value head as query positions of one head (nothing repeated per query head).
 * **Decode steps from a CUDA graph**: the first decode step of a call is recorded (on a GPU)
   and every later step replays it: the per-step Python and kernel-launch cost of a 16-32
   layer forward goes. The graph's inputs are two static buffers (tokens, step); it writes the
@@ -42,10 +44,10 @@ output, ``hooks.ablate_only`` on its input and attention output), so it means th
 both paths. A failure to record a graph switches graphs off for the engine (logged); the call
 goes on eagerly.
 
-Why one module of about 750 lines (above the project's ~500): the layer loop
+Why one module of about 790 lines (above the project's ~500): the layer loop
 (``FastGenerator``, with packed capture) and the per-call state it prefills and steps
 (``FastRun``) share the cache layout, the stream composition and the graph buffers; apart, each
-half reads only against the other. The compiled and varlen kernels live in
+half reads only against the other. The compiled, varlen and flash decode kernels live in
 ``fastgen_kernels``. It belongs to the transformers engine (``services.loader.engines.hf``).
 """
 
