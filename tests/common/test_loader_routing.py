@@ -254,3 +254,45 @@ async def test_a_real_loader_announces_its_engines_capabilities(nats_env: PlaneE
             assert await registry.find("tiny@fp32", RESPONSE_MEAN) == proc.address
     finally:
         proc.stop()
+
+
+async def _routed(job: Job, ctx: JobContext) -> dict[str, Any]:
+    segment, reduction = str(job.params["capture"]).split(":")
+    needs = Needs.of(captures=[(segment, reduction)])
+    return {"address": await ctx.find_loader(str(job.params["variant"]), needs)}
+
+
+async def test_the_job_plane_routes_and_fails_at_once_when_no_engine_can(
+    plane_env: PlaneEnv, run_id: str
+) -> None:
+    """Through a worker: a capture job runs against the HF loader beside a vLLM one; once only
+    the vLLM loader is left under a supervisor that brings no other, the job fails at once
+    (one attempt), its error naming the need."""
+    from services.common.dag import submit
+    from services.common.jobs import RunPlan
+    from tests.common.plane import open_plane, wait_status, worker
+
+    first = Job(kind=JobKind.NOOP, run_id=run_id, params={"variant": V, "capture": "response:mean"})
+    again = Job(
+        kind=JobKind.NOOP, run_id=run_id + "b", params={"variant": V, "capture": "response:mean"}
+    )
+    async with open_plane() as plane:
+        registry = await LoaderRegistry.open(plane.js)
+        vllm, hf = await _ready(registry, 7001, VLLM), await _ready(registry, 7002, HF)
+        doc = SupervisedLoaders(stack="/s", host="h", at=0.0)
+        doc.loaders[V] = SupervisedLoader(state="running")
+        await registry.declare_supervised("s1", doc)
+        async with worker(_routed):
+            await submit(RunPlan(run_id=run_id, spec_hash="r", jobs=[first]))
+            assert (await wait_status(plane.state, run_id, ("succeeded", "failed"))).status == (
+                "succeeded"
+            )
+            await hf.stop()
+            await submit(RunPlan(run_id=again.run_id, spec_hash="r", jobs=[again]))
+            summary = await wait_status(plane.state, again.run_id, ("succeeded", "failed"))
+        done = await plane.state.get_job(run_id, first.id)
+        failed = await plane.state.get_job(again.run_id, again.id)
+        await vllm.stop()
+    assert done.result == {"address": "127.0.0.1:7002"}
+    assert summary.status == "failed" and failed.attempts == 1
+    assert "NoLoader" in (failed.error or "") and "capture response:mean" in (failed.error or "")
