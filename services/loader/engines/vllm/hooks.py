@@ -49,9 +49,12 @@ def owners_from_batch(
     """Owners from a scheduler batch: request ``i`` owns tokens ``query_start[i]`` up to
     ``query_start[i + 1]`` and is row ``row_of[i]``; tokens past the last request (padding)
     belong to ``sentinel``."""
+    starts = torch.tensor(list(query_start), dtype=torch.long)
+    counts = starts[1 : len(row_of) + 1] - starts[: len(row_of)]
+    owned = torch.repeat_interleave(torch.tensor(list(row_of), dtype=torch.long), counts)
     rows = torch.full((positions.shape[0],), sentinel, dtype=torch.long)
-    for i, row in enumerate(row_of):
-        rows[int(query_start[i]) : int(query_start[i + 1])] = row
+    first = int(starts[0]) if len(row_of) else 0
+    rows[first : first + owned.shape[0]] = owned  # one copy, not one per request
     return TokenOwners(rows.to(positions.device), positions.long())
 
 
@@ -84,7 +87,8 @@ class FlatCapture:
         if bool(keep.any()):
             self._sorted.pop(layer, None)
             self.chunks.setdefault(layer, []).append(
-                (rows[keep].cpu(), pos[keep].cpu(), stream[keep].detach().cpu().clone())
+                # Boolean indexing copies, so the kept streams own their memory.
+                (rows[keep].cpu(), pos[keep].cpu(), stream[keep].detach().cpu())
             )
 
     def tokens(self, layer: int, row: int) -> torch.Tensor:
