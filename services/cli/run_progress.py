@@ -86,6 +86,7 @@ def loader_rows(records: list[Any], entries: list[Any]) -> list[dict[str, Any]]:
         if not mine:
             rows.append({"variant": variant, "state": "none", "since": None, "detail": ""})
         for e in sorted(mine, key=lambda e: (e.state != "ready", e.address)):
+            caps = e.engine_capabilities()
             rows.append(
                 {
                     "variant": variant,
@@ -94,6 +95,8 @@ def loader_rows(records: list[Any], entries: list[Any]) -> list[dict[str, Any]]:
                     "address": e.address,
                     "detail": e.detail,
                     "host": e.host,
+                    # Jobs go to the loaders whose engine computes them exactly.
+                    "engine": caps.engine if caps is not None else "",
                 }
             )
     return rows
@@ -105,7 +108,8 @@ def loader_line(row: dict[str, Any], now: float | None = None) -> str:
     if row["state"] == "none":
         return head + " no loader announced"
     if row["state"] == "ready":
-        return f"{head} at {row['address']}"
+        engine = row.get("engine")
+        return f"{head} at {row['address']}" + (f" ({engine} engine)" if engine else "")
     since = row.get("since")
     if since is None:
         return f"{head} {row['detail']}".rstrip()

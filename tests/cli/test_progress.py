@@ -44,6 +44,7 @@ def test_counts_and_line() -> None:
 def test_loader_lines_of_qsens_status() -> None:
     from services.cli.runs import loader_line, loader_rows
     from services.common.loader_registry import LoaderEntry
+    from services.loader.capabilities import EngineCapabilities, capabilities_to_json
 
     records = [
         JobRecord(
@@ -73,3 +74,10 @@ def test_loader_lines_of_qsens_status() -> None:
     assert line.split()[:2] == ["m@gptq", "waiting"]
     assert line.endswith("(5m12s) for checkpoint c, made by the job 'quantize m@gptq'")
     assert loader_line(rows[0]).endswith("no loader announced")
+    # A ready loader's line names its engine (jobs are routed by its capabilities).
+    caps = EngineCapabilities("vllm", False, False, True)
+    ready = entry.model_copy(
+        update={"state": "ready", "address": "a:1", "capabilities": capabilities_to_json(caps)}
+    )
+    (row,) = loader_rows(records[:1], [ready])
+    assert loader_line(row).endswith("ready    at a:1 (vllm engine)")
