@@ -97,7 +97,8 @@ class Needs:
 
 @dataclass(frozen=True)
 class EngineCapabilities:
-    """What an engine computes exactly (reported in ``Info``; the planner routes by it)."""
+    """What an engine computes exactly (reported in ``Info`` and in the loader's registry
+    entry; the registry routes jobs by it)."""
 
     engine: str
     # A row's result does not depend on the other rows of its batch: same seed, same sample;

@@ -5,7 +5,7 @@ per-row steering: ``generate``, ``capture`` (residual stream after chosen layers
 position, with a reduction), ``score`` (log-likelihood of continuations) and ``next_token``
 (the distribution after a prompt), plus ``health`` and a description for ``Info``. Its
 ``EngineCapabilities`` say what it computes exactly, so the gRPC server can refuse the rest
-with a named error and the planner can route that work to another loader of the variant.
+with a named error and the loader registry routes that work to another loader of the variant.
 The server (``services.loader.server``) talks only to this interface; engines are chosen by
 name in ``services.loader.backends.registry`` (the transformers engine is
 ``services.loader.engines.hf``).
