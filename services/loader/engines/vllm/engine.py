@@ -488,11 +488,12 @@ class VLLMEngine(Engine):
             results = []
             for row, i in enumerate(window):
                 per_layer = [capture.tokens(layer, row) for layer in layers]  # [n, H] each
-                acts = torch.stack(per_layer)  # [L, n, H]
-                if reduction == "mean":
-                    acts = acts.float().mean(dim=1)
+                if reduction == "mean":  # float32 sums without a float32 copy of the tokens
+                    acts = torch.stack([t.mean(dim=0, dtype=torch.float32) for t in per_layer])
                 elif reduction == "last":
-                    acts = acts[:, -1]
+                    acts = torch.stack([t[-1] for t in per_layer])
+                else:
+                    acts = torch.stack(per_layer)  # [L, n, H]
                 item = items[i]
                 results.append(
                     CaptureResult(

@@ -71,8 +71,10 @@ class FlatCapture:
     chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(
         default_factory=dict
     )
-    # layer -> (rows, streams) of every recorded token once, sorted by row then position.
-    _sorted: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # layer -> row -> its runs in the chunks: (first position, chunk, start, end).
+    _runs: dict[int, dict[int, list[tuple[int, int, int, int]]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def record(self, layer: int, owners: TokenOwners, stream: torch.Tensor) -> None:
         rows, pos = owners.rows, owners.positions
@@ -85,7 +87,7 @@ class FlatCapture:
             spans = self.spans.to(rows.device)
             keep = valid & (pos >= spans[safe, 0]) & (pos < spans[safe, 1])
         if bool(keep.any()):
-            self._sorted.pop(layer, None)
+            self._runs.pop(layer, None)
             self.chunks.setdefault(layer, []).append(
                 # Boolean indexing copies, so the kept streams own their memory.
                 (rows[keep].cpu(), pos[keep].cpu(), stream[keep].detach().cpu())
@@ -94,32 +96,34 @@ class FlatCapture:
     def tokens(self, layer: int, row: int) -> torch.Tensor:
         """Row ``row``'s recorded streams after ``layer`` in position order [n, H] (a token
         computed twice, e.g. after a preemption, counts once: its last computation)."""
-        rows, streams = self._by_row(layer)
-        lo = int(torch.searchsorted(rows, row, side="left"))
-        hi = int(torch.searchsorted(rows, row, side="right"))
-        if hi == lo:
+        runs = self._row_runs(layer).get(row)
+        if not runs:
             raise FailedPrecondition(f"capture recorded no token of row {row} after layer {layer}")
-        return streams[lo:hi]
+        parts = self.chunks[layer]
+        runs = sorted(runs)  # by first position, then recording order
+        pos = torch.cat([parts[c][1][a:b] for _, c, a, b in runs])
+        if bool((pos[1:] > pos[:-1]).all()):  # the usual case: each token recorded once
+            return torch.cat([parts[c][2][a:b] for _, c, a, b in runs])
+        # Recomputed tokens: keep each position's last recording.
+        order = sorted(runs, key=lambda r: r[1])  # recording order
+        pos = torch.cat([parts[c][1][a:b] for _, c, a, b in order])
+        streams = torch.cat([parts[c][2][a:b] for _, c, a, b in order])
+        latest: dict[int, int] = {int(p): i for i, p in enumerate(pos.tolist())}
+        return streams[torch.tensor([latest[p] for p in sorted(latest)])]
 
-    def _by_row(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every recorded token of ``layer`` once (its last recording), sorted by row then
-        position: one sort per layer instead of a scan per row."""
-        if layer not in self._sorted:
-            parts = self.chunks.get(layer, [])
-            if not parts:
-                empty = torch.empty(0, dtype=torch.long)
-                return empty, torch.empty(0)
-            rows = torch.cat([p[0] for p in parts]).long()
-            pos = torch.cat([p[1] for p in parts]).long()
-            streams = torch.cat([p[2] for p in parts])
-            key = rows * (int(pos.max()) + 1) + pos
-            order = torch.sort(key, stable=True).indices  # recording order within a key
-            ordered = key[order]
-            last = torch.ones_like(ordered, dtype=torch.bool)
-            last[:-1] = ordered[1:] != ordered[:-1]
-            keep = order[last]
-            self._sorted[layer] = (rows[keep].contiguous(), streams[keep])
-        return self._sorted[layer]
+    def _row_runs(self, layer: int) -> dict[int, list[tuple[int, int, int, int]]]:
+        """Where each row's tokens sit in ``layer``'s chunks: a forward holds each request's
+        tokens side by side, so a row is one run per chunk, found once per layer."""
+        if layer not in self._runs:
+            found: dict[int, list[tuple[int, int, int, int]]] = {}
+            for c, (rows, pos, _stream) in enumerate(self.chunks.get(layer, [])):
+                values, counts = torch.unique_consecutive(rows, return_counts=True)
+                start = 0
+                for row, count in zip(values.tolist(), counts.tolist(), strict=True):
+                    found.setdefault(row, []).append((int(pos[start]), c, start, start + count))
+                    start += count
+            self._runs[layer] = found
+        return self._runs[layer]
 
 
 @dataclass
