@@ -116,3 +116,23 @@ def test_tensor_parallel_size_is_the_fewest_ranks_that_split_the_model() -> None
     with pytest.raises(InvalidArgument, match="need 5 GPU") as err:
         tensor_parallel_size(5, **llama70b, visible=6)
     assert err.value.field == "gpus"
+
+
+def test_split_dims_come_from_the_text_config() -> None:
+    """What tensor parallelism must divide, read where each config keeps it: Gemma 3's
+    multimodal config has no head count at its top level (only in ``text_config``)."""
+    from transformers import Gemma3Config, LlamaConfig
+
+    from services.loader.engines.vllm.engine import split_dims
+
+    gemma3 = Gemma3Config()
+    assert not hasattr(gemma3, "num_attention_heads")
+    text = gemma3.text_config
+    assert split_dims(gemma3) == {
+        "heads": text.num_attention_heads,
+        "kv_heads": text.num_key_value_heads,
+        "intermediate": text.intermediate_size,
+    }
+    llama = LlamaConfig(num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672)
+    assert split_dims(llama) == {"heads": 64, "kv_heads": 8, "intermediate": 28672}
+    assert tensor_parallel_size(3, **split_dims(llama), visible=8) == 4

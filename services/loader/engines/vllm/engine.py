@@ -91,6 +91,19 @@ def model_runner(llm: LLM) -> Any:
     return node.model_runner
 
 
+def split_dims(config: Any) -> dict[str, int]:
+    """The sizes tensor parallelism splits (``tensor_parallel_size``'s keywords), from the
+    text model's config: a multimodal config such as Gemma 3's keeps them in its
+    ``text_config``, not at its top level."""
+    text = config.get_text_config()
+    heads = int(text.num_attention_heads)
+    return {
+        "heads": heads,
+        "kv_heads": int(getattr(text, "num_key_value_heads", None) or heads),
+        "intermediate": int(text.intermediate_size),
+    }
+
+
 def _derived_gpus(
     source: ResolvedSource, precision: Precision, settings: LoaderSettings
 ) -> tuple[int, str | None]:
@@ -108,14 +121,7 @@ def _derived_gpus(
     units = units_of(meta_model(config), precision)
     free = min(int(torch.cuda.mem_get_info(i)[0]) for i in range(visible))
     needed = gpus_needed(units, free, headroom=settings.gpu_headroom)
-    heads = int(config.num_attention_heads)
-    size = tensor_parallel_size(
-        needed,
-        heads=heads,
-        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-        intermediate=int(config.intermediate_size),
-        visible=visible,
-    )
+    size = tensor_parallel_size(needed, **split_dims(config), visible=visible)
     if size == 1:
         return 1, None
     gib = 2**30
