@@ -4,8 +4,9 @@
 runtime parses each job's params (a malformed job is ``InvalidArgument`` and dead-lettered)
 and returns at once when the job's ``result.json`` already exists (a redelivery after a
 crash); the handler finds the variant's loader in the registry, among those whose engine computes
-what the job needs (``Unavailable`` when none is announced: the job is retried later) and runs the job. Judge calls go to the judge services
-over NATS through one connection per process (per event loop), opened on first use.
+what the job needs (``services.common.loader_registry``: retried while one may come, failed at
+once where a local stack's supervisor runs none), and runs the job. Judge calls go to the judge
+services over NATS through one connection per process (per event loop), opened on first use.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ is refused before loading, is in ``services.loader.engines.vllm.options``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -203,10 +204,14 @@ class _Workers:
         self.llm.collective_rpc("qsens_begin", args=(call.to_data(),))
         try:
             yield capture
-        finally:
-            chunks = rank_zero(self.llm.collective_rpc("qsens_end"))
-            if capture is not None and chunks:
-                capture.chunks = chunks
+        except BaseException:
+            # The workers still drop the call's hooks; the call's own error is what surfaces.
+            with contextlib.suppress(Exception):
+                self.llm.collective_rpc("qsens_end")
+            raise
+        chunks = rank_zero(self.llm.collective_rpc("qsens_end"))
+        if capture is not None and chunks:
+            capture.chunks = chunks
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return cast(
