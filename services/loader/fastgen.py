@@ -661,7 +661,7 @@ class FastRun:
         self.tokens = self.tokens.clone()
         self.valid = to_device(torch.from_numpy(valid), dev)
         self.step_t = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.cu = self._flash_offsets()
+        self.cu = self._flash_offsets()  # None where decode attends through SDPA
         self.logits = torch.empty((self.rows, 0), dtype=torch.float32, device=dev)
         decode_plan = select_rows(plan, torch.arange(self.rows, device=dev))
         self.state = ForwardState(
@@ -673,9 +673,12 @@ class FastRun:
         self.graph_out: torch.Tensor | None = None
         self.stats = RunStats(rows=self.rows, width=self.width)
 
-    def _flash_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _flash_offsets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The flash decode kernel's offsets (int32, [B + 1] each): query i is token i; row
-        r's keys start at its first prompt column of the flattened [rows x columns]."""
+        r's keys start at its first prompt column of the flattened [rows x columns]. None
+        for a head-major cache (no flash decode)."""
+        if not self.token_major:
+            return None
         rows = self.plen.shape[0]
         ends = torch.arange(rows + 1, device=self.plen.device)
         starts = ends * self.length
@@ -717,19 +720,18 @@ class FastRun:
         cos, sin = gen.rotary(hidden, positions)
         kv = self.kv
 
-        major = self.token_major
-        used = (self.plen + self.step_t + 1).to(torch.int32) if major else None
+        flash = self.cu
+        used = None if flash is None else (self.plen + self.step_t + 1).to(torch.int32)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             keys, values = kv[i, 0], kv[i, 1]
-            if not major:
+            if flash is None or used is None:
                 keys.index_copy_(2, col, k)
                 values.index_copy_(2, col, v)
                 return gen.decode_attention(q, keys, values, bias)
             keys.index_copy_(1, col, k.transpose(1, 2))
             values.index_copy_(1, col, v.transpose(1, 2))
-            assert used is not None
-            out = gen.decode_flash(q[:, :, 0], keys, values, self.cu, used, gen.scale)
+            out = gen.decode_flash(q[:, :, 0], keys, values, flash, used, gen.scale)
             if out is not None:
                 return out.reshape(out.shape[0], 1, -1)
             return gen.decode_attention(q, keys.transpose(1, 2), values.transpose(1, 2), bias)
