@@ -37,7 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import transformers
 
-from bench.bench_loader import QUESTIONS, _commit, _paired, _phase, _times, capture_items
+from bench.bench_loader import (
+    QUESTIONS,
+    _commit,
+    _paired,
+    _phase,
+    _times,
+    add_workload_args,
+    capture_items,
+)
 from bench.roofline import Card, ModelShape, Work, card_for
 from services.common import settings as settings_mod
 from services.common.settings import LoaderSettings
@@ -431,18 +439,12 @@ def main() -> None:
     parser.add_argument("--model", default="tiny:llama?layers=2&hidden=64")
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--sweep-layers", type=int, default=11)
-    parser.add_argument("--sweep-coefs", type=int, default=5)
-    parser.add_argument("--capture-copies", type=int, default=4)
+    add_workload_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--vector-norm", type=float, default=1.0)
     parser.add_argument("--equality-rows", type=int, default=4)
     parser.add_argument("--equality-tokens", type=int, default=16)
     parser.add_argument("--work-scale", type=float, default=2.0)
     parser.add_argument("--vllm-gpu-memory", type=float, default=0.45)
-    parser.add_argument("--card", default="")
     parser.add_argument("--out", default="")
     parser.add_argument("--load-budget", type=float, default=240.0)
     parser.add_argument("--total", type=float, default=3600.0, help="seconds for the whole run")

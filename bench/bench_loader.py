@@ -104,6 +104,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
 
 
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload's sizes and the roofline's card: shared by the loader and engines benches."""
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--sweep-layers", type=int, default=11)
+    parser.add_argument("--sweep-coefs", type=int, default=5)
+    parser.add_argument("--capture-copies", type=int, default=4)
+    parser.add_argument("--vector-norm", type=float, default=1.0, help="steering vector norm")
+    parser.add_argument(
+        "--card", default="", help="roofline peaks of this card (default: the device's name)"
+    )
+
+
 def capture_items(engine: Any, copies: int, prompts: int = len(QUESTIONS)) -> list[EngineItem]:
     """The capture workload: ``prompts`` chat questions replaying RESPONSE, ``copies`` times."""
     response = engine.encode_text(RESPONSE)
@@ -597,17 +610,9 @@ def _parts(text: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_args(parser)
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--sweep-layers", type=int, default=11)
-    parser.add_argument("--sweep-coefs", type=int, default=5)
-    parser.add_argument("--capture-copies", type=int, default=4)
+    add_workload_args(parser)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--vector-norm", type=float, default=1.0, help="steering vector norm")
-    parser.add_argument(
-        "--card", default="", help="roofline peaks of this card (default: the device's name)"
-    )
     parser.add_argument(
         "--compare-hf",
         action=argparse.BooleanOptionalAction,
