@@ -108,6 +108,20 @@ def _run_hf(engine: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]
     ]
 
 
+def _in_vllm_env(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``args`` run by the vLLM environment's Python from the repository root (one OpenMP
+    thread: the tests share a 2-core machine)."""
+    return subprocess.run(
+        [str(VLLM_PYTHON), *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _drive(
     folder: Path, precision: str, calls: list[Any], model: str = "smollm2-135m", ranks: int = 1
 ) -> dict[str, Any]:
@@ -115,9 +129,8 @@ def _drive(
     tensor-parallel CPU processes."""
     source = resolve_source(model, settings.get(settings.CommonSettings).cache_dir)
     engine_codec.write(calls, folder / "calls.safetensors")
-    done = subprocess.run(
+    done = _in_vllm_env(
         [
-            str(VLLM_PYTHON),
             "-m",
             "tests.vllm_driver",
             str(source.folder),
@@ -125,13 +138,7 @@ def _drive(
             str(folder / "calls.safetensors"),
             str(folder / "out.safetensors"),
             str(ranks),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        ]
     )
     assert done.returncode == 0, done.stderr[-4000:]
     out: dict[str, Any] = engine_codec.read(folder / "out.safetensors")
@@ -238,26 +245,15 @@ def test_what_this_cpu_cannot_serve_is_refused_by_name(tmp_path: Path) -> None:
     forward would fail with ``'_C' object has no attribute 'cpu_gemm_wna16'``), and
     ``qsens serve loader --engine vllm --gpus 2`` on a CPU (a named error, exit status 2)."""
     source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    driver = [str(VLLM_PYTHON), "-m", "tests.vllm_driver", "--refusals"]
-    done = subprocess.run(
-        [*driver, str(source.folder), str(tmp_path / "out")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    driver = ["-m", "tests.vllm_driver", "--refusals"]
+    done = _in_vllm_env([*driver, str(source.folder), str(tmp_path / "out")], timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     for kind, field, text in engine_codec.read(tmp_path / "out"):
         assert (kind, field) == ("InvalidArgument", "precision")
         assert "cpu_gemm_wna16" in text and "backend gptq/awq" in text
-    serve = [str(VLLM_PYTHON), "-m", "services.cli.main", "serve", "loader", "--engine", "vllm"]
+    serve = ["-m", "services.cli.main", "serve", "loader", "--engine", "vllm"]
     args = ["--model", str(source.folder), "--precision", "bf16", "--gpus", "2", "--port", "0"]
-    done = subprocess.run(
-        [*serve, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
-    )
+    done = _in_vllm_env([*serve, *args], timeout=300)
     assert done.returncode == 2, done.stderr[-4000:]
     assert "error: gpus: tensor parallelism over 2 GPUs needs CUDA GPUs" in done.stderr
 
@@ -365,9 +361,8 @@ def test_engines_bench_runs_both_engines_side_by_side(tmp_path: Path) -> None:
     shape): both engines load in one process, every phase reports times for both and their
     ratio, and the equality check finds the same greedy tokens and captures."""
     out = tmp_path / "engines.json"
-    done = subprocess.run(
+    done = _in_vllm_env(
         [
-            str(VLLM_PYTHON),
             str(ROOT / "bench" / "bench_engines.py"),
             "--device",
             "cpu",
@@ -378,13 +373,7 @@ def test_engines_bench_runs_both_engines_side_by_side(tmp_path: Path) -> None:
             TP_MODEL,
             "--out",
             str(out),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        ]
     )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
