@@ -108,14 +108,20 @@ class LoaderRuntime:
         if not token.cancelled:  # a passed deadline is recorded as such
             token.cancel("deadline" if reason == "deadline" else "cancelled")
         if future.cancel():  # still queued: it will never run
-            metrics().cancelled.labels(ticket.rpc, "queued").inc()
+            self.count_cancelled(ticket, "queued")
+
+    def count_cancelled(self, ticket: Ticket, stage: str) -> None:
+        """Count ``ticket``'s request as cancelled at ``stage``: once, however it was noticed."""
+        if ticket.cancelled_at is None:
+            ticket.cancelled_at = stage
+            metrics().cancelled.labels(ticket.rpc, stage).inc()
 
     def _call(self, fn: Callable[[], T], ticket: Ticket | None) -> T:
         token = ticket.token if ticket is not None else None
         m = metrics()
         if ticket is not None and token is not None:
             if token.cancelled:  # the caller left while this waited its turn
-                m.cancelled.labels(ticket.rpc, "queued").inc()
+                self.count_cancelled(ticket, "queued")
                 raise token.error()
             if token.started is None:  # a streamed Capture runs here once per chunk
                 m.queue_wait.labels(ticket.priority).observe(time.monotonic() - ticket.admitted)
@@ -136,7 +142,7 @@ class LoaderRuntime:
                 return fn()
         except WorkCancelled:
             if ticket is not None:
-                m.cancelled.labels(ticket.rpc, "running").inc()
+                self.count_cancelled(ticket, "running")
             raise
         finally:
             engine.checkpoint = _never_cancelled

@@ -104,12 +104,20 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
             return _prepend(first, checked), layers, dtype
 
         with self.rt.admit("Capture", call_token(context), call_priority(context)) as ticket:
-            chunks, layers, dtype = await self.rt.run(prepare, ticket)
-            while True:
-                results = await self.rt.run(lambda: next(chunks, None), ticket)
-                if results is None:
-                    break
-                yield convert.capture_chunk(results, layers, dtype)
+            finished = False
+            try:
+                chunks, layers, dtype = await self.rt.run(prepare, ticket)
+                while True:
+                    results = await self.rt.run(lambda: next(chunks, None), ticket)
+                    if results is None:
+                        break
+                    yield convert.capture_chunk(results, layers, dtype)
+                finished = True
+            finally:
+                # The caller may leave between chunks (while one is sent): the chunks after it
+                # never run, and the request counts as cancelled like one stopped mid-chunk.
+                if not finished and ticket.token.cancelled:
+                    self.rt.count_cancelled(ticket, "running")
         throughput("Capture", engine.tokens_processed - before, started)
 
     async def Score(

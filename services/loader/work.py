@@ -164,6 +164,8 @@ class Ticket:
     priority: Priority = "normal"
     busy_s: float = 0.0
     admitted: float = field(default_factory=time.monotonic)
+    # Where the request's cancellation was counted ("queued" or "running"); once per request.
+    cancelled_at: str | None = None
 
 
 class WorkQueue:

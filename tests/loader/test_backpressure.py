@@ -2,8 +2,9 @@
 queue with a retry-after, and clients wait on that back-pressure instead of failing.
 
 Every test drives a real loader process (a tiny random Llama on this CPU) over gRPC or HTTP on
-loopback. The long requests ask for 1 024 greedy tokens after a prompt the tiny model never
-ends, so each would run for tens of seconds; each test leaves its loader idle again.
+loopback. The long requests ask for 64 rows x 1 024 greedy tokens after a prompt the tiny model
+never ends: about 5 s on a fast 2-core EPYC with the fast generation path (8 rows took 1.1 s
+there, less than the tests' own waits), longer elsewhere; each test leaves its loader idle.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ async def test_info_and_health_answer_while_the_model_is_busy(busy_loader: Loade
     async with grpc.aio.insecure_channel(busy_loader.address) as channel:
         stub = pb_grpc.LoaderServiceStub(channel)
         before = _metric(busy_loader, "qsens_loader_cancelled_total", rpc="Generate")
-        call = stub.Generate(_long_generate(items=8))
+        call = stub.Generate(_long_generate())
         await asyncio.sleep(1.0)  # the generation is decoding now
         started = time.monotonic()
         info = await stub.Info(pb.InfoRequest(), timeout=5)
@@ -183,14 +184,49 @@ async def test_micro_batch_loops_stop_at_the_deadline(busy_loader: LoaderProc, r
     assert after == before + 1
 
 
+async def test_capture_abandoned_between_chunks_counts_once(busy_loader: LoaderProc) -> None:
+    """A caller that stops reading leaves the server waiting to send, not computing.
+
+    Every token of every layer is returned in chunks of 8 items (about 1.2 MB each), far more
+    than gRPC's flow-control window, so once the client stops reading the server waits at a
+    send with no model work in flight. When the client then leaves, the chunks after that one
+    never run, and the request is counted cancelled exactly once (CI once saw a deadline land
+    in that gap and the request go uncounted).
+    """
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    items = [PromptItem(f"{i} {text}").to_proto() for i in range(400)]
+    request = pb.CaptureRequest(
+        items=items, all_layers=True, position="prompt[:]", reduction=pb.REDUCTION_NONE,
+        chunk_items=8,
+    )
+    before = _metric(busy_loader, "qsens_loader_cancelled_total", rpc="Capture")
+    tokens_before = _metric(busy_loader, "qsens_loader_tokens_total", rpc="Capture")
+    async with grpc.aio.insecure_channel(busy_loader.address) as channel:
+        stub = pb_grpc.LoaderServiceStub(channel)
+        call = stub.Capture(request)
+        first = await call.read()  # the stream runs; then nothing more is read
+        assert len(first.items) == 8
+        await asyncio.sleep(2.0)  # the server fills the window and waits to send
+        assert not call.done()
+        call.cancel()
+        assert await _small_generate_seconds(stub) < FREE_WITHIN_S
+    deadline = time.monotonic() + 5.0
+    while (after := _metric(busy_loader, "qsens_loader_cancelled_total", rpc="Capture")) == before:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert after == before + 1
+    # The stream never finished: its tokens were never counted as served.
+    assert _metric(busy_loader, "qsens_loader_tokens_total", rpc="Capture") == tokens_before
+
+
 async def test_work_timeout_does_not_count_time_queued(busy_loader: LoaderProc) -> None:
     async with (
         LoaderClient(busy_loader.address) as first,
         LoaderClient(busy_loader.address, timeout_s=1.0) as second,
     ):
-        # 16 rows x 1 024 tokens: several seconds even on the fast generation path (a single
-        # 300-token row now takes under half a second on the tiny model).
-        ahead = asyncio.create_task(first.generate([PromptItem(STORY)] * 16, max_new_tokens=1024))
+        # 32 rows x 1 024 tokens: 2.6 s on a fast 2-core EPYC, longer elsewhere.
+        ahead = asyncio.create_task(first.generate([PromptItem(STORY)] * 32, max_new_tokens=1024))
         await asyncio.sleep(0.3)
         started = time.monotonic()
         # Admitted behind ~1 000 decode steps: far longer than its 1 s of work time.
@@ -203,7 +239,7 @@ async def test_work_timeout_does_not_count_time_queued(busy_loader: LoaderProc) 
     async with LoaderClient(busy_loader.address, timeout_s=1.0) as client:
         started = time.monotonic()
         with pytest.raises(Unavailable, match="deadline"):
-            await client.generate([PromptItem(STORY)] * 8, max_new_tokens=1024)
+            await client.generate([PromptItem(STORY)] * 64, max_new_tokens=1024)
         async with grpc.aio.insecure_channel(busy_loader.address) as channel:
             await _small_generate_seconds(pb_grpc.LoaderServiceStub(channel))
         assert time.monotonic() - started < 1.0 + FREE_WITHIN_S
@@ -219,7 +255,7 @@ def test_openai_client_disconnect_stops_work(busy_loader: LoaderProc) -> None:
             model="m",
             messages=STORY_MESSAGES,
             max_tokens=1024,
-            n=8,
+            n=64,
             temperature=0,  # type: ignore[arg-type]
         )
     gone = time.monotonic()
@@ -236,7 +272,7 @@ def test_openai_client_disconnect_stops_work(busy_loader: LoaderProc) -> None:
 async def test_full_queue_is_refused_with_retry_after(small_queue: LoaderProc) -> None:
     async with grpc.aio.insecure_channel(small_queue.address) as channel:
         stub = pb_grpc.LoaderServiceStub(channel)
-        holding = [stub.Generate(_long_generate(items=4)) for _ in range(2)]
+        holding = [stub.Generate(_long_generate()) for _ in range(2)]
         await asyncio.sleep(0.5)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Generate(_small_generate(), timeout=5)
@@ -272,7 +308,7 @@ def test_openai_request_timeout_stops_work(small_queue: LoaderProc) -> None:
     started = time.monotonic()
     response = httpx.post(
         f"{small_queue.http_base}/chat/completions",
-        json={"messages": STORY_MESSAGES, "max_tokens": 1024, "n": 8, "temperature": 0},
+        json={"messages": STORY_MESSAGES, "max_tokens": 1024, "n": 64, "temperature": 0},
         timeout=30,
     )
     assert response.status_code == 504
@@ -293,9 +329,9 @@ async def test_clients_wait_on_back_pressure() -> None:
         async with grpc.aio.insecure_channel(proc.address) as channel:
             stub = pb_grpc.LoaderServiceStub(channel)
             started = time.monotonic()
-            await stub.Generate(_long_generate(items=2, tokens=20), timeout=120)
+            await stub.Generate(_long_generate(items=16, tokens=200), timeout=120)
             service_s = time.monotonic() - started
-            holding = stub.Generate(_long_generate(items=2, tokens=1024))
+            holding = stub.Generate(_long_generate())
             await asyncio.sleep(0.3)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(_small_generate(), timeout=5)
