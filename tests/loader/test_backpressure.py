@@ -196,7 +196,10 @@ async def test_capture_abandoned_between_chunks_counts_once(busy_loader: LoaderP
     text = "The quick brown fox jumps over the lazy dog. " * 3
     items = [PromptItem(f"{i} {text}").to_proto() for i in range(400)]
     request = pb.CaptureRequest(
-        items=items, all_layers=True, position="prompt[:]", reduction=pb.REDUCTION_NONE,
+        items=items,
+        all_layers=True,
+        position="prompt[:]",
+        reduction=pb.REDUCTION_NONE,
         chunk_items=8,
     )
     before = _metric(busy_loader, "qsens_loader_cancelled_total", rpc="Capture")
