@@ -542,6 +542,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = {"capture": capture_part, "generation": generation_part, "sweep": sweep_part}
     for part in args.parts:
         parts[part]()
+    if fast is not None:  # which decode attention ran (a kernel switches itself off on failure)
+        result["decode_attention"] = {
+            "kernel": "triton"
+            if fast.decode_triton.disabled is None
+            else "flash"
+            if fast.decode_flash.disabled is None
+            else "sdpa",
+            "triton_off": fast.decode_triton.disabled,
+            "flash_off": fast.decode_flash.disabled,
+        }
     return result
 
 

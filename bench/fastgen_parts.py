@@ -3,12 +3,14 @@ a decode step and a capture forward spend their time, and what each alternative 
 
 Prints JSON: per part, milliseconds (median of CUDA-event timings after warm-up) and, for the
 matmuls, TFLOP/s achieved. Parts: the four linears of a layer at the decode batch (1 100 rows)
-and at a capture batch (~14k tokens); decode attention over a request-sized cache three ways
-(SDPA with an additive mask as today, SDPA with a boolean mask, batched matmuls with the mask);
+and at a capture batch (~14k tokens); decode attention over a request-sized cache several ways
+(SDPA with an additive or boolean mask, batched matmuls, length-grouped SDPA, flex attention,
+and the fast path's own kernels: Triton and torch's varlen flash over a token-major cache);
 the elementwise work of a layer (rotary, SiLU x up, residual + RMSNorm) eager and under
 ``torch.compile``.
 
     python bench/fastgen_parts.py --device cuda
+    python bench/fastgen_parts.py --device cuda --decode-attention-only
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.loader.decode_triton import DecodeTriton
+from services.loader.fastgen_kernels import DecodeFlash
 
 HIDDEN, HEADS, KV, DIM, INTER = 4096, 32, 8, 128, 14336
 
@@ -73,7 +78,9 @@ def linears(tokens: int, dev: torch.device) -> dict[str, Any]:
     return out
 
 
-def decode_attention(rows: int, length: int, valid_from: int, dev: torch.device) -> dict[str, Any]:
+def decode_attention(
+    rows: int, length: int, valid_from: int, dev: torch.device, flex: bool = True
+) -> dict[str, Any]:
     groups = HEADS // KV
     q = torch.randn(rows, KV, groups, DIM, device=dev, dtype=torch.bfloat16)
     k = torch.randn(rows, KV, length, DIM, device=dev, dtype=torch.bfloat16)
@@ -118,6 +125,8 @@ def decode_attention(rows: int, length: int, valid_from: int, dev: torch.device)
         ("sdpa_grouped4", sdpa_grouped),
     ]
     try:
+        if not flex:
+            raise RuntimeError("flex attention not asked for")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         def keep(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
@@ -135,6 +144,22 @@ def decode_attention(rows: int, length: int, valid_from: int, dev: torch.device)
             variants.append((f"flex_block{block}", flex_fn))
     except Exception as exc:  # no flex attention or no compiler here: a result too
         variants.append(("flex_error", lambda exc=exc: (_ for _ in ()).throw(exc)))
+    # The fast path's decode kernels read a token-major cache, each row from its first key.
+    kt, vt = (t.transpose(1, 2).contiguous() for t in (k, v))  # [rows, length, KV, DIM]
+    query_offsets = torch.arange(rows + 1, device=dev, dtype=torch.int32)
+    key_starts = (query_offsets * length).clone()
+    key_starts[:-1] += starts.to(torch.int32)
+    used = (length - starts).to(torch.int32)
+    qf = q.reshape(rows, KV * groups, DIM)
+    for name, kernel in (("triton", DecodeTriton(True)), ("flash_varlen", DecodeFlash(True))):
+
+        def run(kernel: Any = kernel) -> torch.Tensor:
+            o = kernel(qf, kt, vt, (query_offsets, key_starts), used, scale)
+            if o is None:
+                raise RuntimeError(f"kernel off: {kernel.disabled}")
+            return o.reshape(rows, KV, groups, DIM)
+
+        variants.append((name, run))
     ref = sdpa_bias().float()
     out: dict[str, Any] = {"bytes_floor_ms": round(2 * k.numel() * 2 / 3.35e9, 4)}
     for name, fn in variants:
@@ -258,8 +283,21 @@ def main() -> None:
     parser.add_argument("--decode-rows", type=int, default=1100)
     parser.add_argument("--capture-tokens", type=int, default=14336)
     parser.add_argument("--profile-capture", default="", help="a model source to profile")
+    parser.add_argument(
+        "--decode-attention-only",
+        action="store_true",
+        help="time only the decode attention variants, flex attention left out (it compiles "
+        "per block size), at cache widths 128 and 256",
+    )
     args = parser.parse_args()
     dev = torch.device(args.device)
+    if args.decode_attention_only:
+        widths = {
+            f"decode_attention_w{w}": decode_attention(args.decode_rows, w, w // 2, dev, flex=False)
+            for w in (128, 256)
+        }
+        print(json.dumps(widths, indent=1))
+        return
     if args.profile_capture:
         print(json.dumps(capture_profile(args.profile_capture, dev), indent=1))
         return

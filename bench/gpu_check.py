@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
 from services.loader.fastgen_kernels import DecodeFlash
 from services.loader.positions import parse_position
@@ -186,11 +187,19 @@ def fastgen_check(e: Any) -> dict[str, Any]:
         for z, p in zip(zero, plain, strict=True)
     )
     out["fast_vs_transformers_static"] = compare(graphed, gen(cache_mode="static"))
-    # Flash decode attention (each row's own keys) vs SDPA over the masked cache.
+    # The decode kernels (each row's own keys): Triton (the default), torch's flash kernel,
+    # and SDPA over the masked cache.
+    out["decode_triton_disabled"] = fast.decode_triton.disabled
     out["decode_flash_disabled"] = fast.decode_flash.disabled
+    no_triton = DecodeTriton(False)
+    masked = gen(decode_triton=no_triton, decode_flash=DecodeFlash(False))
     if fast.decode_flash.disabled is None:
-        masked = DecodeFlash(False)
-        out["flash_vs_masked_decode"] = compare(graphed, gen(decode_flash=masked))
+        flash = gen(decode_triton=no_triton)
+        out["flash_vs_masked_decode"] = compare(flash, masked)
+        if fast.decode_triton.disabled is None:
+            out["triton_vs_flash_decode"] = compare(graphed, flash)
+    if fast.decode_triton.disabled is None:
+        out["triton_vs_masked_decode"] = compare(graphed, masked)
     return out
 
 

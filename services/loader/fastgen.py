@@ -25,9 +25,10 @@ rotary embedding: quantized linears work unchanged) in a loop it controls:
 * **One matmul for q/k/v and one for gate/up** where they are plain linears: the modules'
   weights are re-pointed to slices of one tensor (the modules compute what they did, no memory
   is added); quantized linears keep their own kernels.
-* **Decode attention reading each row's own keys**: on a GPU torch's flash kernel with
-  per-row key offsets and used lengths (``fastgen_kernels.DecodeFlash``; grouped-query heads
-  native), elsewhere one fused SDPA over the masked cache with the query heads of a
+* **Decode attention reading each row's own keys**: on a GPU one Triton kernel
+  (``decode_triton``: a program per row and key/value head reads the row's filled keys once
+  for all its query heads), or torch's flash kernel with per-row key offsets and used lengths
+  (``fastgen_kernels.DecodeFlash``) where Triton is off, elsewhere one fused SDPA over the masked cache with the query heads of a
   key/value head as query positions of one head (nothing repeated per query head).
 * **Decode steps from a CUDA graph**: the first decode step of a call is recorded (on a GPU)
   and every later step replays it: the per-step Python and kernel-launch cost of a 16-32
@@ -48,7 +49,7 @@ Why one module of about 790 lines (above the project's ~500): the layer loop
 (``FastGenerator``, with packed capture) and the per-call state it prefills and steps
 (``FastRun``) share the cache layout, the stream composition and the graph buffers; apart, each
 half reads only against the other. The compiled, varlen and flash decode kernels live in
-``fastgen_kernels``. It belongs to the transformers engine (``services.loader.engines.hf``).
+``fastgen_kernels``, the Triton decode kernel in ``decode_triton``. It belongs to the transformers engine (``services.loader.engines.hf``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from torch import nn
 from services.common.errors import FailedPrecondition
 from services.common.logging import get_logger
 from services.loader.capture_graphs import pad_arrays
+from services.loader.decode_triton import DecodeTriton
 from services.loader.fastgen_kernels import DecodeFlash, Fused, VarlenAttention
 from services.loader.hooks import ForwardState, ablate_only, apply_plan
 from services.loader.steering import SteeringPlan, select_rows
@@ -275,7 +277,9 @@ class FastGenerator:
         ]
         self.fused = Fused(compile_elementwise, compile_min_tokens)
         self.varlen = VarlenAttention()  # packed capture's attention on a GPU
-        self.decode_flash = DecodeFlash(device.type == "cuda")  # decode attention on a GPU
+        # Decode attention on a GPU: the Triton kernel, else torch's flash kernel.
+        self.decode_triton = DecodeTriton(device.type == "cuda")
+        self.decode_flash = DecodeFlash(device.type == "cuda")
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
         self.last: RunStats | None = None
@@ -646,10 +650,13 @@ class FastRun:
         # Columns: prompts right-aligned at ``width``; decode step s writes ``width + s``.
         self.length = self.width + -(-max(1, max_new_tokens) // 16) * 16
         dev = gen.device
-        # With flash decode [layer, k/v, row, column, kv head, D]: a layer's keys are one
-        # [rows x columns] run of tokens, so the kernel reads each row's own columns in place.
-        # Otherwise [.., row, kv head, column, D], what SDPA reads without a copy.
-        self.token_major = gen.decode_flash.usable(gen.dtype)
+        # With a decode kernel (Triton or flash) [layer, k/v, row, column, kv head, D]: a
+        # layer's keys are one [rows x columns] run of tokens, so the kernel reads each row's
+        # own columns in place. Otherwise [.., row, kv head, column, D], what SDPA reads
+        # without a copy.
+        self.token_major = gen.decode_triton.usable(
+            gen.dtype, gen.head_dim
+        ) or gen.decode_flash.usable(gen.dtype)
         inner = (self.length, gen.kv_heads) if self.token_major else (gen.kv_heads, self.length)
         self.kv = torch.zeros(
             (len(gen.layers), 2, self.rows, *inner, gen.head_dim), dtype=gen.dtype, device=dev
@@ -674,9 +681,9 @@ class FastRun:
         self.stats = RunStats(rows=self.rows, width=self.width)
 
     def _flash_offsets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The flash decode kernel's offsets (int32, [B + 1] each): query i is token i; row
-        r's keys start at its first prompt column of the flattened [rows x columns]. None
-        for a head-major cache (no flash decode)."""
+        """The decode kernels' offsets (int32, [B + 1] each): query i is token i; row r's
+        keys start at its first prompt column of the flattened [rows x columns]. None for a
+        head-major cache (no decode kernel)."""
         if not self.token_major:
             return None
         rows = self.plen.shape[0]
@@ -731,7 +738,9 @@ class FastRun:
                 return gen.decode_attention(q, keys, values, bias)
             keys.index_copy_(1, col, k.transpose(1, 2))
             values.index_copy_(1, col, v.transpose(1, 2))
-            out = gen.decode_flash(q[:, :, 0], keys, values, flash, used, gen.scale)
+            out = gen.decode_triton(q[:, :, 0], keys, values, flash, used, gen.scale)
+            if out is None and gen.decode_flash.usable(gen.dtype):
+                out = gen.decode_flash(q[:, :, 0], keys, values, flash, used, gen.scale)
             if out is not None:
                 return out.reshape(out.shape[0], 1, -1)
             return gen.decode_attention(q, keys.transpose(1, 2), values.transpose(1, 2), bias)

@@ -170,7 +170,7 @@ class HFEngine(HFCore, Engine):
     def live_notes(self) -> list[str]:
         """Fast paths switched off while serving: capture graphs (a failed recording), the
         compiled elementwise kernels (a failed compilation), packed capture's varlen
-        attention and flash decode attention (a kernel refusal); each is logged once, and Info shows it from then on."""
+        attention and the Triton and flash decode attention (a kernel refusal); each is logged once, and Info shows it from then on."""
         notes = []
         if self.device.type == "cuda" and self.graphs.disabled:
             notes.append(f"capture CUDA graphs off: {self.graphs.disabled}")
@@ -181,6 +181,8 @@ class HFEngine(HFCore, Engine):
             notes.append(
                 f"packed capture attends padded (no varlen kernel): {fast.varlen_disabled}"
             )
+        if self.device.type == "cuda" and fast is not None and fast.decode_triton.disabled:
+            notes.append(f"decode attention without Triton: {fast.decode_triton.disabled}")
         if self.device.type == "cuda" and fast is not None and fast.decode_flash.disabled:
             notes.append(
                 f"decode attends the masked cache (no flash): {fast.decode_flash.disabled}"
