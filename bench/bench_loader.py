@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from bench.roofline import ModelShape, Work, card_for
+from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
@@ -484,6 +485,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 whole = shared + shape.decode_steps(card, lengths, args.new_tokens)
                 side["one_batch"]["shared_work"] = whole.report(statistics.median(t_whole))
             out[path] = side
+
+        if "fast" in paths and fast is not None and fast.decode_triton.disabled is None:
+            # Side by side: the same one-batch sweep with torch's flash kernel attending in
+            # the decode steps instead of the Triton kernel.
+            triton_kernel = fast.decode_triton
+            fast.decode_triton = DecodeTriton(False)
+            try:
+                flash_answers = batch("fast", params)()
+                t_flash = _times(batch("fast", params), device, args.repeats)
+            finally:
+                fast.decode_triton = triton_kernel
+            out["one_batch_flash_decode"] = _phase(
+                t_flash, work("generate", lengths, args.new_tokens)
+            )
+            out["flash_over_triton_decode"] = (
+                statistics.median(t_flash) / out["fast"]["one_batch"]["median_s"]
+            )
+            out["same_answers_triton_vs_flash"] = _same_share(answers["fast"], flash_answers)
 
         # The per-setting loop on the loader's path (one call per setting).
         def per_setting() -> None:
