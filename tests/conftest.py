@@ -73,6 +73,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 for _name in [n for n in os.environ if n.startswith(("QSENS_LOADER_TOKEN", "QSENS_LOADER_TLS_"))]:
     del os.environ[_name]
 
+# The same numbers on every CPU: by default (``auto``) a CPU with native bf16 matmuls
+# (avx512_bf16, amx_bf16) computes bf16 and 4-bit variants in bf16 and one without in float32,
+# and the fixtures (the golden run) and the path-equality tolerances are float32's. Tests of
+# the auto and native modes set the variable themselves (tests/loader/test_cpu_compute.py);
+# loaders started by tests inherit it.
+os.environ.setdefault("QSENS_LOADER_CPU_COMPUTE", "float32")
+
 
 # Job-plane timings short enough for tests; each can be overridden with monkeypatch.setenv
 # followed by settings.reset().

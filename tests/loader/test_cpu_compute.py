@@ -96,3 +96,25 @@ def test_nf4_computes_in_float32_with_the_same_quantized_weights(compute_mode) -
         for x, y in zip(_logits(native), _logits(upcast), strict=True)
     ]
     assert min(cos) > 0.99, cos
+
+
+def test_one_token_nf4_matmuls_compute_in_float32(compute_mode) -> None:  # type: ignore[no-untyped-def]
+    """A single token takes bitsandbytes' gemv path, whose CPU kernel on avx512_bf16 machines
+    casts to bf16 whatever the compute dtype: in float32 mode it must compute what the
+    several-token path (dequantize, then a float32 matmul) computes for the same token (the
+    note says where the loader had to see to it)."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Linear4bit
+
+    compute_mode("float32")
+    loaded = get_backend(None, Precision.NF4).load(_tiny(), Precision.NF4, "cpu")  # type: ignore[arg-type]
+    for layer in [m for m in loaded.model.modules() if isinstance(m, Linear4bit)][:4]:
+        inputs = layer.weight.quant_state.shape[1]
+        x = torch.randn(1, 2, inputs, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            one = layer(x[:, :1])  # gemv
+            two = layer(x)  # dequantize + matmul
+        assert one.dtype == torch.float32
+        torch.testing.assert_close(one, two[:, :1], atol=1e-5, rtol=1e-5)  # bf16: ~1e-2 off
+    noted = any("one-token 4-bit matmuls" in n for n in loaded.notes)
+    assert noted == bool(bnb_functional.has_avx512bf16())

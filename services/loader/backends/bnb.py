@@ -17,6 +17,50 @@ from services.loader.placement import cuda_placement
 __all__ = ["BitsAndBytesBackend"]
 
 
+_exact_gemv = False
+
+
+def exact_cpu_gemv() -> str | None:
+    """Make one-token 4-bit matmuls on a CPU compute in their input's dtype; a note if needed.
+
+    On a CPU with avx512_bf16, bitsandbytes' CPU kernel for one-token 4-bit matmuls
+    (``gemv_4bit``, which ``matmul_4bit`` takes whenever the input is a single token) casts the
+    input to bf16 whatever the compute dtype, so a float32 variant computed its single-row
+    decode steps in bf16 there and in float32 on every other CPU (2-4% apart in the golden
+    run's nf4 means). This registers the library's own default for the CPU instead
+    (dequantize to the input's dtype, one matmul), what every other CPU runs. Process-wide,
+    once; nothing on a CPU without avx512_bf16.
+    """
+    global _exact_gemv
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    if not _exact_gemv:
+        if not bnb_functional.has_avx512bf16():
+            return None
+
+        @torch.library.register_kernel("bitsandbytes::gemv_4bit", "cpu")  # type: ignore[untyped-decorator]
+        def _gemv(
+            A: torch.Tensor,
+            B: torch.Tensor,
+            shapeB: list[int],
+            absmax: torch.Tensor,
+            code: torch.Tensor,
+            blocksize: int,
+        ) -> torch.Tensor:
+            quant_type = "fp4" if code[1] > 0 else "nf4"
+            weight = torch.ops.bitsandbytes.dequantize_4bit.default(
+                B, absmax, blocksize, quant_type, shapeB, A.dtype
+            )
+            return torch.nn.functional.linear(A, weight)
+
+        _exact_gemv = True
+    return (
+        "one-token 4-bit matmuls dequantize to the compute dtype on this CPU (bitsandbytes' "
+        "avx512_bf16 kernel would compute them in bf16)"
+    )
+
+
 class _DropCastNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "inputs will be cast" not in str(record.msg)
@@ -73,11 +117,16 @@ class BitsAndBytesBackend(Backend):
             for tensor in (*model.parameters(), *model.buffers()):
                 if tensor.dtype == half:
                     tensor.data = tensor.data.to(compute)
+        gemv_note = (
+            exact_cpu_gemv()
+            if dev.type == "cpu" and not is_8bit(precision) and compute != torch.bfloat16
+            else None
+        )
         model.eval()
         qconfig = config.to_dict()
         qconfig = {
             k: (str(v) if not isinstance(v, (int, float, bool, str, type(None), list, dict)) else v)
             for k, v in qconfig.items()
         }
-        notes = [*source.notes, *([note] if note else [])]
+        notes = [*source.notes, *([note] if note else []), *([gemv_note] if gemv_note else [])]
         return LoadedModel(model, load_tokenizer(source), dev, compute, qconfig, notes)
