@@ -10,12 +10,19 @@ re-recorded once at fe00208 for that change. ``meta.json`` keeps the spec finger
 recorded under: any change of the spec's schema re-seeds every bootstrap, and the failure says
 so (re-record then with ``QSENS_GOLDEN_RECORD=1`` and say why in the commit). The split itself
 was checked at 36709cb: the analyzer before and after it wrote identical documents.
+
+A second machine class (a 2-core AMD EPYC with avx512_bf16) rounds differently (see
+``golden_run``): its run, recorded in ``documents.epyc-avx512-bf16.json`` after the loader's
+one-token 4-bit matmuls were made float32 there, differs from ``documents.json`` by ~1e-6 in
+float32 values and in near-tie benchmark answers of the nf4 variant; two runs there agreed
+exactly. A run must equal one recording as a whole.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,32 +36,49 @@ def test_golden_run_same_keys_and_numbers(plane_env: PlaneEnv, tmp_path: Path) -
     done = golden.run_study(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     docs, keys = golden.collect()
-    if os.environ.get("QSENS_GOLDEN_RECORD") == "1":
-        golden.record(docs, keys)
-    want_docs, want_keys = golden.load_fixture()
+    label = os.environ.get("QSENS_GOLDEN_RECORD")
+    if label:
+        golden.record(docs, keys, label)
+    _, want_keys = golden.load_fixture()
 
     assert keys == want_keys, (
         f"artefact keys differ: missing {sorted(set(want_keys) - set(keys))}, "
         f"new {sorted(set(keys) - set(want_keys))}"
     )
-    assert sorted(docs) == sorted(want_docs)
+    # The run must equal one recording as a whole (one per machine class: golden_run's
+    # docstring); the failure shows the closest one's differences.
+    failures: dict[str, list[str]] = {}
+    for recording, want_docs in golden.load_recordings().items():
+        assert sorted(docs) == sorted(want_docs), recording
+        failures[recording] = _differences(docs, want_docs)
+        if not failures[recording]:
+            return
+    closest = min(failures, key=lambda name: len(failures[name]))
+    pytest.fail(
+        f"the run equals none of {len(failures)} recordings; closest {closest}:\n"
+        + "\n".join(failures[closest][:40])
+    )
+
+
+def _differences(docs: dict[str, Any], want_docs: dict[str, Any]) -> list[str]:
+    """Every difference from one recording: values first, then bootstrap intervals."""
+    out: list[str] = []
     for name in want_docs:
         want, got = golden.flatten(want_docs[name]), golden.flatten(docs[name])
-        diff = golden.differences(want, got, intervals=False)
-        assert not diff, f"{name}: {len(diff)} differences:\n" + "\n".join(diff[:40])
+        out += [f"{name}: {d}" for d in golden.differences(want, got, intervals=False)]
     for name in want_docs:
         want, got = golden.flatten(want_docs[name]), golden.flatten(docs[name])
         diff = golden.differences(want, got, intervals=True)
-        was, now = golden.recorded_fingerprint(), golden.spec_fingerprint()
-        why = (
-            f"the spec's fingerprint changed ({was} -> {now}), which re-seeds every bootstrap: "
-            "re-record"
-            if was != now
-            else "same spec fingerprint, so this is a real change"
-        )
-        assert not diff, f"{name}: bootstrap intervals differ ({len(diff)}); {why}:\n" + "\n".join(
-            diff[:40]
-        )
+        if diff:
+            was, now = golden.recorded_fingerprint(), golden.spec_fingerprint()
+            why = (
+                f"the spec's fingerprint changed ({was} -> {now}), which re-seeds every "
+                "bootstrap: re-record"
+                if was != now
+                else "same spec fingerprint, so this is a real change"
+            )
+            out += [f"{name}: bootstrap intervals differ ({why}): {d}" for d in diff]
+    return out
 
 
 def test_golden_fixture_covers_every_document() -> None:
