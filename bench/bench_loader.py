@@ -36,6 +36,7 @@ import torch
 import transformers
 
 from bench.roofline import ModelShape, Work, card_for
+from services.common import settings as settings_mod
 from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
 from services.loader.positions import parse_position
@@ -278,6 +279,8 @@ def generation_path(engine: Any, path: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ["QSENS_LOADER_DECODE_KERNEL"] = args.decode_kernel
+    settings_mod.reset()
     runtime = build_runtime(args.model, args.precision, device=args.device)
     engine = runtime.engine
     device = engine.device
@@ -655,6 +658,13 @@ def main() -> None:
         help="also time the seeds' protocol: one transformers generate per setting",
     )
     parser.add_argument("--profile", action="store_true", help="kernel profile of the sweep")
+    parser.add_argument(
+        "--decode-kernel",
+        choices=("flash", "triton"),
+        default="triton",
+        help="the fast path's decode attention on a GPU (setting decode_kernel); with triton "
+        "the sweep is timed again with flash beside it",
+    )
     parser.add_argument(
         "--parts",
         type=_parts,

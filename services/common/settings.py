@@ -211,6 +211,14 @@ class LoaderSettings(BaseSettings):
         description="Replay each generate call's decode step from a CUDA graph recorded on its "
         "first step (GPU, fast generation path): removes the per-step launch cost.",
     )
+    decode_kernel: Literal["flash", "triton"] = Field(
+        "flash",
+        description="Decode attention of the fast path on a GPU: 'flash' is torch's varlen "
+        "flash kernel with per-row key offsets (measured on H100s); 'triton' is the loader's "
+        "own kernel (services/loader/decode_triton.py: each row's keys read once for all its "
+        "query heads), tested in Triton's interpreter but not yet timed on a GPU. Either "
+        "switches itself off on failure and the next one attends.",
+    )
     compile_elementwise: bool = Field(
         True,
         description="On a GPU, run the fast path's rotary embedding and SiLU x up as "

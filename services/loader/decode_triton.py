@@ -8,9 +8,10 @@ program holds its key/value head's query heads as a 16-row tile (``tl.dot``'s mi
 over the row's keys in blocks of 64 with an online softmax in float32, and writes its heads'
 outputs: the keys and values are read exactly once, nothing is padded to 128.
 
-Same contract as ``fastgen_kernels.DecodeFlash`` (the cache ``[rows, columns, kv heads, D]``
-flattened to tokens, row ``b`` attending keys ``[cu_k[b], cu_k[b] + used[b])``), and the same
-fallbacks: a GPU without Triton, a head size that is not a power of two, a compile error or a
+Opt-in (setting ``decode_kernel=triton``) until it has been timed on a GPU: built and tested
+in Triton's interpreter only. Same contract as ``fastgen_kernels.DecodeFlash`` (the cache
+``[rows, columns, kv heads, D]`` flattened to tokens, row ``b`` attending keys
+``[cu_k[b], cu_k[b] + used[b])``), and the same fallbacks: a GPU without Triton, a head size that is not a power of two, a compile error or a
 first answer that disagrees with a plain-torch reference switches it off for the engine (logged,
 shown in ``Info``) and the flash kernel attends instead. On a CPU it runs only in Triton's
 interpreter (the tests), never in serving.
@@ -155,8 +156,8 @@ class DecodeTriton:
     ``enabled``: on a CUDA device (the engine's choice), or in Triton's interpreter on a CPU
     (tests, with ``TRITON_INTERPRET=1`` set before the first kernel is built)."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.disabled: str | None = None if enabled else "not on a CUDA device"
+    def __init__(self, enabled: bool, why_not: str = "not on a CUDA device") -> None:
+        self.disabled: str | None = None if enabled else why_not
         self.checked = False
         if self.disabled is None:
             try:

@@ -25,10 +25,10 @@ rotary embedding: quantized linears work unchanged) in a loop it controls:
 * **One matmul for q/k/v and one for gate/up** where they are plain linears: the modules'
   weights are re-pointed to slices of one tensor (the modules compute what they did, no memory
   is added); quantized linears keep their own kernels.
-* **Decode attention reading each row's own keys**: on a GPU one Triton kernel
-  (``decode_triton``: a program per row and key/value head reads the row's filled keys once
-  for all its query heads), or torch's flash kernel with per-row key offsets and used lengths
-  (``fastgen_kernels.DecodeFlash``) where Triton is off, elsewhere one fused SDPA over the masked cache with the query heads of a
+* **Decode attention reading each row's own keys**: on a GPU torch's flash kernel with
+  per-row key offsets and used lengths (``fastgen_kernels.DecodeFlash``), or where setting
+  ``decode_kernel`` asks for it one Triton kernel (``decode_triton``: a program per row and
+  key/value head reads the row's filled keys once for all its query heads), elsewhere one fused SDPA over the masked cache with the query heads of a
   key/value head as query positions of one head (nothing repeated per query head).
 * **Decode steps from a CUDA graph**: the first decode step of a call is recorded (on a GPU)
   and every later step replays it: the per-step Python and kernel-launch cost of a 16-32
@@ -242,6 +242,7 @@ class FastGenerator:
         min_chunk_tokens: int = 8192,
         compile_elementwise: bool = False,
         compile_min_tokens: int = 2048,
+        decode_triton: bool = False,
     ) -> None:
         self.model = model
         self.base: Any = getattr(model, str(getattr(model, "base_model_prefix", "model")))
@@ -277,9 +278,13 @@ class FastGenerator:
         ]
         self.fused = Fused(compile_elementwise, compile_min_tokens)
         self.varlen = VarlenAttention()  # packed capture's attention on a GPU
-        # Decode attention on a GPU: the Triton kernel, else torch's flash kernel.
-        self.decode_triton = DecodeTriton(device.type == "cuda")
-        self.decode_flash = DecodeFlash(device.type == "cuda")
+        # Decode attention on a GPU: the Triton kernel where asked for, else torch's flash
+        # kernel (setting ``decode_kernel``).
+        on_gpu = device.type == "cuda"
+        self.decode_triton = (
+            DecodeTriton(on_gpu) if decode_triton else DecodeTriton(False, "not asked for")
+        )
+        self.decode_flash = DecodeFlash(on_gpu)
         self.recorded = 0  # decode graphs recorded
         self.replays = 0  # decode steps replayed from a graph
         self.last: RunStats | None = None

@@ -491,3 +491,30 @@ def test_info_notes_say_when_the_fast_path_is_off(engine: Engine) -> None:
         )
     finally:
         engine.fast_disabled = saved
+
+
+def test_decode_kernel_setting_picks_the_triton_kernel_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.common import settings as settings_mod
+
+    def triton_reason(kernel: str | None) -> str | None:
+        if kernel is None:
+            monkeypatch.delenv("QSENS_LOADER_DECODE_KERNEL", raising=False)
+        else:
+            monkeypatch.setenv("QSENS_LOADER_DECODE_KERNEL", kernel)
+        settings_mod.reset()
+        engine = build_runtime("tiny:llama?layers=1", "fp32", device="cpu").engine
+        assert engine.fast is not None
+        return engine.fast.decode_triton.disabled
+
+    try:
+        assert triton_reason(None) == "not asked for"  # flash is the default
+        assert triton_reason("triton") == "not on a CUDA device"  # asked, but this is a CPU
+        monkeypatch.setenv("QSENS_LOADER_DECODE_KERNEL", "cuda-magic")
+        settings_mod.reset()
+        with pytest.raises(Exception, match="decode_kernel"):
+            build_runtime("tiny:llama?layers=1", "fp32", device="cpu")
+    finally:
+        monkeypatch.delenv("QSENS_LOADER_DECODE_KERNEL", raising=False)
+        settings_mod.reset()

@@ -105,6 +105,7 @@ class HFCore:
             static=on_gpu,
             compile_elementwise=on_gpu and self.settings.compile_elementwise,
             compile_min_tokens=self.settings.compile_min_tokens,
+            decode_triton=self.settings.decode_kernel == "triton",
             # Kernels not checked under graph capture (bench/gpu_check.py) stay eager.
             graphs_disabled=None if facts.graph_checked else "quantized kernels not graph-checked",
         )

@@ -181,7 +181,13 @@ class HFEngine(HFCore, Engine):
             notes.append(
                 f"packed capture attends padded (no varlen kernel): {fast.varlen_disabled}"
             )
-        if self.device.type == "cuda" and fast is not None and fast.decode_triton.disabled:
+        asked = self.settings.decode_kernel == "triton"
+        if (
+            asked
+            and self.device.type == "cuda"
+            and fast is not None
+            and fast.decode_triton.disabled
+        ):
             notes.append(f"decode attention without Triton: {fast.decode_triton.disabled}")
         if self.device.type == "cuda" and fast is not None and fast.decode_flash.disabled:
             notes.append(
