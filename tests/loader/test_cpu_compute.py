@@ -98,23 +98,32 @@ def test_nf4_computes_in_float32_with_the_same_quantized_weights(compute_mode) -
     assert min(cos) > 0.99, cos
 
 
-def test_one_token_nf4_matmuls_compute_in_float32(compute_mode) -> None:  # type: ignore[no-untyped-def]
-    """A single token takes bitsandbytes' gemv path, whose CPU kernel on avx512_bf16 machines
-    casts to bf16 whatever the compute dtype: in float32 mode it must compute what the
-    several-token path (dequantize, then a float32 matmul) computes for the same token (the
-    note says where the loader had to see to it)."""
+def test_nf4_matmuls_compute_in_float32_on_every_cpu(compute_mode) -> None:  # type: ignore[no-untyped-def]
+    """In float32 mode a 4-bit linear computes ``x @ W.T`` in float32 with W dequantized from
+    its codes (bitsandbytes' reference dequantization, read before any forward), for one token
+    and for several: on an avx512_bf16 CPU bitsandbytes' own CPU kernel computes in bf16
+    (~1e-2 off), and the loader keeps its modules off it (the note says so there)."""
     import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
     from bitsandbytes.nn import Linear4bit
 
     compute_mode("float32")
     loaded = get_backend(None, Precision.NF4).load(_tiny(), Precision.NF4, "cpu")  # type: ignore[arg-type]
-    for layer in [m for m in loaded.model.modules() if isinstance(m, Linear4bit)][:4]:
-        inputs = layer.weight.quant_state.shape[1]
-        x = torch.randn(1, 2, inputs, generator=torch.Generator().manual_seed(0))
+    layers = [m for m in loaded.model.modules() if isinstance(m, Linear4bit)][:4]
+    for layer in layers:
+        state = layer.weight.quant_state
+        codes = _get_4bit_code(state.quant_type, torch.device("cpu"))
+        packed = layer.weight.data.view(torch.uint8).reshape(-1)
+        weight = _dequantize_4bit_compute(
+            packed, state.absmax, codes, state.blocksize, state.shape, torch.float32
+        )
+        x = torch.randn(1, 3, state.shape[1], generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            one = layer(x[:, :1])  # gemv
-            two = layer(x)  # dequantize + matmul
-        assert one.dtype == torch.float32
-        torch.testing.assert_close(one, two[:, :1], atol=1e-5, rtol=1e-5)  # bf16: ~1e-2 off
-    noted = any("one-token 4-bit matmuls" in n for n in loaded.notes)
+            for tokens in (1, 3):
+                got = layer(x[:, :tokens])
+                want = torch.nn.functional.linear(x[:, :tokens], weight, layer.bias)
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    noted = any("4-bit matmuls in the compute dtype" in n for n in loaded.notes)
     assert noted == bool(bnb_functional.has_avx512bf16())

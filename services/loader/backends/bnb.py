@@ -6,6 +6,7 @@ On a CPU without native bf16 matmuls the compute dtype is float32 (``cpu_compute
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from services.common.precisions import is_8bit
 from services.common.variants import Precision
@@ -17,47 +18,26 @@ from services.loader.placement import cuda_placement
 __all__ = ["BitsAndBytesBackend"]
 
 
-_exact_gemv = False
+def float32_cpu_4bit(model: Any) -> str | None:
+    """Keep a float32 4-bit model's CPU matmuls in float32; a note where that was needed.
 
-
-def exact_cpu_gemv() -> str | None:
-    """Make one-token 4-bit matmuls on a CPU compute in their input's dtype; a note if needed.
-
-    On a CPU with avx512_bf16, bitsandbytes' CPU kernel for one-token 4-bit matmuls
-    (``gemv_4bit``, which ``matmul_4bit`` takes whenever the input is a single token) casts the
-    input to bf16 whatever the compute dtype, so a float32 variant computed its single-row
-    decode steps in bf16 there and in float32 on every other CPU (2-4% apart in the golden
-    run's nf4 means). This registers the library's own default for the CPU instead
-    (dequantize to the input's dtype, one matmul), what every other CPU runs. Process-wide,
-    once; nothing on a CPU without avx512_bf16.
+    On a CPU with avx512_bf16, bitsandbytes' ``Linear4bit`` repacks its weights on the first
+    CPU forward into a layout for a fused kernel that casts the input to bf16, whatever the
+    compute dtype, and then sends every matmul there: a float32 nf4 variant computed in bf16
+    on such CPUs and in float32 on every other. Switching that off per module keeps the
+    library's usual path (dequantize to the compute dtype, one matmul) — what other CPUs run.
     """
-    global _exact_gemv
-    import bitsandbytes.functional as bnb_functional
-    import torch
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
 
-    if not _exact_gemv:
-        if not bnb_functional.has_avx512bf16():
-            return None
-
-        @torch.library.register_kernel("bitsandbytes::gemv_4bit", "cpu")  # type: ignore[untyped-decorator]
-        def _gemv(
-            A: torch.Tensor,
-            B: torch.Tensor,
-            shapeB: list[int],
-            absmax: torch.Tensor,
-            code: torch.Tensor,
-            blocksize: int,
-        ) -> torch.Tensor:
-            quant_type = "fp4" if code[1] > 0 else "nf4"
-            weight = torch.ops.bitsandbytes.dequantize_4bit.default(
-                B, absmax, blocksize, quant_type, shapeB, A.dtype
-            )
-            return torch.nn.functional.linear(A, weight)
-
-        _exact_gemv = True
+    if not has_avx512bf16():
+        return None
+    modules = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for module in modules:
+        module.support_avx512bf16_for_cpu = False
     return (
-        "one-token 4-bit matmuls dequantize to the compute dtype on this CPU (bitsandbytes' "
-        "avx512_bf16 kernel would compute them in bf16)"
+        f"4-bit matmuls in the compute dtype on this CPU ({len(modules)} modules kept off "
+        "bitsandbytes' avx512_bf16 kernel, which computes in bf16)"
     )
 
 
@@ -117,8 +97,8 @@ class BitsAndBytesBackend(Backend):
             for tensor in (*model.parameters(), *model.buffers()):
                 if tensor.dtype == half:
                     tensor.data = tensor.data.to(compute)
-        gemv_note = (
-            exact_cpu_gemv()
+        cpu_note = (
+            float32_cpu_4bit(model)
             if dev.type == "cpu" and not is_8bit(precision) and compute != torch.bfloat16
             else None
         )
@@ -128,5 +108,5 @@ class BitsAndBytesBackend(Backend):
             k: (str(v) if not isinstance(v, (int, float, bool, str, type(None), list, dict)) else v)
             for k, v in qconfig.items()
         }
-        notes = [*source.notes, *([note] if note else []), *([gemv_note] if gemv_note else [])]
+        notes = [*source.notes, *([note] if note else []), *([cpu_note] if cpu_note else [])]
         return LoadedModel(model, load_tokenizer(source), dev, compute, qconfig, notes)
