@@ -16,8 +16,8 @@ Recording (``QSENS_GOLDEN_RECORD=1`` on ``tests/analyzer/test_golden.py``) write
 
 **Machine classes.** The same code on another CPU can round differently: float32 matmuls
 block their sums by the CPU's vector width, and bitsandbytes picks CPU kernels by its
-instruction set; about 1e-6 relative, which flips near-tie answers of the random model's
-benchmark. So a run must equal, as a whole, one of the recorded runs: ``documents.json``
+instruction set; about 1e-6 relative in the logits, more in statistics derived from small
+differences. So a run must equal, as a whole, one of the recorded runs: ``documents.json``
 (the first recording's machine) or ``documents.<label>.json`` for another machine class,
 recorded with ``QSENS_GOLDEN_RECORD=<label>`` there (and named in the commit). Every
 recording has the same keys.
