@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from services.common import settings as settings_mod
 from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
 from services.loader.fastgen_kernels import DecodeFlash
@@ -187,8 +189,8 @@ def fastgen_check(e: Any) -> dict[str, Any]:
         for z, p in zip(zero, plain, strict=True)
     )
     out["fast_vs_transformers_static"] = compare(graphed, gen(cache_mode="static"))
-    # The decode kernels (each row's own keys): Triton (the default), torch's flash kernel,
-    # and SDPA over the masked cache.
+    # The decode kernels (each row's own keys): Triton (asked for in main), torch's flash
+    # kernel, and SDPA over the masked cache.
     out["decode_triton_disabled"] = fast.decode_triton.disabled
     out["decode_flash_disabled"] = fast.decode_flash.disabled
     no_triton = DecodeTriton(False)
@@ -261,7 +263,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--precisions", default="bf16,nf4,int8")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--decode-kernel",
+        choices=("flash", "triton"),
+        default="triton",
+        help="the decode kernel the engine is built with (setting decode_kernel); with triton "
+        "the check also compares it with flash and the masked decode",
+    )
     args = parser.parse_args()
+    os.environ["QSENS_LOADER_DECODE_KERNEL"] = args.decode_kernel
+    settings_mod.reset()
     results = [check(args.model, p, args.device) for p in args.precisions.split(",")]
     text = json.dumps(results, indent=2)
     print(text)

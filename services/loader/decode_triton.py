@@ -11,16 +11,18 @@ outputs: the keys and values are read exactly once, nothing is padded to 128.
 Opt-in (setting ``decode_kernel=triton``) until it has been timed on a GPU: built and tested
 in Triton's interpreter only. Same contract as ``fastgen_kernels.DecodeFlash`` (the cache
 ``[rows, columns, kv heads, D]`` flattened to tokens, row ``b`` attending keys
-``[cu_k[b], cu_k[b] + used[b])``), and the same fallbacks: a GPU without Triton, a head size that is not a power of two, a compile error or a
-first answer that disagrees with a plain-torch reference switches it off for the engine (logged,
-shown in ``Info``) and the flash kernel attends instead. On a CPU it runs only in Triton's
-interpreter (the tests), never in serving.
+``[cu_k[b], cu_k[b] + used[b])``), and the same fallbacks: a GPU without Triton, a compile or launch error, or a first answer that disagrees
+with a plain-torch reference switches it off for the engine (logged, shown in ``Info``) and
+the flash kernel attends instead; a head size that is not a power of two (or under 16) is
+declined call by call, as is float32 on a GPU (``tl.dot`` would round it to TF32). On a CPU
+it runs only in Triton's interpreter (the tests), never in serving.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,8 +36,10 @@ log = get_logger(__name__)
 
 _LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per iteration
-# The first call's answer is checked against ``reference_decode`` on this many rows; a
-# relative error above the tolerance (bf16 output rounding is ~4e-3) switches the kernel off.
+# The first call's answer is checked against ``reference_decode`` on this many rows (the first
+# ones and those with the most keys, so several key blocks are checked where any row has
+# them); a relative error above the tolerance (bf16 output rounding is ~4e-3) switches the
+# kernel off.
 _CHECK_ROWS = 4
 _CHECK_TOLERANCE = 2e-2
 
@@ -132,7 +136,7 @@ def reference_decode(
     starts: torch.Tensor,
     used: torch.Tensor,
     scale: float,
-    rows: range | None = None,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The contract in plain torch, float32, row by row (``rows``: a subset, default all):
     ``q`` [B, heads, D], ``keys``/``values`` [B, L, kv heads, D], ``starts`` [>= B] each row's
@@ -159,6 +163,8 @@ class DecodeTriton:
     def __init__(self, enabled: bool, why_not: str = "not on a CUDA device") -> None:
         self.disabled: str | None = None if enabled else why_not
         self.checked = False
+        # float32 only where exact (the interpreter): on a GPU tl.dot rounds it to TF32.
+        self.float32 = os.environ.get("TRITON_INTERPRET") == "1"
         if self.disabled is None:
             try:
                 kernel()
@@ -169,7 +175,9 @@ class DecodeTriton:
         if self.disabled is not None:
             return False
         shaped = head_dim is None or (head_dim >= 16 and head_dim & (head_dim - 1) == 0)
-        return shaped and dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return shaped and (
+            dtype in (torch.float16, torch.bfloat16) or (self.float32 and dtype == torch.float32)
+        )
 
     def _off(self, reason: str) -> None:
         self.disabled = reason[:300]
@@ -229,9 +237,10 @@ class DecodeTriton:
             return None
         if not self.checked:
             self.checked = True
-            sample = range(min(rows, _CHECK_ROWS))
+            longest = used.topk(min(rows, _CHECK_ROWS // 2)).indices.tolist()
+            sample = sorted({*range(min(rows, _CHECK_ROWS // 2)), *longest})
             want = reference_decode(q, keys, values, cu[1], used, scale, sample)
-            error = float((out[: len(sample)].float() - want).abs().max())
+            error = float((out[sample].float() - want).abs().max())
             size = float(want.abs().max()) or 1.0
             if not error <= _CHECK_TOLERANCE * size:  # also NaN
                 self._off(f"first answer off by {error:.3g} (max |out| {size:.3g})")

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -64,6 +65,7 @@ class LoaderRuntime:
         self.model_thread = ModelThread("model")
         self.queue = WorkQueue(settings.max_pending, max_pending_low=settings.max_pending_low)
         self.draining = False
+        self._cancel_lock = threading.Lock()
         # Read once, before serving: Info must never wait behind model work.
         self._info = self._describe()
 
@@ -111,17 +113,21 @@ class LoaderRuntime:
             self.count_cancelled(ticket, "queued")
 
     def count_cancelled(self, ticket: Ticket, stage: str) -> None:
-        """Count ``ticket``'s request as cancelled at ``stage``: once, however it was noticed."""
-        if ticket.cancelled_at is None:
+        """Count ``ticket``'s request as cancelled at ``stage``: once, however it was noticed
+        (the event loop and the model thread both notice)."""
+        with self._cancel_lock:
+            if ticket.cancelled_at is not None:
+                return
             ticket.cancelled_at = stage
-            metrics().cancelled.labels(ticket.rpc, stage).inc()
+        metrics().cancelled.labels(ticket.rpc, stage).inc()
 
     def _call(self, fn: Callable[[], T], ticket: Ticket | None) -> T:
         token = ticket.token if ticket is not None else None
         m = metrics()
         if ticket is not None and token is not None:
             if token.cancelled:  # the caller left while this waited its turn
-                self.count_cancelled(ticket, "queued")
+                # A later chunk of a streamed Capture waited, but the request had started.
+                self.count_cancelled(ticket, "queued" if token.started is None else "running")
                 raise token.error()
             if token.started is None:  # a streamed Capture runs here once per chunk
                 m.queue_wait.labels(ticket.priority).observe(time.monotonic() - ticket.admitted)

@@ -32,10 +32,9 @@ def test_triton_decode_kernel_in_the_interpreter() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=240,  # within the suite's 300 s per test; the child takes ~10 s
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
-    assert (
-        re.search(r"\b8 passed", output) and "failed" not in output and "skipped" not in output
-    ), output
+    assert re.search(r"\b8 passed in", output), output
+    assert not re.search(r"\d+ (failed|skipped|error)", output), output

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
+from services.loader.decode_triton import reference_decode
 from services.loader.engine import ChatPrompt, Engine, EngineItem, GenParams, GenResult
 from services.loader.fastgen import prefill_chunks, unsupported_reason
 from services.loader.fastgen_kernels import Fused, rope, silu_mul
@@ -206,18 +207,8 @@ class _FlashSemantics:
         self.calls += 1
         if self.refuse:
             return None
-        rows, length, kv_heads, dim = keys.shape
-        flat_k, flat_v = (t.reshape(rows * length, kv_heads, dim) for t in (keys, values))
-        groups = q.shape[1] // kv_heads
         assert cu[0].tolist() == list(range(q.shape[0] + 1))
-        out = []
-        for b in range(q.shape[0]):
-            start, n = int(cu[1][b]), int(used[b])
-            k = flat_k[start : start + n].repeat_interleave(groups, dim=1)  # [n, heads, D]
-            v = flat_v[start : start + n].repeat_interleave(groups, dim=1)
-            weights = (torch.einsum("hd,nhd->hn", q[b], k) * scale).softmax(-1)
-            out.append(torch.einsum("hn,nhd->hd", weights, v))
-        return torch.stack(out)
+        return reference_decode(q, keys, values, cu[1], used, scale).to(q.dtype)
 
 
 def test_flash_decode_offsets_read_each_rows_own_keys(engine: Engine) -> None:
