@@ -384,6 +384,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "token-id lists per call as capture does. Roofline: bench/roofline.py over the "
             "unpadded tokens; times are medians of paired repeats",
         }
+        if args.profile:  # where capture's time goes besides its matmuls
+            result["capture"]["profile"] = _profile(capture, device)
 
     def generation_part() -> None:
         # 2. Steered vs unsteered generation (equal work: end-of-turn ignored).
@@ -658,7 +660,9 @@ def main() -> None:
         default=True,
         help="also time the seeds' protocol: one transformers generate per setting",
     )
-    parser.add_argument("--profile", action="store_true", help="kernel profile of the sweep")
+    parser.add_argument(
+        "--profile", action="store_true", help="kernel profiles of the sweep and of capture"
+    )
     parser.add_argument(
         "--decode-kernel",
         choices=("flash", "triton"),
