@@ -91,8 +91,14 @@ def test_loader_bench_runs_only_the_parts_asked_for_and_names_a_bad_one() -> Non
     out = run_bench(
         "bench_loader.py", "--model", TINY, "--precision", "fp32", "--device", "cpu",
         "--prompts", "2", "--capture-copies", "1", "--repeats", "1", "--parts", "capture",
+        "--profile",
     )  # fmt: skip
     assert "capture" in out and "steered_generation" not in out and "sweep" not in out
+    assert out["capture"]["profile"]["top"]  # capture's busiest operators (kernels on a GPU)
+    # On a CPU decode attends through SDPA: flash needs CUDA, Triton is not asked for.
+    assert out["decode_attention"] == {
+        "kernel": "sdpa", "triton_off": "not asked for", "flash_off": "not on a CUDA device",
+    }  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_loader.py"), "--parts", "capture,warp"],
         cwd=REPO,
