@@ -216,3 +216,33 @@ def load_recordings() -> dict[str, dict[str, Any]]:
     """Every recording's documents by file name (``documents.json`` first)."""
     files = [GOLDEN / "documents.json", *sorted(GOLDEN.glob("documents.*.json"))]
     return {f.name: json.loads(f.read_text()) for f in files}
+
+
+def closest_recording(docs: Mapping[str, Any], *, intervals: bool) -> tuple[str, list[str]]:
+    """The recording ``docs`` equal (no differences), else the one with the fewest, and those
+    differences: values, then bootstrap intervals where ``intervals``. Every recording must
+    hold the same documents as ``docs``."""
+    found: dict[str, list[str]] = {}
+    for recording, want_docs in load_recordings().items():
+        if sorted(docs) != sorted(want_docs):
+            raise AssertionError(f"documents differ from {recording}: {sorted(docs)}")
+        diff: list[str] = []
+        for name in want_docs:
+            want, got = flatten(want_docs[name]), flatten(docs[name])
+            diff += [f"{name}: {d}" for d in differences(want, got, intervals=False)]
+        for name in want_docs if intervals else ():
+            want, got = flatten(want_docs[name]), flatten(docs[name])
+            if bootstrap := differences(want, got, intervals=True):
+                was, now = recorded_fingerprint(), spec_fingerprint()
+                why = (
+                    f"the spec's fingerprint changed ({was} -> {now}), which re-seeds every "
+                    "bootstrap: re-record"
+                    if was != now
+                    else "same spec fingerprint, so this is a real change"
+                )
+                diff += [f"{name}: bootstrap intervals differ ({why}): {d}" for d in bootstrap]
+        if not diff:
+            return recording, []
+        found[recording] = diff
+    closest = min(found, key=lambda name: len(found[name]))
+    return closest, found[closest]

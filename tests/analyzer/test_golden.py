@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -49,38 +48,8 @@ def test_golden_run_same_keys_and_numbers(plane_env: PlaneEnv, tmp_path: Path) -
     )
     # The run must equal one recording as a whole (one per machine class: golden_run's
     # docstring); the failure shows the closest one's differences.
-    failures: dict[str, list[str]] = {}
-    for recording, want_docs in golden.load_recordings().items():
-        assert sorted(docs) == sorted(want_docs), recording
-        failures[recording] = _differences(docs, want_docs)
-        if not failures[recording]:
-            return
-    closest = min(failures, key=lambda name: len(failures[name]))
-    pytest.fail(
-        f"the run equals none of {len(failures)} recordings; closest {closest}:\n"
-        + "\n".join(failures[closest][:40])
-    )
-
-
-def _differences(docs: dict[str, Any], want_docs: dict[str, Any]) -> list[str]:
-    """Every difference from one recording: values first, then bootstrap intervals."""
-    out: list[str] = []
-    for name in want_docs:
-        want, got = golden.flatten(want_docs[name]), golden.flatten(docs[name])
-        out += [f"{name}: {d}" for d in golden.differences(want, got, intervals=False)]
-    for name in want_docs:
-        want, got = golden.flatten(want_docs[name]), golden.flatten(docs[name])
-        diff = golden.differences(want, got, intervals=True)
-        if diff:
-            was, now = golden.recorded_fingerprint(), golden.spec_fingerprint()
-            why = (
-                f"the spec's fingerprint changed ({was} -> {now}), which re-seeds every "
-                "bootstrap: re-record"
-                if was != now
-                else "same spec fingerprint, so this is a real change"
-            )
-            out += [f"{name}: bootstrap intervals differ ({why}): {d}" for d in diff]
-    return out
+    closest, diff = golden.closest_recording(docs, intervals=True)
+    assert not diff, f"the run equals no recording; closest {closest}:\n" + "\n".join(diff[:40])
 
 
 def test_golden_fixture_covers_every_document() -> None:
