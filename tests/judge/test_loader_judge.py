@@ -27,11 +27,12 @@ from tests.loader_procs import LoaderProc, start_loader
 
 # Largest difference accepted between the sequence score and the first-token score over the
 # whole integer table (NextToken log-probs of "0".."100"), in score points: they differ only by
-# p(end-of-turn | n) < 1. Measured: at most 0.19.
+# p(end-of-turn | n) < 1. Measured (the judge of seed 2, 300 steps, on a 2-core EPYC): at most
+# 0.011 (0.19 with the earlier, less trained judge).
 AGREEMENT_TOLERANCE = 0.5
 # The same against the openai backend's first-token method, which sees only the top 20
-# alternatives: the tiny judge spreads its numbers wider than that (top-20 numeric mass
-# 0.72-0.95), so the cut moves the mean. Measured: at most 4.3.
+# alternatives: the tiny judge spreads its numbers wider than that, so the cut moves the mean.
+# Measured: at most 0.87 (4.3 with the earlier judge).
 TOP20_TOLERANCE = 6.0
 
 
@@ -93,6 +94,9 @@ async def test_sequence_and_first_token_scores_agree(tiny_judge: LoaderProc) -> 
         assert seq.backend == "loader" and seq.model == f"loader:{tiny_judge.variant}"
         assert seq.status is full.status is cut.status, (answer, seq, full, cut)
         assert seq.numeric_mass == pytest.approx(full.numeric_mass, abs=0.02)
+        if answer == REFUSING:  # every method sees the refusal
+            assert seq.status is JudgeStatus.REFUSAL and seq.score is None, seq
+            continue
         assert seq.score is not None and full.score is not None and cut.score is not None
         assert abs(seq.score - full.score) <= AGREEMENT_TOLERANCE, (answer, seq, full)
         assert abs(seq.score - cut.score) <= TOP20_TOLERANCE, (answer, seq, cut)

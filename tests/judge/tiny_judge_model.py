@@ -62,8 +62,15 @@ def _tokenizer() -> object:
     return tok
 
 
-def build_tiny_judge(folder: Path, *, steps: int = 150, seed: int = 0) -> Path:
-    """Train the tiny judge and save it (weights, tokenizer, chat template) in ``folder``."""
+def build_tiny_judge(folder: Path, *, steps: int = 300, seed: int = 2) -> Path:
+    """Train the tiny judge and save it (weights, tokenizer, chat template) in ``folder``.
+
+    Seed 2, 300 steps (~10 s): from seed 0 the training settled where "saintly" and "sorry"
+    gave the same answer (logits 8e-6 apart even after 1 000 steps), so the refusing answer got
+    a score and "saintly" sat at the numeric-mass threshold, scored on one CPU and refused on
+    another. From seeds 1-3 every level puts >= 0.94 of its mass on numbers and "sorry" >= 0.96
+    on REFUSAL; 300 steps bring p(end-of-turn | number) near 1, which the agreement tolerance
+    of the tests assumes (measured on a 2-core EPYC)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     threads = torch.get_num_threads()
