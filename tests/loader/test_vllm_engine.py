@@ -12,6 +12,7 @@ environment the module is skipped with the reason named.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -122,6 +123,18 @@ def _in_vllm_env(args: list[str], timeout: int = 600) -> subprocess.CompletedPro
     )
 
 
+@functools.cache
+def _int4_gemm() -> bool:
+    """Whether this machine's vLLM CPU build has the int4 weight-only GEMM that GPTQ/AWQ need
+    (``cpu_gemm_wna16``: in the AVX-512 build, not in the AVX2 one), asked as the engine asks."""
+    done = _in_vllm_env(
+        ["-c", "from services.loader.engines.vllm.engine import _platform; print(_platform()[1])"],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
 def _drive(
     folder: Path, precision: str, calls: list[Any], model: str = "smollm2-135m", ranks: int = 1
 ) -> dict[str, Any]:
@@ -209,8 +222,9 @@ def test_capabilities_are_honest(both: tuple[list[Any], dict[str, Any]]) -> None
     assert caps.engine == "vllm"
     assert caps.supports_steering and not caps.batch_invariant and not caps.graphable
     assert any("vLLM" in note for note in out["describe"].notes)
-    # This CPU's vLLM build has no int4 weight-only GEMM: GPTQ/AWQ are not among its own.
-    assert caps.precisions == {"fp32", "bf16", "fp16", "fp8"}
+    # GPTQ/AWQ are among its own only where the CPU build has the int4 weight-only GEMM.
+    int4 = {"gptq", "awq"} if _int4_gemm() else set()
+    assert caps.precisions == {"fp32", "bf16", "fp16", "fp8", *int4}
     assert caps.tensor_parallel_size == 1
 
 
@@ -241,16 +255,22 @@ def test_fp8_stays_near_the_bf16_model(tmp_path: Path) -> None:
 
 
 def test_what_this_cpu_cannot_serve_is_refused_by_name(tmp_path: Path) -> None:
-    """Refused before vLLM builds the model: GPTQ/AWQ without the int4 kernel (the first
-    forward would fail with ``'_C' object has no attribute 'cpu_gemm_wna16'``), and
-    ``qsens serve loader --engine vllm --gpus 2`` on a CPU (a named error, exit status 2)."""
+    """Refused before vLLM builds the model: GPTQ/AWQ where the CPU build lacks the int4
+    kernel (the AVX2 build: the first forward would fail with ``'_C' object has no attribute
+    'cpu_gemm_wna16'``; the AVX-512 build has it and takes them), and ``qsens serve loader
+    --engine vllm --gpus 2`` on a CPU (a named error, exit status 2)."""
     source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
     driver = ["-m", "tests.vllm_driver", "--refusals"]
     done = _in_vllm_env([*driver, str(source.folder), str(tmp_path / "out")], timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    for kind, field, text in engine_codec.read(tmp_path / "out"):
-        assert (kind, field) == ("InvalidArgument", "precision")
-        assert "cpu_gemm_wna16" in text and "backend gptq/awq" in text
+    found = engine_codec.read(tmp_path / "out")
+    assert len(found) == 2  # gptq, awq
+    for kind, field, text in found:
+        if _int4_gemm():
+            assert (kind, field) == ("loaded", ""), text
+        else:
+            assert (kind, field) == ("InvalidArgument", "precision")
+            assert "cpu_gemm_wna16" in text and "backend gptq/awq" in text
     serve = ["-m", "services.cli.main", "serve", "loader", "--engine", "vllm"]
     args = ["--model", str(source.folder), "--precision", "bf16", "--gpus", "2", "--port", "0"]
     done = _in_vllm_env([*serve, *args], timeout=300)
@@ -296,7 +316,8 @@ async def test_grpc_loader_on_vllm_serves_like_hf(both: tuple[list[Any], dict[st
     assert info.engine == "vllm" and info.backend == "vllm"
     assert info.capabilities is not None
     assert info.capabilities.supports_steering and not info.capabilities.batch_invariant
-    assert "fp8" in info.capabilities.precisions and "gptq" not in info.capabilities.precisions
+    assert "fp8" in info.capabilities.precisions
+    assert ("gptq" in info.capabilities.precisions) == _int4_gemm()
     assert info.capabilities.tensor_parallel_size == 1
     assert plain.token_ids == hf[0][0].token_ids
     assert steered.token_ids == hf[0][2].token_ids
