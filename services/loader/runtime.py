@@ -109,8 +109,8 @@ class LoaderRuntime:
         token = ticket.token
         if not token.cancelled:  # a passed deadline is recorded as such
             token.cancel("deadline" if reason == "deadline" else "cancelled")
-        if future.cancel():  # still queued: it will never run
-            self.count_cancelled(ticket, "queued")
+        if future.cancel():  # still queued: it will never run (a later stream chunk: running)
+            self.count_cancelled(ticket, "queued" if token.started is None else "running")
 
     def count_cancelled(self, ticket: Ticket, stage: str) -> None:
         """Count ``ticket``'s request as cancelled at ``stage``: once, however it was noticed

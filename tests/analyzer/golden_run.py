@@ -238,7 +238,8 @@ def closest_recording(docs: Mapping[str, Any], *, intervals: bool) -> tuple[str,
                     f"the spec's fingerprint changed ({was} -> {now}), which re-seeds every "
                     "bootstrap: re-record"
                     if was != now
-                    else "same spec fingerprint, so this is a real change"
+                    else "same spec fingerprint: a real change, or this recording's machine "
+                    "class differs"
                 )
                 diff += [f"{name}: bootstrap intervals differ ({why}): {d}" for d in bootstrap]
         if not diff:

@@ -127,12 +127,14 @@ def _in_vllm_env(args: list[str], timeout: int = 600) -> subprocess.CompletedPro
 def _int4_gemm() -> bool:
     """Whether this machine's vLLM CPU build has the int4 weight-only GEMM that GPTQ/AWQ need
     (``cpu_gemm_wna16``: in the AVX-512 build, not in the AVX2 one), asked as the engine asks."""
-    done = _in_vllm_env(
-        ["-c", "from services.loader.engines.vllm.engine import _platform; print(_platform()[1])"],
-        timeout=300,
+    code = (
+        "from services.loader.engines.vllm.engine import _platform; "
+        "print('INT4_GEMM', _platform()[1])"
     )
+    done = _in_vllm_env(["-c", code], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.strip().splitlines()[-1] == "True"
+    (answer,) = [line for line in done.stdout.splitlines() if line.startswith("INT4_GEMM ")]
+    return answer == "INT4_GEMM True"
 
 
 def _drive(
@@ -257,19 +259,21 @@ def test_fp8_stays_near_the_bf16_model(tmp_path: Path) -> None:
 def test_what_this_cpu_cannot_serve_is_refused_by_name(tmp_path: Path) -> None:
     """Refused before vLLM builds the model: GPTQ/AWQ where the CPU build lacks the int4
     kernel (the AVX2 build: the first forward would fail with ``'_C' object has no attribute
-    'cpu_gemm_wna16'``; the AVX-512 build has it and takes them), and ``qsens serve loader
-    --engine vllm --gpus 2`` on a CPU (a named error, exit status 2)."""
+    'cpu_gemm_wna16'``), and where it has it (the AVX-512 build) a checkpoint that is not a
+    GPTQ/AWQ one (here SmolLM2's plain weights: vLLM would load them under the variant's
+    name); and ``qsens serve loader --engine vllm --gpus 2`` on a CPU (a named error, exit
+    status 2)."""
     source = resolve_source("smollm2-135m", settings.get(settings.CommonSettings).cache_dir)
     driver = ["-m", "tests.vllm_driver", "--refusals"]
     done = _in_vllm_env([*driver, str(source.folder), str(tmp_path / "out")], timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     found = engine_codec.read(tmp_path / "out")
     assert len(found) == 2  # gptq, awq
-    for kind, field, text in found:
+    for (kind, field, text), method in zip(found, ("gptq", "awq"), strict=True):
+        assert (kind, field) == ("InvalidArgument", "precision"), text
         if _int4_gemm():
-            assert (kind, field) == ("loaded", ""), text
+            assert f"is not a {method} checkpoint (quantization_config.quant_method: None)" in text
         else:
-            assert (kind, field) == ("InvalidArgument", "precision")
             assert "cpu_gemm_wna16" in text and "backend gptq/awq" in text
     serve = ["-m", "services.cli.main", "serve", "loader", "--engine", "vllm"]
     args = ["--model", str(source.folder), "--precision", "bf16", "--gpus", "2", "--port", "0"]

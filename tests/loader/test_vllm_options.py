@@ -8,6 +8,9 @@ planner refuses a vLLM variant a CPU loader cannot serve before anything is subm
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from services.common.errors import InvalidArgument
@@ -22,6 +25,7 @@ from services.loader.capabilities import (
 )
 from services.loader.engines.vllm.options import (
     VLLMOptions,
+    check_checkpoint,
     served_precisions,
     tensor_parallel_size,
     vllm_options,
@@ -136,3 +140,27 @@ def test_split_dims_come_from_the_text_config() -> None:
     llama = LlamaConfig(num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672)
     assert split_dims(llama) == {"heads": 64, "kv_heads": 8, "intermediate": 28672}
     assert tensor_parallel_size(3, **split_dims(llama), visible=8) == 4
+
+
+def test_gptq_and_awq_need_a_checkpoint_of_that_method(tmp_path: Path) -> None:
+    def folder(name: str, config: dict[str, object] | None) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        if config is not None:
+            (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    gptq = folder("gptq", {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    awq = folder("awq", {"quantization_config": {"quant_method": "awq"}})
+    plain = folder("plain", {"model_type": "llama"})
+    check_checkpoint(Precision.GPTQ, gptq)
+    check_checkpoint(Precision.AWQ, awq)
+    check_checkpoint(Precision.BF16, plain)  # only GPTQ/AWQ read the checkpoint's method
+    for precision, path, said in (
+        (Precision.GPTQ, awq, "quant_method: awq"),
+        (Precision.AWQ, plain, "quant_method: None"),
+        (Precision.GPTQ, folder("empty", None), "no readable config.json"),
+    ):
+        with pytest.raises(InvalidArgument, match=said) as refused:
+            check_checkpoint(precision, path)
+        assert refused.value.field == "precision"

@@ -54,6 +54,7 @@ from services.loader.engines.vllm.hooks import FlatCapture
 from services.loader.engines.vllm.options import (
     DTYPES,
     VLLMOptions,
+    check_checkpoint,
     served_precisions,
     tensor_parallel_size,
     vllm_options,
@@ -327,6 +328,7 @@ class VLLMEngine(Engine):
         if gpus is None and not on_cpu:
             gpus, chosen = _derived_gpus(source, precision, settings)
         options = vllm_options(precision, gpus=gpus, on_cpu=on_cpu, has_int4_kernel=int4)
+        check_checkpoint(precision, source.folder)
         if cpu_ranks is not None and on_cpu:
             options = dataclasses.replace(options, tensor_parallel_size=cpu_ranks)
         extra: dict[str, Any] = {}

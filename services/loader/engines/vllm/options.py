@@ -16,7 +16,9 @@ vLLM then runs one worker process per GPU, and the engine installs its hooks in 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.common.errors import InvalidArgument
 from services.common.variants import Precision
@@ -84,6 +86,26 @@ def vllm_options(
             "(unset QSENS_LOADER_GPUS / --gpus or set it to 1)",
         )
     return VLLMOptions(DTYPES[precision], QUANTIZATION.get(precision), tp)
+
+
+def check_checkpoint(precision: Precision, folder: Path) -> None:
+    """GPTQ/AWQ: the checkpoint in ``folder`` must carry that quantization (its config's
+    ``quantization_config.quant_method``), or vLLM would load its plain weights under the
+    variant's name; InvalidArgument naming ``precision`` otherwise."""
+    if precision not in _INT4:
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument("precision", f"no readable config.json in {folder}: {exc}") from exc
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != precision.value:
+        raise InvalidArgument(
+            "precision",
+            f"the checkpoint in {folder} is not a {precision.value} checkpoint "
+            f"(quantization_config.quant_method: {method}); make one with a quantize job or "
+            "serve it at its own precision",
+        )
 
 
 def tensor_parallel_size(
