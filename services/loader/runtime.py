@@ -109,12 +109,14 @@ class LoaderRuntime:
         token = ticket.token
         if not token.cancelled:  # a passed deadline is recorded as such
             token.cancel("deadline" if reason == "deadline" else "cancelled")
-        if future.cancel():  # still queued: it will never run (a later stream chunk: running)
-            self.count_cancelled(ticket, "queued" if token.started is None else "running")
+        if future.cancel():  # still queued: it will never run
+            self.count_cancelled(ticket)
 
-    def count_cancelled(self, ticket: Ticket, stage: str) -> None:
-        """Count ``ticket``'s request as cancelled at ``stage``: once, however it was noticed
-        (the event loop and the model thread both notice)."""
+    def count_cancelled(self, ticket: Ticket) -> None:
+        """Count ``ticket``'s request as cancelled, once however it was noticed (the event loop
+        and the model thread both notice): "queued" if its work never started, else "running"
+        (a later chunk of a streamed Capture that waited its turn included)."""
+        stage = "queued" if ticket.token.started is None else "running"
         with self._cancel_lock:
             if ticket.cancelled_at is not None:
                 return
@@ -126,8 +128,7 @@ class LoaderRuntime:
         m = metrics()
         if ticket is not None and token is not None:
             if token.cancelled:  # the caller left while this waited its turn
-                # A later chunk of a streamed Capture waited, but the request had started.
-                self.count_cancelled(ticket, "queued" if token.started is None else "running")
+                self.count_cancelled(ticket)
                 raise token.error()
             if token.started is None:  # a streamed Capture runs here once per chunk
                 m.queue_wait.labels(ticket.priority).observe(time.monotonic() - ticket.admitted)
@@ -148,7 +149,7 @@ class LoaderRuntime:
                 return fn()
         except WorkCancelled:
             if ticket is not None:
-                self.count_cancelled(ticket, "running")
+                self.count_cancelled(ticket)
             raise
         finally:
             engine.checkpoint = _never_cancelled

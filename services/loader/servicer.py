@@ -117,7 +117,7 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 # The caller may leave between chunks (while one is sent): the chunks after it
                 # never run, and the request counts as cancelled like one stopped mid-chunk.
                 if not finished and ticket.token.cancelled:
-                    self.rt.count_cancelled(ticket, "running")
+                    self.rt.count_cancelled(ticket)
         throughput("Capture", engine.tokens_processed - before, started)
 
     async def Score(
