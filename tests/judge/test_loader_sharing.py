@@ -92,9 +92,10 @@ async def test_busy_loader_never_fails_a_judgment(
             stub = pb_grpc.LoaderServiceStub(channel)
             study = stub.Generate(
                 pb.GenerateRequest(
-                    # 64 x 1 024 tokens: far longer than the waits below even on the fast
-                    # generation path (it is cancelled once the judge has been seen waiting).
-                    items=[PromptItem(STORY).to_proto() for _ in range(64)],
+                    # 256 x 1 024 tokens: far longer than the 5 s of waits below even on the
+                    # fast generation path of a fast CPU (64 rows took 5.3 s on a 2-core EPYC);
+                    # it is cancelled once the judge has been seen waiting.
+                    items=[PromptItem(STORY).to_proto() for _ in range(256)],
                     params=pb.GenerationParams(max_new_tokens=1024),
                 )
             )
