@@ -79,7 +79,12 @@ def linears(tokens: int, dev: torch.device) -> dict[str, Any]:
 
 
 def decode_attention(
-    rows: int, length: int, valid_from: int, dev: torch.device, flex: bool = True
+    rows: int,
+    length: int,
+    valid_from: int,
+    dev: torch.device,
+    flex: bool = True,
+    tune: bool = False,
 ) -> dict[str, Any]:
     groups = HEADS // KV
     q = torch.randn(rows, KV, groups, DIM, device=dev, dtype=torch.bfloat16)
@@ -151,7 +156,17 @@ def decode_attention(
     key_starts[:-1] += starts.to(torch.int32)
     used = (length - starts).to(torch.int32)
     qf = q.reshape(rows, KV * groups, DIM)
-    for name, kernel in (("triton", DecodeTriton(True)), ("flash_varlen", DecodeFlash(True))):
+    kernels: list[tuple[str, Any]] = [("triton", DecodeTriton(True))]
+    if tune:  # the Triton kernel's launch settings, to pick its defaults from
+        kernels += [
+            (f"triton_n{n}_w{w}_s{s}", DecodeTriton(True, block_n=n, num_warps=w, num_stages=s))
+            for n in (32, 64, 128)
+            for w in (2, 4, 8)
+            for s in (1, 3)
+            if not (n == 128 and w == 2)
+        ]
+    kernels.append(("flash_varlen", DecodeFlash(True)))
+    for name, kernel in kernels:
 
         def run(kernel: Any = kernel) -> torch.Tensor:
             o = kernel(qf, kt, vt, (query_offsets, key_starts), used, scale)
@@ -286,14 +301,17 @@ def main() -> None:
     parser.add_argument(
         "--decode-attention-only",
         action="store_true",
-        help="time only the decode attention variants, flex attention left out (it compiles "
+        help="time only the decode attention variants (the Triton kernel under several launch "
+        "settings), flex attention left out (it compiles "
         "per block size), at cache widths 128 and 256",
     )
     args = parser.parse_args()
     dev = torch.device(args.device)
     if args.decode_attention_only:
         widths = {
-            f"decode_attention_w{w}": decode_attention(args.decode_rows, w, w // 2, dev, flex=False)
+            f"decode_attention_w{w}": decode_attention(
+                args.decode_rows, w, w // 2, dev, flex=False, tune=True
+            )
             for w in (128, 256)
         }
         print(json.dumps(widths, indent=1))

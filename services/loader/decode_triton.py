@@ -36,6 +36,7 @@ log = get_logger(__name__)
 
 _LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per iteration
+NUM_WARPS = 4
 # The first call's answer is checked against ``reference_decode`` on this many rows (the first
 # ones and those with the most keys, so several key blocks are checked where any row has
 # them); a relative error above the tolerance (bf16 output rounding is ~4e-3) switches the
@@ -160,8 +161,22 @@ class DecodeTriton:
     ``enabled``: on a CUDA device (the engine's choice), or in Triton's interpreter on a CPU
     (tests, with ``TRITON_INTERPRET=1`` set before the first kernel is built)."""
 
-    def __init__(self, enabled: bool, why_not: str = "not on a CUDA device") -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        why_not: str = "not on a CUDA device",
+        *,
+        block_n: int = BLOCK_N,
+        num_warps: int = NUM_WARPS,
+        num_stages: int | None = None,
+    ) -> None:
+        """``block_n``/``num_warps``/``num_stages``: the launch settings (the benchmark tries
+        several; ``num_stages`` None leaves Triton's default)."""
         self.disabled: str | None = None if enabled else why_not
+        self.block_n = block_n
+        self.launch: dict[str, int] = {"num_warps": num_warps}
+        if num_stages is not None:
+            self.launch["num_stages"] = num_stages
         self.checked = False
         # float32 only where exact (the interpreter): on a GPU tl.dot rounds it to TF32.
         self.float32 = os.environ.get("TRITON_INTERPRET") == "1"
@@ -226,9 +241,9 @@ class DecodeTriton:
                 out.stride(1),
                 GROUPS=groups,
                 BLOCK_G=max(16, 1 << math.ceil(math.log2(groups))),
-                BLOCK_N=BLOCK_N,
+                BLOCK_N=self.block_n,
                 HEAD_DIM=dim,
-                num_warps=4,
+                **self.launch,
             )
         except Exception as exc:  # a compile or launch refusal: the flash kernel attends
             if is_oom(exc):

@@ -82,6 +82,18 @@ def test_kernel_attends_what_the_contract_says(
     assert other is not None and not torch.allclose(other[0].float(), out[0].float())
 
 
+@pytest.mark.parametrize(("block_n", "warps", "stages"), [(32, 2, 1), (128, 8, 3)])
+def test_launch_settings_keep_the_answer(block_n: int, warps: int, stages: int) -> None:
+    """The benchmark's other launch settings (key block, warps, pipeline stages) attend the
+    same: rows of 1 key, of less than a block and of several blocks."""
+    q, keys, values, starts, used = _case(4, 300, 2, 4, 32, torch.float32, seed=block_n)
+    kernel = DecodeTriton(True, block_n=block_n, num_warps=warps, num_stages=stages)
+    out = kernel(q, keys, values, (torch.arange(5, dtype=torch.int32), starts), used, 0.2)
+    assert out is not None and kernel.disabled is None, kernel.disabled
+    want = reference_decode(q, keys, values, starts, used, 0.2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 def test_head_sizes_the_kernel_cannot_tile_are_refused_up_front() -> None:
     kernel = DecodeTriton(True)
     assert not kernel.usable(torch.bfloat16, 80) and not kernel.usable(torch.float16, 8)
