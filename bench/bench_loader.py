@@ -666,8 +666,8 @@ def main() -> None:
     parser.add_argument(
         "--decode-kernel",
         choices=("flash", "triton"),
-        default="flash",
-        help="the fast path's decode attention on a GPU (setting decode_kernel, default flash "
+        default="triton",
+        help="the fast path's decode attention on a GPU (setting decode_kernel, default triton "
         "as in serving); with triton the one-batch sweep is timed again with flash beside it",
     )
     parser.add_argument(

@@ -25,11 +25,12 @@ rotary embedding: quantized linears work unchanged) in a loop it controls:
 * **One matmul for q/k/v and one for gate/up** where they are plain linears: the modules'
   weights are re-pointed to slices of one tensor (the modules compute what they did, no memory
   is added); quantized linears keep their own kernels.
-* **Decode attention reading each row's own keys**: on a GPU torch's flash kernel with
-  per-row key offsets and used lengths (``fastgen_kernels.DecodeFlash``), or where setting
-  ``decode_kernel`` asks for it one Triton kernel (``decode_triton``: a program per row and
-  key/value head reads the row's filled keys once for all its query heads), elsewhere one fused SDPA over the masked cache with the query heads of a
-  key/value head as query positions of one head (nothing repeated per query head).
+* **Decode attention reading each row's own keys**: on a GPU one Triton kernel
+  (``decode_triton``: a program per row and key/value head reads the row's filled keys once
+  for all its query heads; setting ``decode_kernel``), else torch's flash kernel with per-row
+  key offsets and used lengths (``fastgen_kernels.DecodeFlash``), elsewhere one fused SDPA
+  over the masked cache with the query heads of a key/value head as query positions of one
+  head (nothing repeated per query head).
 * **Decode steps from a CUDA graph**: the first decode step of a call is recorded (on a GPU)
   and every later step replays it: the per-step Python and kernel-launch cost of a 16-32
   layer forward goes. The graph's inputs are two static buffers (tokens, step); it writes the
@@ -278,8 +279,8 @@ class FastGenerator:
         ]
         self.fused = Fused(compile_elementwise, compile_min_tokens)
         self.varlen = VarlenAttention()  # packed capture's attention on a GPU
-        # Decode attention on a GPU: the Triton kernel where asked for, else torch's flash
-        # kernel (setting ``decode_kernel``).
+        # Decode attention on a GPU: the Triton kernel (setting ``decode_kernel``, the
+        # default), torch's flash kernel where it is off or told so.
         on_gpu = device.type == "cuda"
         self.decode_triton = (
             DecodeTriton(on_gpu) if decode_triton else DecodeTriton(False, "not asked for")

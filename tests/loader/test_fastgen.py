@@ -484,7 +484,7 @@ def test_info_notes_say_when_the_fast_path_is_off(engine: Engine) -> None:
         engine.fast_disabled = saved
 
 
-def test_decode_kernel_setting_picks_the_triton_kernel_only_when_asked(
+def test_decode_kernel_setting_picks_the_triton_kernel_unless_told_flash(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from services.common import settings as settings_mod
@@ -500,8 +500,9 @@ def test_decode_kernel_setting_picks_the_triton_kernel_only_when_asked(
         return engine.fast.decode_triton.disabled
 
     try:
-        assert triton_reason(None) == "not asked for"  # flash is the default
-        assert triton_reason("triton") == "not on a CUDA device"  # asked, but this is a CPU
+        assert triton_reason(None) == "not on a CUDA device"  # the default, but this is a CPU
+        assert triton_reason("flash") == "not asked for"
+        assert triton_reason("triton") == "not on a CUDA device"
         monkeypatch.setenv("QSENS_LOADER_DECODE_KERNEL", "cuda-magic")
         settings_mod.reset()
         with pytest.raises(Exception, match="decode_kernel"):
