@@ -95,9 +95,9 @@ def test_loader_bench_runs_only_the_parts_asked_for_and_names_a_bad_one() -> Non
     )  # fmt: skip
     assert "capture" in out and "steered_generation" not in out and "sweep" not in out
     assert out["capture"]["profile"]["top"]  # capture's busiest operators (kernels on a GPU)
-    # On a CPU decode attends through SDPA: flash needs CUDA, Triton is not asked for.
+    # On a CPU decode attends through SDPA: Triton (the default) and flash need CUDA.
     assert out["decode_attention"] == {
-        "kernel": "sdpa", "triton_off": "not asked for", "flash_off": "not on a CUDA device",
+        "kernel": "sdpa", "triton_off": "not on a CUDA device", "flash_off": "not on a CUDA device",
     }  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_loader.py"), "--parts", "capture,warp"],

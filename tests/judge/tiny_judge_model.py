@@ -62,23 +62,32 @@ def _tokenizer() -> object:
     return tok
 
 
-def build_tiny_judge(folder: Path, *, steps: int = 300, seed: int = 2) -> Path:
+def build_tiny_judge(folder: Path, *, steps: int = 500, seed: int = 0, tries: int = 3) -> Path:
     """Train the tiny judge and save it (weights, tokenizer, chat template) in ``folder``.
 
-    Seed 2, 300 steps (~10 s): from seed 0 the training settled where "saintly" and "sorry"
-    gave the same answer (logits 8e-6 apart even after 1 000 steps), so the refusing answer got
-    a score and "saintly" sat at the numeric-mass threshold, scored on one CPU and refused on
-    another. From seeds 1-3 every level puts >= 0.94 of its mass on numbers and "sorry" >= 0.96
-    on REFUSAL; 300 steps bring p(end-of-turn | number) near 1, which the agreement tolerance
-    of the tests assumes (measured on a 2-core EPYC)."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+    Adam at lr 1e-3, 500 steps (~20 s). At lr 5e-3 the training fell, on some CPUs and seeds,
+    into a state where the last position ignores the answer word: every answer (or all but
+    one) got the same distribution, so "sorry" was scored and the levels agreed on one mean
+    (seen on a 2-core AVX2 EPYC for seeds 1 and 2, and for seed 0 on an AVX-512 one; more steps
+    did not leave it). At 1e-3 seeds 0-3 all learned the task there. The trained judge is
+    checked (``_learned``): a seed whose judge did not learn it is replaced by the next one,
+    up to ``tries`` seeds, so a CPU whose float rounding leads elsewhere gets a working judge
+    or a clear error, never a silently different test."""
     threads = torch.get_num_threads()
     # One thread: tiny matmuls gain nothing from more, and on a shared 2-core machine the
     # spinning of a second thread made training ten times slower (11 s vs 100 s measured).
     torch.set_num_threads(1)
+    failures = []
     try:
-        model, tok = _train(rng, steps)
+        for attempt in range(tries):
+            torch.manual_seed(seed + attempt)
+            model, tok = _train(random.Random(seed + attempt), steps)
+            problem = _learned(model, tok)
+            if problem is None:
+                break
+            failures.append(f"seed {seed + attempt}: {problem}")
+        else:
+            raise RuntimeError(f"the tiny judge did not learn its task: {failures}")
     finally:
         torch.set_num_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,10 +96,40 @@ def build_tiny_judge(folder: Path, *, steps: int = 300, seed: int = 2) -> Path:
     return folder
 
 
+def _prompt_ids(tok: Any, answer: str) -> list[int]:
+    """The judge prompt for ``answer``, tokenized as the loader does: the rendered chat
+    template, then the tokenizer."""
+    from services.judge.rubrics import render_prompt
+
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": render_prompt(RUBRIC, QUESTION, answer, 1000)}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids: list[int] = tok(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _learned(model: Any, tok: Any) -> str | None:
+    """None where the judge answers each level with numbers (>= 0.94 of the next token's
+    mass) whose mean lies within 10 of its score, and "sorry" with REFUSAL (>= 0.94); else
+    what it does instead."""
+    numbers = [tok.convert_tokens_to_ids(str(n)) for n in range(101)]
+    refusal = tok.convert_tokens_to_ids("REFUSAL")
+    with torch.no_grad():
+        for answer in [*LEVELS, REFUSING]:
+            probs = model(torch.tensor([_prompt_ids(tok, answer)])).logits[0, -1].softmax(-1)
+            mass = float(probs[numbers].sum())
+            mean = float((probs[numbers] * torch.arange(101)).sum()) / max(mass, 1e-12)
+            if answer == REFUSING and float(probs[refusal]) < 0.94:
+                return f"{answer!r}: p(REFUSAL) {float(probs[refusal]):.3f}"
+            if answer != REFUSING and (mass < 0.94 or abs(mean - LEVELS[answer]) > 10):
+                return f"{answer!r}: number mass {mass:.3f}, mean {mean:.1f}"
+    return None
+
+
 def _train(rng: random.Random, steps: int) -> tuple[Any, Any]:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from services.judge.rubrics import render_prompt
 
     tok = _tokenizer()
     end = tok.convert_tokens_to_ids("<|im_end|>")  # type: ignore[attr-defined]
@@ -109,19 +148,8 @@ def _train(rng: random.Random, steps: int) -> tuple[Any, Any]:
     )
     model = LlamaForCausalLM(config)
     answers = [*LEVELS, REFUSING]
-    # Tokenized as the loader does: the rendered chat template, then the tokenizer.
-    prompts = {
-        a: tok(  # type: ignore[operator]
-            tok.apply_chat_template(  # type: ignore[attr-defined]
-                [{"role": "user", "content": render_prompt(RUBRIC, QUESTION, a, 1000)}],
-                tokenize=False,
-                add_generation_prompt=True,
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for a in answers
-    }
-    optim = torch.optim.Adam(model.parameters(), lr=5e-3)
+    prompts = {a: _prompt_ids(tok, a) for a in answers}
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for _step in range(steps):
         batch, labels = [], []

@@ -449,6 +449,52 @@ def test_long_capture_batches_are_cut_where_padding_would_pass_a_sixteenth(engin
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
+def test_capture_chunks_are_computed_together_and_still_stream_chunk_by_chunk(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU computes chunks of short items together up to ``capture_window_tokens`` (one
+    forward where the chunk size would give several); the results still come a chunk per
+    message, in request order, equal to chunk-by-chunk forwards. Steered items included."""
+    from services.loader.engines.hf import capture as capture_mod
+    from services.loader.positions import parse_position
+
+    assert engine.capture_window_tokens == 0  # off on a CPU
+    items = [EngineItem(list(range(3, 3 + n)), [5, 6, 7]) for n in (9, 30, 12, 7, 25, 11, 8)]
+    vec = torch.randn(engine.hidden_size, generator=torch.Generator().manual_seed(5))
+    items[4] = EngineItem(items[4].prompt_ids, [5, 6, 7], steering=[SteerSpec((1,), vec, 2.0)])
+    lengths = [it.length for it in items]  # 12 33 15 10 28 14 11
+    assert list(capture_mod._windows(items, 2, 0)) == [[0, 1], [2, 3], [4, 5], [6]]
+    assert list(capture_mod._windows(items, 2, 70)) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert list(capture_mod._windows(items, 2, 40)) == [[0, 1], [2, 3], [4, 5], [6]]  # > 40
+    assert list(capture_mod._windows(items, 3, 10_000)) == [list(range(7))]
+    assert sum(lengths[:4]) <= 70 < sum(lengths[:6])
+
+    forwards: list[int] = []
+    real = capture_mod._capture_batch
+
+    def counted(core: Any, batch: Any, *args: Any) -> Any:
+        forwards.append(len(batch))
+        return real(core, batch, *args)
+
+    monkeypatch.setattr(capture_mod, "_capture_batch", counted)
+
+    def chunks() -> list[list[Any]]:
+        return list(
+            engine.capture(items, range(6), parse_position("response[:]"), "mean", chunk_items=2)
+        )
+
+    one_by_one = chunks()
+    assert len(forwards) >= 4
+    forwards.clear()
+    monkeypatch.setattr(engine, "capture_window_tokens", 10_000)
+    together = chunks()
+    assert len(forwards) <= 2 < 4  # the unsteered rows in one forward, the steered one apart
+    assert [[r.index for r in c] for c in together] == [[0, 1], [2, 3], [4, 5], [6]]
+    for a, b in zip(one_by_one, together, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x.activations, y.activations, atol=2e-5, rtol=1e-5)
+
+
 def test_fused_projections_share_the_modules_weights_and_respect_hooks(engine: Engine) -> None:
     fast = engine.fast
     assert fast is not None

@@ -38,10 +38,7 @@ def capture(
     for window in _windows(items, chunk, core.capture_window_tokens):
         results: dict[int, CaptureResult] = {}
         lengths = [items[i].length for i in window]
-        # fastgen's packed capture (unsteered rows) computes no padding: splitting a batch
-        # against padding waste would only shrink its matmuls.
-        packed = core.fast is not None and not any(items[i].steering for i in window)
-        split = 0 if packed else core.capture_split_tokens
+        split = 0 if _unpadded(core, [items[i] for i in window]) else core.capture_split_tokens
         for batch in core._micro_batches(lengths, 0, max_rows, split):
             rows = [window[j] for j in batch]
 
@@ -60,6 +57,20 @@ def capture(
                 results[res.index] = res
         for start in range(0, len(window), chunk):
             yield [results.pop(i) for i in window[start : start + chunk]]
+
+
+def _unpadded(core: HFCore, items: Sequence[EngineItem]) -> bool:
+    """Whether these items' capture computes no padding at all: fastgen's packed capture
+    (unsteered rows) with varlen attention (a GPU). Splitting its batches against padding
+    waste would only shrink their matmuls. On a CPU the packed capture still attends the
+    padded layout, so its batches are split as the padded forward's are."""
+    fast = core.fast
+    return (
+        fast is not None
+        and core.device.type == "cuda"
+        and fast.varlen_disabled is None
+        and not any(it.steering for it in items)
+    )
 
 
 def _windows(items: Sequence[EngineItem], chunk: int, tokens: int) -> Iterator[list[int]]:

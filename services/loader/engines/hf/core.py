@@ -73,8 +73,10 @@ class HFCore:
         # Capture batches past this many padded tokens are cut where padding would pass 1/16
         # (compute-bound there: padded tokens are computed tokens); 0: never.
         self.capture_split_tokens = 8192
-        # Chunks of a capture computed together up to this many tokens (capture._windows).
-        self.capture_window_tokens = 16384
+        # Chunks of a capture computed together up to this many tokens (capture._windows);
+        # on a GPU only, where a forward's matmuls need thousands of tokens to run near peak
+        # (a CPU's are compute-bound at a few rows; merging would only delay the first chunk).
+        self.capture_window_tokens = 16384 if self.device.type == "cuda" else 0
         self.oom_retries = 0
         self.forward_rows = 0
         self.tokens_processed = 0
