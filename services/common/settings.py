@@ -215,7 +215,7 @@ class LoaderSettings(BaseSettings):
         "triton",
         description="Decode attention of the fast path on a GPU: 'triton' is the loader's own "
         "kernel (services/loader/decode_triton.py: each row's keys read once for all its query "
-        "heads; 0.21 ms a layer where torch's flash kernel takes 0.39 ms at an 8B sweep's "
+        "heads; 0.23 ms a layer where torch's flash kernel takes 0.39 ms at an 8B sweep's "
         "decode step on an H100); 'flash' is torch's varlen flash kernel with per-row key "
         "offsets. Either switches itself off on failure and the next one attends.",
     )

@@ -98,6 +98,15 @@ class VarlenAttention:
         self.disabled: str | None = None  # why packed capture attends padded
         self.repeat_kv = False  # key/value heads repeated (a torch without native GQA)
 
+    def available(self) -> bool:
+        """Whether packed rows can attend here: not switched off, and torch has the kernel."""
+        if self.disabled is None:
+            try:
+                from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+            except ImportError as exc:
+                self.disabled = f"no varlen_attn: {exc}"
+        return self.disabled is None
+
     def for_lengths(
         self, lengths: torch.Tensor, scale: float, groups: int
     ) -> Callable[..., torch.Tensor | None] | None:

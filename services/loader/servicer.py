@@ -115,7 +115,9 @@ class LoaderServicer(pb_grpc.LoaderServiceServicer):
                 finished = True
             finally:
                 # The caller may leave between chunks (while one is sent): the chunks after it
-                # never run, and the request counts as cancelled like one stopped mid-chunk.
+                # are never sent (on a GPU those of the same window were already computed with
+                # it, the later windows never run), and the request counts as cancelled like
+                # one stopped mid-chunk.
                 if not finished and ticket.token.cancelled:
                     self.rt.count_cancelled(ticket)
         throughput("Capture", engine.tokens_processed - before, started)

@@ -12,7 +12,8 @@ Requests have a priority (``qsens-priority`` metadata): ``normal`` (the study's 
 ``low`` (background work such as the judge's perplexity). ``ModelThread`` always starts the
 oldest normal request before any low one, and low requests have their own, smaller bound, so
 a flood of low-priority work never refuses a normal request and delays it by at most the low
-request already running (a streamed Capture yields the thread between its chunks). Strict
+request already running (a streamed Capture yields the thread between its chunks; on a GPU
+between windows of chunks computed together, at most ~16k tokens). Strict
 priority may starve low work while normal work keeps coming: its callers wait on back-pressure
 and their own deadlines, the study's jobs never wait for them.
 """

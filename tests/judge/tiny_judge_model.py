@@ -65,7 +65,7 @@ def _tokenizer() -> object:
 def build_tiny_judge(folder: Path, *, steps: int = 500, seed: int = 0, tries: int = 3) -> Path:
     """Train the tiny judge and save it (weights, tokenizer, chat template) in ``folder``.
 
-    Adam at lr 1e-3, 500 steps (~20 s). At lr 5e-3 the training fell, on some CPUs and seeds,
+    Adam at lr 1e-3, 500 steps (20-35 s on a 2-core machine). At lr 5e-3 the training fell, on some CPUs and seeds,
     into a state where the last position ignores the answer word: every answer (or all but
     one) got the same distribution, so "sorry" was scored and the levels agreed on one mean
     (seen on a 2-core AVX2 EPYC for seeds 1 and 2, and for seed 0 on an AVX-512 one; more steps
@@ -92,7 +92,7 @@ def build_tiny_judge(folder: Path, *, steps: int = 500, seed: int = 0, tries: in
         torch.set_num_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)  # type: ignore[attr-defined]
+    tok.save_pretrained(folder)
     return folder
 
 
@@ -112,19 +112,27 @@ def _prompt_ids(tok: Any, answer: str) -> list[int]:
 
 def _learned(model: Any, tok: Any) -> str | None:
     """None where the judge answers each level with numbers (>= 0.94 of the next token's
-    mass) whose mean lies within 10 of its score, and "sorry" with REFUSAL (>= 0.94); else
-    what it does instead."""
+    mass) whose mean lies within 10 of its score and ends its likeliest number with
+    end-of-turn (p >= 0.98: the agreement tolerance of the tests assumes it), and "sorry"
+    with REFUSAL (>= 0.94); else what it does instead."""
     numbers = [tok.convert_tokens_to_ids(str(n)) for n in range(101)]
     refusal = tok.convert_tokens_to_ids("REFUSAL")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
     with torch.no_grad():
         for answer in [*LEVELS, REFUSING]:
-            probs = model(torch.tensor([_prompt_ids(tok, answer)])).logits[0, -1].softmax(-1)
+            prompt = _prompt_ids(tok, answer)
+            probs = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
             mass = float(probs[numbers].sum())
             mean = float((probs[numbers] * torch.arange(101)).sum()) / max(mass, 1e-12)
             if answer == REFUSING and float(probs[refusal]) < 0.94:
                 return f"{answer!r}: p(REFUSAL) {float(probs[refusal]):.3f}"
             if answer != REFUSING and (mass < 0.94 or abs(mean - LEVELS[answer]) > 10):
                 return f"{answer!r}: number mass {mass:.3f}, mean {mean:.1f}"
+            if answer != REFUSING:
+                likeliest = numbers[int(probs[numbers].argmax())]
+                after = model(torch.tensor([[*prompt, likeliest]])).logits[0, -1].softmax(-1)
+                if float(after[end]) < 0.98:
+                    return f"{answer!r}: p(end-of-turn | number) {float(after[end]):.3f}"
     return None
 
 

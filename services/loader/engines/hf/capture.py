@@ -35,42 +35,69 @@ def capture(
     ``Engine.capture``: ``position`` selects tokens of each)."""
     layer_list = sorted(set(layers))
     chunk = max(1, chunk_items)
-    for window in _windows(items, chunk, core.capture_window_tokens):
+    # Windows only for reductions whose results are a row per item (mean, last): per-token
+    # results ("none") are what the chunk size bounds (~16 MB a message, one item at the 8B
+    # shape), and a window of them would hold gigabytes.
+    window_tokens = core.capture_window_tokens if reduction != "none" else 0
+    for window in _windows(items, chunk, window_tokens):
         results: dict[int, CaptureResult] = {}
-        lengths = [items[i].length for i in window]
-        split = 0 if _unpadded(core, [items[i] for i in window]) else core.capture_split_tokens
-        for batch in core._micro_batches(lengths, 0, max_rows, split):
-            rows = [window[j] for j in batch]
-
-            def run(sub: list[int]) -> list[CaptureResult]:
-                return _capture_batch(
-                    core,
-                    [items[i] for i in sub],
-                    sub,
-                    layer_list,
-                    position,
-                    reduction,
-                    padding_side,
+        # Where windows are on (a GPU), steered rows go apart: a batch with any steering runs
+        # the padded hooked forward, and one steered item must not take a window's unsteered
+        # rows (packed, graphed) with it.
+        groups = [window]
+        if window_tokens > 0:
+            groups = [
+                g
+                for g in (
+                    [i for i in window if not items[i].steering],
+                    [i for i in window if items[i].steering],
                 )
+                if g
+            ]
+        for group in groups:
+            lengths = [items[i].length for i in group]
+            unpadded = _unpadded(core, [items[i] for i in group], layer_list, reduction)
+            split = 0 if unpadded else core.capture_split_tokens
+            for batch in core._micro_batches(lengths, 0, max_rows, split):
+                rows = [group[j] for j in batch]
 
-            for res in core._adaptive(rows, run):
-                results[res.index] = res
+                def run(sub: list[int]) -> list[CaptureResult]:
+                    return _capture_batch(
+                        core,
+                        [items[i] for i in sub],
+                        sub,
+                        layer_list,
+                        position,
+                        reduction,
+                        padding_side,
+                    )
+
+                for res in core._adaptive(rows, run):
+                    results[res.index] = res
         for start in range(0, len(window), chunk):
             yield [results.pop(i) for i in window[start : start + chunk]]
 
 
-def _unpadded(core: HFCore, items: Sequence[EngineItem]) -> bool:
-    """Whether these items' capture computes no padding at all: fastgen's packed capture
-    (unsteered rows) with varlen attention (a GPU). Splitting its batches against padding
-    waste would only shrink their matmuls. On a CPU the packed capture still attends the
-    padded layout, so its batches are split as the padded forward's are."""
+def _unpadded(
+    core: HFCore, items: Sequence[EngineItem], layers: Sequence[int], reduction: Reduction
+) -> bool:
+    """Whether these items' capture as one batch computes no padding at all: fastgen's packed
+    capture of unsteered rows with varlen attention (a GPU), reducing a mean straight from
+    the packed layout, and too large for a capture graph (which replays a padded batch).
+    Splitting such a batch against padding waste would only shrink its matmuls. Elsewhere
+    (a CPU's packed capture attends the padded layout; "last" and "none" are recorded
+    through it; graphs pad) batches are split as the padded forward's are."""
     fast = core.fast
-    return (
-        fast is not None
-        and core.device.type == "cuda"
-        and fast.varlen_disabled is None
-        and not any(it.steering for it in items)
-    )
+    if (
+        fast is None
+        or core.device.type != "cuda"
+        or reduction != "mean"
+        or not fast.varlen.available()
+        or any(it.steering for it in items)
+    ):
+        return False
+    width = max((it.length for it in items), default=0)
+    return core.graphs.key(len(items), width, layers, reduction) is None
 
 
 def _windows(items: Sequence[EngineItem], chunk: int, tokens: int) -> Iterator[list[int]]:
