@@ -112,13 +112,10 @@ class VarlenAttention:
     ) -> Callable[..., torch.Tensor | None] | None:
         """Attention for packed rows of ``lengths`` (``groups`` query heads per key/value
         head), or None where torch has no varlen kernel or it was switched off."""
-        if self.disabled is not None:
+        if not self.available():
             return None
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError as exc:
-            self.disabled = f"no varlen_attn: {exc}"
-            return None
+        from torch.nn.attention.varlen import varlen_attn
+
         params = inspect.signature(varlen_attn).parameters
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(lengths.max())

@@ -39,6 +39,11 @@ def capture(
     # results ("none") are what the chunk size bounds (~16 MB a message, one item at the 8B
     # shape), and a window of them would hold gigabytes.
     window_tokens = core.capture_window_tokens if reduction != "none" else 0
+
+    def run(sub: list[int]) -> list[CaptureResult]:
+        batch = [items[i] for i in sub]
+        return _capture_batch(core, batch, sub, layer_list, position, reduction, padding_side)
+
     for window in _windows(items, chunk, window_tokens):
         results: dict[int, CaptureResult] = {}
         # Where windows are on (a GPU), steered rows go apart: a batch with any steering runs
@@ -46,33 +51,14 @@ def capture(
         # rows (packed, graphed) with it.
         groups = [window]
         if window_tokens > 0:
-            groups = [
-                g
-                for g in (
-                    [i for i in window if not items[i].steering],
-                    [i for i in window if items[i].steering],
-                )
-                if g
-            ]
+            steered = [i for i in window if items[i].steering]
+            groups = [g for g in ([i for i in window if not items[i].steering], steered) if g]
         for group in groups:
             lengths = [items[i].length for i in group]
             unpadded = _unpadded(core, [items[i] for i in group], layer_list, reduction)
             split = 0 if unpadded else core.capture_split_tokens
             for batch in core._micro_batches(lengths, 0, max_rows, split):
-                rows = [group[j] for j in batch]
-
-                def run(sub: list[int]) -> list[CaptureResult]:
-                    return _capture_batch(
-                        core,
-                        [items[i] for i in sub],
-                        sub,
-                        layer_list,
-                        position,
-                        reduction,
-                        padding_side,
-                    )
-
-                for res in core._adaptive(rows, run):
+                for res in core._adaptive([group[j] for j in batch], run):
                     results[res.index] = res
         for start in range(0, len(window), chunk):
             yield [results.pop(i) for i in window[start : start + chunk]]
