@@ -39,6 +39,7 @@ from bench.roofline import ModelShape, Work, card_for
 from services.common import settings as settings_mod
 from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
+from services.loader.hooks import PackedMean
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec, first_prompt_layer
@@ -86,15 +87,24 @@ def _time(fn: Any, device: torch.device, repeats: int, warm: Any = None) -> floa
     return statistics.median(times)
 
 
-def _paired(a: Any, b: Any, device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """Median seconds of ``a`` and ``b`` timed alternately (a, b, a, b, ...), and the median of
-    the per-pair ratios ``t_b / t_a``: drift of clocks or of a shared machine hits both sides."""
+def _paired_times(
+    a: Any, b: Any, device: torch.device, repeats: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of ``a`` and ``b`` timed alternately (a, b, a, b, ...) after one call of each:
+    drift of clocks or of a shared machine hits both sides."""
     a()
     b()
     ta, tb = [], []
     for _ in range(repeats):
         ta.append(_time(a, device, 1, warm=lambda: None))
         tb.append(_time(b, device, 1, warm=lambda: None))
+    return ta, tb
+
+
+def _paired(a: Any, b: Any, device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of ``a`` and ``b`` timed alternately, and the median of the per-pair
+    ratios ``t_b / t_a``."""
+    ta, tb = _paired_times(a, b, device, repeats)
     ratios = [y / x for x, y in zip(ta, tb, strict=True)]
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
 
@@ -259,6 +269,58 @@ def _profile(fn: Any, device: torch.device, top: int = 16) -> dict[str, Any]:
             {"name": e.key[:90], "ms": round(self_time(e) / 1e3, 3), "calls": e.count}
             for e in events[:top]
         ],
+        **({"idle": _idle(prof.events())} if on_gpu else {}),
+    }
+
+
+def _idle(events: Any, top: int = 6) -> dict[str, Any]:
+    """Where the GPU waited for the host in one profiled call: the time before its first
+    kernel and after its last (against the host's first and last event), the gaps between
+    kernels (the largest with the kernels around them and when they came), and the host's
+    synchronising runtime calls."""
+    from torch.autograd import DeviceType
+
+    def span(e: Any) -> tuple[float, float]:
+        return float(e.time_range.start), float(e.time_range.end)
+
+    gpu = sorted(
+        (*span(e), e.name) for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+    )
+    host = [span(e) for e in events if getattr(e, "device_type", None) == DeviceType.CPU]
+    if not gpu or not host:
+        return {}
+    first = gpu[0][0]
+    gaps = []
+    end, before = gpu[0][1], gpu[0][2]
+    for start, stop, name in gpu[1:]:
+        if start - end > 20.0:  # microseconds
+            gaps.append((start - end, end - first, before, name))
+        if stop > end:
+            end, before = stop, name
+    gaps.sort(reverse=True)
+    syncs: dict[str, list[float]] = {}
+    for e in events:
+        if getattr(e, "device_type", None) == DeviceType.CPU and (
+            "Synchronize" in e.name or e.name.startswith("cudaMemcpy")
+        ):
+            syncs.setdefault(e.name, []).append(span(e)[1] - span(e)[0])
+    return {
+        "lead_ms": round((first - min(h[0] for h in host)) / 1e3, 3),
+        "tail_ms": round((max(h[1] for h in host) - end) / 1e3, 3),
+        "gaps_ms": round(sum(g[0] for g in gaps) / 1e3, 3),
+        "gaps": len(gaps),
+        "largest": [
+            {
+                "ms": round(g / 1e3, 3),
+                "at_ms": round(at / 1e3, 2),
+                "after": a[:60],
+                "before": b[:60],
+            }
+            for g, at, a, b in gaps[:top]
+        ],
+        "sync_calls": {
+            k: {"count": len(v), "ms": round(sum(v) / 1e3, 3)} for k, v in syncs.items()
+        },
     }
 
 
@@ -348,10 +410,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             capture()
             _sync(device)
             first_calls.append(time.perf_counter() - start)
-        t_cap, t_fwd, ratio = _paired(capture, plain_forward, device, args.repeats)
+        caps, fwds = _paired_times(capture, plain_forward, device, args.repeats)
+        t_cap, t_fwd = statistics.median(caps), statistics.median(fwds)
+        ratio = statistics.median([f / c for c, f in zip(caps, fwds, strict=True)])
         _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
-        t_eager, _, ratio_eager = _paired(capture_eager, plain_forward, device, args.repeats)
+        eagers, fwds_e = _paired_times(capture_eager, plain_forward, device, args.repeats)
+        t_eager = statistics.median(eagers)
+        ratio_eager = statistics.median([f / c for c, f in zip(eagers, fwds_e, strict=True)])
         cap_work = work("forward", lengths, head=False, cache=False)
+        segmented: dict[str, Any] = {}
+        if device.type == "cuda":  # the packed means as one matmul a layer vs segmented
+
+            def capture_segmented() -> None:
+                PackedMean.refused = "bench: the segmented mean"
+                try:
+                    capture()
+                finally:
+                    PackedMean.refused = None
+
+            before = PackedMean.matmuls
+            mms, segs = _paired_times(capture, capture_segmented, device, args.repeats)
+            segmented = {
+                "capture_matmul_mean": _phase(mms, cap_work),
+                "capture_segmented_mean": _phase(segs, cap_work),
+            }
+            segmented["matmul_mean_layers"] = PackedMean.matmuls - before
         fwd_work = work("forward", lengths, head=True, cache=False)
         result["capture"] = {
             "rows": len(cap_items),
@@ -365,10 +448,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "capture_eager_tokens_per_s": tokens / t_eager,
             "ratio_capture_eager_over_forward": ratio_eager,
             "roofline": {
-                "capture": _phase([t_cap], cap_work),
-                "capture_eager": _phase([t_eager], cap_work),
-                "forward": _phase([t_fwd], fwd_work),
+                "capture": _phase(caps, cap_work),
+                "capture_eager": _phase(eagers, cap_work),
+                "forward": _phase(fwds, fwd_work),
+                **{k: v for k, v in segmented.items() if k.startswith("capture")},
             },
+            "matmul_mean_layers": segmented.get("matmul_mean_layers"),
             "graphs": {
                 "max_graphs": graphs,
                 "recorded": engine.graphs.recorded,
@@ -614,7 +699,13 @@ def summary(result: dict[str, Any]) -> str:
         )
 
     cap = result.get("capture", {}).get("roofline", {})
-    for key in ("capture", "capture_eager", "forward"):
+    for key in (
+        "capture",
+        "capture_eager",
+        "capture_matmul_mean",
+        "capture_segmented_mean",
+        "forward",
+    ):
         add(f"capture: {key}", cap.get(key))
     gen = result.get("steered_generation", {})
     add("generation: steered (fast)", gen.get("roofline_steered"))

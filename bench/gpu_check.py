@@ -30,6 +30,7 @@ from services.common import settings as settings_mod
 from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
 from services.loader.fastgen_kernels import DecodeFlash
+from services.loader.hooks import PackedMean
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec
@@ -238,7 +239,12 @@ def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
     replayed = g.replays - replays
     saved = g.max_graphs
     g.max_graphs = 0
+    matmuls = PackedMean.matmuls
     eager = [run(*case) for case in cases]
+    matmuls = PackedMean.matmuls - matmuls
+    PackedMean.refused = "gpu_check: the segmented mean"  # the same captures without the matmul
+    segmented = [run(*case) for case in cases]
+    PackedMean.refused = None
     g.max_graphs = saved
     g.clear()
     g.use_graphs = False
@@ -254,6 +260,10 @@ def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
         "graph_vs_static_eager_max_rel_err": max(map(rel, graphed, static)),
         "graph_vs_eager_path_max_rel_err": max(map(rel, graphed, eager)),
         "static_eager_vs_eager_path_max_rel_err": max(map(rel, static, eager)),
+        # The eager path's packed means (a GPU, bf16/fp16): one matmul per layer vs the
+        # segmented mean (float32 summation order only).
+        "matmul_mean_layers": matmuls,
+        "matmul_vs_segmented_mean_max_rel_err": max(map(rel, eager, segmented)),
     }
 
 

@@ -114,3 +114,34 @@ def test_loader_bench_runs_only_the_parts_asked_for_and_names_a_bad_one() -> Non
         timeout=120,
     )
     assert proc.returncode == 2 and "--parts" in proc.stderr and "warp" in proc.stderr
+
+
+def test_profile_idle_finds_the_gpu_waiting_for_the_host() -> None:
+    """The profile's idle analysis on a made-up timeline (microseconds): 100 us before the
+    first kernel, a 300 us gap between two kernels (reported with its neighbours), a 10 us
+    one (under the threshold), an overlapping kernel, the host's sync calls counted."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from bench.bench_loader import _idle
+
+    def event(kind: DeviceType, name: str, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(
+            device_type=kind, name=name, time_range=SimpleNamespace(start=start, end=end)
+        )
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        event(cpu, "capture", 0.0, 2000.0),
+        event(cpu, "cudaStreamSynchronize", 1500.0, 1560.0),
+        event(gpu, "gemm", 100.0, 500.0),
+        event(gpu, "norm", 450.0, 600.0),  # overlaps the gemm: no gap
+        event(gpu, "attention", 900.0, 1000.0),  # 300 us after the norm
+        event(gpu, "mean", 1010.0, 1400.0),  # 10 us: not a gap
+    ]
+    idle = _idle(events)
+    assert idle["lead_ms"] == 0.1 and idle["tail_ms"] == 0.6
+    assert idle["gaps"] == 1 and idle["gaps_ms"] == 0.3
+    assert idle["largest"] == [{"ms": 0.3, "at_ms": 0.5, "after": "norm", "before": "attention"}]
+    assert idle["sync_calls"] == {"cudaStreamSynchronize": {"count": 1, "ms": 0.06}}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.common import settings as settings_mod
-from services.loader.hooks import CaptureSink, reduction_inputs
+from services.loader.hooks import CaptureSink, PackedMean, reduction_inputs
 
 
 def _select(lengths: list[int], width: int) -> torch.Tensor:
@@ -69,8 +69,45 @@ def test_packed_mean_equals_the_padded_mean_and_zeroes_rows_without_tokens() -> 
     assert packed.recorded == [0, 1] and got.shape == want.shape == (4, 2, hidden)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
     assert got[1].abs().max().item() == 0.0
+    assert reducer.ones is None  # the matmul is for a GPU's bf16/fp16 outputs
+    # The matmul mean (forced here; on a GPU the same sums come from one bf16 x bf16 -> float32
+    # matmul): a 0/1 matrix of the selected tokens, the same means.
+    weights = reduction_inputs(select, "mean").weights
+    assert weights is not None
+    summed = PackedMean.of(weights, flat, torch.bfloat16, matmul=True)
+    assert summed.ones is not None and summed.ones.dtype == torch.bfloat16
+    assert summed.ones.sum(dim=1).tolist() == [2, 0, 7, 4]
+    layer = outputs[1].reshape(-1, hidden).index_select(0, flat)
+    means = summed.reduce(layer)
+    torch.testing.assert_close(means, want[:, 1:2], atol=1e-5, rtol=1e-6)
+    assert means[1].abs().max().item() == 0.0
     last = CaptureSink(frozenset({0}), "last", reduction_inputs(select, "last"))
     assert last.packed_mean(flat) is None  # other reductions unpack
+
+
+def test_matmul_mean_refused_falls_back_to_the_segmented_mean(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A torch that refuses the matmul (an older one without ``out_dtype``): the same means
+    from the segmented path, logged once, and the matmul not tried again."""
+    gen = torch.Generator().manual_seed(2)
+    select = _select([3, 5], 8)
+    flat = torch.arange(16)
+    weights = reduction_inputs(select, "mean").weights
+    assert weights is not None
+    layer = (torch.randn(16, 24, generator=gen) + 3.0).to(torch.bfloat16)
+    want = PackedMean.of(weights, flat, torch.bfloat16, matmul=False).reduce(layer)
+    summed = PackedMean.of(weights, flat, torch.bfloat16, matmul=True)
+    monkeypatch.setattr(PackedMean, "refused", None)
+
+    def refuse(*_a: object, **_k: object) -> torch.Tensor:
+        raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+
+    monkeypatch.setattr(torch, "mm", refuse)
+    got = summed.reduce(layer)
+    torch.testing.assert_close(got, want, atol=0.0, rtol=0.0)
+    assert PackedMean.refused is not None and "out_dtype" in PackedMean.refused
+    assert summed.reduce(layer).equal(want)  # not asked again: the segmented mean
 
 
 def test_bf16_engine_mean_capture_equals_float64_mean_of_its_tokens(
