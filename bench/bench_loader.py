@@ -419,22 +419,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ratio_eager = statistics.median([f / c for c, f in zip(eagers, fwds_e, strict=True)])
         cap_work = work("forward", lengths, head=False, cache=False)
         segmented: dict[str, Any] = {}
-        if device.type == "cuda":  # the packed means as one matmul a layer vs segmented
+        if device.type == "cuda":  # packed means: one matmul a layer vs segmented
+            # Graphs off on both sides: a graph replays the padded forward, no packed mean.
+            calls = [0]
+
+            def capture_matmul() -> None:
+                calls[0] += 1
+                capture(False)
 
             def capture_segmented() -> None:
+                saved = PackedMean.refused
                 PackedMean.refused = "bench: the segmented mean"
                 try:
-                    capture()
+                    capture(False)
                 finally:
-                    PackedMean.refused = None
+                    PackedMean.refused = saved
 
             before = PackedMean.matmuls
-            mms, segs = _paired_times(capture, capture_segmented, device, args.repeats)
+            mms, segs = _paired_times(capture_matmul, capture_segmented, device, args.repeats)
             segmented = {
                 "capture_matmul_mean": _phase(mms, cap_work),
                 "capture_segmented_mean": _phase(segs, cap_work),
+                # layers reduced by the matmul per capture (0: it never ran)
+                "matmul_mean_layers": (PackedMean.matmuls - before) / calls[0],
             }
-            segmented["matmul_mean_layers"] = PackedMean.matmuls - before
         fwd_work = work("forward", lengths, head=True, cache=False)
         result["capture"] = {
             "rows": len(cap_items),

@@ -46,7 +46,7 @@ for r in json.load(open(sys.argv[1])):
     g = r["capture_graphs"]
     print(r["variant"], keep, "coef0", r["coef0_identity"], "abl", r["ablation_relative_residue"],
           "graphs", g.get("graph_vs_static_eager_max_rel_err"), "matmul mean",
-          g.get("matmul_mean_layers"), g.get("matmul_vs_segmented_mean_max_rel_err"))
+          r.get("matmul_mean_vs_segmented"))
     for k, v in cmp.items():
         print("  ", k, v)
 PY

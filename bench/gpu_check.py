@@ -67,6 +67,7 @@ def check(model: str, precision: str, device: str) -> dict[str, Any]:
                 worst[key] = max(worst.get(key, 0.0), rel)
     out["capture_batch_vs_single_rel_err"] = worst
     out["capture_graphs"] = graphs_check(e, items)
+    out["matmul_mean_vs_segmented"] = matmul_mean_check(e, items)
     vec = torch.randn(e.hidden_size, generator=torch.Generator().manual_seed(0))
     zero = [
         EngineItem(it.prompt_ids, it.response_ids, [SteerSpec(tuple(layers), vec, 0.0)])
@@ -206,6 +207,36 @@ def fastgen_check(e: Any) -> dict[str, Any]:
     return out
 
 
+def matmul_mean_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
+    """Packed capture's means (graphs off: the eager path, packed on a GPU) with the matmul
+    (bf16) against the segmented mean: float32 summation order only, and how many layer
+    reductions the matmul did (0 where the variant's outputs are not bf16)."""
+    layers = list(range(e.num_layers))
+    saved_graphs, saved_refused = e.graphs.max_graphs, PackedMean.refused
+
+    def run(pos: str) -> torch.Tensor:
+        res = next(e.capture(items, layers, parse_position(pos), "mean"))
+        return torch.stack([r.activations for r in res])
+
+    positions = ("response[:]", "all", "prompt[-1]")
+    e.graphs.max_graphs = 0
+    try:
+        before = PackedMean.matmuls
+        matmul = [run(p) for p in positions]
+        used = PackedMean.matmuls - before
+        PackedMean.refused = "gpu_check: the segmented mean"
+        segmented = [run(p) for p in positions]
+    finally:
+        e.graphs.max_graphs, PackedMean.refused = saved_graphs, saved_refused
+    return {
+        "matmul_layer_reductions": used,
+        "refused": saved_refused,
+        "max_rel_err": max(
+            float((a - b).norm() / b.norm()) for a, b in zip(matmul, segmented, strict=True)
+        ),
+    }
+
+
 def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
     """Graph replays against the static forward run eagerly (the same shapes and kernels) and
     against the eager path (other padding: dtype noise only)."""
@@ -239,12 +270,7 @@ def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
     replayed = g.replays - replays
     saved = g.max_graphs
     g.max_graphs = 0
-    matmuls = PackedMean.matmuls
     eager = [run(*case) for case in cases]
-    matmuls = PackedMean.matmuls - matmuls
-    PackedMean.refused = "gpu_check: the segmented mean"  # the same captures without the matmul
-    segmented = [run(*case) for case in cases]
-    PackedMean.refused = None
     g.max_graphs = saved
     g.clear()
     g.use_graphs = False
@@ -260,10 +286,6 @@ def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
         "graph_vs_static_eager_max_rel_err": max(map(rel, graphed, static)),
         "graph_vs_eager_path_max_rel_err": max(map(rel, graphed, eager)),
         "static_eager_vs_eager_path_max_rel_err": max(map(rel, static, eager)),
-        # The eager path's packed means (a GPU, bf16/fp16): one matmul per layer vs the
-        # segmented mean (float32 summation order only).
-        "matmul_mean_layers": matmuls,
-        "matmul_vs_segmented_mean_max_rel_err": max(map(rel, eager, segmented)),
     }
 
 
