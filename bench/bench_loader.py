@@ -39,7 +39,6 @@ from bench.roofline import ModelShape, Work, card_for
 from services.common import settings as settings_mod
 from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
-from services.loader.hooks import PackedMean
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec, first_prompt_layer
@@ -269,8 +268,17 @@ def _profile(fn: Any, device: torch.device, top: int = 16) -> dict[str, Any]:
             {"name": e.key[:90], "ms": round(self_time(e) / 1e3, 3), "calls": e.count}
             for e in events[:top]
         ],
-        **({"idle": _idle(prof.events())} if on_gpu else {}),
+        **({"idle": _idle_or_error(prof.events())} if on_gpu else {}),
     }
+
+
+def _idle_or_error(events: Any) -> dict[str, Any]:
+    """``_idle``, or why it failed (a profiler without the fields it reads): a diagnostic
+    must not cost the bench its measurements."""
+    try:
+        return _idle(events)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def _idle(events: Any, top: int = 6) -> dict[str, Any]:
@@ -418,31 +426,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_eager = statistics.median(eagers)
         ratio_eager = statistics.median([f / c for c, f in zip(eagers, fwds_e, strict=True)])
         cap_work = work("forward", lengths, head=False, cache=False)
-        segmented: dict[str, Any] = {}
-        if device.type == "cuda":  # packed means: one matmul a layer vs segmented
-            # Graphs off on both sides: a graph replays the padded forward, no packed mean.
-            calls = [0]
-
-            def capture_matmul() -> None:
-                calls[0] += 1
-                capture(False)
-
-            def capture_segmented() -> None:
-                saved = PackedMean.refused
-                PackedMean.refused = "bench: the segmented mean"
-                try:
-                    capture(False)
-                finally:
-                    PackedMean.refused = saved
-
-            before = PackedMean.matmuls
-            mms, segs = _paired_times(capture_matmul, capture_segmented, device, args.repeats)
-            segmented = {
-                "capture_matmul_mean": _phase(mms, cap_work),
-                "capture_segmented_mean": _phase(segs, cap_work),
-                # layers reduced by the matmul per capture (0: it never ran)
-                "matmul_mean_layers": (PackedMean.matmuls - before) / calls[0],
-            }
         fwd_work = work("forward", lengths, head=True, cache=False)
         result["capture"] = {
             "rows": len(cap_items),
@@ -459,9 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "capture": _phase(caps, cap_work),
                 "capture_eager": _phase(eagers, cap_work),
                 "forward": _phase(fwds, fwd_work),
-                **{k: v for k, v in segmented.items() if k.startswith("capture")},
             },
-            "matmul_mean_layers": segmented.get("matmul_mean_layers"),
             "graphs": {
                 "max_graphs": graphs,
                 "recorded": engine.graphs.recorded,
@@ -707,13 +688,7 @@ def summary(result: dict[str, Any]) -> str:
         )
 
     cap = result.get("capture", {}).get("roofline", {})
-    for key in (
-        "capture",
-        "capture_eager",
-        "capture_matmul_mean",
-        "capture_segmented_mean",
-        "forward",
-    ):
+    for key in ("capture", "capture_eager", "forward"):
         add(f"capture: {key}", cap.get(key))
     gen = result.get("steered_generation", {})
     add("generation: steered (fast)", gen.get("roofline_steered"))

@@ -30,7 +30,6 @@ from services.common import settings as settings_mod
 from services.loader.decode_triton import DecodeTriton
 from services.loader.engine import ChatPrompt, EngineItem, GenParams
 from services.loader.fastgen_kernels import DecodeFlash
-from services.loader.hooks import PackedMean
 from services.loader.positions import parse_position
 from services.loader.server import build_runtime
 from services.loader.steering import SteerSpec
@@ -67,7 +66,6 @@ def check(model: str, precision: str, device: str) -> dict[str, Any]:
                 worst[key] = max(worst.get(key, 0.0), rel)
     out["capture_batch_vs_single_rel_err"] = worst
     out["capture_graphs"] = graphs_check(e, items)
-    out["matmul_mean_vs_segmented"] = matmul_mean_check(e, items)
     vec = torch.randn(e.hidden_size, generator=torch.Generator().manual_seed(0))
     zero = [
         EngineItem(it.prompt_ids, it.response_ids, [SteerSpec(tuple(layers), vec, 0.0)])
@@ -205,36 +203,6 @@ def fastgen_check(e: Any) -> dict[str, Any]:
     if fast.decode_triton.disabled is None:
         out["triton_vs_masked_decode"] = compare(graphed, masked)
     return out
-
-
-def matmul_mean_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:
-    """Packed capture's means (graphs off: the eager path, packed on a GPU) with the matmul
-    (bf16) against the segmented mean: float32 summation order only, and how many layer
-    reductions the matmul did (0 where the variant's outputs are not bf16)."""
-    layers = list(range(e.num_layers))
-    saved_graphs, saved_refused = e.graphs.max_graphs, PackedMean.refused
-
-    def run(pos: str) -> torch.Tensor:
-        res = next(e.capture(items, layers, parse_position(pos), "mean"))
-        return torch.stack([r.activations for r in res])
-
-    positions = ("response[:]", "all", "prompt[-1]")
-    e.graphs.max_graphs = 0
-    try:
-        before = PackedMean.matmuls
-        matmul = [run(p) for p in positions]
-        used = PackedMean.matmuls - before
-        PackedMean.refused = "gpu_check: the segmented mean"
-        segmented = [run(p) for p in positions]
-    finally:
-        e.graphs.max_graphs, PackedMean.refused = saved_graphs, saved_refused
-    return {
-        "matmul_layer_reductions": used,
-        "refused": saved_refused,
-        "max_rel_err": max(
-            float((a - b).norm() / b.norm()) for a, b in zip(matmul, segmented, strict=True)
-        ),
-    }
 
 
 def graphs_check(e: Any, items: list[EngineItem]) -> dict[str, Any]:

@@ -466,7 +466,7 @@ class FastGenerator:
         # Where attention runs packed (varlen, a GPU) a mean reduces from the packed layout
         # too; elsewhere through the padded layout, so that an unsteered capture equals a
         # steered one at coefficient 0 bit for bit (the same reduction, same order).
-        packed_mean = sink.packed_mean(flat, hidden.dtype) if varlen is not None else None
+        packed_mean = sink.packed_mean(flat) if varlen is not None else None
         last = max(sink.layers) if sink.stop_after is None else sink.stop_after
         for index in range(last + 1):
             hidden = self.layer(index, hidden, cos, sin, state, attend)

@@ -16,17 +16,14 @@ import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from services.common.errors import FailedPrecondition
-from services.common.logging import get_logger
 from services.loader.steering import LayerPlan, SteeringPlan
-from services.loader.transfer import is_oom, to_device
-
-log = get_logger(__name__)
+from services.loader.transfer import to_device
 
 __all__ = [
     "CaptureSink",
@@ -176,16 +173,18 @@ class CaptureSink:
         if self._pending_bytes >= self.fuse_bytes:
             self._flush()
 
-    def packed_mean(
-        self, flat: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> PackedMean | None:
+    def packed_mean(self, flat: torch.Tensor) -> PackedMean | None:
         """The mean's inputs for layer outputs packed as ``flat`` (the padded positions
-        [B*T] of the packed tokens, row by row) in ``dtype``, or None where this sink cannot
-        reduce packed outputs (another reduction; inputs on another device)."""
+        [B*T] of the packed tokens, row by row), or None where this sink cannot reduce
+        packed outputs (another reduction; inputs on another device)."""
         weights = self._weights
         if self.reduction != "mean" or weights is None or weights.device != flat.device:
             return None
-        return PackedMean.of(weights, flat, dtype)
+        batch = weights.shape[0]
+        packed = weights.reshape(-1).index_select(0, flat)  # each packed token's share
+        index = (packed > 0).nonzero().squeeze(1)
+        lengths = (weights > 0).reshape(batch, -1).sum(dim=1)
+        return PackedMean(index, lengths)
 
     def record_reduced(self, layer: int, reduced: torch.Tensor) -> None:
         """Record ``layer``'s already reduced output [B, 1, H] (after any held ones)."""
@@ -228,94 +227,18 @@ class CaptureSink:
 class PackedMean:
     """A mean over selected tokens of packed layer outputs [N, H] (rows' tokens one after
     another): ``index`` [S] the selected tokens, row by row, ``lengths`` [B] how many each
-    row has. Reduces straight from the packed layout (no padded copy of each layer), rows
-    without any token 0 — the padded path's float32 bmm up to summation order.
-
-    On a GPU with bf16 outputs the sums are one matmul: ``ones`` [B, N] (1 where a token is
-    selected, exact in bf16) times the outputs, accumulated and returned in float32
-    (``torch.mm``'s ``out_dtype``), then divided by the lengths in float32. It reads each
-    layer once; the gather, float32 copy and segmented mean it replaces took 3.1 ms of a 148
-    ms capture at the 8B shape (H200). Not for fp16, whose activations can overflow: the
-    matmul multiplies every row's tokens (by 0 for other rows' tokens), and 0 x inf is NaN
-    in every row; bf16's range makes that unreachable. Not for more than ``MAX_ROWS`` rows
-    (the matmul's 2 x rows FLOPs per value read would outgrow the gather's one read) or a
-    ``ones`` over ``MAX_ONES``. Elsewhere, or where a torch refuses the op: the selected
-    tokens upcast to float32 and one segmented mean."""
+    row has. Reduces straight from the packed layout (no padded copy of each layer): the
+    selected tokens upcast to float32, one segmented mean, rows without any token 0 — the
+    padded path's float32 bmm up to summation order."""
 
     index: torch.Tensor
     lengths: torch.Tensor
-    ones: torch.Tensor | None = None
-    # Why the matmul is not used: this torch refused it once (logged), for the process.
-    refused: ClassVar[str | None] = None
-    matmuls: ClassVar[int] = 0  # layer reductions by the matmul (the GPU check reads it)
-
-    # The matmul is memory-bound (reads each layer once) up to ~200 rows on an H100/H200.
-    MAX_ROWS = 128
-    # Elements of ``ones`` at most (32 MB in bf16): 80 rows x 12.5k tokens is 1M.
-    MAX_ONES = 1 << 24
-
-    @classmethod
-    def of(
-        cls,
-        weights: torch.Tensor,
-        flat: torch.Tensor,
-        dtype: torch.dtype | None,
-        *,
-        matmul: bool | None = None,
-    ) -> PackedMean:
-        """From the padded mean weights [B, 1, T] and the packed positions ``flat`` of layer
-        outputs in ``dtype``; ``matmul`` None: on a GPU for bf16 outputs within ``MAX_ROWS``
-        and ``MAX_ONES`` (True/False: forced, for tests; True needs ``dtype``)."""
-        batch = weights.shape[0]
-        packed = weights.reshape(-1).index_select(0, flat)  # each packed token's share
-        index = (packed > 0).nonzero().squeeze(1)
-        lengths = (weights > 0).reshape(batch, -1).sum(dim=1)
-        if matmul is None:
-            matmul = (
-                flat.device.type == "cuda"
-                and dtype == torch.bfloat16
-                and batch <= cls.MAX_ROWS
-                and batch * flat.numel() <= cls.MAX_ONES
-                and cls.refused is None
-            )
-        if not matmul or dtype is None:
-            return cls(index, lengths)
-        ones = torch.zeros(batch, flat.numel(), dtype=dtype, device=flat.device)
-        rows = flat.index_select(0, index) // weights.shape[-1]
-        ones.index_put_((rows, index), torch.ones((), dtype=ones.dtype, device=ones.device))
-        return cls(index, lengths, ones)
 
     def reduce(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, 1, H] float32 means of ``hidden`` [N, H]."""
-        if self.ones is not None and PackedMean.refused is None:
-            sums = self._sums(hidden)
-            if sums is not None:
-                return (sums / self.lengths.clamp(min=1)[:, None].float())[:, None]
         picked = hidden.index_select(0, self.index).float()
         means = torch.segment_reduce(picked, "mean", lengths=self.lengths, axis=0, unsafe=True)
         return torch.where(self.lengths[:, None] > 0, means, 0.0)[:, None]
-
-    def _sums(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """[B, H] float32 sums of the selected tokens, or None: outputs unlike the ones the
-        matrix was built for (this call only), or the op refused (from now on; an
-        out-of-memory error is raised: the engine halves the batch)."""
-        ones = self.ones
-        assert ones is not None
-        if hidden.dtype != ones.dtype or hidden.device != ones.device:
-            return None
-        try:
-            if hidden.device.type == "cuda":
-                sums = torch.mm(ones, hidden, out_dtype=torch.float32)
-            else:  # the same arithmetic: 1 x value is exact in float32
-                sums = torch.mm(ones.float(), hidden.float())
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
-            if is_oom(exc):
-                raise
-            PackedMean.refused = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("matmul mean switched off", extra={"reason": PackedMean.refused})
-            return None
-        PackedMean.matmuls += 1
-        return sums
 
 
 @dataclass

@@ -37,7 +37,4 @@ def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is the accelerator (or host) running out of memory."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    if not isinstance(exc, RuntimeError):
-        return False
-    text = str(exc)
-    return "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

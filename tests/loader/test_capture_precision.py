@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.common import settings as settings_mod
-from services.loader.hooks import CaptureSink, PackedMean, reduction_inputs
+from services.loader.hooks import CaptureSink, reduction_inputs
 
 
 def _select(lengths: list[int], width: int) -> torch.Tensor:
@@ -69,88 +69,8 @@ def test_packed_mean_equals_the_padded_mean_and_zeroes_rows_without_tokens() -> 
     assert packed.recorded == [0, 1] and got.shape == want.shape == (4, 2, hidden)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
     assert got[1].abs().max().item() == 0.0
-    assert reducer.ones is None  # the matmul is for a GPU's bf16/fp16 outputs
-    # The matmul mean (forced here; on a GPU the same sums come from one bf16 x bf16 -> float32
-    # matmul): a 0/1 matrix of the selected tokens, the same means.
-    weights = reduction_inputs(select, "mean").weights
-    assert weights is not None
-    summed = PackedMean.of(weights, flat, torch.bfloat16, matmul=True)
-    assert summed.ones is not None and summed.ones.dtype == torch.bfloat16
-    assert summed.ones.sum(dim=1).tolist() == [2, 0, 7, 4]
-    packed_out = outputs[1].reshape(-1, hidden).index_select(0, flat)
-    before = PackedMean.matmuls
-    means = summed.reduce(packed_out)
-    assert PackedMean.matmuls == before + 1  # the matmul ran
-    torch.testing.assert_close(means, want[:, 1:2], atol=1e-5, rtol=1e-6)
-    assert means[1].abs().max().item() == 0.0
-    # Outputs unlike the matrix's (float32 here): the segmented mean for that call, the
-    # matmul not switched off.
-    assert summed.reduce(packed_out.float()).shape == (4, 1, hidden)
-    assert PackedMean.matmuls == before + 1 and PackedMean.refused is None
     last = CaptureSink(frozenset({0}), "last", reduction_inputs(select, "last"))
     assert last.packed_mean(flat) is None  # other reductions unpack
-
-
-def test_matmul_mean_refused_falls_back_to_the_segmented_mean(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A torch that refuses the matmul (an older one without ``out_dtype``): the same means
-    from the segmented path, and the matmul not tried again in the process."""
-    gen = torch.Generator().manual_seed(2)
-    select = _select([3, 5], 8)
-    flat = torch.arange(16)
-    weights = reduction_inputs(select, "mean").weights
-    assert weights is not None
-    layer_out = (torch.randn(16, 24, generator=gen) + 3.0).to(torch.bfloat16)
-    want = PackedMean.of(weights, flat, torch.bfloat16, matmul=False).reduce(layer_out)
-    summed = PackedMean.of(weights, flat, torch.bfloat16, matmul=True)
-    monkeypatch.setattr(PackedMean, "refused", None)
-    calls = []
-
-    def refuse(*_a: object, **_k: object) -> torch.Tensor:
-        calls.append(1)
-        raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
-
-    monkeypatch.setattr(torch, "mm", refuse)
-    got = summed.reduce(layer_out)
-    torch.testing.assert_close(got, want, atol=0.0, rtol=0.0)
-    assert PackedMean.refused is not None and "out_dtype" in PackedMean.refused
-    assert summed.reduce(layer_out).equal(want) and len(calls) == 1  # not asked again
-
-
-def test_matmul_mean_out_of_memory_is_raised_not_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Out of memory in the matmul (cuBLAS's allocation failure included) propagates, so the
-    engine halves the batch; the matmul stays on."""
-    select = _select([2, 4], 6)
-    weights = reduction_inputs(select, "mean").weights
-    assert weights is not None
-    summed = PackedMean.of(weights, torch.arange(12), torch.bfloat16, matmul=True)
-    monkeypatch.setattr(PackedMean, "refused", None)
-    for error in (
-        torch.OutOfMemoryError("CUDA out of memory"),
-        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
-    ):
-
-        def oom(*_a: object, error: Exception = error, **_k: object) -> torch.Tensor:
-            raise error
-
-        monkeypatch.setattr(torch, "mm", oom)
-        with pytest.raises(type(error)):
-            summed.reduce(torch.ones(12, 8, dtype=torch.bfloat16))
-        assert PackedMean.refused is None
-
-
-def test_matmul_mean_chosen_only_where_it_pays() -> None:
-    """The automatic choice: never on a CPU, where packed means are not used (forced here
-    for the arithmetic); the row cap keeps the matmul memory-bound."""
-    select = _select([2, 4], 6)
-    weights = reduction_inputs(select, "mean").weights
-    assert weights is not None
-    assert PackedMean.of(weights, torch.arange(12), torch.bfloat16).ones is None
-    assert PackedMean.of(weights, torch.arange(12), None, matmul=True).ones is None
-    assert PackedMean.MAX_ROWS * 1 << 14 <= PackedMean.MAX_ONES  # 128 rows x 16k tokens fit
 
 
 def test_bf16_engine_mean_capture_equals_float64_mean_of_its_tokens(
