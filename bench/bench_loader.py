@@ -100,12 +100,16 @@ def _paired_times(
     return ta, tb
 
 
+def _median_ratio(ta: list[float], tb: list[float]) -> float:
+    """The median of the per-pair ratios ``t_b / t_a`` of paired timings."""
+    return statistics.median([y / x for x, y in zip(ta, tb, strict=True)])
+
+
 def _paired(a: Any, b: Any, device: torch.device, repeats: int) -> tuple[float, float, float]:
     """Median seconds of ``a`` and ``b`` timed alternately, and the median of the per-pair
     ratios ``t_b / t_a``."""
     ta, tb = _paired_times(a, b, device, repeats)
-    ratios = [y / x for x, y in zip(ta, tb, strict=True)]
-    return statistics.median(ta), statistics.median(tb), statistics.median(ratios)
+    return statistics.median(ta), statistics.median(tb), _median_ratio(ta, tb)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -311,7 +315,8 @@ def _idle(events: Any, top: int = 6) -> dict[str, Any]:
         if getattr(e, "device_type", None) == DeviceType.CPU and (
             "Synchronize" in e.name or e.name.startswith("cudaMemcpy")
         ):
-            syncs.setdefault(e.name, []).append(span(e)[1] - span(e)[0])
+            start, stop = span(e)
+            syncs.setdefault(e.name, []).append(stop - start)
     return {
         "lead_ms": round((first - min(h[0] for h in host)) / 1e3, 3),
         "tail_ms": round((max(h[1] for h in host) - end) / 1e3, 3),
@@ -420,11 +425,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             first_calls.append(time.perf_counter() - start)
         caps, fwds = _paired_times(capture, plain_forward, device, args.repeats)
         t_cap, t_fwd = statistics.median(caps), statistics.median(fwds)
-        ratio = statistics.median([f / c for c, f in zip(caps, fwds, strict=True)])
+        ratio = _median_ratio(caps, fwds)
         _, t_ids, ratio_ids = _paired(capture, forward_from_ids, device, args.repeats)
         eagers, fwds_e = _paired_times(capture_eager, plain_forward, device, args.repeats)
         t_eager = statistics.median(eagers)
-        ratio_eager = statistics.median([f / c for c, f in zip(eagers, fwds_e, strict=True)])
+        ratio_eager = _median_ratio(eagers, fwds_e)
         cap_work = work("forward", lengths, head=False, cache=False)
         fwd_work = work("forward", lengths, head=True, cache=False)
         result["capture"] = {

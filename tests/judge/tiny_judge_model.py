@@ -65,8 +65,8 @@ def _tokenizer() -> object:
 def build_tiny_judge(folder: Path, *, steps: int = 500, seed: int = 0, tries: int = 3) -> Path:
     """Train the tiny judge and save it (weights, tokenizer, chat template) in ``folder``.
 
-    Adam at lr 1e-3, 500 steps (20-35 s on a 2-core machine). At lr 5e-3 the training fell, on some CPUs and seeds,
-    into a state where the last position ignores the answer word: every answer (or all but
+    Adam at lr 1e-3, 500 steps (20-35 s on a 2-core machine). At lr 5e-3 the training fell,
+    on some CPUs and seeds, into a state where the last position ignores the answer word: every answer (or all but
     one) got the same distribution, so "sorry" was scored and the levels agreed on one mean
     (seen on a 2-core AVX2 EPYC for seeds 1 and 2, and for seed 0 on an AVX-512 one; more steps
     did not leave it). At 1e-3 seeds 0-3 all learned the task there. The trained judge is
